@@ -1,0 +1,38 @@
+// The remote side of a copy-on-read proxy: something that can read byte
+// ranges of a remote export. NbdClient implements it over a real NBD
+// connection; unit tests use a fake that answers out of order and fails on
+// demand.
+//
+// Thread-safety: Read may be called from many threads at once. An
+// implementation pipelines concurrent calls (many requests in flight on one
+// connection) so that N concurrent callers keep N requests outstanding.
+#pragma once
+
+#include <chrono>
+#include <cstddef>
+#include <cstdint>
+#include <span>
+#include <string>
+
+#include "kagemusha/common/error.h"
+
+namespace kagemusha::storage {
+
+class RemoteReader {
+ public:
+  virtual ~RemoteReader() = default;
+  virtual uint64_t Size() const = 0;
+  virtual std::string Describe() const = 0;
+  // Reads exactly buf.size() bytes at offset. While the remote is unreachable
+  // the call waits (the implementation reconnects with back-off) for at most
+  // the implementation's configured bound, then fails with ETIMEDOUT.
+  virtual Status Read(std::span<std::byte> buf, uint64_t offset) = 0;
+  // Drops the current connection and reconnects now (operator `reconnect`).
+  virtual Status Reconnect() = 0;
+  // True while a connection is established.
+  virtual bool Connected() const = 0;
+  // Stops all I/O; pending and later reads fail with ESHUTDOWN.
+  virtual void Close() = 0;
+};
+
+}  // namespace kagemusha::storage
