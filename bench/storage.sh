@@ -1,0 +1,214 @@
+#!/usr/bin/env bash
+# bench/storage.sh: storage benchmark, run by `./kagemusha bench storage`.
+# Not a test: it prints figures and ratios against peers measured in the same
+# run on the same files.
+#
+#   target   kagemusha-nbd serve --export   vs  nbdkit -t 16 file  vs  qemu-nbd
+#            sequential read and write of BENCH_SIZE MiB with nbdcopy (Unix
+#            socket), 4 KiB random read at QD16 with fio's nbd engine
+#   proxy    cold read (every block from the remote) and warm read (all in
+#            the cache) of the whole export, vs reading the remote alone
+#   fill     background fill time on loopback (vs nbdcopy remote -> file) and
+#            through kagemusha-wanem at BENCH_WAN_RTT ms / BENCH_WAN_RATE
+#            Mbit/s (vs nbdcopy of the remote over the same WAN)
+#
+# Every figure is the median of BENCH_RUNS runs. Environment:
+#   BENCH_RUNS=5 BENCH_SIZE=1024 (MiB) BENCH_FIO_SECONDS=3
+#   BENCH_WAN=1 BENCH_WAN_SIZE=256 (MiB) BENCH_WAN_RTT=20 BENCH_WAN_RATE=200
+#   BENCH_WAN_RUNS=$BENCH_RUNS
+# Quick run: BENCH_RUNS=1 BENCH_SIZE=128 BENCH_WAN_SIZE=32 ./kagemusha bench storage
+set -euo pipefail
+HERE=$(cd "$(dirname "$0")" && pwd)
+source "$HERE/../tests/storage/lib.sh"
+
+RUNS=${BENCH_RUNS:-5}
+SIZE=${BENCH_SIZE:-1024}
+FIO_SECONDS=${BENCH_FIO_SECONDS:-3}
+WAN=${BENCH_WAN:-1}
+WAN_SIZE=${BENCH_WAN_SIZE:-256}
+WAN_RTT=${BENCH_WAN_RTT:-20}
+WAN_RATE=${BENCH_WAN_RATE:-200}
+WAN_RUNS=${BENCH_WAN_RUNS:-$RUNS}
+
+st_init bench_storage nbdcopy nbdkit qemu-nbd fio
+results=$ST_DIR/results.tsv   # metric \t subject \t value
+: >"$results"
+
+now() { echo "$EPOCHREALTIME"; }
+elapsed() { "$ST_PY" -c "import sys; print(f'{float(sys.argv[2]) - float(sys.argv[1]):.6f}')" "$1" "$2"; }
+record() { printf '%s\t%s\t%s\n' "$1" "$2" "$3" >>"$results"; }
+# timed METRIC SUBJECT CMD... : runs CMD once, records its wall time.
+timed() {
+  local metric=$1 subject=$2; shift 2
+  local t0 t1
+  t0=$(now)
+  "$@" >"$ST_DIR/timed.out" 2>&1 || { cat "$ST_DIR/timed.out" >&2; tb_fail "$metric/$subject: $* failed"; }
+  t1=$(now)
+  record "$metric" "$subject" "$(elapsed "$t0" "$t1")"
+}
+progress() { printf '  %-44s run %d/%d\n' "$1" "$2" "$3" >&2; }
+
+# --- files -------------------------------------------------------------------
+st_log "making a ${SIZE} MiB random image (this takes a moment)"
+data=$ST_DIR/data.img wimg=$ST_DIR/write.img
+st_make_dense "$data" "$SIZE"
+data_md5=$(st_md5_file "$data")
+truncate -s "${SIZE}M" "$wimg"
+
+# --- servers: all three serve the same files --------------------------------
+ks=$ST_DIR/k.sock nks=$ST_DIR/nk.sock qs=$ST_DIR/q.sock
+kw=$ST_DIR/kw.sock nkw=$ST_DIR/nkw.sock qw=$ST_DIR/qw.sock
+st_nbd_serve k-target --unix "$ks" --export "d=$data,ro" --export "w=$wimg"
+st_nbdkit nbdkit-r "$nks" "$data" -r
+st_nbdkit nbdkit-w "$nkw" "$wimg"
+st_spawn qnbd-r qemu-nbd -f raw -r --shared=16 -t -k "$qs" "$data"
+st_spawn qnbd-w qemu-nbd -f raw --shared=16 -t -k "$qw" "$wimg"
+st_wait_nbd "$(st_uri_unix "$qs")" 20 qnbd-r
+st_wait_nbd "$(st_uri_unix "$qw")" 20 qnbd-w
+declare -A RURI=([kagemusha]=$(st_uri_unix "$ks" d) [nbdkit]=$(st_uri_unix "$nks") [qemu-nbd]=$(st_uri_unix "$qs"))
+declare -A WURI=([kagemusha]=$(st_uri_unix "$ks" w) [nbdkit]=$(st_uri_unix "$nkw") [qemu-nbd]=$(st_uri_unix "$qw"))
+SUBJECTS=(kagemusha nbdkit qemu-nbd)
+
+for s in "${SUBJECTS[@]}"; do
+  got=$(st_md5_uri "${RURI[$s]}")
+  [[ $got == "$data_md5" ]] || tb_fail "$s serves wrong data ($got)"
+done
+
+# Interleave subjects inside each run so drift hits all of them alike.
+for ((r = 1; r <= RUNS; r++)); do
+  progress "target: sequential read/write, random read" "$r" "$RUNS"
+  for s in "${SUBJECTS[@]}"; do
+    timed seq_read "$s" nbdcopy -C 4 "${RURI[$s]}" null:
+    timed seq_write "$s" nbdcopy -C 4 "$data" "${WURI[$s]}"
+    fio --name=rr --ioengine=nbd --uri="${RURI[$s]}" --rw=randread --bs=4k --iodepth=16 \
+      --runtime="$FIO_SECONDS" --time_based --output-format=json --output="$ST_DIR/fio.json" \
+      >"$ST_DIR/fio.out" 2>&1 || { cat "$ST_DIR/fio.out" >&2; tb_fail "fio against $s failed"; }
+    record randread_4k_qd16 "$s" "$("$ST_PY" -c '
+import json, sys
+j = json.load(open(sys.argv[1]))["jobs"][0]
+assert j["error"] == 0, j["error"]
+print(j["read"]["iops"])' "$ST_DIR/fio.json")"
+  done
+done
+# The write path must have written the data, not only been fast.
+[[ $(st_md5_file "$wimg") == "$data_md5" ]] || tb_fail "write image differs after the write runs"
+st_stop k-target; st_stop nbdkit-w; st_stop qnbd-r; st_stop qnbd-w
+
+# --- proxy: cold and warm read vs the remote alone -----------------------------
+remote_uri=$(st_uri_unix "$nks")
+for ((r = 1; r <= RUNS; r++)); do
+  progress "proxy: cold / warm read" "$r" "$RUNS"
+  d=$ST_DIR/p$r; mkdir -p "$d"
+  st_nbd_serve proxy-rd --unix "$d/p.sock" --control "$d/c.sock" \
+    --proxy "$(st_proxy_spec p "$remote_uri" "$d/cache.img" "$d/bitmap" no-fill)"
+  puri=$(st_uri_unix "$d/p.sock" p)
+  timed remote_read nbdkit nbdcopy -C 4 "$remote_uri" null:
+  timed proxy_cold_read kagemusha nbdcopy -C 4 "$puri" null:
+  timed proxy_warm_read kagemusha nbdcopy -C 4 "$puri" null:
+  [[ $(st_md5_uri "$puri") == "$data_md5" ]] || tb_fail "proxy served wrong data"
+  st_stop proxy-rd
+  rm -rf "$d"
+done
+
+# --- fill on loopback vs nbdcopy remote -> file ---------------------------------
+# fill_time: from the server's ready line to status complete (polled at 20 Hz).
+fill_once() {
+  local name=$1 metric=$2 subject=$3 remote=$4 d=$5; shift 5
+  local t0 t1 i c=
+  t0=$(now)
+  st_spawn "$name" "$@" "$ST_NBD" serve --json --unix "$d/p.sock" --control "$d/c.sock" \
+    --log-file "$d/server.log" --proxy "$(st_proxy_spec p "$remote" "$d/cache.img" "$d/bitmap")"
+  for ((i = 0; i < 36000; i++)); do
+    c=$(st_status "$d/c.sock" 2>/dev/null | st_json_get complete 2>/dev/null) || c=
+    [[ $c == true ]] && break
+    st_alive "$name" || tb_fail "$name exited"
+    sleep 0.05
+  done
+  [[ $c == true ]] || tb_fail "$name: fill did not complete"
+  t1=$(now)
+  record "$metric" "$subject" "$(elapsed "$t0" "$t1")"
+}
+for ((r = 1; r <= RUNS; r++)); do
+  progress "fill on loopback" "$r" "$RUNS"
+  d=$ST_DIR/f$r; mkdir -p "$d"
+  fill_once fill-lo fill_loopback kagemusha "$remote_uri" "$d"
+  [[ $(st_md5_file "$d/cache.img") == "$data_md5" ]] || tb_fail "loopback fill: cache differs from source"
+  st_stop fill-lo
+  rm -f "$d/copy.img"
+  timed fill_loopback nbdcopy nbdcopy -C 4 "$remote_uri" "$d/copy.img"
+  rm -rf "$d"
+done
+st_stop nbdkit-r
+
+# --- fill through the WAN emulator ----------------------------------------------
+if [[ $WAN == 1 ]]; then
+  st_log "WAN: ${WAN_RTT} ms RTT, ${WAN_RATE} Mbit/s, ${WAN_SIZE} MiB"
+  wdata=$ST_DIR/wan.img
+  st_make_dense "$wdata" "$WAN_SIZE"
+  wmd5=$(st_md5_file "$wdata")
+  tb_two_sites "$WAN_RTT" "$WAN_RATE"
+  src_ip=$(tb_host_addr src)
+  st_nbd_serve_in src wan-target --listen "$(st_hostport "$src_ip" 10809)" --export "d=$wdata,ro"
+  wuri=$(st_uri_tcp "$src_ip" 10809 d)
+  for ((r = 1; r <= WAN_RUNS; r++)); do
+    progress "fill over the WAN" "$r" "$WAN_RUNS"
+    d=$ST_DIR/w$r; mkdir -p "$d"
+    fill_once fill-wan fill_wan kagemusha "$wuri" "$d" tb_exec_cmd dst
+    [[ $(st_md5_file "$d/cache.img") == "$wmd5" ]] || tb_fail "WAN fill: cache differs from source"
+    st_stop fill-wan
+    timed fill_wan nbdcopy tb_exec_cmd dst nbdcopy -C 4 "$wuri" "$d/copy.img"
+    [[ $(st_md5_file "$d/copy.img") == "$wmd5" ]] || tb_fail "WAN nbdcopy: copy differs"
+    rm -rf "$d"
+  done
+fi
+
+# --- report ------------------------------------------------------------------------
+"$ST_PY" - "$results" "$SIZE" "$WAN_SIZE" "$RUNS" "$WAN_RTT" "$WAN_RATE" <<'PY'
+import collections, statistics, sys
+path, size, wan_size, runs, rtt, rate = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5], sys.argv[6]
+vals = collections.defaultdict(list)
+for line in open(path):
+    m, s, v = line.rstrip("\n").split("\t")
+    vals[(m, s)].append(float(v))
+med = {k: statistics.median(v) for k, v in vals.items()}
+def mbps(metric, subject, mib):
+    t = med.get((metric, subject))
+    return None if t is None else mib / t
+rows = []  # (label, unit, kagemusha, peer1 name, peer1, peer2 name, peer2, higher_is_better)
+def fmt(x):
+    return "-" if x is None else (f"{x:,.0f}" if x >= 100 else f"{x:.2f}")
+def ratio(a, b):
+    return "-" if a is None or b is None or b == 0 else f"{a / b:.2f}"
+print()
+print(f"Kagemusha storage benchmark: median of {runs} runs, image {size} MiB, WAN {wan_size} MiB at {rtt} ms RTT / {rate} Mbit/s")
+print()
+table = []
+for metric, label in (("seq_read", f"seq read {size} MiB (nbdcopy -C 4), MiB/s"),
+                      ("seq_write", f"seq write {size} MiB (nbdcopy -C 4), MiB/s")):
+    k, n, q = (mbps(metric, s, size) for s in ("kagemusha", "nbdkit", "qemu-nbd"))
+    table.append((label, k, "nbdkit", n, "qemu-nbd", q))
+k, n, q = (med.get(("randread_4k_qd16", s)) for s in ("kagemusha", "nbdkit", "qemu-nbd"))
+table.append(("4 KiB random read QD16 (fio nbd), IOPS", k, "nbdkit", n, "qemu-nbd", q))
+table.append((f"proxy cold read {size} MiB, MiB/s", mbps("proxy_cold_read", "kagemusha", size),
+              "remote alone", mbps("remote_read", "nbdkit", size), None, None))
+table.append((f"proxy warm read {size} MiB, MiB/s", mbps("proxy_warm_read", "kagemusha", size),
+              "remote alone", mbps("remote_read", "nbdkit", size), None, None))
+table.append((f"fill {size} MiB on loopback, MiB/s", mbps("fill_loopback", "kagemusha", size),
+              "nbdcopy remote->file", mbps("fill_loopback", "nbdcopy", size), None, None))
+if ("fill_wan", "kagemusha") in med:
+    table.append((f"fill {wan_size} MiB over WAN, MiB/s", mbps("fill_wan", "kagemusha", wan_size),
+                  "nbdcopy over WAN", mbps("fill_wan", "nbdcopy", wan_size), None, None))
+w = max(len(t[0]) for t in table)
+print(f"{'metric':<{w}}  {'kagemusha':>10}  {'peer':>22} {'value':>10}  {'ratio':>6}  {'2nd peer':>9} {'value':>10}  {'ratio':>6}")
+for label, k, p1, v1, p2, v2 in table:
+    print(f"{label:<{w}}  {fmt(k):>10}  {p1:>22} {fmt(v1):>10}  {ratio(k, v1):>6}  {(p2 or ''):>9} {fmt(v2) if p2 else '':>10}  {ratio(k, v2) if p2 else '':>6}")
+print()
+print("| metric | kagemusha | peer | peer value | ratio (kagemusha/peer) | 2nd peer | value | ratio |")
+print("|---|---:|---|---:|---:|---|---:|---:|")
+for label, k, p1, v1, p2, v2 in table:
+    print(f"| {label} | {fmt(k)} | {p1} | {fmt(v1)} | {ratio(k, v1)} | {p2 or ''} | {fmt(v2) if p2 else ''} | {ratio(k, v2) if p2 else ''} |")
+print()
+print("Ratios above 1 mean kagemusha is faster (all figures are rates: higher is better).")
+print("Raw seconds (median): " + ", ".join(f"{m}/{s}={v:.3f}" for (m, s), v in sorted(med.items()) if m != "randread_4k_qd16"))
+PY
+tb_pass
