@@ -9,6 +9,7 @@
 // Thread-safety: AddExport/Listen before Run; Stop and Stats from any thread.
 #pragma once
 
+#include <chrono>
 #include <cstdint>
 #include <memory>
 #include <string>
