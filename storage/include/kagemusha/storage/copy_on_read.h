@@ -22,6 +22,7 @@
 #include <optional>
 #include <string>
 
+#include "kagemusha/common/clock.h"
 #include "kagemusha/storage/backend.h"
 #include "kagemusha/storage/remote.h"
 
@@ -59,6 +60,13 @@ class CopyOnReadBackend : public Backend {
  public:
   static Result<std::shared_ptr<CopyOnReadBackend>> Open(std::unique_ptr<RemoteReader> remote,
                                                          const CopyOnReadOptions& options);
+  // As above, with the clock that drives the fill rate limit, back-off and
+  // progress figures (tests pass a FakeClock). `clock` must outlive the backend.
+  // `remote` may be null only if the bitmap says every block is present; the
+  // backend then opens straight in target mode (restart after a switch).
+  static Result<std::shared_ptr<CopyOnReadBackend>> Open(std::unique_ptr<RemoteReader> remote,
+                                                         const CopyOnReadOptions& options,
+                                                         Clock& clock);
   ~CopyOnReadBackend() override = default;
 
   virtual void StartFill() = 0;

@@ -1,0 +1,76 @@
+#include "posix_io.h"
+
+#include <fcntl.h>
+#include <sys/uio.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
+
+namespace kagemusha::storage::posix {
+
+Status PreadFull(int fd, std::span<std::byte> buf, uint64_t offset, const std::string& what) {
+  size_t done = 0;
+  while (done < buf.size()) {
+    ssize_t n = ::pread(fd, buf.data() + done, buf.size() - done, off_t(offset + done));
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      return Fail(Error::Errno(errno, "read " + what + " at " + std::to_string(offset + done)));
+    }
+    if (n == 0) {  // end of file: the rest reads as zeroes
+      std::memset(buf.data() + done, 0, buf.size() - done);
+      return Ok();
+    }
+    done += size_t(n);
+  }
+  return Ok();
+}
+
+Status PwriteFull(int fd, std::span<const std::byte> buf, uint64_t offset, const std::string& what,
+                  bool dsync) {
+  size_t done = 0;
+  bool use_rwf_dsync = dsync;
+  while (done < buf.size()) {
+    ssize_t n;
+    if (use_rwf_dsync) {
+      iovec iov{const_cast<std::byte*>(buf.data() + done), buf.size() - done};
+      n = ::pwritev2(fd, &iov, 1, off_t(offset + done), RWF_DSYNC);
+      if (n < 0 && (errno == EOPNOTSUPP || errno == EINVAL || errno == ENOSYS)) {
+        use_rwf_dsync = false;  // old kernel or file system: sync at the end instead
+        continue;
+      }
+    } else {
+      n = ::pwrite(fd, buf.data() + done, buf.size() - done, off_t(offset + done));
+    }
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      return Fail(Error::Errno(errno, "write " + what + " at " + std::to_string(offset + done)));
+    }
+    if (n == 0) return Fail(Error::Io("write " + what + ": no progress"));
+    done += size_t(n);
+  }
+  if (dsync && !use_rwf_dsync) return DataSync(fd, what);
+  return Ok();
+}
+
+Status DataSync(int fd, const std::string& what) {
+  while (::fdatasync(fd) != 0) {
+    if (errno == EINTR) continue;
+    return Fail(Error::Errno(errno, "fdatasync " + what));
+  }
+  return Ok();
+}
+
+Status SyncParentDir(const std::string& path) {
+  auto slash = path.rfind('/');
+  std::string dir = slash == std::string::npos ? "." : (slash == 0 ? "/" : path.substr(0, slash));
+  int fd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (fd < 0) return Fail(Error::Errno(errno, "open directory " + dir));
+  int rc = ::fsync(fd);
+  int err = errno;
+  ::close(fd);
+  if (rc != 0) return Fail(Error::Errno(err, "fsync directory " + dir));
+  return Ok();
+}
+
+}  // namespace kagemusha::storage::posix
