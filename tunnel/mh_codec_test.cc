@@ -226,7 +226,7 @@ INSTANTIATE_TEST_SUITE_P(
         Malformed{"ipv4_coa_wrong_length", Bu16({0x20, 0x02, 0, 0})},
         Malformed{"auth_option_too_short", Bu16({0x09, 0x02, 1, 0})},
         Malformed{"option_after_auth", Bu24({0x09, 0x05, 1, 0, 0, 0, 1, 0x02, 0x02, 0, 1, 0})}),
-    [](const ::testing::TestParamInfo<Malformed>& info) { return std::string(info.param.name); });
+    [](const ::testing::TestParamInfo<Malformed>& p) { return std::string(p.param.name); });
 
 TEST(MobilityHeader, RejectsEncodingAuthOptionThatIsNotLast) {
   BindingUpdate bu;
