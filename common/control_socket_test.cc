@@ -373,6 +373,8 @@ TEST_F(ControlSocketTest, OtherUidIsRejectedEvenWhenFileModeWouldAllowIt) {
     // Only async-signal-safe calls in the child of a threaded process.
     if (setresgid(65534, 65534, 65534) != 0 || setresuid(65534, 65534, 65534) != 0) _exit(10);
     int fd = socket(AF_UNIX, SOCK_STREAM, 0);
+    timeval tv{2, 0};  // if the server wrongly serves us it will not hang up
+    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
     if (connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) != 0) _exit(11);
     [[maybe_unused]] ssize_t w = write(fd, req, sizeof req - 1);
     char buf[512];
