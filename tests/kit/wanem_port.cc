@@ -153,9 +153,13 @@ Status SetOffloads(const std::string& ifname, bool enable) {
     uint32_t cmd;
     const char* name;
   };
-  // Every segmentation/coalescing offload that can produce frames above the MTU.
+  // Every segmentation/coalescing offload that can produce frames above the
+  // MTU, and transmit checksumming: a veth hands over CHECKSUM_PARTIAL frames
+  // whose L4 checksum is still unfinished, and re-sent through a packet socket
+  // they would arrive with a bad checksum and be dropped by the receiver.
   static constexpr Feature kFeatures[] = {
-      {ETHTOOL_STSO, "tso"}, {ETHTOOL_SGSO, "gso"}, {ETHTOOL_SGRO, "gro"}, {ETHTOOL_SUFO, "ufo"},
+      {ETHTOOL_STSO, "tso"}, {ETHTOOL_SGSO, "gso"}, {ETHTOOL_SGRO, "gro"},
+      {ETHTOOL_SUFO, "ufo"}, {ETHTOOL_STXCSUM, "tx-checksumming"},
   };
   for (const auto& f : kFeatures) {
     ethtool_value value{};

@@ -10,7 +10,9 @@
 // the MTU (the stack segments only at a device that lacks the feature). Such
 // frames cannot be re-sent through a packet socket (EMSGSIZE). The emulator
 // therefore turns GRO/LRO off on its own interfaces, and the test-bed turns
-// TSO/GSO off on the interfaces that transmit into the emulator, with
+// TSO/GSO and transmit checksum offload off on the interfaces that transmit
+// into the emulator (a CHECKSUM_PARTIAL frame would be re-sent with an
+// unfinished checksum), with
 // SetOffloads() below (`kagemusha-wanem --offloads-off IF`), so no ethtool
 // binary is needed. Oversized frames that still arrive are counted and dropped.
 //
