@@ -30,7 +30,7 @@ WAN_RTT=${BENCH_WAN_RTT:-20}
 WAN_RATE=${BENCH_WAN_RATE:-200}
 WAN_RUNS=${BENCH_WAN_RUNS:-$RUNS}
 
-st_init bench_storage nbdcopy nbdkit qemu-nbd fio
+st_init nbdcopy nbdkit qemu-nbd fio
 results=$ST_DIR/results.tsv   # metric \t subject \t value
 : >"$results"
 
@@ -61,8 +61,8 @@ kw=$ST_DIR/kw.sock nkw=$ST_DIR/nkw.sock qw=$ST_DIR/qw.sock
 st_nbd_serve k-target --unix "$ks" --export "d=$data,ro" --export "w=$wimg"
 st_nbdkit nbdkit-r "$nks" "$data" -r
 st_nbdkit nbdkit-w "$nkw" "$wimg"
-st_spawn qnbd-r qemu-nbd -f raw -r --shared=16 -t -k "$qs" "$data"
-st_spawn qnbd-w qemu-nbd -f raw --shared=16 -t -k "$qw" "$wimg"
+st_spawn qnbd-r - qemu-nbd -f raw -r --shared=16 -t -k "$qs" "$data"
+st_spawn qnbd-w - qemu-nbd -f raw --shared=16 -t -k "$qw" "$wimg"
 st_wait_nbd "$(st_uri_unix "$qs")" 20 qnbd-r
 st_wait_nbd "$(st_uri_unix "$qw")" 20 qnbd-w
 declare -A RURI=([kagemusha]=$(st_uri_unix "$ks" d) [nbdkit]=$(st_uri_unix "$nks") [qemu-nbd]=$(st_uri_unix "$qs"))
@@ -112,11 +112,11 @@ done
 
 # --- fill on loopback vs nbdcopy remote -> file ---------------------------------
 # fill_time: from the server's ready line to status complete (polled at 20 Hz).
-fill_once() {
-  local name=$1 metric=$2 subject=$3 remote=$4 d=$5; shift 5
+fill_once() {  # NAME METRIC SUBJECT REMOTE_URI DIR NODE
+  local name=$1 metric=$2 subject=$3 remote=$4 d=$5 node=$6
   local t0 t1 i c=
   t0=$(now)
-  st_spawn "$name" "$@" "$ST_NBD" serve --json --unix "$d/p.sock" --control "$d/c.sock" \
+  st_spawn "$name" "$node" "$ST_NBD" serve --json --unix "$d/p.sock" --control "$d/c.sock" \
     --log-file "$d/server.log" --proxy "$(st_proxy_spec p "$remote" "$d/cache.img" "$d/bitmap")"
   for ((i = 0; i < 36000; i++)); do
     c=$(st_status "$d/c.sock" 2>/dev/null | st_json_get complete 2>/dev/null) || c=
@@ -131,7 +131,7 @@ fill_once() {
 for ((r = 1; r <= RUNS; r++)); do
   progress "fill on loopback" "$r" "$RUNS"
   d=$ST_DIR/f$r; mkdir -p "$d"
-  fill_once fill-lo fill_loopback kagemusha "$remote_uri" "$d"
+  fill_once fill-lo fill_loopback kagemusha "$remote_uri" "$d" -
   [[ $(st_md5_file "$d/cache.img") == "$data_md5" ]] || tb_fail "loopback fill: cache differs from source"
   st_stop fill-lo
   rm -f "$d/copy.img"
@@ -147,16 +147,16 @@ if [[ $WAN == 1 ]]; then
   st_make_dense "$wdata" "$WAN_SIZE"
   wmd5=$(st_md5_file "$wdata")
   tb_two_sites "$WAN_RTT" "$WAN_RATE"
-  src_ip=$(tb_host_addr src)
+  src_ip=$TB_SRC_V4
   st_nbd_serve_in src wan-target --listen "$(st_hostport "$src_ip" 10809)" --export "d=$wdata,ro"
   wuri=$(st_uri_tcp "$src_ip" 10809 d)
   for ((r = 1; r <= WAN_RUNS; r++)); do
     progress "fill over the WAN" "$r" "$WAN_RUNS"
     d=$ST_DIR/w$r; mkdir -p "$d"
-    fill_once fill-wan fill_wan kagemusha "$wuri" "$d" tb_exec_cmd dst
+    fill_once fill-wan fill_wan kagemusha "$wuri" "$d" dst
     [[ $(st_md5_file "$d/cache.img") == "$wmd5" ]] || tb_fail "WAN fill: cache differs from source"
     st_stop fill-wan
-    timed fill_wan nbdcopy tb_exec_cmd dst nbdcopy -C 4 "$wuri" "$d/copy.img"
+    timed fill_wan nbdcopy tb_exec dst nbdcopy -C 4 "$wuri" "$d/copy.img"
     [[ $(st_md5_file "$d/copy.img") == "$wmd5" ]] || tb_fail "WAN nbdcopy: copy differs"
     rm -rf "$d"
   done
@@ -211,4 +211,4 @@ print()
 print("Ratios above 1 mean kagemusha is faster (all figures are rates: higher is better).")
 print("Raw seconds (median): " + ", ".join(f"{m}/{s}={v:.3f}" for (m, s), v in sorted(med.items()) if m != "randread_4k_qd16"))
 PY
-tb_pass
+st_pass

@@ -27,7 +27,7 @@ bold=$(tput bold 2>/dev/null || true) reset=$(tput sgr0 2>/dev/null || true)
 step() { printf '\n%s==> %s%s\n' "$bold" "$*" "$reset"; }
 info() { printf '    %s\n' "$*"; }
 
-st_init demo_storage_relocation qemu-io nbdcopy nbdinfo
+st_init qemu-io nbdcopy nbdinfo
 
 step "Preparing a ${SIZE} MiB disk image at site A"
 img=$ST_DIR/site-a-vm-disk.img
@@ -38,14 +38,14 @@ info "md5:   $src_md5"
 
 step "Building two sites joined by the WAN emulator (${RTT} ms RTT, ${RATE} Mbit/s)"
 tb_two_sites "$RTT" "$RATE"
-src_ip=$(tb_host_addr src)
+src_ip=$TB_SRC_V4
 info "site A host 'src' at $src_ip; site B host 'dst'"
 
 step "Site A: serving the disk (target mode, read-only)"
 st_nbd_serve_in src site-a --listen "$(st_hostport "$src_ip" 10809)" --export "vm-disk=$img,ro,desc=demo VM disk"
 remote=$(st_uri_tcp "$src_ip" 10809 vm-disk)
 info "export: $remote"
-tb_exec_cmd dst nbdinfo "$remote" | sed 's/^/    | /'
+tb_exec dst nbdinfo "$remote" | sed 's/^/    | /'
 
 step "Site B: starting the copy-on-read proxy; the disk is usable at once"
 cache=$ST_DIR/site-b-cache.img bitmap=$ST_DIR/site-b-cache.bitmap
@@ -108,4 +108,4 @@ fi
 
 step "Done: the disk moved to site B under live I/O and verifies."
 st_stop site-b
-tb_pass
+st_pass

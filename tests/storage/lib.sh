@@ -26,50 +26,55 @@ fi
 # shellcheck source=../kit/testbed.sh
 source "$ST_SOURCE/tests/kit/testbed.sh"
 
-declare -gA ST_PID=()
+declare -gA ST_PID=()  # logical name -> pid
+declare -gA ST_LOG=()  # logical name -> stdout+stderr log
 
-# st_init NAME TOOL... : starts a test (kit's tb_init), checks that each TOOL
-# is on PATH (skip otherwise) and that kagemusha-nbd is built. Sets ST_DIR, a
-# private temporary directory removed by the kit's cleanup.
+# st_init TOOL... : starts a run (the kit's tb_init: run id, temp dir, cleanup
+# trap), checks that each TOOL is installed and that kagemusha-nbd is built
+# (skip otherwise). Sets ST_DIR, the run's private temporary directory.
 st_init() {
-  local name=$1; shift
-  tb_init "$name"
+  tb_init
   ST_DIR=$TB_DIR
-  local t
-  for t in "$@"; do
-    command -v "$t" >/dev/null 2>&1 || tb_skip "$t is not installed"
-  done
-  [[ -x $ST_NBD ]] || tb_skip "kagemusha-nbd is not built at $ST_NBD"
+  tb_require_cmd nbdinfo md5sum "$@"
+  [[ -x $ST_NBD ]] || tb_skip "kagemusha-nbd is not built at $ST_NBD (KAGEMUSHA_BUILD=$ST_BUILD)"
 }
 
-st_log() { printf '[%s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+st_log() { tb_log "$@"; }
 
-# st_spawn NAME CMD... : starts CMD in the background through the kit (stdout
-# and stderr to $ST_DIR/NAME.log); ST_PID[NAME] is its pid.
+# st_pass : the test's checks all passed.
+st_pass() {
+  tb_log "PASS: $(basename "$0" .sh)"
+  exit 0
+}
+
+# st_spawn NAME NODE CMD... : starts CMD through the kit in NODE's namespace
+# ("-" = this one); the kit kills it at teardown. ST_PID[NAME] is its pid and
+# ST_LOG[NAME] its stdout+stderr log.
 st_spawn() {
-  local name=$1; shift
-  tb_spawn "$name" "$@"
-  ST_PID[$name]=$TB_LAST_PID
+  local name=$1 node=$2; shift 2
+  tb_spawn --name "$name" "$node" "$@"
+  ST_PID[$name]=$TB_SPAWN_PID
+  ST_LOG[$name]=$TB_SPAWN_LOG
 }
 
-# st_stop NAME [SIGNAL] : signals NAME (default TERM) and waits for it to exit.
+# st_stop NAME [KILL] : stops NAME (TERM, then KILL after a grace time, via
+# the kit), or with KILL sends SIGKILL at once (a crash), and reaps it.
 st_stop() {
-  local name=$1 sig=${2:-TERM} pid=${ST_PID[$1]:-}
+  local name=$1 pid=${ST_PID[$1]:-}
   [[ -n $pid ]] || return 0
-  kill -s "$sig" "$pid" 2>/dev/null || true
-  local i
-  for ((i = 0; i < 100; i++)); do
-    kill -0 "$pid" 2>/dev/null || break
-    sleep 0.1
-  done
-  if kill -0 "$pid" 2>/dev/null; then
+  if [[ ${2:-} == KILL ]]; then
     kill -KILL "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+  else
+    tb_stop "$pid" 5
   fi
-  wait "$pid" 2>/dev/null || true
   unset "ST_PID[$name]"
 }
 
 st_alive() { [[ -n ${ST_PID[$1]:-} ]] && kill -0 "${ST_PID[$1]}" 2>/dev/null; }
+
+# st_hostport ADDR PORT : "a.b.c.d:port" or "[v6]:port".
+st_hostport() { if [[ $1 == *:* ]]; then echo "[$1]:$2"; else echo "$1:$2"; fi; }
 
 # --- images -----------------------------------------------------------------
 
@@ -122,20 +127,19 @@ st_uri_tcp() {
 declare -gA ST_ENDPOINTS=()
 st_nbd_serve() {
   local name=$1; shift
-  st_spawn "$name" "$ST_NBD" serve --json --log-file "$ST_DIR/$name.server.log" "$@"
-  st_wait_listening "$name" 30
+  st_nbd_serve_in - "$name" "$@"
 }
 
-# st_nbd_serve_in HOST NAME ARGS... : the same inside a kit host (namespace).
+# st_nbd_serve_in NODE NAME ARGS... : the same inside a kit node (namespace).
 st_nbd_serve_in() {
-  local host=$1 name=$2; shift 2
-  st_spawn "$name" tb_exec_cmd "$host" "$ST_NBD" serve --json --log-file "$ST_DIR/$name.server.log" "$@"
+  local node=$1 name=$2; shift 2
+  st_spawn "$name" "$node" "$ST_NBD" serve --json --log-file "$ST_DIR/$name.server.log" "$@"
   st_wait_listening "$name" 30
 }
 
-# st_wait_listening NAME TIMEOUT : polls NAME's log for the listening event.
+# st_wait_listening NAME TIMEOUT : polls NAME's output for the listening event.
 st_wait_listening() {
-  local name=$1 timeout=$2 log="$ST_DIR/$1.log" i eps
+  local name=$1 timeout=$2 log=${ST_LOG[$1]} i eps
   for ((i = 0; i < timeout * 10; i++)); do
     if [[ -f $log ]]; then
       eps=$("$ST_PY" - "$log" <<'EOF'
@@ -156,7 +160,10 @@ sys.exit(1)
 EOF
 ) && { ST_ENDPOINTS[$name]=$eps; return 0; }
     fi
-    st_alive "$name" || { cat "$log" >&2 || true; tb_fail "$name exited before listening"; }
+    if ! st_alive "$name"; then
+      cat "$log" "$ST_DIR/$name.server.log" >&2 2>/dev/null || true
+      tb_fail "$name exited before listening"
+    fi
     sleep 0.1
   done
   cat "$log" >&2 || true
@@ -184,7 +191,7 @@ st_tcp_port() {
 # `nbdkit -t 16 file` on a Unix socket, export name "" (nbdkit serves any).
 st_nbdkit() {
   local name=$1 sock=$2 file=$3; shift 3
-  st_spawn "$name" nbdkit -f -t 16 -U "$sock" "$@" file "$file"
+  st_spawn "$name" - nbdkit -f -t 16 -U "$sock" "$@" file "$file"
   st_wait_nbd "$(st_uri_unix "$sock")" 20 "$name"
 }
 
@@ -193,7 +200,7 @@ st_qemu_nbd() {
   local name=$1 sock=$2 file=$3 exp=${4:-}
   local args=(-f raw --shared=8 -t -k "$sock" --cache=none --aio=threads)
   [[ -n $exp ]] && args+=(-x "$exp")
-  st_spawn "$name" qemu-nbd "${args[@]}" "$file"
+  st_spawn "$name" - qemu-nbd "${args[@]}" "$file"
   st_wait_nbd "$(st_uri_unix "$sock" "$exp")" 20 "$name"
 }
 
@@ -203,7 +210,7 @@ st_wait_nbd() {
   for ((i = 0; i < timeout * 10; i++)); do
     nbdinfo --size -- "$uri" >/dev/null 2>&1 && return 0
     if [[ -n $name ]] && ! st_alive "$name"; then
-      cat "$ST_DIR/$name.log" >&2 || true
+      cat "${ST_LOG[$name]}" >&2 || true
       tb_fail "$name exited before serving $uri"
     fi
     sleep 0.1
@@ -380,7 +387,7 @@ st_proxy_scenario() {
   local src_md5; src_md5=$(st_md5_file "$src")
   case $kind in
     nbdkit) st_nbdkit remote "$rsock" "$src" -r ;;
-    qemu-nbd) st_spawn remote qemu-nbd -f raw -r --shared=8 -t -k "$rsock" "$src"
+    qemu-nbd) st_spawn remote - qemu-nbd -f raw -r --shared=8 -t -k "$rsock" "$src"
               st_wait_nbd "$(st_uri_unix "$rsock")" 20 remote ;;
     *) tb_fail "unknown remote kind $kind" ;;
   esac

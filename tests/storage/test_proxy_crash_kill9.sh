@@ -10,7 +10,7 @@
 # reached the cache would show up as a mismatch with the source.
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
-st_init proxy_crash_kill9 nbdkit qemu-io stdbuf
+st_init nbdkit qemu-io stdbuf
 
 rounds=${ST_CRASH_ROUNDS:-5}
 src=$ST_DIR/src.img rsock=$ST_DIR/remote.sock
@@ -92,4 +92,4 @@ for ((r = 1; r <= rounds; r++)); do
   st_stop "proxy$r.b"
   rm -f "$cache" "$d/final.img"
 done
-tb_pass
+st_pass

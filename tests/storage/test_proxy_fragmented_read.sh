@@ -6,7 +6,7 @@
 # correctly: md5 right, and the rest fetched on demand.
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
-st_init proxy_fragmented_read nbdkit qemu-io nbdcopy
+st_init nbdkit qemu-io nbdcopy
 
 src=$ST_DIR/src.img cache=$ST_DIR/cache.img bitmap=$ST_DIR/bitmap
 rsock=$ST_DIR/remote.sock psock=$ST_DIR/proxy.sock ctl=$ST_DIR/control.sock
@@ -49,4 +49,4 @@ st_assert_eq "all blocks present after the big read" 1024 "$(st_status_get "$ctl
 st_assert_eq "complete after the big read" true "$(st_status_get "$ctl" complete)"
 st_assert_eq "cache image md5" "$want" "$(st_md5_file "$cache")"
 st_assert_eq "md5 again (now from the cache)" "$want" "$(st_md5_uri "$uri")"
-tb_pass
+st_pass

@@ -4,6 +4,6 @@
 # switch to target, kill nbdkit, reads and writes still work.
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
-st_init proxy_nbdkit nbdkit qemu-io nbdcopy nbdinfo
+st_init nbdkit qemu-io nbdcopy nbdinfo
 st_proxy_scenario nbdkit
-tb_pass
+st_pass

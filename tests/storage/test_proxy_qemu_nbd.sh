@@ -3,6 +3,6 @@
 # end-to-end check as test_proxy_nbdkit.sh with QEMU's NBD server as remote.
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
-st_init proxy_qemu_nbd qemu-nbd qemu-io nbdcopy nbdinfo
+st_init qemu-nbd qemu-io nbdcopy nbdinfo
 st_proxy_scenario qemu-nbd
-tb_pass
+st_pass

@@ -6,7 +6,7 @@
 # resumes on its own and completes, md5 right.
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
-st_init proxy_remote_restart nbdkit nbdcopy
+st_init nbdkit nbdcopy
 
 src=$ST_DIR/src.img cache=$ST_DIR/cache.img bitmap=$ST_DIR/bitmap
 rsock=$ST_DIR/remote.sock psock=$ST_DIR/proxy.sock ctl=$ST_DIR/control.sock
@@ -72,4 +72,4 @@ st_wait_fill "$ctl" 60
 st_assert_eq "remote_connected after restart" true "$(st_status_get "$ctl" remote_connected)"
 st_assert_eq "proxy export md5" "$want" "$(st_md5_uri "$uri")"
 st_assert_eq "cache image md5" "$want" "$(st_md5_file "$cache")"
-tb_pass
+st_pass

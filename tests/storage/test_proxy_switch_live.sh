@@ -7,7 +7,7 @@
 # final md5 equals source + writes.
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
-st_init proxy_switch_live nbdkit qemu-io nbdcopy stdbuf
+st_init nbdkit qemu-io nbdcopy stdbuf
 
 src=$ST_DIR/src.img exp=$ST_DIR/expected.img cache=$ST_DIR/cache.img bitmap=$ST_DIR/bitmap
 rsock=$ST_DIR/remote.sock psock=$ST_DIR/proxy.sock ctl=$ST_DIR/control.sock
@@ -22,6 +22,7 @@ fifo=$ST_DIR/qemu-io.fifo out=$ST_DIR/session.out
 mkfifo "$fifo"
 stdbuf -oL qemu-io -f raw "$uri" <"$fifo" >"$out" 2>&1 &
 qio=$!
+tb_on_cleanup kill "$qio"
 exec {QIO_FD}>"$fifo"
 
 # send CMD [WANT] : one command; qemu-io prints its prompt again when the
@@ -85,4 +86,4 @@ rc=0; wait "$qio" || rc=$?
 st_assert_eq "qemu-io exit status" 0 "$rc"
 grep -q -i -E 'fail|error|mismatch|reconnect' "$out" && { cat "$out"; tb_fail "qemu-io reported a problem"; }
 st_assert_eq "final md5 (source + writes)" "$(st_md5_file "$exp")" "$(st_md5_uri "$uri")"
-tb_pass
+st_pass

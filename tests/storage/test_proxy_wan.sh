@@ -6,7 +6,7 @@
 # fill runs; the fill completes; md5 of the export and the cache are right.
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
-st_init proxy_wan nbdcopy nbdsh
+st_init nbdcopy nbdsh
 [[ -x $ST_WANEM ]] || tb_skip "kagemusha-wanem is not built at $ST_WANEM"
 
 src=$ST_DIR/src.img cache=$ST_DIR/cache.img bitmap=$ST_DIR/bitmap
@@ -15,12 +15,12 @@ st_make_dense "$src" 64
 want=$(st_md5_file "$src")
 
 tb_two_sites 20 100
-src_ip=$(tb_host_addr src)
+src_ip=$TB_SRC_V4
 st_nbd_serve_in src target --listen "$(st_hostport "$src_ip" 0)" --export "disk=$src,ro"
 port=$(st_tcp_port target)
 remote=$(st_uri_tcp "$src_ip" "$port" disk)
 # The remote is reachable from dst through the WAN (and only from there).
-st_assert_eq "remote size seen from dst" $((64 << 20)) "$(tb_exec_cmd dst nbdinfo --size "$remote")"
+st_assert_eq "remote size seen from dst" $((64 << 20)) "$(tb_exec dst nbdinfo --size "$remote")"
 
 st_nbd_serve_in dst proxy --unix "$psock" --control "$ctl" \
   --proxy "$(st_proxy_spec disk "$remote" "$cache" "$bitmap" "block-size=65536")"
@@ -65,4 +65,4 @@ st_assert_eq "cache image md5" "$want" "$(st_md5_file "$cache")"
 fetched=$(st_status_get "$ctl" bytes_fetched)
 st_log "bytes fetched from the remote: $fetched"
 ((fetched >= 64 << 20)) || tb_fail "fetched only $fetched bytes over the WAN for a 64 MiB disk"
-tb_pass
+st_pass

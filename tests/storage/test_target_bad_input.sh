@@ -9,7 +9,7 @@
 # stay intact (md5).
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
-st_init target_bad_input nbdcopy
+st_init nbdcopy
 
 rw=$ST_DIR/rw.img ro=$ST_DIR/ro.img sock=$ST_DIR/nbd.sock
 st_make_image "$rw" 64
@@ -264,4 +264,4 @@ st_alive target || tb_fail "server died"
 st_assert_eq "rw export md5" "$rw_md5" "$(st_md5_uri "$(st_uri_unix "$sock" rw)")"
 st_assert_eq "rw backing file md5" "$rw_md5" "$(st_md5_file "$rw")"
 st_assert_eq "ro backing file md5" "$ro_md5" "$(st_md5_file "$ro")"
-tb_pass
+st_pass

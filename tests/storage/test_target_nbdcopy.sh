@@ -4,7 +4,7 @@
 # in flight; export -> export between two servers; md5 equal every time.
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
-st_init target_nbdcopy nbdcopy nbdinfo
+st_init nbdcopy nbdinfo
 
 src=$ST_DIR/src.img d1=$ST_DIR/d1.img d2=$ST_DIR/d2.img sock=$ST_DIR/nbd.sock
 st_make_image "$src" 128
@@ -35,4 +35,4 @@ st_assert_eq "backing file after second nbdcopy (-C 4)" "$want2" "$(st_md5_file 
 st_assert_eq "export md5 after second copy" "$want2" "$(st_md5_uri "$one")"
 # The other export is unaffected.
 st_assert_eq "second export untouched" "$want" "$(st_md5_uri "$two")"
-tb_pass
+st_pass

@@ -4,7 +4,7 @@
 # one (writes to it fail with EPERM), --map showing a hole after TRIM.
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
-st_init target_nbdinfo nbdinfo nbdsh
+st_init nbdinfo nbdsh
 
 a=$ST_DIR/a.img b=$ST_DIR/b.img c=$ST_DIR/c.img sock=$ST_DIR/nbd.sock
 st_make_image "$a" 64
@@ -109,4 +109,4 @@ assert h.pread(1 << 20, 11 << 20) == b"\xaa" * (1 << 20), "11M..12M lost"
 z = h.pread(2 << 20, 9 << 20)
 assert z == bytes(len(z)), "trimmed range of a file export does not read zeroes"
 ' || tb_fail "data around the trim"
-tb_pass
+st_pass

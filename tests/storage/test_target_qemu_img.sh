@@ -4,7 +4,7 @@
 # finds them identical to the source (and a changed file different).
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
-st_init target_qemu_img qemu-img nbdcopy md5sum
+st_init qemu-img nbdcopy md5sum
 
 src=$ST_DIR/src.img disk=$ST_DIR/disk.img back=$ST_DIR/back.img sock=$ST_DIR/nbd.sock
 st_make_image "$src" 96
@@ -36,4 +36,4 @@ st_assert_eq "qemu-img compare exit code on a differing file" 1 "$rc"
 
 # the server is still healthy and the export unchanged.
 st_assert_eq "export md5 via nbdcopy" "$(st_md5_file "$src")" "$(st_md5_uri "$uri")"
-tb_pass
+st_pass

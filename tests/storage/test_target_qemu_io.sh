@@ -4,7 +4,7 @@
 # verifying reads; afterwards the backing file must hold exactly those writes.
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
-st_init target_qemu_io qemu-io nbdcopy
+st_init qemu-io nbdcopy
 
 disk=$ST_DIR/disk.img orig=$ST_DIR/orig.img exp=$ST_DIR/expected.img sock=$ST_DIR/nbd.sock
 st_make_image "$orig" 64
@@ -51,4 +51,4 @@ d = disk[off:off + ln]
 assert d == bytes(ln) or d == orig[off:off + ln], "discarded range is neither zero nor old data"
 print("backing file matches expected writes")
 PY
-tb_pass
+st_pass
