@@ -40,6 +40,7 @@ struct Options {
   double rate_mbit = 0, loss_pct = 0, queue_ms = 100, stats_interval = 0;
   uint64_t queue_bytes = 0, seed = 1;
   size_t queue_frames = 16384, batch = 64;
+  double timer_slack_us = 100;
   std::vector<std::string> offloads_off;
 };
 
@@ -71,6 +72,7 @@ std::optional<Options> ParseOptions(int argc, char** argv) {
       ("queue-bytes", po::value(&o.queue_bytes)->default_value(0), "bottleneck queue limit in bytes (0 = from --queue-ms; the smaller wins)")
       ("queue-frames", po::value(&o.queue_frames)->default_value(16384), "delay-line capacity per direction, frames")
       ("batch", po::value(&o.batch)->default_value(64), "frames per recvmmsg/sendmmsg")
+      ("timer-slack-us", po::value(&o.timer_slack_us)->default_value(100), "max lateness of a release, us (larger = bigger send batches)")
       ("stats-interval", po::value(&o.stats_interval)->default_value(0), "print stats every N seconds (0 = only on SIGUSR1 and exit)")
       ("offloads-off", po::value(&o.offloads_off), "helper mode: turn TSO/GSO/GRO off on this interface (repeatable) and exit");
   po::variables_map vm;
@@ -97,6 +99,7 @@ std::optional<Options> ParseOptions(int argc, char** argv) {
   check(o.queue_frames >= 16 && o.queue_frames <= (1u << 22), "--queue-frames out of range [16, 4M]");
   check(o.batch >= 1 && o.batch <= 1024, "--batch out of range [1, 1024]");
   check(o.stats_interval >= 0, "--stats-interval must be >= 0");
+  check(o.timer_slack_us >= 0 && o.timer_slack_us <= 10000, "--timer-slack-us out of range [0, 10000]");
   return o;
 }
 
@@ -166,6 +169,7 @@ int main(int argc, char** argv) {
   PipeConfig pipe_config;
   pipe_config.slots = o.queue_frames;
   pipe_config.batch = o.batch;
+  pipe_config.timer_slack = Nanos{static_cast<int64_t>(o.timer_slack_us * 1000)};
   // Ethernet header + two VLAN tags, rounded up to a cache line.
   pipe_config.slot_bytes = (static_cast<size_t>(mtu) + 22 + 63) / 64 * 64;
   ShaperConfig shaper_ab = MakeShaperConfig(o, mtu);

@@ -33,8 +33,8 @@ DirectionPipe::DirectionPipe(std::string label, PacketPort& in, PacketPort& out,
       iovs_(config.batch) {}
 
 Status DirectionPipe::Run(const std::atomic<bool>& stop) {
-  // Sleep precision: the default 50 us slack would add jitter to every frame.
-  (void)::prctl(PR_SET_TIMERSLACK, static_cast<unsigned long>(kTimerSlack.count()));
+  // The kernel may fire our ppoll timeout up to this much late (>= 1 ns).
+  (void)::prctl(PR_SET_TIMERSLACK, static_cast<unsigned long>(std::max<int64_t>(config_.timer_slack.count(), 1)));
   pollfd pfd{in_.rx_fd(), POLLIN, 0};
   while (!stop.load(std::memory_order_relaxed)) {
     TimePoint now = clock_.Now();

@@ -11,9 +11,10 @@
 // than the ring).
 //
 // Timing: the thread sleeps in ppoll() until the next frame is due or a frame
-// arrives. Frames are never released early; with the thread's timer slack set
-// to kTimerSlack they may leave up to that much late, which also batches
-// sends at high packet rates.
+// arrives. Frames are never released early; they may leave up to
+// PipeConfig::timer_slack late (the thread's timer slack), which is what
+// batches sends at high packet rates: the larger the slack, the more frames
+// one wake-up releases with one sendmmsg.
 //
 // Thread-safety: Run() on one thread; stats() may be read from any thread.
 #pragma once
@@ -34,8 +35,6 @@
 
 namespace kagemusha::wanem {
 
-inline constexpr Nanos kTimerSlack{std::chrono::microseconds(20)};
-
 struct DirectionStats {
   std::atomic<uint64_t> rx_frames{0};
   std::atomic<uint64_t> rx_bytes{0};
@@ -54,6 +53,7 @@ struct PipeConfig {
   size_t slots = 16384;     // delay-line capacity in frames
   size_t slot_bytes = 2048; // per-frame buffer; frames above it are dropped
   size_t batch = 64;        // frames per recvmmsg/sendmmsg
+  Nanos timer_slack{std::chrono::microseconds(100)};  // max lateness of a release
 };
 
 class DirectionPipe {
