@@ -698,7 +698,7 @@ std::optional<CopyOnReadImpl::Run> CopyOnReadImpl::ClaimFillChunk() {
 
 void CopyOnReadImpl::FillWorker() {
   const uint64_t chunk_bytes = uint64_t(std::max<uint32_t>(1, opts_.fill_chunk_blocks)) * bs_;
-  auto stopped = [this] { return fill_stop_.load(); };
+  auto stopped = [this] { return fill_stop_.load() || present_count_.load() == blocks_; };
   while (!stopped()) {
     {  // Guest I/O first: yield while guest misses are in flight.
       std::unique_lock lk(fill_mu_);

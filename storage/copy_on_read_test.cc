@@ -1,0 +1,594 @@
+#include "kagemusha/storage/copy_on_read.h"
+
+#include <gtest/gtest.h>
+
+#include <atomic>
+#include <cstring>
+#include <future>
+#include <map>
+#include <random>
+#include <thread>
+
+#include "bitmap_format.h"
+#include "fake_remote.h"
+#include "test_util.h"
+
+namespace kagemusha::storage {
+namespace {
+
+using namespace std::chrono_literals;
+using testing::ReadFileBytes;
+using testing::ScratchDir;
+using testing::WaitUntil;
+using testing::WriteFileBytes;
+
+constexpr uint64_t kMiB = 1024 * 1024;
+
+std::span<const std::byte> Slice(const std::vector<std::byte>& v, uint64_t off, uint64_t len) {
+  return std::span<const std::byte>(v).subspan(off, len);
+}
+bool SameBytes(std::span<const std::byte> a, std::span<const std::byte> b) {
+  return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size()) == 0;
+}
+
+// One proxy under test: a FakeRemote over a pattern image, a cache and a
+// bitmap in a scratch directory.
+class CopyOnReadTest : public ::testing::Test {
+ protected:
+  void Init(uint64_t image_size, uint32_t block_size, bool fill_on_start = false) {
+    image_ = FakeRemote::PatternImage(image_size);
+    opts_.cache_path = dir_ / "cache.img";
+    opts_.bitmap_path = dir_ / "cache.bitmap";
+    opts_.block_size = block_size;
+    opts_.fill_on_start = fill_on_start;
+    OpenBackend();
+  }
+  void OpenBackend(Clock& clock = SteadyClock::Instance()) {
+    auto remote = std::make_unique<FakeRemote>(image_, opts_.block_size);
+    remote_ = remote->shared();
+    auto b = CopyOnReadBackend::Open(std::move(remote), opts_, clock);
+    ASSERT_TRUE(b.has_value()) << b.error().message();
+    cor_ = *b;
+  }
+  std::vector<std::byte> ReadAt(uint64_t off, uint64_t len) {
+    std::vector<std::byte> buf(len);
+    auto s = cor_->Read(buf, off);
+    EXPECT_TRUE(s) << s.error().message();
+    return buf;
+  }
+  uint32_t ReadsOf(uint64_t block) { return FakeRemote::ReadsOfBlock(*remote_, block); }
+  uint64_t Requests() {
+    std::lock_guard lk(remote_->mu);
+    return remote_->requests;
+  }
+  bool WaitComplete(std::chrono::milliseconds timeout = 5s) {
+    return WaitUntil([&] { return cor_->Status().complete; }, timeout);
+  }
+
+  ScratchDir dir_;
+  CopyOnReadOptions opts_;
+  std::vector<std::byte> image_;
+  std::shared_ptr<FakeRemote::Shared> remote_;
+  std::shared_ptr<CopyOnReadBackend> cor_;
+};
+
+TEST_F(CopyOnReadTest, MissIsFetchedOnceAndThenServedFromTheCache) {
+  Init(4 * kMiB, 65536);
+  EXPECT_TRUE(SameBytes(ReadAt(3 * 65536 + 100, 1000), Slice(image_, 3 * 65536 + 100, 1000)));
+  EXPECT_EQ(ReadsOf(3), 1u);
+  EXPECT_EQ(cor_->Status().blocks_present, 1u);
+  EXPECT_TRUE(SameBytes(ReadAt(3 * 65536, 65536), Slice(image_, 3 * 65536, 65536)));
+  EXPECT_EQ(ReadsOf(3), 1u);
+  EXPECT_EQ(Requests(), 1u);
+  EXPECT_EQ(cor_->Status().bytes_fetched, 65536u);
+}
+
+TEST_F(CopyOnReadTest, AdjacentMissingBlocksAreMergedIntoOneRemoteRequest) {
+  Init(4 * kMiB, 65536);
+  EXPECT_TRUE(SameBytes(ReadAt(65536 + 5, 8 * 65536), Slice(image_, 65536 + 5, 8 * 65536)));
+  std::lock_guard lk(remote_->mu);
+  ASSERT_EQ(remote_->request_log.size(), 1u);
+  EXPECT_EQ(remote_->request_log[0], std::make_pair(uint64_t(65536), uint64_t(9 * 65536)));
+}
+
+TEST_F(CopyOnReadTest, LargeMissingRunsAreSplitAtFourMiB) {
+  Init(16 * kMiB, 65536);
+  EXPECT_TRUE(SameBytes(ReadAt(0, 12 * kMiB), Slice(image_, 0, 12 * kMiB)));
+  std::lock_guard lk(remote_->mu);
+  EXPECT_EQ(remote_->request_log.size(), 3u);
+  for (auto [off, len] : remote_->request_log) EXPECT_EQ(len, 4 * kMiB);
+}
+
+TEST_F(CopyOnReadTest, FragmentedLargeReadIsCorrectAndPipelined) {
+  Init(32 * kMiB, 65536);
+  for (uint64_t b = 0; b < 512; b += 2) ReadAt(b * 65536, 65536);  // every other block present
+  ASSERT_EQ(cor_->Status().blocks_present, 256u);
+  {
+    std::lock_guard lk(remote_->mu);
+    remote_->delay = 2ms;  // give concurrent requests time to overlap
+    remote_->max_in_flight = 0;
+  }
+  EXPECT_TRUE(SameBytes(ReadAt(0, 32 * kMiB), image_));
+  for (uint64_t b = 0; b < 512; ++b) ASSERT_EQ(ReadsOf(b), 1u) << "block " << b;
+  std::lock_guard lk(remote_->mu);
+  EXPECT_EQ(remote_->requests, 512u);
+  EXPECT_GE(remote_->max_in_flight, 4u);  // the 256 single-block holes go out in parallel
+}
+
+TEST_F(CopyOnReadTest, ConcurrentReadsOfSameBlockFetchOnce) {
+  Init(4 * kMiB, 65536);
+  FakeRemote::Hold(*remote_);
+  std::vector<std::future<std::vector<std::byte>>> readers;
+  for (int i = 0; i < 8; ++i)
+    readers.push_back(std::async(std::launch::async, [&, i] { return ReadAt(5 * 65536 + i, 4096); }));
+  ASSERT_TRUE(FakeRemote::WaitHeld(*remote_, 1, 2s));
+  std::this_thread::sleep_for(20ms);  // let the other readers pile up on the claim
+  {
+    std::lock_guard lk(remote_->mu);
+    EXPECT_EQ(remote_->waiting, 1u);
+  }
+  FakeRemote::Release(*remote_);
+  for (int i = 0; i < 8; ++i)
+    EXPECT_TRUE(SameBytes(readers[size_t(i)].get(), Slice(image_, 5 * 65536 + uint64_t(i), 4096)));
+  EXPECT_EQ(ReadsOf(5), 1u);
+  EXPECT_EQ(Requests(), 1u);
+}
+
+TEST_F(CopyOnReadTest, HitNeverWaitsBehindAMiss) {
+  Init(4 * kMiB, 65536);
+  ReadAt(0, 65536);  // block 0 present
+  FakeRemote::Hold(*remote_);
+  auto miss = std::async(std::launch::async, [&] { return ReadAt(10 * 65536, 65536); });
+  ASSERT_TRUE(FakeRemote::WaitHeld(*remote_, 1, 2s));
+  auto hit = std::async(std::launch::async, [&] { return ReadAt(100, 4096); });
+  ASSERT_EQ(hit.wait_for(2s), std::future_status::ready) << "hit blocked behind a remote fetch";
+  EXPECT_TRUE(SameBytes(hit.get(), Slice(image_, 100, 4096)));
+  // Writes and zeroes of present blocks do not wait either.
+  std::vector<std::byte> data(4096, std::byte{9});
+  EXPECT_TRUE(cor_->Write(data, 8192, false));
+  EXPECT_EQ(miss.wait_for(0ms), std::future_status::timeout);
+  FakeRemote::Release(*remote_);
+  EXPECT_TRUE(SameBytes(miss.get(), Slice(image_, 10 * 65536, 65536)));
+}
+
+TEST_F(CopyOnReadTest, PartialWriteToMissingBlockMergesRemoteData) {
+  Init(4 * kMiB, 65536);
+  std::vector<std::byte> data(100, std::byte{0xee});
+  ASSERT_TRUE(cor_->Write(data, 2 * 65536 + 10, false));
+  EXPECT_EQ(ReadsOf(2), 1u);
+  auto expect = std::vector<std::byte>(image_.begin() + 2 * 65536, image_.begin() + 3 * 65536);
+  std::fill(expect.begin() + 10, expect.begin() + 110, std::byte{0xee});
+  EXPECT_EQ(ReadAt(2 * 65536, 65536), expect);
+  // A write spanning two partial blocks merges both edges.
+  ASSERT_TRUE(cor_->Write(data, 5 * 65536 - 50, false));
+  EXPECT_EQ(ReadsOf(4), 1u);
+  EXPECT_EQ(ReadsOf(5), 1u);
+  auto got = ReadAt(5 * 65536 - 100, 200);
+  EXPECT_TRUE(SameBytes(std::span(got).first(50), Slice(image_, 5 * 65536 - 100, 50)));
+  EXPECT_TRUE(SameBytes(std::span(got).subspan(50, 100), data));
+  EXPECT_TRUE(SameBytes(std::span(got).subspan(150), Slice(image_, 5 * 65536 + 50, 50)));
+  EXPECT_EQ(Requests(), 2u);  // the two adjacent edge blocks went in one request
+}
+
+TEST_F(CopyOnReadTest, FullBlockWritesNeverFetch) {
+  Init(4 * kMiB, 65536);
+  std::vector<std::byte> data(3 * 65536, std::byte{0x42});
+  ASSERT_TRUE(cor_->Write(data, 4 * 65536, /*fua=*/true));
+  EXPECT_EQ(Requests(), 0u);
+  EXPECT_EQ(ReadAt(4 * 65536, 3 * 65536), data);
+  EXPECT_EQ(Requests(), 0u);
+  EXPECT_EQ(cor_->Status().blocks_present, 3u);
+}
+
+TEST_F(CopyOnReadTest, TrimAndZeroMarkWholeBlocksWithoutFetching) {
+  Init(4 * kMiB, 65536);
+  ASSERT_TRUE(cor_->Zero(65536, 3 * 65536, /*may_trim=*/true, /*fast=*/false, /*fua=*/false));
+  ASSERT_TRUE(cor_->Trim(10 * 65536, 2 * 65536, false));
+  EXPECT_EQ(Requests(), 0u);
+  EXPECT_EQ(cor_->Status().blocks_present, 5u);
+  EXPECT_EQ(ReadAt(65536, 3 * 65536), std::vector<std::byte>(3 * 65536));
+  EXPECT_EQ(Requests(), 0u);
+  // Trim of part of a block is advisory: no fetch, block stays missing.
+  ASSERT_TRUE(cor_->Trim(20 * 65536 + 1, 1000, false));
+  EXPECT_EQ(Requests(), 0u);
+  EXPECT_EQ(cor_->Status().blocks_present, 5u);
+}
+
+TEST_F(CopyOnReadTest, ZeroOfPartialBlocksFetchesAndMergesTheEdges) {
+  Init(4 * kMiB, 65536);
+  ASSERT_TRUE(cor_->Zero(30 * 65536 + 1000, 65536, /*may_trim=*/false, false, false));
+  EXPECT_EQ(ReadsOf(30), 1u);
+  EXPECT_EQ(ReadsOf(31), 1u);
+  auto got = ReadAt(30 * 65536, 2 * 65536);
+  for (uint64_t i = 0; i < got.size(); ++i) {
+    bool zero = i >= 1000 && i < 1000 + 65536;
+    ASSERT_EQ(got[i], zero ? std::byte{0} : image_[30 * 65536 + i]) << i;
+  }
+}
+
+TEST_F(CopyOnReadTest, FastZeroOfAPartlyMissingBlockIsNotSupported) {
+  Init(4 * kMiB, 65536);
+  auto s = cor_->Zero(100, 1000, false, /*fast=*/true, false);
+  ASSERT_FALSE(s);
+  EXPECT_EQ(s.error().code(), ENOTSUP);
+  EXPECT_EQ(Requests(), 0u);
+  EXPECT_TRUE(cor_->Zero(65536, 65536, false, /*fast=*/true, false));  // whole block: fine
+}
+
+TEST_F(CopyOnReadTest, CacheCommandFetchesTheRange) {
+  Init(4 * kMiB, 65536);
+  ASSERT_TRUE(cor_->Cache(65536, 4 * 65536));
+  EXPECT_EQ(cor_->Status().blocks_present, 4u);
+  ReadAt(65536, 4 * 65536);
+  EXPECT_EQ(Requests(), 1u);
+}
+
+TEST_F(CopyOnReadTest, ExtentsReportMissingBlocksAsDataAndPresentOnesFromTheCache) {
+  Init(4 * kMiB, 65536);
+  ASSERT_TRUE(cor_->Zero(0, 2 * 65536, /*may_trim=*/true, false, false));  // present, punched
+  ReadAt(2 * 65536, 65536);                                               // present, data
+  auto ext = cor_->Extents(0, 4 * kMiB);
+  ASSERT_TRUE(ext.has_value());
+  std::vector<Extent> want = {{2 * 65536, true, true}, {4 * kMiB - 2 * 65536, false, false}};
+  EXPECT_EQ(*ext, want);
+  auto caps = cor_->Caps();
+  EXPECT_TRUE(caps.can_multi_conn);
+  EXPECT_TRUE(caps.can_cache);
+}
+
+TEST_F(CopyOnReadTest, FillCompletesAndCacheEqualsSource) {
+  Init(8 * kMiB, 65536);
+  {
+    std::lock_guard lk(remote_->mu);
+    remote_->jitter = 3ms;  // replies come back out of order
+  }
+  cor_->StartFill();
+  ASSERT_TRUE(WaitComplete(5s));
+  auto st = cor_->Status();
+  EXPECT_EQ(st.blocks_present, 128u);
+  EXPECT_EQ(st.bytes_fetched_fill, 8 * kMiB);
+  EXPECT_GT(st.rate, 0.0);
+  EXPECT_EQ(st.eta_seconds, 0.0);
+  for (uint64_t b = 0; b < 128; ++b) ASSERT_EQ(ReadsOf(b), 1u) << b;
+  {
+    std::lock_guard lk(remote_->mu);
+    EXPECT_GT(remote_->max_in_flight, 1u);  // the window keeps several requests out
+    EXPECT_LE(remote_->max_in_flight, opts_.fill_window);
+    for (auto [off, len] : remote_->request_log) EXPECT_EQ(len, 16 * 65536u);
+  }
+  ASSERT_TRUE(cor_->Flush());
+  EXPECT_EQ(ReadFileBytes(opts_.cache_path), image_);
+  WaitUntil([&] { return !cor_->Status().fill_running; }, 2s);
+  EXPECT_FALSE(cor_->Status().fill_running);
+}
+
+TEST_F(CopyOnReadTest, FillNeverOverwritesConcurrentGuestWrites) {
+  opts_.fill_chunk_blocks = 4;
+  Init(8 * kMiB, 65536);
+  {
+    std::lock_guard lk(remote_->mu);
+    remote_->jitter = 2ms;
+  }
+  cor_->StartFill();
+  std::mt19937 rng(7);
+  std::map<uint64_t, uint8_t> written;
+  for (int i = 0; i < 60; ++i) {
+    uint64_t b = rng() % 128;
+    uint8_t v = uint8_t(1 + rng() % 250);
+    std::vector<std::byte> data(65536, std::byte{v});
+    ASSERT_TRUE(cor_->Write(data, b * 65536, false));
+    written[b] = v;
+  }
+  ASSERT_TRUE(WaitComplete(5s));
+  for (uint64_t b = 0; b < 128; ++b) {
+    auto got = ReadAt(b * 65536, 65536);
+    if (written.count(b))
+      ASSERT_EQ(got, std::vector<std::byte>(65536, std::byte{written[b]})) << "block " << b;
+    else
+      ASSERT_TRUE(SameBytes(got, Slice(image_, b * 65536, 65536))) << "block " << b;
+  }
+}
+
+TEST_F(CopyOnReadTest, FillYieldsWhileGuestMissesAreInFlight) {
+  Init(4 * kMiB, 65536);
+  FakeRemote::Hold(*remote_);
+  auto miss = std::async(std::launch::async, [&] { return ReadAt(0, 4096); });
+  ASSERT_TRUE(FakeRemote::WaitHeld(*remote_, 1, 2s));
+  cor_->StartFill();
+  std::this_thread::sleep_for(100ms);
+  {
+    std::lock_guard lk(remote_->mu);
+    EXPECT_EQ(remote_->waiting, 1u) << "the fill sent requests while a guest miss was waiting";
+  }
+  FakeRemote::Release(*remote_);
+  miss.get();
+  EXPECT_TRUE(WaitComplete(5s));
+}
+
+TEST_F(CopyOnReadTest, FillRateLimitIsHonouredOnAFakeClock) {
+  // One worker, so only the rate limiter moves the fake clock.
+  opts_.fill_window = 1;
+  opts_.fill_rate_limit = 1 * kMiB;
+  FakeClock clock;
+  image_ = FakeRemote::PatternImage(4 * kMiB);
+  opts_.cache_path = dir_ / "cache.img";
+  opts_.bitmap_path = dir_ / "cache.bitmap";
+  opts_.block_size = 65536;
+  opts_.fill_on_start = false;
+  OpenBackend(clock);
+  auto start = clock.Now();
+  cor_->StartFill();
+  ASSERT_TRUE(WaitComplete(5s));
+  ASSERT_TRUE(WaitUntil([&] { return !cor_->Status().fill_running; }, 2s));
+  // 4 MiB at 1 MiB/s in 1 MiB chunks: the first goes at once, the last at 3 s.
+  double secs = std::chrono::duration<double>(clock.Now() - start).count();
+  EXPECT_NEAR(secs, 3.0, 0.03);
+  auto st = cor_->Status();
+  EXPECT_EQ(st.rate_limit, 1 * kMiB);
+  EXPECT_NEAR(st.rate, double(4 * kMiB) / 3.0, 0.1 * kMiB);
+}
+
+TEST_F(CopyOnReadTest, FillRateLimitHoldsWithAFullWindowInRealTime) {
+  opts_.fill_window = 8;
+  opts_.fill_chunk_blocks = 1;
+  opts_.fill_rate_limit = 4 * kMiB;
+  Init(2 * kMiB, 65536);
+  auto start = std::chrono::steady_clock::now();
+  cor_->StartFill();
+  ASSERT_TRUE(WaitComplete(5s));
+  double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  // 32 chunks of 64 KiB at 4 MiB/s: the last may start at 31/64 s.
+  EXPECT_GE(secs, 0.47);
+  EXPECT_LE(secs, 1.5);
+}
+
+TEST_F(CopyOnReadTest, RaisingTheFillRateTakesEffectAtOnce) {
+  image_ = FakeRemote::PatternImage(4 * kMiB);
+  opts_.cache_path = dir_ / "cache.img";
+  opts_.bitmap_path = dir_ / "cache.bitmap";
+  opts_.block_size = 65536;
+  opts_.fill_on_start = false;
+  opts_.fill_rate_limit = 1024;  // 1 KiB/s: 4 MiB would take 68 minutes
+  OpenBackend();                 // real clock
+  cor_->StartFill();
+  std::this_thread::sleep_for(100ms);
+  EXPECT_LT(cor_->Status().blocks_present, 64u);
+  cor_->SetFillRate(0);
+  EXPECT_TRUE(WaitComplete(3s));
+  EXPECT_EQ(cor_->Status().rate_limit, 0u);
+}
+
+TEST_F(CopyOnReadTest, RemoteFailurePausesFillAndRecoveryResumesIt) {
+  Init(4 * kMiB, 65536);
+  FakeRemote::SetFailure(*remote_, FakeRemote::Failure::kDisconnected);
+  cor_->StartFill();
+  ASSERT_TRUE(WaitUntil([&] { return !cor_->Status().last_error.empty(); }, 2s));
+  std::this_thread::sleep_for(200ms);
+  auto st = cor_->Status();
+  EXPECT_EQ(st.blocks_present, 0u);
+  EXPECT_FALSE(st.remote_connected);
+  EXPECT_TRUE(st.fill_running);
+  EXPECT_NE(st.last_error.find("disconnected"), std::string::npos) << st.last_error;
+  // A guest miss meanwhile fails with the remote's error instead of hanging.
+  std::vector<std::byte> buf(4096);
+  auto r = cor_->Read(buf, 0);
+  ASSERT_FALSE(r);
+  EXPECT_EQ(r.error().code(), ETIMEDOUT);
+  FakeRemote::SetFailure(*remote_, FakeRemote::Failure::kNone);
+  ASSERT_TRUE(WaitComplete(5s));
+  EXPECT_TRUE(cor_->Status().remote_connected);
+  ASSERT_TRUE(cor_->Flush());
+  EXPECT_EQ(ReadFileBytes(opts_.cache_path), image_);
+}
+
+TEST_F(CopyOnReadTest, ReadErrorFromRemoteIsReturnedAndLaterReadsSucceed) {
+  Init(4 * kMiB, 65536);
+  FakeRemote::SetFailure(*remote_, FakeRemote::Failure::kIoError);
+  std::vector<std::byte> buf(4096);
+  auto r = cor_->Read(buf, 65536);
+  ASSERT_FALSE(r);
+  EXPECT_EQ(r.error().code(), EIO);
+  EXPECT_EQ(cor_->Status().blocks_present, 0u);
+  FakeRemote::SetFailure(*remote_, FakeRemote::Failure::kNone);
+  EXPECT_TRUE(SameBytes(ReadAt(65536, 4096), Slice(image_, 65536, 4096)));
+}
+
+TEST_F(CopyOnReadTest, SwitchRefusesBeforeCompleteAndWorksAfter) {
+  Init(2 * kMiB, 65536);
+  auto early = cor_->SwitchToTarget();
+  ASSERT_FALSE(early);
+  EXPECT_EQ(early.error().code(), EAGAIN);
+  EXPECT_EQ(cor_->Status().mode, "proxy");
+  cor_->StartFill();
+  ASSERT_TRUE(WaitComplete());
+  ASSERT_TRUE(cor_->SwitchToTarget());
+  auto st = cor_->Status();
+  EXPECT_EQ(st.mode, "target");
+  EXPECT_FALSE(st.remote_connected);
+  EXPECT_FALSE(st.fill_running);
+  {
+    std::lock_guard lk(remote_->mu);
+    EXPECT_TRUE(remote_->closed);
+  }
+  uint64_t before = Requests();
+  EXPECT_TRUE(SameBytes(ReadAt(0, 2 * kMiB), image_));
+  std::vector<std::byte> data(1000, std::byte{1});
+  ASSERT_TRUE(cor_->Write(data, 77, true));
+  EXPECT_EQ(Requests(), before);
+  EXPECT_TRUE(cor_->SwitchToTarget());  // idempotent
+  EXPECT_FALSE(cor_->ReconnectRemote());
+  // After a restart the complete cache opens in target mode with no remote.
+  cor_.reset();
+  auto again = CopyOnReadBackend::Open(nullptr, opts_, SteadyClock::Instance());
+  ASSERT_TRUE(again.has_value()) << again.error().message();
+  EXPECT_EQ((*again)->Status().mode, "target");
+  std::vector<std::byte> got(1000);
+  ASSERT_TRUE((*again)->Read(got, 77));
+  EXPECT_EQ(got, data);
+}
+
+TEST_F(CopyOnReadTest, AutoSwitchHappensWhenTheFillCompletes) {
+  image_ = FakeRemote::PatternImage(1 * kMiB);
+  opts_.cache_path = dir_ / "cache.img";
+  opts_.bitmap_path = dir_ / "cache.bitmap";
+  opts_.block_size = 65536;
+  opts_.fill_on_start = true;
+  opts_.auto_switch = true;
+  OpenBackend();
+  ASSERT_TRUE(WaitUntil([&] { return cor_->Status().mode == "target"; }, 5s));
+  EXPECT_TRUE(SameBytes(ReadAt(0, kMiB), image_));
+}
+
+TEST_F(CopyOnReadTest, OpeningWithoutRemoteNeedsACompleteCache) {
+  Init(1 * kMiB, 65536);
+  ReadAt(0, 65536);
+  cor_.reset();
+  auto b = CopyOnReadBackend::Open(nullptr, opts_, SteadyClock::Instance());
+  ASSERT_FALSE(b.has_value());
+  EXPECT_NE(b.error().message().find("incomplete"), std::string::npos);
+}
+
+TEST_F(CopyOnReadTest, ReopenWithDifferentBlockSizeFailsWithInstructions) {
+  Init(1 * kMiB, 65536);
+  cor_.reset();
+  opts_.block_size = 4096;
+  auto b = CopyOnReadBackend::Open(std::make_unique<FakeRemote>(image_), opts_);
+  ASSERT_FALSE(b.has_value());
+  EXPECT_EQ(b.error().code(), EINVAL);
+  EXPECT_NE(b.error().message().find("--block-size 65536"), std::string::npos)
+      << b.error().message();
+}
+
+TEST_F(CopyOnReadTest, BitmapWithoutItsCacheIsRefused) {
+  Init(1 * kMiB, 65536);
+  cor_.reset();
+  ASSERT_EQ(::unlink(opts_.cache_path.c_str()), 0);
+  auto b = CopyOnReadBackend::Open(std::make_unique<FakeRemote>(image_), opts_);
+  ASSERT_FALSE(b.has_value());
+  EXPECT_NE(b.error().message().find("Delete the bitmap"), std::string::npos);
+}
+
+TEST_F(CopyOnReadTest, PresentBlocksSurviveACleanRestart) {
+  Init(2 * kMiB, 65536);
+  ReadAt(0, 4 * 65536);
+  cor_.reset();  // clean shutdown commits pending bits
+  OpenBackend();
+  EXPECT_EQ(cor_->Status().blocks_present, 4u);
+  ReadAt(0, 4 * 65536);
+  EXPECT_EQ(Requests(), 0u);
+}
+
+// --- Crash safety -----------------------------------------------------------------
+// kill -9 leaves the files as the page cache holds them at that instant.
+// Copying the bitmap and then the cache while the proxy runs gives a state at
+// least as strict as that: the cache copy is newer than the bitmap copy.
+
+struct Snapshot {
+  std::vector<std::byte> bitmap, cache;
+};
+
+Snapshot TakeSnapshot(const CopyOnReadOptions& o) {
+  Snapshot s;
+  s.bitmap = ReadFileBytes(o.bitmap_path);
+  s.cache = ReadFileBytes(o.cache_path);
+  return s;
+}
+
+bool BitSet(const Snapshot& s, uint64_t block) {
+  return (uint8_t(s.bitmap[bitmap::kHeaderSize + bitmap::ByteOfBlock(block)]) &
+          bitmap::MaskOfBlock(block)) != 0;
+}
+
+TEST_F(CopyOnReadTest, CrashSafetyBitImpliesDataAtEveryMomentOfAFill) {
+  // A slow link (10-15 ms per request, small chunks) so the fill lasts a few
+  // hundred ms, and a guest writing the last blocks meanwhile so that commits
+  // are forced in the middle of fetches.
+  opts_.fill_chunk_blocks = 2;
+  Init(16 * kMiB, 65536);
+  {
+    std::lock_guard lk(remote_->mu);
+    remote_->delay = 10ms;
+    remote_->jitter = 5ms;
+  }
+  constexpr uint64_t kWritten = 240;  // blocks >= this are written by the guest
+  std::atomic<bool> done{false};
+  std::thread writer([&] {
+    for (uint64_t b = kWritten; b < 256 && !done; ++b) {
+      std::vector<std::byte> data(65536, std::byte(uint8_t(b)));
+      EXPECT_TRUE(cor_->Write(data, b * 65536, false));
+      std::this_thread::sleep_for(15ms);
+    }
+  });
+  cor_->StartFill();
+  int snapshots = 0;
+  uint64_t partial_snapshots = 0;
+  while (!cor_->Status().complete && snapshots < 5000) {
+    auto snap = TakeSnapshot(opts_);
+    ++snapshots;
+    uint64_t bits = 0;
+    for (uint64_t b = 0; b < 256; ++b) {
+      if (!BitSet(snap, b)) continue;
+      ++bits;
+      auto want = b >= kWritten ? std::vector<std::byte>(65536, std::byte(uint8_t(b)))
+                                : std::vector<std::byte>(Slice(image_, b * 65536, 65536).begin(),
+                                                         Slice(image_, b * 65536, 65536).end());
+      ASSERT_TRUE(SameBytes(Slice(snap.cache, b * 65536, 65536), want))
+          << "snapshot " << snapshots << ": bitmap claims block " << b << " but its data is wrong";
+    }
+    if (bits > 0 && bits < 256) ++partial_snapshots;
+  }
+  done = true;
+  writer.join();
+  ASSERT_TRUE(cor_->Flush());
+  ASSERT_TRUE(WaitComplete());
+  ASSERT_TRUE(cor_->SwitchToTarget());  // commits every bit
+  auto final_snap = TakeSnapshot(opts_);
+  for (uint64_t b = 0; b < 256; ++b) ASSERT_TRUE(BitSet(final_snap, b)) << b;
+  // The check is only meaningful if it saw the bitmap part-way.
+  EXPECT_GE(partial_snapshots, 3u) << snapshots << " snapshots";
+}
+
+TEST_F(CopyOnReadTest, CrashSafetyAcknowledgedWritesSurviveAKillWithoutFlush) {
+  Init(4 * kMiB, 65536);
+  ReadAt(20 * 65536, 65536);  // present but (probably) not yet committed
+  std::vector<std::byte> full(65536, std::byte{0x11}), part(300, std::byte{0x22});
+  ASSERT_TRUE(cor_->Write(full, 3 * 65536, false));          // missing, full block
+  ASSERT_TRUE(cor_->Write(part, 7 * 65536 + 1000, false));    // missing, partial: merged
+  ASSERT_TRUE(cor_->Write(part, 20 * 65536 + 5, false));      // fetched by a read earlier
+  ASSERT_TRUE(cor_->Zero(40 * 65536, 65536, false, false, false));
+  // "kill -9" now: copy the files as they are, with the proxy still running.
+  auto snap = TakeSnapshot(opts_);
+  for (uint64_t b : {3, 7, 20, 40}) EXPECT_TRUE(BitSet(snap, b)) << "block " << b;
+  ScratchDir crash_dir;
+  CopyOnReadOptions o2 = opts_;
+  o2.cache_path = crash_dir / "cache.img";
+  o2.bitmap_path = crash_dir / "cache.bitmap";
+  WriteFileBytes(o2.cache_path, snap.cache);
+  WriteFileBytes(o2.bitmap_path, snap.bitmap);
+  auto restarted = CopyOnReadBackend::Open(std::make_unique<FakeRemote>(image_), o2);
+  ASSERT_TRUE(restarted.has_value()) << restarted.error().message();
+  std::vector<std::byte> got(4 * kMiB);
+  ASSERT_TRUE((*restarted)->Read(got, 0));
+  auto expect = image_;
+  std::fill(expect.begin() + 3 * 65536, expect.begin() + 4 * 65536, std::byte{0x11});
+  std::fill(expect.begin() + 7 * 65536 + 1000, expect.begin() + 7 * 65536 + 1300, std::byte{0x22});
+  std::fill(expect.begin() + 20 * 65536 + 5, expect.begin() + 20 * 65536 + 305, std::byte{0x22});
+  std::fill(expect.begin() + 40 * 65536, expect.begin() + 41 * 65536, std::byte{0});
+  for (uint64_t b = 0; b < 64; ++b)
+    ASSERT_TRUE(SameBytes(Slice(got, b * 65536, 65536), Slice(expect, b * 65536, 65536)))
+        << "block " << b << " differs after the simulated crash";
+}
+
+TEST_F(CopyOnReadTest, BlockSizeMayExceedTheTailOfTheImage) {
+  Init(3 * 65536 + 1000, 65536);  // last block is 1000 bytes
+  EXPECT_TRUE(SameBytes(ReadAt(3 * 65536, 1000), Slice(image_, 3 * 65536, 1000)));
+  std::vector<std::byte> data(1000, std::byte{3});
+  ASSERT_TRUE(cor_->Write(data, 3 * 65536, false));
+  cor_->StartFill();
+  ASSERT_TRUE(WaitComplete());
+  ASSERT_TRUE(cor_->SwitchToTarget());
+  EXPECT_EQ(ReadAt(3 * 65536, 1000), data);
+}
+
+}  // namespace
+}  // namespace kagemusha::storage
