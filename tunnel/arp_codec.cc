@@ -33,10 +33,10 @@ Result<ArpPacket> DecodeArp(std::span<const uint8_t> data) {
   p.operation = LoadBe16(&data[6]);
   if (p.operation != kArpOpRequest && p.operation != kArpOpReply)
     return Fail(Error::Protocol("ARP operation " + std::to_string(p.operation) + " is neither request nor reply"));
-  std::copy(&data[8], &data[14], p.sender_mac.begin());
-  std::copy(&data[14], &data[18], p.sender_ip.begin());
-  std::copy(&data[18], &data[24], p.target_mac.begin());
-  std::copy(&data[24], &data[28], p.target_ip.begin());
+  std::copy(data.data() + 8, data.data() + 14, p.sender_mac.begin());
+  std::copy(data.data() + 14, data.data() + 18, p.sender_ip.begin());
+  std::copy(data.data() + 18, data.data() + 24, p.target_mac.begin());
+  std::copy(data.data() + 24, data.data() + 28, p.target_ip.begin());
   return p;
 }
 

@@ -384,8 +384,8 @@ Result<Ipv4Packet> ParseIpv4Packet(std::span<const uint8_t> packet) {
   h.fragment_offset = frag & 0x1fff;
   h.ttl = packet[8];
   h.protocol = packet[9];
-  std::copy(&packet[12], &packet[16], h.src.begin());
-  std::copy(&packet[16], &packet[20], h.dst.begin());
+  std::copy(packet.data() + 12, packet.data() + 16, h.src.begin());
+  std::copy(packet.data() + 16, packet.data() + 20, h.dst.begin());
   p.payload = packet.subspan(p.header_length, h.total_length - p.header_length);
   return p;
 }

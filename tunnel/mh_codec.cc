@@ -16,6 +16,8 @@ template <class... F>
 struct Overloaded : F... {
   using F::operator()...;
 };
+template <class... F>
+Overloaded(F...) -> Overloaded<F...>;  // clang 14 (fuzz build) lacks aggregate CTAD
 
 // Offset of the first option (= length of the fixed part) for each message type
 // this codec understands, or 0 for others.
@@ -46,88 +48,90 @@ void PadTo(std::vector<uint8_t>& out, size_t x, size_t y) {
   }
 }
 
-Status EncodeOption(const MobilityOption& option, std::vector<uint8_t>& out) {
+// Appends one option with the padding its alignment needs; returns the error,
+// if any (an optional<Error> keeps the std::visit lambdas' return type simple).
+std::optional<Error> EncodeOption(const MobilityOption& option, std::vector<uint8_t>& out) {
   ByteWriter w(out);
   auto body_too_long = [](size_t n) { return n > 255; };
   return std::visit(
       Overloaded{
-          [&](const BindingRefreshAdvice& o) -> Status {
+          [&](const BindingRefreshAdvice& o) -> std::optional<Error> {
             PadTo(out, 2, 0);
             w.U8(mh_option::kBindingRefreshAdvice);
             w.U8(2);
             w.U16(o.refresh_interval);
-            return Ok();
+            return std::nullopt;
           },
-          [&](const AlternateCareOfAddress& o) -> Status {
+          [&](const AlternateCareOfAddress& o) -> std::optional<Error> {
             PadTo(out, 8, 6);
             w.U8(mh_option::kAlternateCareOfAddress);
             w.U8(16);
             w.Bytes(o.address);
-            return Ok();
+            return std::nullopt;
           },
-          [&](const NonceIndices& o) -> Status {
+          [&](const NonceIndices& o) -> std::optional<Error> {
             PadTo(out, 2, 0);
             w.U8(mh_option::kNonceIndices);
             w.U8(4);
             w.U16(o.home_nonce_index);
             w.U16(o.care_of_nonce_index);
-            return Ok();
+            return std::nullopt;
           },
-          [&](const BindingAuthorizationData& o) -> Status {
+          [&](const BindingAuthorizationData& o) -> std::optional<Error> {
             if (body_too_long(o.authenticator.size()))
-              return Fail(Error::Invalid("Binding Authorization Data longer than 255 bytes"));
+              return Error::Invalid("Binding Authorization Data longer than 255 bytes");
             PadTo(out, 8, 2);
             w.U8(mh_option::kBindingAuthorizationData);
             w.U8(uint8_t(o.authenticator.size()));
             w.Bytes(o.authenticator);
-            return Ok();
+            return std::nullopt;
           },
-          [&](const Ipv4HomeAddress& o) -> Status {
-            if (o.prefix_length > 32) return Fail(Error::Invalid("IPv4 home address prefix length above 32"));
+          [&](const Ipv4HomeAddress& o) -> std::optional<Error> {
+            if (o.prefix_length > 32) return Error::Invalid("IPv4 home address prefix length above 32");
             PadTo(out, 4, 0);
             w.U8(mh_option::kIpv4HomeAddress);
             w.U8(6);
             w.U16(uint16_t(o.prefix_length << 10 | (o.mobile_network_prefix ? 0x0200 : 0)));
             w.Bytes(o.address);
-            return Ok();
+            return std::nullopt;
           },
-          [&](const Ipv4AddressAcknowledgement& o) -> Status {
-            if (o.prefix_length > 32) return Fail(Error::Invalid("IPv4 acknowledgement prefix length above 32"));
+          [&](const Ipv4AddressAcknowledgement& o) -> std::optional<Error> {
+            if (o.prefix_length > 32) return Error::Invalid("IPv4 acknowledgement prefix length above 32");
             PadTo(out, 4, 0);
             w.U8(mh_option::kIpv4AddressAcknowledgement);
             w.U8(6);
             w.U8(o.status);
             w.U8(uint8_t(o.prefix_length << 2));
             w.Bytes(o.address);
-            return Ok();
+            return std::nullopt;
           },
-          [&](const Ipv4CareOfAddress& o) -> Status {
+          [&](const Ipv4CareOfAddress& o) -> std::optional<Error> {
             PadTo(out, 4, 0);
             w.U8(mh_option::kIpv4CareOfAddress);
             w.U8(6);
             w.U16(0);
             w.Bytes(o.address);
-            return Ok();
+            return std::nullopt;
           },
-          [&](const MobilityMessageAuthentication& o) -> Status {
+          [&](const MobilityMessageAuthentication& o) -> std::optional<Error> {
             if (body_too_long(5 + o.authenticator.size()))
-              return Fail(Error::Invalid("Mobility Message Authentication data too long"));
+              return Error::Invalid("Mobility Message Authentication data too long");
             PadTo(out, 4, 1);
             w.U8(mh_option::kMobilityMessageAuthentication);
             w.U8(uint8_t(5 + o.authenticator.size()));
             w.U8(o.subtype);
             w.U32(o.spi);
             w.Bytes(o.authenticator);
-            return Ok();
+            return std::nullopt;
           },
-          [&](const UnknownMobilityOption& o) -> Status {
+          [&](const UnknownMobilityOption& o) -> std::optional<Error> {
             if (o.type == mh_option::kPad1 || o.type == mh_option::kPadN)
-              return Fail(Error::Invalid("padding is inserted by the encoder, not given as an option"));
-            if (body_too_long(o.data.size())) return Fail(Error::Invalid("mobility option longer than 255 bytes"));
+              return Error::Invalid("padding is inserted by the encoder, not given as an option");
+            if (body_too_long(o.data.size())) return Error::Invalid("mobility option longer than 255 bytes");
             w.U8(o.type);
             w.U8(uint8_t(o.data.size()));
             w.Bytes(o.data);
-            return Ok();
+            return std::nullopt;
           },
       },
       option);
@@ -137,9 +141,14 @@ Status EncodeOptions(const MobilityOptions& options, std::vector<uint8_t>& out) 
   for (size_t i = 0; i < options.size(); ++i) {
     if (std::holds_alternative<MobilityMessageAuthentication>(options[i]) && i + 1 != options.size())
       return Fail(Error::Invalid("Mobility Message Authentication option must be the last option (RFC 4285)"));
-    if (auto s = EncodeOption(options[i], out); !s) return s;
+    if (auto e = EncodeOption(options[i], out)) return Fail(*e);
   }
   return Ok();
+}
+
+std::optional<Error> Collect(const Status& s) {
+  if (s) return std::nullopt;
+  return s.error();
 }
 
 std::string OptName(uint8_t type) { return "mobility option " + std::to_string(type); }
@@ -251,42 +260,42 @@ Result<std::vector<uint8_t>> EncodeMobilityHeader(const MobilityMessage& message
   w.U8(type);
   w.U8(0);   // Reserved
   w.U16(0);  // Checksum, patched below
-  Status s = std::visit(
+  std::optional<Error> err = std::visit(
       Overloaded{
-          [&](const BindingRefreshRequest& m) -> Status {
+          [&](const BindingRefreshRequest& m) -> std::optional<Error> {
             w.U16(0);
-            return EncodeOptions(m.options, out);
+            return Collect(EncodeOptions(m.options, out));
           },
-          [&](const BindingUpdate& m) -> Status {
+          [&](const BindingUpdate& m) -> std::optional<Error> {
             w.U16(m.sequence);
             w.U16(m.flags);
             w.U16(m.lifetime);
-            return EncodeOptions(m.options, out);
+            return Collect(EncodeOptions(m.options, out));
           },
-          [&](const BindingAcknowledgement& m) -> Status {
+          [&](const BindingAcknowledgement& m) -> std::optional<Error> {
             w.U8(m.status);
             w.U8(m.flags);
             w.U16(m.sequence);
             w.U16(m.lifetime);
-            return EncodeOptions(m.options, out);
+            return Collect(EncodeOptions(m.options, out));
           },
-          [&](const BindingError& m) -> Status {
+          [&](const BindingError& m) -> std::optional<Error> {
             w.U8(m.status);
             w.U8(0);
             w.Bytes(m.home_address);
-            return EncodeOptions(m.options, out);
+            return Collect(EncodeOptions(m.options, out));
           },
-          [&](const UnrecognizedMobilityMessage& m) -> Status {
+          [&](const UnrecognizedMobilityMessage& m) -> std::optional<Error> {
             if (FixedLength(m.mh_type) != 0)
-              return Fail(Error::Invalid("MH type " + std::to_string(m.mh_type) + " has its own message struct"));
+              return Error::Invalid("MH type " + std::to_string(m.mh_type) + " has its own message struct");
             if ((m.data.size() + 6) % 8 != 0)
-              return Fail(Error::Invalid("unrecognised MH message data must be 8n+2 bytes"));
+              return Error::Invalid("unrecognised MH message data must be 8n+2 bytes");
             w.Bytes(m.data);
-            return Ok();
+            return std::nullopt;
           },
       },
       message);
-  if (!s) return Fail(s.error());
+  if (err) return Fail(*err);
   PadTo(out, 8, 0);  // the header is a multiple of 8 octets (RFC 6275 §6.1.1)
   if (out.size() > kMaxMobilityHeader) return Fail(Error::Invalid("Mobility Header longer than 2048 bytes"));
   out[1] = uint8_t(out.size() / 8 - 1);
