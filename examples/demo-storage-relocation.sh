@@ -14,12 +14,12 @@
 # site A is shut down. 4. The disk at B is verified: md5 = source + the
 # client's writes. Exit 0 only if that verification succeeds.
 #
-# Environment: DEMO_SIZE_MIB=256 DEMO_RTT_MS=20 DEMO_RATE_MBIT=200
+# Environment: DEMO_SIZE_MIB=128 DEMO_RTT_MS=20 DEMO_RATE_MBIT=200
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 source "$HERE/../tests/storage/lib.sh"
 
-SIZE=${DEMO_SIZE_MIB:-256}
+SIZE=${DEMO_SIZE_MIB:-128}
 RTT=${DEMO_RTT_MS:-20}
 RATE=${DEMO_RATE_MBIT:-200}
 
