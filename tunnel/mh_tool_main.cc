@@ -7,6 +7,13 @@
 //       option, MN-HA authentication) and a Binding Acknowledgement (type 2
 //       routing header, IPv4 Address Acknowledgement, MN-HA authentication),
 //       using the fixed scenario printed on stdout as key=value lines.
+//   kagemusha-mh-tool write-link-pcap OUT.pcap
+//       Writes the other frames a mobile host emits, in this order: an
+//       unsolicited NA, a DAD Neighbor Solicitation, a Router Advertisement
+//       (prefix, MTU, source link-layer), a gratuitous ARP request, an
+//       IPv6-in-IPv6 and an IPv4-in-IPv6 packet, an ICMPv6 Packet Too Big
+//       and an ICMPv4 fragmentation-needed, so tshark can verify their
+//       checksums independently.
 //   kagemusha-mh-tool decode [--ethernet] [--key K --spi N] FILE
 //       Decodes one raw IPv6 packet (or Ethernet frame) from FILE and prints
 //       "OK ..." (exit 0) or "REJECT: reason" (exit 2). With --key the MN-HA
@@ -22,8 +29,10 @@
 #include <string>
 #include <vector>
 
+#include "kagemusha/tunnel/arp.h"
 #include "kagemusha/tunnel/mh_auth.h"
 #include "kagemusha/tunnel/mobility_header.h"
+#include "kagemusha/tunnel/neighbor_discovery.h"
 
 namespace {
 
@@ -100,6 +109,67 @@ int WriteScenario(const std::string& out) {
               "bu_checksum=0x%04x\nba_checksum=0x%04x\n",
               kHoaText, kCoaText, kHaText, kSeq, kLifetime, FormatIpv4(kIpv4Hoa).c_str(), kSpi, kKey,
               bu_mh[4] << 8 | bu_mh[5], ba_mh[4] << 8 | ba_mh[5]);
+  return 0;
+}
+
+Ipv4Address V4(const char* text) {
+  Ipv4Address a{};
+  if (inet_pton(AF_INET, text, a.data()) != 1) throw std::runtime_error(std::string("bad IPv4 address ") + text);
+  return a;
+}
+
+int WriteLinkScenario(const std::string& out) {
+  Ipv6Address guest = V6("2001:db8:1::10"), ll = V6("fe80::1"), coa = V6(kCoaText), ha = V6(kHaText);
+  std::vector<Bytes> frames;
+  frames.push_back(BuildUnsolicitedNeighborAdvertisementFrame(kMnMac, guest));
+  frames.push_back(BuildNeighborSolicitationFrame(kMnMac, Ipv6Address{}, guest));
+  RouterAdvertisement ra;
+  ra.home_agent = true;
+  ra.router_lifetime = 1800;
+  ra.source_link_layer = kHaMac;
+  ra.mtu = 1400;
+  ra.prefixes.push_back({64, true, true, true, 86400, 14400, V6("2001:db8:1::")});
+  Ipv6Header h;
+  h.src = ll;
+  h.dst = kAllNodesMulticast;
+  h.next_header = ipproto::kIcmpv6;
+  h.hop_limit = kNdHopLimit;
+  Bytes ra_pkt = Must(BuildIpv6Packet(h, EncodeRouterAdvertisement(ra, ll, kAllNodesMulticast)), "RA");
+  frames.push_back(BuildEthernetFrame(MulticastMac(kAllNodesMulticast), kHaMac, ethertype::kIpv6, ra_pkt));
+  frames.push_back(BuildGratuitousArpFrame(kMnMac, V4("192.0.2.10")));
+
+  // A small UDP datagram from the guest, tunnelled both ways.
+  Bytes udp = {0x9c, 0x40, 0x9c, 0x41, 0x00, 0x0c, 0x00, 0x00, 'p', 'i', 'n', 'g'};
+  Ipv6Header in6;
+  in6.src = guest;
+  in6.dst = V6("2001:db8:9::9");
+  in6.next_header = ipproto::kUdp;
+  uint16_t c6 = Ipv6PseudoHeaderChecksum(in6.src, in6.dst, ipproto::kUdp, udp);
+  Bytes udp6 = udp;
+  udp6[6] = uint8_t(c6 >> 8);
+  udp6[7] = uint8_t(c6);
+  Bytes inner6 = Must(BuildIpv6Packet(in6, udp6), "inner IPv6");
+  Bytes tun6 = Must(EncapsulateInIpv6({ha, coa, 64, 0}, inner6), "6in6");
+  frames.push_back(BuildEthernetFrame(kMnMac, kHaMac, ethertype::kIpv6, tun6));
+  Ipv4Header in4;
+  in4.src = V4("192.0.2.10");
+  in4.dst = V4("198.51.100.9");
+  in4.protocol = ipproto::kUdp;
+  in4.dont_fragment = true;
+  Bytes udp4 = udp;
+  udp4[6] = udp4[7] = 0;  // UDP over IPv4 may omit its checksum
+  Bytes inner4 = Must(BuildIpv4Packet(in4, udp4), "inner IPv4");
+  Bytes tun4 = Must(EncapsulateInIpv6({ha, coa, 64, 0}, inner4), "4in6");
+  frames.push_back(BuildEthernetFrame(kMnMac, kHaMac, ethertype::kIpv6, tun4));
+  Bytes big_udp(1500 - 40, 0x42);
+  Ipv6Header bigh = in6;
+  Bytes big = Must(BuildIpv6Packet(bigh, big_udp), "big");
+  Bytes ptb = Must(BuildIcmpv6PacketTooBig(ha, guest, 1400, big), "PTB");
+  frames.push_back(BuildEthernetFrame(kMnMac, kHaMac, ethertype::kIpv6, ptb));
+  Bytes fn = Must(BuildIcmpv4FragmentationNeeded(V4("192.0.2.1"), in4.src, 1380, inner4), "frag needed");
+  frames.push_back(BuildEthernetFrame(kMnMac, kHaMac, ethertype::kIpv4, fn));
+  WritePcap(out, frames);
+  std::printf("frames=%zu\n", frames.size());
   return 0;
 }
 
@@ -201,6 +271,7 @@ int Decode(const std::vector<std::string>& args) {
 int Usage() {
   std::fprintf(stderr,
                "usage: kagemusha-mh-tool write-pcap OUT.pcap\n"
+               "       kagemusha-mh-tool write-link-pcap OUT.pcap\n"
                "       kagemusha-mh-tool decode [--ethernet] [--key K --spi N] FILE\n");
   return 64;
 }
@@ -212,6 +283,7 @@ int main(int argc, char** argv) {
   if (args.empty()) return Usage();
   try {
     if (args[0] == "write-pcap" && args.size() == 2) return WriteScenario(args[1]);
+    if (args[0] == "write-link-pcap" && args.size() == 2) return WriteLinkScenario(args[1]);
     if (args[0] == "decode" && args.size() >= 2) return Decode({args.begin() + 1, args.end()});
   } catch (const std::exception& e) {  // CLI boundary: report and fail
     std::fprintf(stderr, "kagemusha-mh-tool: %s\n", e.what());

@@ -7,6 +7,9 @@
 #      and by scapy 2.5 with the expected field values; scapy-side Python
 #      recomputes the MH checksum (HoA pseudo-header) and the RFC 4285
 #      authenticator with its own code;
+#   1c. our unsolicited NA, DAD NS, RA, gratuitous ARP, IPv6-in-IPv6,
+#      IPv4-in-IPv6, Packet Too Big and frag-needed frames are dissected by
+#      tshark, which verifies their ICMPv6/IPv4/ICMP/UDP checksums;
 #   2. BU/BA packets crafted by scapy, valid and malformed, are judged by our
 #      decoder with the expected verdict.
 # tshark 4.0 does not verify MH checksums, so checksum agreement is checked
@@ -97,6 +100,30 @@ rh = ba[IPv6ExtHdrRouting]
 assert rh.type == 2 and rh.segleft == 1 and rh.addresses == [hoa], (rh.type, rh.segleft, rh.addresses)
 check_mh(a, ha, hoa)
 PY
+
+# ---- 1c. our ND / ARP / tunnel / ICMP frames -> tshark -------------------------
+# Wireshark verifies these checksums itself (status 1 = good, 2 = unverified
+# because quoted/truncated, 3 = not present, 0 = bad).
+"$tool" write-link-pcap "$work/link.pcap" >/dev/null
+link=$(tshark -o ip.check_checksum:TRUE -o udp.check_checksum:TRUE -r "$work/link.pcap" -T fields -E separator='|' \
+  -e icmpv6.type -e icmpv6.checksum.status -e ip.checksum.status -e icmp.checksum.status -e udp.checksum.status \
+  -e arp.isgratuitous -e icmpv6.nd.na.flag.o -e icmpv6.nd.na.flag.s -e icmpv6.mtu -e icmpv6.opt.mtu \
+  -e icmpv6.nd.ra.flag.h -e icmpv6.opt.prefix -e icmp.mtu -e ipv6.nxt 2>/dev/null)
+want_link='136|1|||||1|0||||||58
+135|1||||||||||||58
+134|1||||||||1400|1|2001:db8:1::||58
+|||||1||||||||
+||||1|||||||||41,17
+||1||3|||||||||4
+2|1|||2||||1400|||||58,17
+||1,1|1|3||||||||1380|'
+if [[ $link == "$want_link" ]]; then
+  pass "tshark verifies checksums of our unsolicited NA, DAD NS, RA, gratuitous ARP, 6in6, 4in6, PTB, frag-needed"
+else
+  fail "tshark view of link frames differs:"$'\n'"$link"$'\n'"wanted:"$'\n'"$want_link"
+fi
+bad=$(tshark -r "$work/link.pcap" -Y '_ws.malformed || _ws.expert.severity >= warning' 2>/dev/null | wc -l)
+[[ $bad == 0 ]] && pass "tshark flags none of the link frames" || fail "tshark reports $bad malformed/warning link frames"
 
 # ---- 2. scapy-crafted -> ours ------------------------------------------------
 $py - "$work" "${S[key]}" <<'PY'
