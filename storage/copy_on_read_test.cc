@@ -1,9 +1,13 @@
 #include "kagemusha/storage/copy_on_read.h"
 
 #include <gtest/gtest.h>
+#include <sys/resource.h>
+
+#include <csignal>
 
 #include <atomic>
 #include <cstring>
+#include <functional>
 #include <future>
 #include <map>
 #include <random>
@@ -550,15 +554,31 @@ TEST_F(CopyOnReadTest, CrashSafetyBitImpliesDataAtEveryMomentOfAFill) {
 
 TEST_F(CopyOnReadTest, CrashSafetyAcknowledgedWritesSurviveAKillWithoutFlush) {
   Init(4 * kMiB, 65536);
-  ReadAt(20 * 65536, 65536);  // present but (probably) not yet committed
+  ReadAt(20 * 65536, 65536);  // present but not yet committed (commits are lazy)
   std::vector<std::byte> full(65536, std::byte{0x11}), part(300, std::byte{0x22});
-  ASSERT_TRUE(cor_->Write(full, 3 * 65536, false));          // missing, full block
-  ASSERT_TRUE(cor_->Write(part, 7 * 65536 + 1000, false));    // missing, partial: merged
-  ASSERT_TRUE(cor_->Write(part, 20 * 65536 + 5, false));      // fetched by a read earlier
-  ASSERT_TRUE(cor_->Zero(40 * 65536, 65536, false, false, false));
-  // "kill -9" now: copy the files as they are, with the proxy still running.
-  auto snap = TakeSnapshot(opts_);
-  for (uint64_t b : {3, 7, 20, 40}) EXPECT_TRUE(BitSet(snap, b)) << "block " << b;
+  // Each operation's blocks must be in the bitmap file the moment it is
+  // acknowledged: "kill -9" right after each one by copying the files as
+  // they are, with the proxy still running.
+  struct Op {
+    std::string name;
+    std::function<kagemusha::Status()> run;
+    uint64_t block;
+  };
+  std::vector<Op> ops = {
+      {"full-block write to a missing block", [&] { return cor_->Write(full, 3 * 65536, false); }, 3},
+      {"partial write to a missing block",
+       [&] { return cor_->Write(part, 7 * 65536 + 1000, false); }, 7},
+      {"write to a fetched, uncommitted block",
+       [&] { return cor_->Write(part, 20 * 65536 + 5, false); }, 20},
+      {"zero of a missing block", [&] { return cor_->Zero(40 * 65536, 65536, false, false, false); },
+       40},
+  };
+  Snapshot snap;
+  for (const auto& op : ops) {
+    ASSERT_TRUE(op.run()) << op.name;
+    snap = TakeSnapshot(opts_);
+    EXPECT_TRUE(BitSet(snap, op.block)) << op.name << " was acknowledged before its bit was written";
+  }
   ScratchDir crash_dir;
   CopyOnReadOptions o2 = opts_;
   o2.cache_path = crash_dir / "cache.img";
@@ -577,6 +597,53 @@ TEST_F(CopyOnReadTest, CrashSafetyAcknowledgedWritesSurviveAKillWithoutFlush) {
   for (uint64_t b = 0; b < 64; ++b)
     ASSERT_TRUE(SameBytes(Slice(got, b * 65536, 65536), Slice(expect, b * 65536, 65536)))
         << "block " << b << " differs after the simulated crash";
+}
+
+// Makes cache writes beyond `limit` bytes fail with EFBIG (RLIMIT_FSIZE),
+// a deterministic stand-in for a cache write that fails or never happens.
+class FileSizeLimit {
+ public:
+  explicit FileSizeLimit(uint64_t limit) {
+    old_handler_ = std::signal(SIGXFSZ, SIG_IGN);
+    ::getrlimit(RLIMIT_FSIZE, &old_);
+    rlimit r = old_;
+    r.rlim_cur = limit;
+    ::setrlimit(RLIMIT_FSIZE, &r);
+  }
+  ~FileSizeLimit() {
+    ::setrlimit(RLIMIT_FSIZE, &old_);
+    std::signal(SIGXFSZ, old_handler_);
+  }
+
+ private:
+  rlimit old_{};
+  void (*old_handler_)(int) = nullptr;
+};
+
+TEST_F(CopyOnReadTest, CrashSafetyFailedCacheWriteNeverSetsTheBit) {
+  Init(4 * kMiB, 65536);  // the cache file is created (sparse) before the limit
+  Snapshot snap;
+  {
+    FileSizeLimit limit(2 * kMiB);
+    std::vector<std::byte> buf(4096);
+    auto r = cor_->Read(buf, 3 * kMiB);  // fetched, but cannot be stored
+    ASSERT_FALSE(r);
+    EXPECT_EQ(r.error().code(), EFBIG) << r.error().message();
+    std::vector<std::byte> data(65536, std::byte{5});
+    auto w = cor_->Write(data, 3 * kMiB + 65536, false);
+    ASSERT_FALSE(w);
+    EXPECT_EQ(w.error().code(), EFBIG);
+    // A successful write forces a commit of everything pending.
+    ASSERT_TRUE(cor_->Write(data, 0, false));
+    ASSERT_TRUE(cor_->Flush());
+    snap = TakeSnapshot(opts_);
+  }
+  EXPECT_TRUE(BitSet(snap, 0));
+  EXPECT_FALSE(BitSet(snap, 48)) << "bit set for a block whose data never reached the cache";
+  EXPECT_FALSE(BitSet(snap, 49)) << "bit set for a block whose write failed";
+  EXPECT_EQ(cor_->Status().blocks_present, 1u);
+  // Once the cache can be written again the same blocks work.
+  EXPECT_TRUE(SameBytes(ReadAt(3 * kMiB, 4096), Slice(image_, 3 * kMiB, 4096)));
 }
 
 TEST_F(CopyOnReadTest, BlockSizeMayExceedTheTailOfTheImage) {
