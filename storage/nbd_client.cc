@@ -632,7 +632,8 @@ void NbdClientImpl::MaintenanceLoop() {
     if (dialed && same) {
       fatal_.reset();
       InstallLocked(std::move(*dialed));
-      spdlog::info("nbd: reconnected to {} after {} ms", where_, Ms(now - disconnected_at_));
+      spdlog::info("nbd: reconnected to {} after {} ms", where_,
+                   Ms(steady_clock::now() - disconnected_at_));
       state_cv_.notify_all();
       continue;
     }
@@ -769,6 +770,9 @@ Status NbdClientImpl::Reconnect() {
   if (closed_) return Fail(Error::Shutdown("NBD client for " + where_ + " is closed"));
   uint64_t before = generation_;
   if (conn_) BreakLocked(conn_, "reconnect requested by the operator");
+  // The operator may have fixed a remote we refused (size changed): judge
+  // it afresh.
+  fatal_.reset();
   next_attempt_ = steady_clock::now();
   backoff_ = options_.backoff_initial;
   state_cv_.notify_all();
