@@ -114,7 +114,9 @@ void Session::ProtocolError(const std::string& what) {
 
 awaitable<void> Session::Main(std::shared_ptr<Session> self) {
   spdlog::info("nbd: connection {} opened", self->peer_);
-  if (co_await self->Handshake()) co_await self->Transmission();
+  // Not `if (co_await ...)`: GCC 12 miscompiles co_await in a condition.
+  bool ok = co_await self->Handshake();
+  if (ok) co_await self->Transmission();
   self->CloseSocket();
 }
 
@@ -195,22 +197,22 @@ awaitable<bool> Session::Handshake() {
     }
     out.clear();
     nbd::HandshakeStep step;
-    switch (machine.OnOptionHeader(*h)) {
-      case nbd::HandshakeMachine::PayloadAction::kDisconnect:
-        ProtocolError("option " + std::to_string(h->option) + " with absurd length " +
-                      std::to_string(h->length));
-        co_return false;
-      case nbd::HandshakeMachine::PayloadAction::kDiscard:
-        if (!co_await Discard(h->length)) co_return false;
-        step = machine.OnOversizedOption(*h, out);
-        break;
-      case nbd::HandshakeMachine::PayloadAction::kRead:
-      default:
-        payload.resize(h->length);
-        co_await asio::async_read(socket_, asio::buffer(payload), Nothrow(ec));
-        if (ec) co_return false;
-        step = machine.OnOption(*h, payload, out);
-        break;
+    const auto action = machine.OnOptionHeader(*h);
+    if (action == nbd::HandshakeMachine::PayloadAction::kDisconnect) {
+      ProtocolError("option " + std::to_string(h->option) + " with absurd length " +
+                    std::to_string(h->length));
+      co_return false;
+    }
+    if (action == nbd::HandshakeMachine::PayloadAction::kDiscard) {
+      // (GCC 12 miscompiles co_await inside an if condition; keep it out.)
+      bool discarded = co_await Discard(h->length);
+      if (!discarded) co_return false;
+      step = machine.OnOversizedOption(*h, out);
+    } else {
+      payload.resize(h->length);
+      co_await asio::async_read(socket_, asio::buffer(payload), Nothrow(ec));
+      if (ec) co_return false;
+      step = machine.OnOption(*h, payload, out);
     }
     if (step == nbd::HandshakeStep::kHardDisconnect) {
       ProtocolError(machine.last_problem());
@@ -355,7 +357,9 @@ awaitable<void> Session::Transmission() {
     auto r = AcquireReply();
     r->req = req;
     if (check.error != 0) {
-      if (check.payload_to_read && !co_await Discard(check.payload_to_read)) {
+      bool consumed = true;
+      if (check.payload_to_read) consumed = co_await Discard(check.payload_to_read);
+      if (!consumed) {
         ReleaseReply(std::move(r));
         break;
       }

@@ -1,0 +1,847 @@
+// Session-level tests of NbdServer: the real server on a Unix socket, driven
+// by a small hand-written blocking client that speaks the protocol byte by
+// byte, so these tests do not depend on our own client codec. At the end,
+// interop checks with nbdinfo / qemu-io / qemu-img / nbdcopy when installed.
+#include "kagemusha/storage/nbd_server.h"
+
+#include <poll.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include <array>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <filesystem>
+#include <optional>
+#include <random>
+#include <set>
+#include <atomic>
+#include <algorithm>
+#include <thread>
+
+#include <gtest/gtest.h>
+
+#include "kagemusha/common/coding.h"
+#include "kagemusha/storage/nbd_protocol.h"
+#include "memory_backend_for_test.h"
+
+namespace kagemusha::storage {
+namespace {
+
+using namespace nbd;
+using namespace std::chrono_literals;
+using Bytes = std::vector<uint8_t>;
+
+// --- A minimal blocking NBD client for tests ---------------------------------
+
+struct OptReply {
+  uint32_t option = 0, type = 0;
+  Bytes payload;
+};
+
+struct Chunk {
+  bool simple = false;
+  uint16_t flags = 0, type = 0;
+  uint32_t error = 0;  // simple replies
+  uint64_t cookie = 0;
+  Bytes payload;  // structured payload, or data of a simple read reply
+};
+
+class TestClient {
+ public:
+  ~TestClient() { Close(); }
+
+  bool Connect(const std::string& path) {
+    fd_ = ::socket(AF_UNIX, SOCK_STREAM, 0);
+    sockaddr_un a{};
+    a.sun_family = AF_UNIX;
+    std::snprintf(a.sun_path, sizeof a.sun_path, "%s", path.c_str());
+    return ::connect(fd_, reinterpret_cast<sockaddr*>(&a), sizeof a) == 0;
+  }
+  void Close() {
+    if (fd_ >= 0) ::close(fd_);
+    fd_ = -1;
+  }
+  bool Send(const Bytes& b) {
+    size_t done = 0;
+    while (done < b.size()) {
+      ssize_t n = ::send(fd_, b.data() + done, b.size() - done, MSG_NOSIGNAL);
+      if (n <= 0) return false;
+      done += size_t(n);
+    }
+    return true;
+  }
+  // Reads exactly n bytes or returns nullopt on EOF/error/timeout.
+  std::optional<Bytes> Recv(size_t n, std::chrono::milliseconds timeout = 10s) {
+    Bytes b(n);
+    size_t done = 0;
+    auto deadline = std::chrono::steady_clock::now() + timeout;
+    while (done < n) {
+      auto left = std::chrono::duration_cast<std::chrono::milliseconds>(
+          deadline - std::chrono::steady_clock::now());
+      if (left.count() <= 0) return std::nullopt;
+      pollfd p{fd_, POLLIN, 0};
+      if (::poll(&p, 1, int(left.count())) <= 0) return std::nullopt;
+      ssize_t r = ::recv(fd_, b.data() + done, n - done, 0);
+      if (r <= 0) return std::nullopt;
+      done += size_t(r);
+    }
+    return b;
+  }
+  // True if the server closed the connection (EOF) within the timeout.
+  bool SeesEof(std::chrono::milliseconds timeout = 5s) {
+    pollfd p{fd_, POLLIN, 0};
+    if (::poll(&p, 1, int(timeout.count())) <= 0) return false;
+    uint8_t c;
+    return ::recv(fd_, &c, 1, 0) <= 0;
+  }
+
+  // Reads the greeting and sends client flags.
+  bool Greet(uint32_t flags = kClientFixedNewstyle | kClientNoZeroes) {
+    auto g = Recv(18);
+    if (!g || LoadBe64(g->data()) != kNbdMagic || LoadBe64(g->data() + 8) != kIHaveOpt) return false;
+    Bytes f(4);
+    StoreBe32(f.data(), flags);
+    return Send(f);
+  }
+  bool SendOption(uint32_t option, const Bytes& payload, std::optional<uint32_t> len = {}) {
+    Bytes h(16);
+    StoreBe64(h.data(), kIHaveOpt);
+    StoreBe32(h.data() + 8, option);
+    StoreBe32(h.data() + 12, len.value_or(uint32_t(payload.size())));
+    h.insert(h.end(), payload.begin(), payload.end());
+    return Send(h);
+  }
+  std::optional<OptReply> RecvOptReply() {
+    auto h = Recv(20);
+    if (!h || LoadBe64(h->data()) != kOptReplyMagic) return std::nullopt;
+    OptReply r{LoadBe32(h->data() + 8), LoadBe32(h->data() + 12), {}};
+    uint32_t len = LoadBe32(h->data() + 16);
+    if (len) {
+      auto p = Recv(len);
+      if (!p) return std::nullopt;
+      r.payload = std::move(*p);
+    }
+    return r;
+  }
+  // Sends an option and collects replies up to the final one (ACK or error).
+  std::vector<OptReply> Option(uint32_t option, const Bytes& payload) {
+    std::vector<OptReply> out;
+    if (!SendOption(option, payload)) return out;
+    for (;;) {
+      auto r = RecvOptReply();
+      if (!r) break;
+      out.push_back(*r);
+      if (r->type == kRepAck || (r->type & kRepFlagError)) break;
+    }
+    return out;
+  }
+  static Bytes InfoPayload(const std::string& name, std::vector<uint16_t> infos = {}) {
+    Bytes b(4);
+    StoreBe32(b.data(), uint32_t(name.size()));
+    b.insert(b.end(), name.begin(), name.end());
+    b.push_back(uint8_t(infos.size() >> 8));
+    b.push_back(uint8_t(infos.size()));
+    for (auto i : infos) {
+      b.push_back(uint8_t(i >> 8));
+      b.push_back(uint8_t(i));
+    }
+    return b;
+  }
+  static Bytes MetaPayload(const std::string& name, const std::string& query) {
+    Bytes b(4);
+    StoreBe32(b.data(), uint32_t(name.size()));
+    b.insert(b.end(), name.begin(), name.end());
+    Bytes n(8);
+    StoreBe32(n.data(), 1);
+    StoreBe32(n.data() + 4, uint32_t(query.size()));
+    b.insert(b.end(), n.begin(), n.end());
+    b.insert(b.end(), query.begin(), query.end());
+    return b;
+  }
+
+  // Full handshake through NBD_OPT_GO. Returns transmission flags.
+  std::optional<uint16_t> Go(const std::string& name, bool structured, bool meta) {
+    if (!Greet()) return std::nullopt;
+    if (structured) {
+      auto r = Option(kOptStructuredReply, {});
+      if (r.size() != 1 || r[0].type != kRepAck) return std::nullopt;
+      structured_ = true;
+    }
+    if (meta) {
+      auto r = Option(kOptSetMetaContext, MetaPayload(name, kMetaBaseAllocation));
+      if (r.size() != 2 || r[0].type != kRepMetaContext) return std::nullopt;
+    }
+    auto r = Option(kOptGo, InfoPayload(name));
+    if (r.empty() || r.back().type != kRepAck) return std::nullopt;
+    for (const auto& i : r) {
+      if (i.type == kRepInfo && LoadBe16(i.payload.data()) == kInfoExport) {
+        size_ = LoadBe64(i.payload.data() + 2);
+        return LoadBe16(i.payload.data() + 10);
+      }
+    }
+    return std::nullopt;
+  }
+
+  bool Request(uint16_t flags, uint16_t type, uint64_t cookie, uint64_t offset, uint32_t length,
+               const Bytes& payload = {}) {
+    Bytes b(28);
+    StoreBe32(b.data(), kRequestMagic);
+    StoreBe16(b.data() + 4, flags);
+    StoreBe16(b.data() + 6, type);
+    StoreBe64(b.data() + 8, cookie);
+    StoreBe64(b.data() + 16, offset);
+    StoreBe32(b.data() + 24, length);
+    b.insert(b.end(), payload.begin(), payload.end());
+    return Send(b);
+  }
+  // Reads one reply message. For a simple reply to a read, pass the read
+  // length so its data is consumed (simple replies are not self-framing).
+  std::optional<Chunk> Reply(uint32_t simple_read_length = 0,
+                             std::chrono::milliseconds timeout = 10s) {
+    auto m = Recv(4, timeout);
+    if (!m) return std::nullopt;
+    Chunk c;
+    uint32_t magic = LoadBe32(m->data());
+    if (magic == kSimpleReplyMagic) {
+      auto h = Recv(12);
+      if (!h) return std::nullopt;
+      c.simple = true;
+      c.error = LoadBe32(h->data());
+      c.cookie = LoadBe64(h->data() + 4);
+      if (c.error == 0 && simple_read_length) {
+        auto d = Recv(simple_read_length);
+        if (!d) return std::nullopt;
+        c.payload = std::move(*d);
+      }
+      return c;
+    }
+    if (magic != kStructuredReplyMagic) return std::nullopt;
+    auto h = Recv(16);
+    if (!h) return std::nullopt;
+    c.flags = LoadBe16(h->data());
+    c.type = LoadBe16(h->data() + 2);
+    c.cookie = LoadBe64(h->data() + 4);
+    uint32_t len = LoadBe32(h->data() + 12);
+    if (len) {
+      auto p = Recv(len);
+      if (!p) return std::nullopt;
+      c.payload = std::move(*p);
+    }
+    return c;
+  }
+  // Reads structured chunks of one request until DONE (assumes no other
+  // request is in flight).
+  std::vector<Chunk> ReplyChunks() {
+    std::vector<Chunk> out;
+    for (;;) {
+      auto c = Reply();
+      if (!c) break;
+      out.push_back(*c);
+      if (c->simple || (c->flags & kReplyFlagDone)) break;
+    }
+    return out;
+  }
+
+  int fd() const { return fd_; }
+  uint64_t size() const { return size_; }
+
+ private:
+  int fd_ = -1;
+  bool structured_ = false;
+  uint64_t size_ = 0;
+};
+
+Bytes Pattern(size_t n, uint8_t seed) {
+  Bytes b(n);
+  for (size_t i = 0; i < n; ++i) b[i] = uint8_t(seed + i * 7 + (i >> 9));
+  return b;
+}
+
+uint32_t ErrorOf(const Chunk& c) {
+  if (c.simple) return c.error;
+  if (c.type & 0x8000) return LoadBe32(c.payload.data());
+  return 0;
+}
+
+// --- Fixture: a real server on a Unix socket ---------------------------------
+
+class NbdServerTest : public ::testing::Test {
+ protected:
+  static constexpr uint64_t kSize = 4 << 20;
+
+  void SetUp() override {
+    dir_ = std::filesystem::temp_directory_path() /
+           ("kgm-nbd-" + std::to_string(::getpid()) + "-" + std::to_string(counter_++));
+    std::filesystem::create_directories(dir_);
+    socket_ = (dir_ / "nbd.sock").string();
+    disk_ = std::make_shared<MemoryBackend>(kSize);
+    BackendCaps ro_caps;
+    ro_caps.read_only = true;
+    ro_ = std::make_shared<MemoryBackend>(64 * 1024, ro_caps);
+  }
+
+  void StartServer(ServerOptions opts = {}) {
+    opts.handshake_timeout = handshake_timeout_;
+    opts.worker_threads = 4;
+    server_ = NbdServer::Create(opts);
+    ASSERT_TRUE(server_->AddExport({"disk", "a test disk", disk_, false}));
+    ASSERT_TRUE(server_->AddExport({"ro", "", ro_, false}));
+    ASSERT_TRUE(server_->AddExport({"forced-ro", "", disk_, true}));
+    auto st = server_->ListenUnix(socket_);
+    ASSERT_TRUE(st) << st.error().message();
+    thread_ = std::thread([this] { server_->Run(); });
+  }
+
+  void TearDown() override {
+    if (server_) {
+      server_->Stop();
+      thread_.join();
+      server_.reset();
+    }
+    std::filesystem::remove_all(dir_);
+  }
+
+  std::unique_ptr<TestClient> Connected(const std::string& name = "disk", bool structured = true,
+                                        bool meta = true) {
+    auto c = std::make_unique<TestClient>();
+    EXPECT_TRUE(c->Connect(socket_));
+    auto flags = c->Go(name, structured, meta);
+    EXPECT_TRUE(flags.has_value());
+    flags_ = flags.value_or(0);
+    return c;
+  }
+
+  static inline int counter_ = 0;
+  std::chrono::seconds handshake_timeout_{10};
+  std::filesystem::path dir_;
+  std::string socket_;
+  std::shared_ptr<MemoryBackend> disk_, ro_;
+  std::unique_ptr<NbdServer> server_;
+  std::thread thread_;
+  uint16_t flags_ = 0;
+};
+
+TEST_F(NbdServerTest, WriteThenReadRoundTripsWithSimpleReplies) {
+  StartServer();
+  auto c = Connected("disk", false, false);
+  EXPECT_FALSE(flags_ & kTxSendDf);  // no DF without structured replies
+  EXPECT_TRUE(flags_ & kTxSendTrim);
+  EXPECT_FALSE(flags_ & kTxCanMultiConn);  // MemoryBackend does not claim it
+  Bytes data = Pattern(8192, 3);
+  ASSERT_TRUE(c->Request(0, kCmdWrite, 1, 4096, 8192, data));
+  auto w = c->Reply();
+  ASSERT_TRUE(w);
+  EXPECT_TRUE(w->simple);
+  EXPECT_EQ(w->cookie, 1u);
+  EXPECT_EQ(w->error, 0u);
+  ASSERT_TRUE(c->Request(0, kCmdRead, 2, 4096, 8192));
+  auto r = c->Reply(8192);
+  ASSERT_TRUE(r);
+  EXPECT_EQ(r->cookie, 2u);
+  EXPECT_EQ(r->payload, data);
+  ASSERT_TRUE(c->Request(0, kCmdFlush, 3, 0, 0));
+  EXPECT_EQ(c->Reply()->error, 0u);
+  EXPECT_EQ(disk_->flushes.load(), 1);
+}
+
+TEST_F(NbdServerTest, StructuredReadOfAllocatedDataIsOneDataChunk) {
+  StartServer();
+  auto c = Connected();
+  EXPECT_TRUE(flags_ & kTxSendDf);
+  Bytes data = Pattern(4096, 9);
+  ASSERT_TRUE(c->Request(kCmdFlagFua, kCmdWrite, 1, 0, 4096, data));
+  ASSERT_EQ(ErrorOf(*c->Reply()), 0u);
+  ASSERT_TRUE(c->Request(0, kCmdRead, 2, 0, 4096));
+  auto chunks = c->ReplyChunks();
+  ASSERT_EQ(chunks.size(), 1u);
+  EXPECT_EQ(chunks[0].type, kReplyTypeOffsetData);
+  EXPECT_TRUE(chunks[0].flags & kReplyFlagDone);
+  ASSERT_EQ(chunks[0].payload.size(), 8u + 4096);
+  EXPECT_EQ(LoadBe64(chunks[0].payload.data()), 0u);
+  EXPECT_EQ(Bytes(chunks[0].payload.begin() + 8, chunks[0].payload.end()), data);
+}
+
+TEST_F(NbdServerTest, RepliesOutOfOrderWhenTheBackendIsSlowForOneRequest) {
+  disk_->before_read = [](uint64_t offset, size_t) {
+    if (offset == 0) std::this_thread::sleep_for(300ms);
+  };
+  StartServer();
+  auto c = Connected();
+  ASSERT_TRUE(c->Request(0, kCmdRead, 100, 0, 512));     // slow
+  ASSERT_TRUE(c->Request(0, kCmdRead, 200, 8192, 512));  // fast
+  ASSERT_TRUE(c->Request(0, kCmdRead, 300, 16384, 512)); // fast
+  std::vector<uint64_t> order;
+  for (int i = 0; i < 3; ++i) {
+    auto r = c->Reply();
+    ASSERT_TRUE(r);
+    EXPECT_EQ(r->type, kReplyTypeOffsetData);
+    order.push_back(r->cookie);
+  }
+  EXPECT_EQ(order.back(), 100u);
+  EXPECT_EQ(std::count(order.begin(), order.end(), 200u), 1);
+  EXPECT_EQ(std::count(order.begin(), order.end(), 300u), 1);
+}
+
+TEST_F(NbdServerTest, StructuredReadSendsHoleChunksUnlessDontFragment) {
+  StartServer();
+  auto c = Connected();
+  Bytes a = Pattern(4096, 1), b = Pattern(4096, 2);
+  ASSERT_TRUE(c->Request(0, kCmdWrite, 1, 0, 4096, a));
+  ASSERT_EQ(ErrorOf(*c->Reply()), 0u);
+  ASSERT_TRUE(c->Request(0, kCmdWrite, 2, 128 * 1024, 4096, b));
+  ASSERT_EQ(ErrorOf(*c->Reply()), 0u);
+
+  ASSERT_TRUE(c->Request(0, kCmdRead, 3, 0, 256 * 1024));
+  auto chunks = c->ReplyChunks();
+  ASSERT_EQ(chunks.size(), 4u);
+  EXPECT_EQ(chunks[0].type, kReplyTypeOffsetData);
+  EXPECT_EQ(chunks[0].payload.size(), 8u + 4096);
+  EXPECT_EQ(Bytes(chunks[0].payload.begin() + 8, chunks[0].payload.end()), a);
+  EXPECT_EQ(chunks[1].type, kReplyTypeOffsetHole);
+  EXPECT_EQ(LoadBe64(chunks[1].payload.data()), 4096u);
+  EXPECT_EQ(LoadBe32(chunks[1].payload.data() + 8), 128u * 1024 - 4096);
+  EXPECT_EQ(chunks[2].type, kReplyTypeOffsetData);
+  EXPECT_EQ(LoadBe64(chunks[2].payload.data()), 128u * 1024);
+  EXPECT_EQ(chunks[3].type, kReplyTypeOffsetHole);
+  EXPECT_EQ(LoadBe32(chunks[3].payload.data() + 8), 128u * 1024 - 4096);
+  for (size_t i = 0; i < 3; ++i) EXPECT_FALSE(chunks[i].flags & kReplyFlagDone);
+  EXPECT_TRUE(chunks[3].flags & kReplyFlagDone);
+
+  ASSERT_TRUE(c->Request(kCmdFlagDf, kCmdRead, 4, 0, 256 * 1024));
+  chunks = c->ReplyChunks();
+  ASSERT_EQ(chunks.size(), 1u);
+  EXPECT_EQ(chunks[0].type, kReplyTypeOffsetData);
+  ASSERT_EQ(chunks[0].payload.size(), 8u + 256 * 1024);
+  EXPECT_EQ(chunks[0].payload[8 + 4096], 0);
+  EXPECT_EQ(Bytes(chunks[0].payload.begin() + 8 + 128 * 1024,
+                  chunks[0].payload.begin() + 8 + 132 * 1024),
+            b);
+}
+
+TEST_F(NbdServerTest, BlockStatusReportsHolesAfterTrimAndHonoursReqOne) {
+  StartServer();
+  auto c = Connected();
+  EXPECT_TRUE(flags_ & kTxSendTrim);
+  Bytes data = Pattern(1 << 20, 5);
+  ASSERT_TRUE(c->Request(0, kCmdWrite, 1, 0, 1 << 20, data));
+  ASSERT_EQ(ErrorOf(*c->Reply()), 0u);
+  ASSERT_TRUE(c->Request(0, kCmdTrim, 2, 64 * 1024, 64 * 1024));
+  ASSERT_EQ(ErrorOf(*c->Reply()), 0u);
+  ASSERT_TRUE(c->Request(0, kCmdBlockStatus, 3, 0, 1 << 20));
+  auto chunks = c->ReplyChunks();
+  ASSERT_EQ(chunks.size(), 1u);
+  ASSERT_EQ(chunks[0].type, kReplyTypeBlockStatus);
+  EXPECT_TRUE(chunks[0].flags & kReplyFlagDone);
+  const Bytes& p = chunks[0].payload;
+  ASSERT_EQ(p.size(), 4u + 3 * 8);
+  EXPECT_EQ(LoadBe32(p.data()), 1u);  // the context id SET_META_CONTEXT returned
+  EXPECT_EQ(LoadBe32(p.data() + 4), 64u * 1024);
+  EXPECT_EQ(LoadBe32(p.data() + 8), 0u);
+  EXPECT_EQ(LoadBe32(p.data() + 12), 64u * 1024);
+  EXPECT_EQ(LoadBe32(p.data() + 16), kStateHole | kStateZero);
+  EXPECT_EQ(LoadBe32(p.data() + 20), (1u << 20) - 128 * 1024);
+  EXPECT_EQ(LoadBe32(p.data() + 24), 0u);
+
+  ASSERT_TRUE(c->Request(kCmdFlagReqOne, kCmdBlockStatus, 4, 64 * 1024, 1 << 20));
+  chunks = c->ReplyChunks();
+  ASSERT_EQ(chunks.size(), 1u);
+  ASSERT_EQ(chunks[0].payload.size(), 12u);
+  EXPECT_EQ(LoadBe32(chunks[0].payload.data() + 4), 64u * 1024);
+}
+
+TEST_F(NbdServerTest, BlockStatusWithoutMetaContextIsEinval) {
+  StartServer();
+  auto c = Connected("disk", true, false);
+  ASSERT_TRUE(c->Request(0, kCmdBlockStatus, 1, 0, 4096));
+  auto r = c->Reply();
+  ASSERT_TRUE(r);
+  EXPECT_EQ(ErrorOf(*r), kErrInval);
+}
+
+TEST_F(NbdServerTest, WriteToReadOnlyExportIsEpermAndStreamStaysInSync) {
+  StartServer();
+  for (std::string name : {"ro", "forced-ro"}) {
+    auto c = Connected(name);
+    EXPECT_TRUE(flags_ & kTxReadOnly) << name;
+    EXPECT_FALSE(flags_ & kTxSendTrim) << name;
+    ASSERT_TRUE(c->Request(0, kCmdWrite, 7, 0, 4096, Pattern(4096, 1)));
+    auto r = c->Reply();
+    ASSERT_TRUE(r);
+    EXPECT_EQ(r->cookie, 7u);
+    EXPECT_EQ(ErrorOf(*r), kErrPerm) << name;
+    ASSERT_TRUE(c->Request(0, kCmdTrim, 8, 0, 4096));
+    EXPECT_EQ(ErrorOf(*c->Reply()), kErrPerm) << name;
+    // The write payload was consumed: the next request parses fine.
+    ASSERT_TRUE(c->Request(0, kCmdRead, 9, 0, 512));
+    r = c->Reply();
+    ASSERT_TRUE(r);
+    EXPECT_EQ(r->cookie, 9u);
+    EXPECT_EQ(ErrorOf(*r), 0u);
+  }
+  EXPECT_EQ(ro_->writes.load(), 0);
+  EXPECT_EQ(disk_->writes.load(), 0);
+}
+
+TEST_F(NbdServerTest, PastEndIsEinvalForReadsAndEnospcForWrites) {
+  StartServer();
+  auto simple = Connected("disk", false, false);
+  ASSERT_TRUE(simple->Request(0, kCmdRead, 1, kSize - 512, 1024));
+  auto r = simple->Reply(1024);
+  ASSERT_TRUE(r);
+  EXPECT_TRUE(r->simple);
+  EXPECT_EQ(r->error, kErrInval);
+  ASSERT_TRUE(simple->Request(0, kCmdWrite, 2, kSize, 512, Pattern(512, 0)));
+  EXPECT_EQ(simple->Reply()->error, kErrNoSpc);
+
+  auto structured = Connected();
+  ASSERT_TRUE(structured->Request(0, kCmdRead, 3, kSize, 1));
+  auto chunks = structured->ReplyChunks();
+  ASSERT_EQ(chunks.size(), 1u);
+  EXPECT_EQ(chunks[0].type, kReplyTypeError);
+  EXPECT_TRUE(chunks[0].flags & kReplyFlagDone);
+  EXPECT_EQ(ErrorOf(chunks[0]), kErrInval);
+  // Unknown command: EINVAL, connection stays usable.
+  ASSERT_TRUE(structured->Request(0, 99, 4, 0, 0));
+  EXPECT_EQ(ErrorOf(*structured->Reply()), kErrInval);
+  ASSERT_TRUE(structured->Request(0, kCmdFlush, 5, 0, 0));
+  EXPECT_EQ(ErrorOf(*structured->Reply()), 0u);
+}
+
+TEST_F(NbdServerTest, BackendErrorsAreMappedToWireErrors) {
+  StartServer();
+  auto c = Connected();
+  disk_->fail_next = ENOSPC;
+  ASSERT_TRUE(c->Request(0, kCmdWrite, 1, 0, 512, Pattern(512, 0)));
+  EXPECT_EQ(ErrorOf(*c->Reply()), kErrNoSpc);
+  disk_->fail_next = EBADF;
+  ASSERT_TRUE(c->Request(0, kCmdRead, 2, 0, 512));
+  auto chunks = c->ReplyChunks();
+  ASSERT_EQ(chunks.size(), 1u);
+  EXPECT_EQ(chunks[0].type, kReplyTypeError);
+  EXPECT_EQ(ErrorOf(chunks[0]), kErrIo);
+  // FAST_ZERO that the backend cannot do fast: ENOTSUP.
+  ASSERT_TRUE(c->Request(kCmdFlagNoHole | kCmdFlagFastZero, kCmdWriteZeroes, 3, 0, 4096));
+  EXPECT_EQ(ErrorOf(*c->Reply()), kErrNotSup);
+  ASSERT_TRUE(c->Request(0, kCmdWriteZeroes, 4, 0, 4096));
+  EXPECT_EQ(ErrorOf(*c->Reply()), 0u);
+  ASSERT_TRUE(c->Request(0, kCmdCache, 5, 0, 4096));
+  EXPECT_EQ(ErrorOf(*c->Reply()), 0u);
+  EXPECT_EQ(disk_->caches.load(), 1);
+}
+
+TEST_F(NbdServerTest, UnknownAndOversizedOptionsAreAnsweredThenGoWorks) {
+  StartServer();
+  TestClient c;
+  ASSERT_TRUE(c.Connect(socket_));
+  ASSERT_TRUE(c.Greet());
+  auto r = c.Option(0x4242, Bytes(10, 'x'));
+  ASSERT_EQ(r.size(), 1u);
+  EXPECT_EQ(r[0].type, kRepErrUnsup);
+  r = c.Option(kOptGo, Bytes(kMaxOptionLength + 1, 0));
+  ASSERT_EQ(r.size(), 1u);
+  EXPECT_EQ(r[0].type, kRepErrTooBig);
+  r = c.Option(kOptGo, TestClient::InfoPayload("nosuch"));
+  ASSERT_EQ(r.size(), 1u);
+  EXPECT_EQ(r[0].type, kRepErrUnknown);
+  r = c.Option(kOptList, {});
+  ASSERT_EQ(r.size(), 4u);
+  EXPECT_EQ(r[0].type, kRepServer);
+  r = c.Option(kOptGo, TestClient::InfoPayload("disk", {kInfoBlockSize}));
+  ASSERT_FALSE(r.empty());
+  EXPECT_EQ(r.back().type, kRepAck);
+  ASSERT_TRUE(c.Request(0, kCmdRead, 1, 0, 512));
+  EXPECT_EQ(c.Reply(512)->error, 0u);
+}
+
+TEST_F(NbdServerTest, AbsurdOptionLengthDisconnectsOnlyThatClient) {
+  StartServer();
+  auto good = Connected();
+  TestClient bad;
+  ASSERT_TRUE(bad.Connect(socket_));
+  ASSERT_TRUE(bad.Greet());
+  ASSERT_TRUE(bad.SendOption(kOptGo, {}, 0xfffffff0u));
+  EXPECT_TRUE(bad.SeesEof());
+  ASSERT_TRUE(good->Request(0, kCmdRead, 1, 0, 512));
+  EXPECT_EQ(ErrorOf(*good->Reply()), 0u);
+  EXPECT_GE(server_->Stats().protocol_errors, 1u);
+}
+
+TEST_F(NbdServerTest, BadClientFlagsAndBadRequestMagicDisconnect) {
+  StartServer();
+  TestClient a;
+  ASSERT_TRUE(a.Connect(socket_));
+  ASSERT_TRUE(a.Greet(0x10));
+  EXPECT_TRUE(a.SeesEof());
+  auto b = Connected();
+  Bytes junk(28, 0xee);
+  ASSERT_TRUE(b->Send(junk));
+  EXPECT_TRUE(b->SeesEof());
+}
+
+TEST_F(NbdServerTest, ExportNameOptionEntersTransmission) {
+  StartServer();
+  TestClient c;
+  ASSERT_TRUE(c.Connect(socket_));
+  ASSERT_TRUE(c.Greet(kClientFixedNewstyle));  // no NO_ZEROES: 124 zero bytes follow
+  ASSERT_TRUE(c.SendOption(kOptExportName, Bytes{'d', 'i', 's', 'k'}));
+  auto r = c.Recv(8 + 2 + 124);
+  ASSERT_TRUE(r);
+  EXPECT_EQ(LoadBe64(r->data()), kSize);
+  ASSERT_TRUE(c.Request(0, kCmdRead, 1, 0, 512));
+  EXPECT_EQ(c.Reply(512)->error, 0u);
+}
+
+TEST_F(NbdServerTest, OverlongWriteIsDiscardedWithEoverflow) {
+  StartServer();
+  auto c = Connected();
+  uint32_t len = kMaxPayload + 4096;
+  ASSERT_TRUE(c->Request(0, kCmdWrite, 1, 0, len, Bytes(len, 0xab)));
+  auto r = c->Reply();
+  ASSERT_TRUE(r);
+  EXPECT_EQ(ErrorOf(*r), kErrOverflow);
+  ASSERT_TRUE(c->Request(0, kCmdFlush, 2, 0, 0));
+  EXPECT_EQ(ErrorOf(*c->Reply()), 0u);
+  EXPECT_EQ(disk_->writes.load(), 0);
+}
+
+TEST_F(NbdServerTest, DisconnectWaitsForInFlightReplies) {
+  disk_->before_read = [](uint64_t, size_t) { std::this_thread::sleep_for(200ms); };
+  StartServer();
+  auto c = Connected();
+  ASSERT_TRUE(c->Request(0, kCmdRead, 1, 0, 4096));
+  ASSERT_TRUE(c->Request(0, kCmdDisc, 2, 0, 0));
+  auto r = c->Reply();
+  ASSERT_TRUE(r);
+  EXPECT_EQ(r->cookie, 1u);
+  EXPECT_EQ(r->type, kReplyTypeOffsetData);
+  EXPECT_TRUE(c->SeesEof());
+}
+
+TEST_F(NbdServerTest, ClientVanishingMidRequestDoesNotDisturbTheServer) {
+  std::atomic<int> slow_reads{0};
+  disk_->before_read = [&](uint64_t offset, size_t) {
+    if (offset == 0) {
+      slow_reads++;
+      std::this_thread::sleep_for(200ms);
+    }
+  };
+  StartServer();
+  {
+    // Half a write payload, then gone.
+    auto c = Connected();
+    ASSERT_TRUE(c->Request(0, kCmdWrite, 1, 0, 1 << 20, Bytes(1000, 1)));
+  }
+  {
+    // Reads in flight whose replies can no longer be delivered.
+    auto c = Connected();
+    for (uint64_t i = 0; i < 8; ++i) ASSERT_TRUE(c->Request(0, kCmdRead, i, 0, 4096));
+  }
+  {
+    // Half a request header.
+    auto c = Connected();
+    ASSERT_TRUE(c->Send(Bytes(10, 0x25)));
+  }
+  {
+    // Gone in the middle of the handshake.
+    TestClient c;
+    ASSERT_TRUE(c.Connect(socket_));
+    ASSERT_TRUE(c.Greet());
+    ASSERT_TRUE(c.SendOption(kOptGo, Bytes(3, 0), 100));
+  }
+  std::this_thread::sleep_for(600ms);  // let the slow reads finish into dead sockets
+  EXPECT_GE(slow_reads.load(), 1);
+  auto c = Connected();
+  ASSERT_TRUE(c->Request(0, kCmdRead, 1, 8192, 512));
+  EXPECT_EQ(ErrorOf(*c->Reply()), 0u);
+  c.reset();
+  for (int i = 0; i < 50 && server_->Stats().connections_open != 0; ++i) std::this_thread::sleep_for(20ms);
+  EXPECT_EQ(server_->Stats().connections_open, 0u);
+  EXPECT_EQ(disk_->writes.load(), 0);
+}
+
+TEST_F(NbdServerTest, SlowClientDoesNotBlockAnother) {
+  StartServer();
+  // A trickles the handshake, B floods reads and never reads its replies.
+  TestClient trickle;
+  ASSERT_TRUE(trickle.Connect(socket_));
+  ASSERT_TRUE(trickle.Recv(18));
+  ASSERT_TRUE(trickle.Send(Bytes{0}));
+  auto flood = Connected();
+  for (uint64_t i = 0; i < 64; ++i) ASSERT_TRUE(flood->Request(0, kCmdRead, i, 0, 1 << 20));
+
+  auto start = std::chrono::steady_clock::now();
+  auto c = Connected();
+  for (uint64_t i = 0; i < 100; ++i) {
+    ASSERT_TRUE(c->Request(0, kCmdRead, i, i * 4096, 4096));
+    auto r = c->Reply();
+    ASSERT_TRUE(r);
+    ASSERT_EQ(ErrorOf(*r), 0u);
+  }
+  auto took = std::chrono::steady_clock::now() - start;
+  EXPECT_LT(took, 2s);
+  ASSERT_TRUE(trickle.Send(Bytes{0}));
+}
+
+TEST_F(NbdServerTest, HandshakeDeadlineClosesStalledClient) {
+  handshake_timeout_ = 1s;
+  StartServer();
+  TestClient c;
+  ASSERT_TRUE(c.Connect(socket_));
+  ASSERT_TRUE(c.Greet());
+  auto start = std::chrono::steady_clock::now();
+  EXPECT_TRUE(c.SeesEof(5s));
+  EXPECT_LT(std::chrono::steady_clock::now() - start, 3s);
+  // A client that completed its handshake is not subject to the deadline.
+  auto ok = Connected();
+  std::this_thread::sleep_for(1500ms);
+  ASSERT_TRUE(ok->Request(0, kCmdRead, 1, 0, 512));
+  EXPECT_EQ(ErrorOf(*ok->Reply()), 0u);
+}
+
+TEST_F(NbdServerTest, ManyRequestsInFlightAreAllAnsweredByCookie) {
+  StartServer();
+  auto c = Connected();
+  // Like a real client, send and receive at the same time: with 500
+  // requests pipelined both socket buffers fill up otherwise.
+  std::set<uint64_t> expected;
+  for (uint64_t i = 0; i < 500; ++i) expected.insert(0x1000000000ull + i);
+  std::thread sender([&] {
+    std::mt19937 rng(7);
+    for (uint64_t i = 0; i < 500; ++i) {
+      uint64_t cookie = 0x1000000000ull + i;
+      uint64_t off = (rng() % (kSize / 4096)) * 4096;
+      bool ok = i % 3 == 0 ? c->Request(0, kCmdWrite, cookie, off, 4096, Pattern(4096, uint8_t(i)))
+                           : c->Request(0, kCmdRead, cookie, off, 4096);
+      if (!ok) return;
+    }
+  });
+  struct Join {  // on an early ASSERT return, unblock the sender first
+    std::thread& t;
+    int fd;
+    ~Join() {
+      ::shutdown(fd, SHUT_RDWR);
+      t.join();
+    }
+  } join{sender, c->fd()};
+  while (!expected.empty()) {
+    auto r = c->Reply();
+    ASSERT_TRUE(r);
+    ASSERT_EQ(ErrorOf(*r), 0u);
+    ASSERT_EQ(expected.erase(r->cookie), 1u) << r->cookie;
+  }
+  EXPECT_GE(server_->Stats().requests, 500u);
+}
+
+TEST(NbdServerListen, UnixSocketIsCreatedWithMode0600) {
+  auto dir = std::filesystem::temp_directory_path() / ("kgm-nbd-mode-" + std::to_string(::getpid()));
+  std::filesystem::create_directories(dir);
+  auto path = (dir / "s.sock").string();
+  auto server = NbdServer::Create({});
+  ASSERT_TRUE(server->AddExport({"", "", std::make_shared<MemoryBackend>(4096), false}));
+  ASSERT_TRUE(server->ListenUnix(path));
+  struct stat st;
+  ASSERT_EQ(::stat(path.c_str(), &st), 0);
+  EXPECT_TRUE(S_ISSOCK(st.st_mode));
+  EXPECT_EQ(st.st_mode & 0777, 0600u);
+  // A regular file in the way is not replaced.
+  auto file = (dir / "file").string();
+  { std::FILE* f = std::fopen(file.c_str(), "w"); std::fclose(f); }
+  EXPECT_FALSE(server->ListenUnix(file));
+  server.reset();
+  std::filesystem::remove_all(dir);
+}
+
+TEST(NbdServerListen, TcpBindsExactlyTheGivenAddress) {
+  auto server = NbdServer::Create({});
+  ASSERT_TRUE(server->AddExport({"", "", std::make_shared<MemoryBackend>(4096), false}));
+  ASSERT_TRUE(server->ListenTcp("127.0.0.1:0"));
+  auto eps = server->BoundEndpoints();
+  ASSERT_EQ(eps.size(), 1u);
+  EXPECT_EQ(eps[0].rfind("127.0.0.1:", 0), 0u) << eps[0];
+  EXPECT_NE(eps[0], "127.0.0.1:0");
+  EXPECT_FALSE(server->ListenTcp("no-port-here"));
+  EXPECT_FALSE(server->ListenTcp(":10809"));
+  if (server->ListenTcp("[::1]:0")) {
+    eps = server->BoundEndpoints();
+    EXPECT_EQ(eps.back().rfind("[::1]:", 0), 0u) << eps.back();
+  }
+}
+
+TEST(NbdServerExports, RejectsDuplicateAndMissingBackends) {
+  auto server = NbdServer::Create({});
+  ASSERT_TRUE(server->AddExport({"a", "", std::make_shared<MemoryBackend>(4096), false}));
+  EXPECT_FALSE(server->AddExport({"a", "", std::make_shared<MemoryBackend>(4096), false}));
+  EXPECT_FALSE(server->AddExport({"b", "", nullptr, false}));
+}
+
+// --- Interop with real NBD clients (skipped when a tool is missing) ----------
+
+bool HaveTool(const char* path) { return ::access(path, X_OK) == 0; }
+
+// Runs a shell command, returns (exit status, stdout).
+std::pair<int, std::string> Shell(const std::string& cmd) {
+  std::string out;
+  std::FILE* p = ::popen((cmd + " 2>&1").c_str(), "r");
+  if (!p) return {-1, ""};
+  std::array<char, 4096> buf;
+  size_t n;
+  while ((n = std::fread(buf.data(), 1, buf.size(), p)) > 0) out.append(buf.data(), n);
+  int st = ::pclose(p);
+  return {WIFEXITED(st) ? WEXITSTATUS(st) : -1, out};
+}
+
+TEST_F(NbdServerTest, InteropNbdinfoListJsonAndMap) {
+  if (!HaveTool("/usr/bin/nbdinfo")) GTEST_SKIP() << "nbdinfo not installed";
+  StartServer();
+  auto uri = "'nbd+unix:///disk?socket=" + socket_ + "'";
+  auto [st, out] = Shell("nbdinfo --json " + uri);
+  ASSERT_EQ(st, 0) << out;
+  EXPECT_NE(out.find("\"export-size\": 4194304"), std::string::npos) << out;
+  EXPECT_NE(out.find("base:allocation"), std::string::npos) << out;
+  std::tie(st, out) = Shell("nbdinfo --list 'nbd+unix://?socket=" + socket_ + "'");
+  ASSERT_EQ(st, 0) << out;
+  EXPECT_NE(out.find("export=\"forced-ro\""), std::string::npos) << out;
+  EXPECT_NE(out.find("a test disk"), std::string::npos) << out;
+  // Write with qemu-io, trim part of it, then map shows the hole.
+  if (HaveTool("/usr/bin/qemu-io")) {
+    std::tie(st, out) =
+        Shell("qemu-io -f raw -c 'aio_write -P 0x55 0 1M' -c aio_flush -c 'discard 256k 256k' "
+            "-c 'write -z 768k 64k' -c 'aio_read -P 0x55 0 256k' -c aio_flush " + uri);
+    ASSERT_EQ(st, 0) << out;
+    EXPECT_EQ(out.find("fail"), std::string::npos) << out;
+    EXPECT_EQ(out.find("Pattern verification failed"), std::string::npos) << out;
+  }
+  std::tie(st, out) = Shell("nbdinfo --map " + uri);
+  ASSERT_EQ(st, 0) << out;
+  EXPECT_NE(out.find("262144  262144    3  hole,zero"), std::string::npos) << out;
+  EXPECT_NE(out.find("0  262144    0  data"), std::string::npos) << out;
+}
+
+TEST_F(NbdServerTest, InteropQemuImgAndNbdcopyRoundTrip) {
+  if (!HaveTool("/usr/bin/qemu-img") || !HaveTool("/usr/bin/nbdcopy")) {
+    GTEST_SKIP() << "qemu-img or nbdcopy not installed";
+  }
+  StartServer();
+  auto uri = "'nbd+unix:///disk?socket=" + socket_ + "'";
+  auto src = (dir_ / "src.img").string(), back = (dir_ / "back.img").string();
+  auto [st, out] = Shell("head -c 4194304 /dev/urandom > " + src + " && truncate -s 4M " + src +
+                       " && dd if=/dev/zero of=" + src +
+                       " bs=64k seek=10 count=8 conv=notrunc status=none");
+  ASSERT_EQ(st, 0) << out;
+  std::tie(st, out) = Shell("qemu-img convert -n -f raw -O raw " + src + " " + uri);
+  ASSERT_EQ(st, 0) << out;
+  std::tie(st, out) = Shell("qemu-img compare -f raw -F raw " + src + " " + uri);
+  EXPECT_EQ(st, 0) << out;
+  std::tie(st, out) = Shell("nbdcopy " + uri + " " + back + " && cmp " + src + " " + back);
+  EXPECT_EQ(st, 0) << out;
+  std::tie(st, out) = Shell("nbdcopy " + back + " " + uri + " && qemu-img compare -f raw -F raw " +
+                          back + " " + uri);
+  EXPECT_EQ(st, 0) << out;
+}
+
+}  // namespace
+}  // namespace kagemusha::storage
