@@ -25,14 +25,19 @@ std::vector<uint8_t> EncodeArp(const ArpPacket& p) {
 
 Result<ArpPacket> DecodeArp(std::span<const uint8_t> data) {
   if (data.size() < kArpPacketSize)
-    return Fail(Error::Protocol("ARP packet is " + std::to_string(data.size()) + " bytes, expected 28"));
-  if (LoadBe16(&data[0]) != kArpHardwareEthernet) return Fail(Error::Protocol("ARP hardware type is not Ethernet"));
-  if (LoadBe16(&data[2]) != ethertype::kIpv4) return Fail(Error::Protocol("ARP protocol type is not IPv4"));
-  if (data[4] != 6 || data[5] != 4) return Fail(Error::Protocol("ARP address lengths are not 6 and 4"));
+    return Fail(
+        Error::Protocol("ARP packet is " + std::to_string(data.size()) + " bytes, expected 28"));
+  if (LoadBe16(&data[0]) != kArpHardwareEthernet)
+    return Fail(Error::Protocol("ARP hardware type is not Ethernet"));
+  if (LoadBe16(&data[2]) != ethertype::kIpv4)
+    return Fail(Error::Protocol("ARP protocol type is not IPv4"));
+  if (data[4] != 6 || data[5] != 4)
+    return Fail(Error::Protocol("ARP address lengths are not 6 and 4"));
   ArpPacket p;
   p.operation = LoadBe16(&data[6]);
   if (p.operation != kArpOpRequest && p.operation != kArpOpReply)
-    return Fail(Error::Protocol("ARP operation " + std::to_string(p.operation) + " is neither request nor reply"));
+    return Fail(Error::Protocol("ARP operation " + std::to_string(p.operation) +
+                                " is neither request nor reply"));
   std::copy(data.data() + 8, data.data() + 14, p.sender_mac.begin());
   std::copy(data.data() + 14, data.data() + 18, p.sender_ip.begin());
   std::copy(data.data() + 18, data.data() + 24, p.target_mac.begin());
@@ -42,7 +47,8 @@ Result<ArpPacket> DecodeArp(std::span<const uint8_t> data) {
 
 bool IsGratuitous(const ArpPacket& p) { return p.sender_ip == p.target_ip; }
 
-std::vector<uint8_t> BuildGratuitousArpFrame(const MacAddress& mac, const Ipv4Address& ip, bool reply) {
+std::vector<uint8_t> BuildGratuitousArpFrame(const MacAddress& mac, const Ipv4Address& ip,
+                                             bool reply) {
   ArpPacket p;
   p.operation = reply ? kArpOpReply : kArpOpRequest;
   p.sender_mac = mac;

@@ -56,8 +56,7 @@ class Error;
 namespace std {
 
 template <class T, class E>
-  requires is_same_v<E, kagemusha::Error> && (!is_void_v<T>)
-class expected<T, E> {
+requires is_same_v<E, kagemusha::Error> &&(!is_void_v<T>)class expected<T, E> {
  public:
   using value_type = T;
   using error_type = E;
@@ -76,9 +75,10 @@ class expected<T, E> {
       std::construct_at(&err_, std::move(o.err_));
   }
   template <class U = T>
-    requires(!is_same_v<remove_cvref_t<U>, expected> && !is_same_v<remove_cvref_t<U>, in_place_t> &&
-             !is_same_v<remove_cvref_t<U>, unexpect_t> && is_constructible_v<T, U>)
-  explicit(!is_convertible_v<U, T>) expected(U&& v) : has_(true) {
+  requires(!is_same_v<remove_cvref_t<U>, expected> && !is_same_v<remove_cvref_t<U>, in_place_t> &&
+           !is_same_v<remove_cvref_t<U>, unexpect_t> &&
+           is_constructible_v<T, U>) explicit(!is_convertible_v<U, T>) expected(U&& v)
+      : has_(true) {
     std::construct_at(&val_, std::forward<U>(v));
   }
   template <class G>
@@ -158,7 +158,7 @@ class expected<T, E> {
 // expected<void, E> by pattern (not by constraint), so it is more specialized
 // than libstdc++'s own "requires is_void_v<_Tp>" partial specialization.
 template <class E>
-  requires is_same_v<E, kagemusha::Error>
+requires is_same_v<E, kagemusha::Error>
 class expected<void, E> {
  public:
   using value_type = void;

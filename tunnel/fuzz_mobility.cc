@@ -52,17 +52,21 @@ void NeighborDiscovery(std::span<const uint8_t> in, uint8_t which) {
   switch (which % 4) {
     case 0: {
       auto r = DecodeRouterSolicitation(m, ctx);
-      if (r && !(*DecodeRouterSolicitation(EncodeRouterSolicitation(*r, kSrc, kDst), ctx) == *r)) std::abort();
+      if (r && !(*DecodeRouterSolicitation(EncodeRouterSolicitation(*r, kSrc, kDst), ctx) == *r))
+        std::abort();
       break;
     }
     case 1: {
       auto r = DecodeRouterAdvertisement(m, ctx);
-      if (r && !(*DecodeRouterAdvertisement(EncodeRouterAdvertisement(*r, kSrc, kDst), ctx) == *r)) std::abort();
+      if (r && !(*DecodeRouterAdvertisement(EncodeRouterAdvertisement(*r, kSrc, kDst), ctx) == *r))
+        std::abort();
       break;
     }
     case 2: {
       auto r = DecodeNeighborSolicitation(m, ctx);
-      if (r && !(*DecodeNeighborSolicitation(EncodeNeighborSolicitation(*r, kSrc, kDst), ctx) == *r)) std::abort();
+      if (r &&
+          !(*DecodeNeighborSolicitation(EncodeNeighborSolicitation(*r, kSrc, kDst), ctx) == *r))
+        std::abort();
       break;
     }
     case 3: {
@@ -88,7 +92,8 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
       break;
     case 1: {
       auto p = ParseMobilityPacket(in);
-      if (p && !VerifyMobilityHeaderChecksum(p->mh, {p->ip.checksum_src, p->ip.checksum_dst})) std::abort();
+      if (p && !VerifyMobilityHeaderChecksum(p->mh, {p->ip.checksum_src, p->ip.checksum_dst}))
+        std::abort();
       if (p) MobilityRoundTrip(p->mh);
       break;
     }

@@ -32,10 +32,12 @@ uint16_t ChecksumFinish(uint32_t sum) {
   return uint16_t(~sum);
 }
 
-uint16_t InternetChecksum(std::span<const uint8_t> data) { return ChecksumFinish(ChecksumAdd(0, data)); }
+uint16_t InternetChecksum(std::span<const uint8_t> data) {
+  return ChecksumFinish(ChecksumAdd(0, data));
+}
 
-uint16_t Ipv6PseudoHeaderChecksum(const Ipv6Address& src, const Ipv6Address& dst, uint8_t next_header,
-                                  std::span<const uint8_t> upper) {
+uint16_t Ipv6PseudoHeaderChecksum(const Ipv6Address& src, const Ipv6Address& dst,
+                                  uint8_t next_header, std::span<const uint8_t> upper) {
   uint32_t sum = ChecksumAdd(0, AsSpan(src));
   sum = ChecksumAdd(sum, AsSpan(dst));
   uint8_t tail[8];
@@ -71,8 +73,9 @@ Result<EthernetFrame> ParseEthernetFrame(std::span<const uint8_t> frame) {
   return f;
 }
 
-std::vector<uint8_t> BuildEthernetFrame(const MacAddress& dst, const MacAddress& src, uint16_t ether_type,
-                                        std::span<const uint8_t> payload, std::optional<uint16_t> vlan_tci) {
+std::vector<uint8_t> BuildEthernetFrame(const MacAddress& dst, const MacAddress& src,
+                                        uint16_t ether_type, std::span<const uint8_t> payload,
+                                        std::optional<uint16_t> vlan_tci) {
   std::vector<uint8_t> out;
   out.reserve(kEthernetHeaderSize + 4 + payload.size());
   ByteWriter w(out);
@@ -90,10 +93,12 @@ std::vector<uint8_t> BuildEthernetFrame(const MacAddress& dst, const MacAddress&
 // ---- IPv6 -------------------------------------------------------------------
 
 Result<Ipv6Packet> ParseIpv6Packet(std::span<const uint8_t> packet) {
-  if (packet.size() < kIpv6HeaderSize) return Fail(Bad("IPv6 packet shorter than its 40-byte header"));
+  if (packet.size() < kIpv6HeaderSize)
+    return Fail(Bad("IPv6 packet shorter than its 40-byte header"));
   ByteReader r(packet);
   uint32_t first = *r.U32();
-  if (first >> 28 != 6) return Fail(Bad("IP version is " + std::to_string(first >> 28) + ", not 6"));
+  if (first >> 28 != 6)
+    return Fail(Bad("IP version is " + std::to_string(first >> 28) + ", not 6"));
   Ipv6Packet p;
   p.header.traffic_class = uint8_t(first >> 20);
   p.header.flow_label = first & 0xfffff;
@@ -108,8 +113,9 @@ Result<Ipv6Packet> ParseIpv6Packet(std::span<const uint8_t> packet) {
     return Fail(Error::NotSupported("IPv6 jumbogram"));
   auto payload = r.Bytes(p.header.payload_length);
   if (!payload)
-    return Fail(Bad("IPv6 Payload Length " + std::to_string(p.header.payload_length) + " exceeds the " +
-                    std::to_string(packet.size() - kIpv6HeaderSize) + " bytes present"));
+    return Fail(Bad("IPv6 Payload Length " + std::to_string(p.header.payload_length) +
+                    " exceeds the " + std::to_string(packet.size() - kIpv6HeaderSize) +
+                    " bytes present"));
   p.payload = *payload;
   return p;
 }
@@ -176,13 +182,15 @@ std::string FormatIpv4(const Ipv4Address& a) {
 
 std::string FormatMac(const MacAddress& m) {
   char buf[18];
-  std::snprintf(buf, sizeof buf, "%02x:%02x:%02x:%02x:%02x:%02x", m[0], m[1], m[2], m[3], m[4], m[5]);
+  std::snprintf(buf, sizeof buf, "%02x:%02x:%02x:%02x:%02x:%02x", m[0], m[1], m[2], m[3], m[4],
+                m[5]);
   return buf;
 }
 
 // ---- Extension headers ------------------------------------------------------
 
-std::vector<uint8_t> EncodeHomeAddressDestinationOptions(uint8_t next_header, const Ipv6Address& home_address) {
+std::vector<uint8_t> EncodeHomeAddressDestinationOptions(uint8_t next_header,
+                                                         const Ipv6Address& home_address) {
   std::vector<uint8_t> out;
   ByteWriter w(out);
   w.U8(next_header);
@@ -204,22 +212,25 @@ Result<DestinationOptions> DecodeDestinationOptions(std::span<const uint8_t> dat
   d.next_header = data[0];
   d.length = (size_t(data[1]) + 1) * 8;
   if (d.length > data.size())
-    return Fail(Bad("Destination Options Hdr Ext Len " + std::to_string(data[1]) + " runs past the packet"));
+    return Fail(Bad("Destination Options Hdr Ext Len " + std::to_string(data[1]) +
+                    " runs past the packet"));
   ByteReader r(data.subspan(2, d.length - 2));
   while (!r.empty()) {
     uint8_t type = *r.U8();
     if (type == kOptPad1) continue;
     auto len = r.U8();
-    if (!len) return Fail(Bad("destination option type " + std::to_string(type) + " has no length byte"));
+    if (!len)
+      return Fail(Bad("destination option type " + std::to_string(type) + " has no length byte"));
     auto body = r.Bytes(*len);
     if (!body)
-      return Fail(Bad("destination option type " + std::to_string(type) + " length " + std::to_string(*len) +
-                      " overruns the header"));
+      return Fail(Bad("destination option type " + std::to_string(type) + " length " +
+                      std::to_string(*len) + " overruns the header"));
     switch (type) {
       case kOptPadN:
         break;
       case kOptHomeAddress:
-        if (*len != 16) return Fail(Bad("Home Address option length " + std::to_string(*len) + ", expected 16"));
+        if (*len != 16)
+          return Fail(Bad("Home Address option length " + std::to_string(*len) + ", expected 16"));
         if (d.home_address) return Fail(Bad("more than one Home Address option"));
         d.home_address.emplace();
         std::copy(body->begin(), body->end(), d.home_address->begin());
@@ -255,9 +266,13 @@ std::vector<uint8_t> EncodeType2RoutingHeader(uint8_t next_header, const Ipv6Add
 
 Result<Type2RoutingHeader> DecodeType2RoutingHeader(std::span<const uint8_t> data) {
   if (data.size() < 24) return Fail(Bad("type 2 routing header shorter than 24 bytes"));
-  if (data[2] != kRoutingType2) return Fail(Bad("routing type " + std::to_string(data[2]) + ", expected 2"));
-  if (data[1] != 2) return Fail(Bad("type 2 routing header Hdr Ext Len " + std::to_string(data[1]) + ", expected 2"));
-  if (data[3] > 1) return Fail(Bad("type 2 routing header Segments Left " + std::to_string(data[3]) + " > 1"));
+  if (data[2] != kRoutingType2)
+    return Fail(Bad("routing type " + std::to_string(data[2]) + ", expected 2"));
+  if (data[1] != 2)
+    return Fail(
+        Bad("type 2 routing header Hdr Ext Len " + std::to_string(data[1]) + ", expected 2"));
+  if (data[3] > 1)
+    return Fail(Bad("type 2 routing header Segments Left " + std::to_string(data[3]) + " > 1"));
   Type2RoutingHeader h;
   h.next_header = data[0];
   h.segments_left = data[3];
@@ -276,13 +291,17 @@ Result<Ipv6UpperLayer> FindUpperLayer(const Ipv6Packet& packet) {
     if (nh == ipproto::kHopByHop || nh == ipproto::kDestinationOptions) {
       if (nh == ipproto::kHopByHop && headers != 0) return Fail(Bad("Hop-by-Hop header not first"));
       auto d = DecodeDestinationOptions(rest);
-      if (!d) return Fail(d.error().Context(nh == ipproto::kHopByHop ? "Hop-by-Hop" : "Destination Options"));
+      if (!d)
+        return Fail(
+            d.error().Context(nh == ipproto::kHopByHop ? "Hop-by-Hop" : "Destination Options"));
       if (d->home_address) {
-        if (nh == ipproto::kHopByHop) return Fail(Bad("Home Address option in a Hop-by-Hop header"));
+        if (nh == ipproto::kHopByHop)
+          return Fail(Bad("Home Address option in a Hop-by-Hop header"));
         if (u.home_address) return Fail(Bad("two Home Address options"));
         u.home_address = d->home_address;
       }
-      if (d->tunnel_encapsulation_limit) u.tunnel_encapsulation_limit = d->tunnel_encapsulation_limit;
+      if (d->tunnel_encapsulation_limit)
+        u.tunnel_encapsulation_limit = d->tunnel_encapsulation_limit;
       nh = d->next_header;
       rest = rest.subspan(d->length);
     } else if (nh == ipproto::kRouting) {
@@ -296,7 +315,8 @@ Result<Ipv6UpperLayer> FindUpperLayer(const Ipv6Packet& packet) {
         if (!rh) return Fail(rh.error());
         u.routing = *rh;
       } else if (rest[3] != 0) {
-        return Fail(Error::NotSupported("routing header type " + std::to_string(rest[2]) + " with segments left"));
+        return Fail(Error::NotSupported("routing header type " + std::to_string(rest[2]) +
+                                        " with segments left"));
       }
       nh = rest[0];
       rest = rest.subspan(len);
@@ -309,13 +329,15 @@ Result<Ipv6UpperLayer> FindUpperLayer(const Ipv6Packet& packet) {
   u.protocol = nh;
   u.data = rest;
   u.checksum_src = u.home_address ? *u.home_address : packet.header.src;
-  u.checksum_dst = (u.routing && u.routing->segments_left > 0) ? u.routing->home_address : packet.header.dst;
+  u.checksum_dst =
+      (u.routing && u.routing->segments_left > 0) ? u.routing->home_address : packet.header.dst;
   return u;
 }
 
 // ---- Encapsulation ----------------------------------------------------------
 
-Result<std::vector<uint8_t>> EncapsulateInIpv6(const TunnelEndpoints& tunnel, std::span<const uint8_t> inner) {
+Result<std::vector<uint8_t>> EncapsulateInIpv6(const TunnelEndpoints& tunnel,
+                                               std::span<const uint8_t> inner) {
   if (inner.empty()) return Fail(Error::Invalid("empty inner packet"));
   Ipv6Header h;
   h.src = tunnel.src;
@@ -355,7 +377,8 @@ Result<Decapsulated> Decapsulate(std::span<const uint8_t> outer_packet) {
     if (in->header.total_length != u->data.size())
       return Fail(Bad("inner IPv4 Total Length disagrees with the tunnel payload"));
   } else {
-    return Fail(Bad("next header " + std::to_string(u->protocol) + " is not a tunnelled IPv6 or IPv4 packet"));
+    return Fail(Bad("next header " + std::to_string(u->protocol) +
+                    " is not a tunnelled IPv6 or IPv4 packet"));
   }
   d.inner = u->data;
   return d;
@@ -365,18 +388,21 @@ Result<Decapsulated> Decapsulate(std::span<const uint8_t> outer_packet) {
 
 Result<Ipv4Packet> ParseIpv4Packet(std::span<const uint8_t> packet) {
   if (packet.size() < kIpv4MinHeaderSize) return Fail(Bad("IPv4 packet shorter than 20 bytes"));
-  if (packet[0] >> 4 != 4) return Fail(Bad("IP version is " + std::to_string(packet[0] >> 4) + ", not 4"));
+  if (packet[0] >> 4 != 4)
+    return Fail(Bad("IP version is " + std::to_string(packet[0] >> 4) + ", not 4"));
   Ipv4Packet p;
   p.header_length = size_t(packet[0] & 0xf) * 4;
   if (p.header_length < kIpv4MinHeaderSize) return Fail(Bad("IPv4 IHL below 5"));
   auto& h = p.header;
   h.tos = packet[1];
   h.total_length = LoadBe16(&packet[2]);
-  if (h.total_length < p.header_length) return Fail(Bad("IPv4 Total Length smaller than its header"));
+  if (h.total_length < p.header_length)
+    return Fail(Bad("IPv4 Total Length smaller than its header"));
   if (h.total_length > packet.size())
     return Fail(Bad("IPv4 Total Length " + std::to_string(h.total_length) + " exceeds the " +
                     std::to_string(packet.size()) + " bytes present"));
-  if (InternetChecksum(packet.subspan(0, p.header_length)) != 0) return Fail(Bad("IPv4 header checksum mismatch"));
+  if (InternetChecksum(packet.subspan(0, p.header_length)) != 0)
+    return Fail(Bad("IPv4 header checksum mismatch"));
   h.identification = LoadBe16(&packet[4]);
   uint16_t frag = LoadBe16(&packet[6]);
   h.dont_fragment = frag & 0x4000;
@@ -391,7 +417,8 @@ Result<Ipv4Packet> ParseIpv4Packet(std::span<const uint8_t> packet) {
 }
 
 Result<std::vector<uint8_t>> BuildIpv4Packet(Ipv4Header h, std::span<const uint8_t> payload) {
-  if (payload.size() > 0xffff - kIpv4MinHeaderSize) return Fail(Error::Invalid("IPv4 payload too large"));
+  if (payload.size() > 0xffff - kIpv4MinHeaderSize)
+    return Fail(Error::Invalid("IPv4 payload too large"));
   h.total_length = uint16_t(kIpv4MinHeaderSize + payload.size());
   std::vector<uint8_t> out;
   out.reserve(h.total_length);
@@ -400,7 +427,8 @@ Result<std::vector<uint8_t>> BuildIpv4Packet(Ipv4Header h, std::span<const uint8
   w.U8(h.tos);
   w.U16(h.total_length);
   w.U16(h.identification);
-  w.U16(uint16_t((h.dont_fragment ? 0x4000 : 0) | (h.more_fragments ? 0x2000 : 0) | (h.fragment_offset & 0x1fff)));
+  w.U16(uint16_t((h.dont_fragment ? 0x4000 : 0) | (h.more_fragments ? 0x2000 : 0) |
+                 (h.fragment_offset & 0x1fff)));
   w.U8(h.ttl);
   w.U8(h.protocol);
   w.U16(0);
@@ -413,8 +441,8 @@ Result<std::vector<uint8_t>> BuildIpv4Packet(Ipv4Header h, std::span<const uint8
 
 // ---- ICMP -------------------------------------------------------------------
 
-std::vector<uint8_t> BuildIcmpv6(const Ipv6Address& src, const Ipv6Address& dst, uint8_t type, uint8_t code,
-                                 uint32_t word, std::span<const uint8_t> body) {
+std::vector<uint8_t> BuildIcmpv6(const Ipv6Address& src, const Ipv6Address& dst, uint8_t type,
+                                 uint8_t code, uint32_t word, std::span<const uint8_t> body) {
   std::vector<uint8_t> out;
   out.reserve(8 + body.size());
   ByteWriter w(out);
@@ -427,9 +455,11 @@ std::vector<uint8_t> BuildIcmpv6(const Ipv6Address& src, const Ipv6Address& dst,
   return out;
 }
 
-Result<std::vector<uint8_t>> BuildIcmpv6PacketTooBig(const Ipv6Address& src, const Ipv6Address& dst, uint32_t mtu,
+Result<std::vector<uint8_t>> BuildIcmpv6PacketTooBig(const Ipv6Address& src, const Ipv6Address& dst,
+                                                     uint32_t mtu,
                                                      std::span<const uint8_t> invoking_packet) {
-  if (mtu < kIpv6MinimumMtu) return Fail(Error::Invalid("Packet Too Big MTU below the IPv6 minimum of 1280"));
+  if (mtu < kIpv6MinimumMtu)
+    return Fail(Error::Invalid("Packet Too Big MTU below the IPv6 minimum of 1280"));
   // RFC 4443 §3.2: quote as much as possible without the error packet
   // exceeding the minimum MTU.
   size_t room = kIpv6MinimumMtu - kIpv6HeaderSize - 8;
@@ -442,9 +472,9 @@ Result<std::vector<uint8_t>> BuildIcmpv6PacketTooBig(const Ipv6Address& src, con
   return BuildIpv6Packet(h, BuildIcmpv6(src, dst, kIcmpv6PacketTooBig, 0, mtu, quoted));
 }
 
-Result<std::vector<uint8_t>> BuildIcmpv4FragmentationNeeded(const Ipv4Address& src, const Ipv4Address& dst,
-                                                            uint16_t next_hop_mtu,
-                                                            std::span<const uint8_t> invoking_packet) {
+Result<std::vector<uint8_t>> BuildIcmpv4FragmentationNeeded(
+    const Ipv4Address& src, const Ipv4Address& dst, uint16_t next_hop_mtu,
+    std::span<const uint8_t> invoking_packet) {
   auto inv = ParseIpv4Packet(invoking_packet);
   if (!inv) return Fail(inv.error().Context("invoking packet"));
   size_t quote = inv->header_length + std::min<size_t>(8, inv->payload.size());
@@ -465,9 +495,11 @@ Result<std::vector<uint8_t>> BuildIcmpv4FragmentationNeeded(const Ipv4Address& s
   return BuildIpv4Packet(h, icmp);
 }
 
-Result<IcmpMessage> ParseIcmpv6(const Ipv6Address& src, const Ipv6Address& dst, std::span<const uint8_t> icmp) {
+Result<IcmpMessage> ParseIcmpv6(const Ipv6Address& src, const Ipv6Address& dst,
+                                std::span<const uint8_t> icmp) {
   if (icmp.size() < 8) return Fail(Bad("ICMPv6 message shorter than 8 bytes"));
-  if (Ipv6PseudoHeaderChecksum(src, dst, ipproto::kIcmpv6, icmp) != 0) return Fail(Bad("ICMPv6 checksum mismatch"));
+  if (Ipv6PseudoHeaderChecksum(src, dst, ipproto::kIcmpv6, icmp) != 0)
+    return Fail(Bad("ICMPv6 checksum mismatch"));
   return IcmpMessage{icmp[0], icmp[1], LoadBe32(&icmp[4]), icmp.subspan(8)};
 }
 

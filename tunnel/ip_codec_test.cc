@@ -197,8 +197,9 @@ TEST(FindUpperLayer, UsesHomeAddressAndRoutingDestinationForPseudoHeader) {
 }
 
 TEST(FindUpperLayer, RefusesFragmentsAndUnknownRoutingWithSegmentsLeft) {
-  EXPECT_EQ(FindUpperLayer(*ParseIpv6Packet(Ipv6With(ipproto::kFragment, Bytes(16, 0)))).error().code(),
-            ENOTSUP);
+  EXPECT_EQ(
+      FindUpperLayer(*ParseIpv6Packet(Ipv6With(ipproto::kFragment, Bytes(16, 0)))).error().code(),
+      ENOTSUP);
   Bytes rh0 = {ipproto::kUdp, 0, 0, 1, 0, 0, 0, 0};
   EXPECT_FALSE(FindUpperLayer(*ParseIpv6Packet(Ipv6With(ipproto::kRouting, rh0))));
   Bytes hbh_late = EncodeHomeAddressDestinationOptions(ipproto::kHopByHop, kHoa);
@@ -318,7 +319,8 @@ TEST(FragmentationNeeded, QuotesHeaderPlusEightBytesWithValidChecksums) {
 
 TEST(EthernetFrame, SkipsVlanAndQinQTags) {
   Bytes payload = {1, 2, 3};
-  auto f = BuildEthernetFrame({1, 2, 3, 4, 5, 6}, {6, 5, 4, 3, 2, 1}, ethertype::kIpv6, payload, 0x2064);
+  auto f =
+      BuildEthernetFrame({1, 2, 3, 4, 5, 6}, {6, 5, 4, 3, 2, 1}, ethertype::kIpv6, payload, 0x2064);
   auto p = ParseEthernetFrame(f);
   ASSERT_TRUE(p);
   EXPECT_EQ(p->ether_type, ethertype::kIpv6);
@@ -326,7 +328,8 @@ TEST(EthernetFrame, SkipsVlanAndQinQTags) {
   EXPECT_EQ(p->src, (MacAddress{6, 5, 4, 3, 2, 1}));
   EXPECT_EQ(Bytes(p->payload.begin(), p->payload.end()), payload);
   // S-tag then C-tag.
-  Bytes qinq = {1, 2, 3, 4, 5, 6, 6, 5, 4, 3, 2, 1, 0x88, 0xa8, 0x00, 0x0a, 0x81, 0x00, 0x00, 0x14, 0x08, 0x06, 9};
+  Bytes qinq = {1,    2,    3,    4,    5,    6,    6,    5,    4,    3,    2, 1,
+                0x88, 0xa8, 0x00, 0x0a, 0x81, 0x00, 0x00, 0x14, 0x08, 0x06, 9};
   auto q = ParseEthernetFrame(qinq);
   ASSERT_TRUE(q);
   EXPECT_EQ(q->ether_type, ethertype::kArp);
@@ -335,7 +338,8 @@ TEST(EthernetFrame, SkipsVlanAndQinQTags) {
 }
 
 TEST(EthernetFrame, RejectsTruncatedAndOddFrames) {
-  Bytes three = {1, 2, 3, 4, 5, 6, 6, 5, 4, 3, 2, 1, 0x81, 0, 0, 1, 0x81, 0, 0, 2, 0x81, 0, 0, 3, 0x86, 0xdd};
+  Bytes three = {1, 2, 3, 4,    5, 6, 6, 5,    4, 3, 2, 1,    0x81,
+                 0, 0, 1, 0x81, 0, 0, 2, 0x81, 0, 0, 3, 0x86, 0xdd};
   EXPECT_FALSE(ParseEthernetFrame(three));
   Bytes cut_tag = {1, 2, 3, 4, 5, 6, 6, 5, 4, 3, 2, 1, 0x81, 0, 0};
   EXPECT_FALSE(ParseEthernetFrame(cut_tag));

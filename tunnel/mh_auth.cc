@@ -13,7 +13,8 @@
 namespace kagemusha::tunnel {
 namespace {
 
-Result<std::vector<uint8_t>> Authenticator(std::span<const uint8_t> mh, const AuthenticatorLocation& loc,
+Result<std::vector<uint8_t>> Authenticator(std::span<const uint8_t> mh,
+                                           const AuthenticatorLocation& loc,
                                            const MhAuthParams& p) {
   std::vector<uint8_t> data;
   data.reserve(32 + loc.authenticator_offset);
@@ -54,9 +55,11 @@ Result<std::vector<uint8_t>> EncodeAuthenticatedMobilityHeader(const MobilityMes
   if (!options) return Fail(Error::Invalid("this MH type carries no options to authenticate"));
   for (const auto& o : *options)
     if (std::holds_alternative<MobilityMessageAuthentication>(o))
-      return Fail(Error::Invalid("message already carries a Mobility Message Authentication option"));
-  options->push_back(MobilityMessageAuthentication{mh_auth_subtype::kMnHa, params.spi,
-                                                   std::vector<uint8_t>(AuthenticatorLength(params.algorithm), 0)});
+      return Fail(
+          Error::Invalid("message already carries a Mobility Message Authentication option"));
+  options->push_back(MobilityMessageAuthentication{
+      mh_auth_subtype::kMnHa, params.spi,
+      std::vector<uint8_t>(AuthenticatorLength(params.algorithm), 0)});
   auto mh = EncodeMobilityHeader(m, std::nullopt);
   if (!mh) return Fail(mh.error());
   auto loc = LocateAuthenticator(*mh);
@@ -64,18 +67,21 @@ Result<std::vector<uint8_t>> EncodeAuthenticatedMobilityHeader(const MobilityMes
   auto auth = Authenticator(*mh, *loc, params);
   if (!auth) return Fail(auth.error());
   std::copy(auth->begin(), auth->end(), mh->begin() + loc->authenticator_offset);
-  StoreBe16(mh->data() + 4, Ipv6PseudoHeaderChecksum(addresses.src, addresses.dst, ipproto::kMobility, *mh));
+  StoreBe16(mh->data() + 4,
+            Ipv6PseudoHeaderChecksum(addresses.src, addresses.dst, ipproto::kMobility, *mh));
   return mh;
 }
 
-Status VerifyMobilityMessageAuthentication(std::span<const uint8_t> mh, const MhAuthParams& params) {
+Status VerifyMobilityMessageAuthentication(std::span<const uint8_t> mh,
+                                           const MhAuthParams& params) {
   auto loc = LocateAuthenticator(mh);
   if (!loc) return Fail(loc.error());
   if (loc->subtype != mh_auth_subtype::kMnHa)
-    return Fail(Error::NotSupported("authentication subtype " + std::to_string(loc->subtype) + " is not MN-HA"));
+    return Fail(Error::NotSupported("authentication subtype " + std::to_string(loc->subtype) +
+                                    " is not MN-HA"));
   if (loc->spi != params.spi)
-    return Fail(Error::Permission("authentication SPI " + std::to_string(loc->spi) + " does not match " +
-                                  std::to_string(params.spi)));
+    return Fail(Error::Permission("authentication SPI " + std::to_string(loc->spi) +
+                                  " does not match " + std::to_string(params.spi)));
   if (loc->authenticator_length != AuthenticatorLength(params.algorithm))
     return Fail(Error::Protocol("authenticator is " + std::to_string(loc->authenticator_length) +
                                 " bytes, the algorithm produces " +
@@ -83,7 +89,8 @@ Status VerifyMobilityMessageAuthentication(std::span<const uint8_t> mh, const Mh
   auto want = Authenticator(mh, *loc, params);
   if (!want) return Fail(want.error());
   if (CRYPTO_memcmp(want->data(), mh.data() + loc->authenticator_offset, want->size()) != 0)
-    return Fail(Error::Permission("Mobility Message Authentication mismatch (wrong key or altered message)"));
+    return Fail(Error::Permission(
+        "Mobility Message Authentication mismatch (wrong key or altered message)"));
   return Ok();
 }
 

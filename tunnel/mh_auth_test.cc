@@ -23,7 +23,9 @@ MhAuthParams Params(MhAuthAlgorithm alg = MhAuthAlgorithm::kHmacSha256_128) {
 }
 
 BindingUpdate SampleBu() {
-  return BindingUpdate{17, bu_flag::kAcknowledge | bu_flag::kHomeRegistration, 60,
+  return BindingUpdate{17,
+                       bu_flag::kAcknowledge | bu_flag::kHomeRegistration,
+                       60,
                        {Ipv4HomeAddress{24, false, {192, 0, 2, 10}}}};
 }
 
@@ -79,7 +81,7 @@ TEST(MobilityMessageAuthentication, RejectsWrongKeySpiAddressesOrAnyAlteredByte)
   p.care_of = kHa;  // replayed from another care-of address
   EXPECT_FALSE(VerifyMobilityMessageAuthentication(*mh, p));
   for (size_t i = 0; i < 44; ++i) {  // every byte up to the trailing padding...
-    if (i == 4 || i == 5) continue;   // ...except the checksum, which RFC 4285 zeroes
+    if (i == 4 || i == 5) continue;  // ...except the checksum, which RFC 4285 zeroes
     Bytes m = *mh;
     m[i] ^= 0x01;
     EXPECT_FALSE(VerifyMobilityMessageAuthentication(m, Params())) << "byte " << i;
@@ -96,17 +98,23 @@ TEST(MobilityMessageAuthentication, RefusesMessagesWithoutOrWithTwoAuthOptions) 
   EXPECT_FALSE(VerifyMobilityMessageAuthentication(*plain, Params()));
   BindingUpdate already = SampleBu();
   already.options.push_back(MobilityMessageAuthentication{1, 1, Bytes(16, 0)});
-  EXPECT_EQ(EncodeAuthenticatedMobilityHeader(already, Params(), {kHoa, kHa}).error().code(), EINVAL);
+  EXPECT_EQ(EncodeAuthenticatedMobilityHeader(already, Params(), {kHoa, kHa}).error().code(),
+            EINVAL);
   auto p = Params();
   Bytes empty;
   p.key = empty;
   EXPECT_FALSE(EncodeAuthenticatedMobilityHeader(SampleBu(), p, {kHoa, kHa}));
-  EXPECT_FALSE(EncodeAuthenticatedMobilityHeader(UnrecognizedMobilityMessage{1, Bytes(10, 0)}, Params(), {kHoa, kHa}));
+  EXPECT_FALSE(EncodeAuthenticatedMobilityHeader(UnrecognizedMobilityMessage{1, Bytes(10, 0)},
+                                                 Params(), {kHoa, kHa}));
 }
 
 TEST(MobilityMessageAuthentication, AuthenticatesBindingAckOverRoutingHeaderPacket) {
-  BindingAcknowledgement ba{ba_status::kAccepted, 0, 17, 60,
-                            {Ipv4AddressAcknowledgement{ipv4_ack_status::kSuccess, 24, {192, 0, 2, 10}}}};
+  BindingAcknowledgement ba{
+      ba_status::kAccepted,
+      0,
+      17,
+      60,
+      {Ipv4AddressAcknowledgement{ipv4_ack_status::kSuccess, 24, {192, 0, 2, 10}}}};
   auto mh = EncodeAuthenticatedMobilityHeader(ba, Params(), {kHa, kHoa});
   ASSERT_TRUE(mh);
   auto pkt = BuildMobilityPacket(kHa, kCoa, std::nullopt, kHoa, *mh);

@@ -87,7 +87,8 @@ std::optional<Error> EncodeOption(const MobilityOption& option, std::vector<uint
             return std::nullopt;
           },
           [&](const Ipv4HomeAddress& o) -> std::optional<Error> {
-            if (o.prefix_length > 32) return Error::Invalid("IPv4 home address prefix length above 32");
+            if (o.prefix_length > 32)
+              return Error::Invalid("IPv4 home address prefix length above 32");
             PadTo(out, 4, 0);
             w.U8(mh_option::kIpv4HomeAddress);
             w.U8(6);
@@ -96,7 +97,8 @@ std::optional<Error> EncodeOption(const MobilityOption& option, std::vector<uint
             return std::nullopt;
           },
           [&](const Ipv4AddressAcknowledgement& o) -> std::optional<Error> {
-            if (o.prefix_length > 32) return Error::Invalid("IPv4 acknowledgement prefix length above 32");
+            if (o.prefix_length > 32)
+              return Error::Invalid("IPv4 acknowledgement prefix length above 32");
             PadTo(out, 4, 0);
             w.U8(mh_option::kIpv4AddressAcknowledgement);
             w.U8(6);
@@ -127,7 +129,8 @@ std::optional<Error> EncodeOption(const MobilityOption& option, std::vector<uint
           [&](const UnknownMobilityOption& o) -> std::optional<Error> {
             if (o.type == mh_option::kPad1 || o.type == mh_option::kPadN)
               return Error::Invalid("padding is inserted by the encoder, not given as an option");
-            if (body_too_long(o.data.size())) return Error::Invalid("mobility option longer than 255 bytes");
+            if (body_too_long(o.data.size()))
+              return Error::Invalid("mobility option longer than 255 bytes");
             w.U8(o.type);
             w.U8(uint8_t(o.data.size()));
             w.Bytes(o.data);
@@ -139,8 +142,10 @@ std::optional<Error> EncodeOption(const MobilityOption& option, std::vector<uint
 
 Status EncodeOptions(const MobilityOptions& options, std::vector<uint8_t>& out) {
   for (size_t i = 0; i < options.size(); ++i) {
-    if (std::holds_alternative<MobilityMessageAuthentication>(options[i]) && i + 1 != options.size())
-      return Fail(Error::Invalid("Mobility Message Authentication option must be the last option (RFC 4285)"));
+    if (std::holds_alternative<MobilityMessageAuthentication>(options[i]) &&
+        i + 1 != options.size())
+      return Fail(Error::Invalid(
+          "Mobility Message Authentication option must be the last option (RFC 4285)"));
     if (auto e = EncodeOption(options[i], out)) return Fail(*e);
   }
   return Ok();
@@ -165,13 +170,16 @@ Result<MobilityOptions> DecodeOptions(std::span<const uint8_t> region) {
     if (!len) return Fail(Bad(OptName(type) + " truncated before its length"));
     auto body = r.Bytes(*len);
     if (!body)
-      return Fail(Bad(OptName(type) + " length " + std::to_string(*len) + " overruns the Mobility Header by " +
-                      std::to_string(*len - r.remaining()) + " bytes"));
+      return Fail(Bad(OptName(type) + " length " + std::to_string(*len) +
+                      " overruns the Mobility Header by " + std::to_string(*len - r.remaining()) +
+                      " bytes"));
     if (type == mh_option::kPadN) continue;
-    if (seen_auth) return Fail(Bad("option after the Mobility Message Authentication option (RFC 4285)"));
+    if (seen_auth)
+      return Fail(Bad("option after the Mobility Message Authentication option (RFC 4285)"));
     auto want = [&](size_t n) -> Status {
       if (*len != n)
-        return Fail(Bad(OptName(type) + " length " + std::to_string(*len) + ", expected " + std::to_string(n)));
+        return Fail(Bad(OptName(type) + " length " + std::to_string(*len) + ", expected " +
+                        std::to_string(n)));
       return Ok();
     };
     const uint8_t* b = body->data();
@@ -210,7 +218,8 @@ Result<MobilityOptions> DecodeOptions(std::span<const uint8_t> region) {
         o.status = b[0];
         o.prefix_length = b[1] >> 2;
         std::copy(b + 2, b + 6, o.address.begin());
-        if (o.prefix_length > 32) return Fail(Bad("IPv4 Address Acknowledgement prefix length above 32"));
+        if (o.prefix_length > 32)
+          return Fail(Bad("IPv4 Address Acknowledgement prefix length above 32"));
         options.push_back(o);
         break;
       }
@@ -260,46 +269,50 @@ Result<std::vector<uint8_t>> EncodeMobilityHeader(const MobilityMessage& message
   w.U8(type);
   w.U8(0);   // Reserved
   w.U16(0);  // Checksum, patched below
-  std::optional<Error> err = std::visit(
-      Overloaded{
-          [&](const BindingRefreshRequest& m) -> std::optional<Error> {
-            w.U16(0);
-            return Collect(EncodeOptions(m.options, out));
-          },
-          [&](const BindingUpdate& m) -> std::optional<Error> {
-            w.U16(m.sequence);
-            w.U16(m.flags);
-            w.U16(m.lifetime);
-            return Collect(EncodeOptions(m.options, out));
-          },
-          [&](const BindingAcknowledgement& m) -> std::optional<Error> {
-            w.U8(m.status);
-            w.U8(m.flags);
-            w.U16(m.sequence);
-            w.U16(m.lifetime);
-            return Collect(EncodeOptions(m.options, out));
-          },
-          [&](const BindingError& m) -> std::optional<Error> {
-            w.U8(m.status);
-            w.U8(0);
-            w.Bytes(m.home_address);
-            return Collect(EncodeOptions(m.options, out));
-          },
-          [&](const UnrecognizedMobilityMessage& m) -> std::optional<Error> {
-            if (FixedLength(m.mh_type) != 0)
-              return Error::Invalid("MH type " + std::to_string(m.mh_type) + " has its own message struct");
-            if ((m.data.size() + 6) % 8 != 0)
-              return Error::Invalid("unrecognised MH message data must be 8n+2 bytes");
-            w.Bytes(m.data);
-            return std::nullopt;
-          },
-      },
-      message);
+  std::optional<Error> err =
+      std::visit(Overloaded{
+                     [&](const BindingRefreshRequest& m) -> std::optional<Error> {
+                       w.U16(0);
+                       return Collect(EncodeOptions(m.options, out));
+                     },
+                     [&](const BindingUpdate& m) -> std::optional<Error> {
+                       w.U16(m.sequence);
+                       w.U16(m.flags);
+                       w.U16(m.lifetime);
+                       return Collect(EncodeOptions(m.options, out));
+                     },
+                     [&](const BindingAcknowledgement& m) -> std::optional<Error> {
+                       w.U8(m.status);
+                       w.U8(m.flags);
+                       w.U16(m.sequence);
+                       w.U16(m.lifetime);
+                       return Collect(EncodeOptions(m.options, out));
+                     },
+                     [&](const BindingError& m) -> std::optional<Error> {
+                       w.U8(m.status);
+                       w.U8(0);
+                       w.Bytes(m.home_address);
+                       return Collect(EncodeOptions(m.options, out));
+                     },
+                     [&](const UnrecognizedMobilityMessage& m) -> std::optional<Error> {
+                       if (FixedLength(m.mh_type) != 0)
+                         return Error::Invalid("MH type " + std::to_string(m.mh_type) +
+                                               " has its own message struct");
+                       if ((m.data.size() + 6) % 8 != 0)
+                         return Error::Invalid("unrecognised MH message data must be 8n+2 bytes");
+                       w.Bytes(m.data);
+                       return std::nullopt;
+                     },
+                 },
+                 message);
   if (err) return Fail(*err);
   PadTo(out, 8, 0);  // the header is a multiple of 8 octets (RFC 6275 §6.1.1)
-  if (out.size() > kMaxMobilityHeader) return Fail(Error::Invalid("Mobility Header longer than 2048 bytes"));
+  if (out.size() > kMaxMobilityHeader)
+    return Fail(Error::Invalid("Mobility Header longer than 2048 bytes"));
   out[1] = uint8_t(out.size() / 8 - 1);
-  if (addresses) w.PatchU16(4, Ipv6PseudoHeaderChecksum(addresses->src, addresses->dst, ipproto::kMobility, out));
+  if (addresses)
+    w.PatchU16(4,
+               Ipv6PseudoHeaderChecksum(addresses->src, addresses->dst, ipproto::kMobility, out));
   return out;
 }
 
@@ -307,8 +320,9 @@ Result<MobilityHeader> DecodeMobilityHeader(std::span<const uint8_t> mh) {
   if (mh.size() < 8) return Fail(Bad("Mobility Header shorter than 8 bytes"));
   size_t declared = (size_t(mh[1]) + 1) * 8;
   if (declared != mh.size())
-    return Fail(Bad("Mobility Header Len " + std::to_string(mh[1]) + " declares " + std::to_string(declared) +
-                    " bytes but " + std::to_string(mh.size()) + " are present"));
+    return Fail(Bad("Mobility Header Len " + std::to_string(mh[1]) + " declares " +
+                    std::to_string(declared) + " bytes but " + std::to_string(mh.size()) +
+                    " are present"));
   MobilityHeader h;
   h.payload_proto = mh[0];
   uint8_t type = mh[2];
@@ -332,7 +346,8 @@ Result<MobilityHeader> DecodeMobilityHeader(std::span<const uint8_t> mh) {
       h.message = BindingUpdate{LoadBe16(d), LoadBe16(d + 2), LoadBe16(d + 4), std::move(*options)};
       break;
     case mh_type::kBindingAcknowledgement:
-      h.message = BindingAcknowledgement{d[0], d[1], LoadBe16(d + 2), LoadBe16(d + 4), std::move(*options)};
+      h.message =
+          BindingAcknowledgement{d[0], d[1], LoadBe16(d + 2), LoadBe16(d + 4), std::move(*options)};
       break;
     case mh_type::kBindingError: {
       BindingError e;
@@ -346,18 +361,21 @@ Result<MobilityHeader> DecodeMobilityHeader(std::span<const uint8_t> mh) {
   return h;
 }
 
-uint16_t ComputeMobilityHeaderChecksum(std::span<const uint8_t> mh, const ChecksumAddresses& addresses) {
+uint16_t ComputeMobilityHeaderChecksum(std::span<const uint8_t> mh,
+                                       const ChecksumAddresses& addresses) {
   std::vector<uint8_t> copy(mh.begin(), mh.end());
   if (copy.size() >= 6) copy[4] = copy[5] = 0;
   return Ipv6PseudoHeaderChecksum(addresses.src, addresses.dst, ipproto::kMobility, copy);
 }
 
 bool VerifyMobilityHeaderChecksum(std::span<const uint8_t> mh, const ChecksumAddresses& addresses) {
-  return mh.size() >= 6 && Ipv6PseudoHeaderChecksum(addresses.src, addresses.dst, ipproto::kMobility, mh) == 0;
+  return mh.size() >= 6 &&
+         Ipv6PseudoHeaderChecksum(addresses.src, addresses.dst, ipproto::kMobility, mh) == 0;
 }
 
 Result<AuthenticatorLocation> LocateAuthenticator(std::span<const uint8_t> mh) {
-  if (mh.size() < 8 || (size_t(mh[1]) + 1) * 8 != mh.size()) return Fail(Bad("malformed Mobility Header"));
+  if (mh.size() < 8 || (size_t(mh[1]) + 1) * 8 != mh.size())
+    return Fail(Bad("malformed Mobility Header"));
   size_t fixed = FixedLength(mh[2]);
   if (fixed == 0 || fixed > mh.size()) return Fail(Bad("MH type carries no mobility options"));
   std::optional<AuthenticatorLocation> found;
@@ -368,13 +386,15 @@ Result<AuthenticatorLocation> LocateAuthenticator(std::span<const uint8_t> mh) {
       ++pos;
       continue;
     }
-    if (pos + 2 > mh.size() || pos + 2 + mh[pos + 1] > mh.size()) return Fail(Bad("mobility option overruns"));
+    if (pos + 2 > mh.size() || pos + 2 + mh[pos + 1] > mh.size())
+      return Fail(Bad("mobility option overruns"));
     uint8_t len = mh[pos + 1];
     if (type != mh_option::kPadN) {
       if (found) return Fail(Bad("option after the Mobility Message Authentication option"));
       if (type == mh_option::kMobilityMessageAuthentication) {
         if (len < 5) return Fail(Bad("Mobility Message Authentication option shorter than 5"));
-        found = AuthenticatorLocation{pos + 7, size_t(len) - 5, LoadBe32(&mh[pos + 3]), mh[pos + 2]};
+        found =
+            AuthenticatorLocation{pos + 7, size_t(len) - 5, LoadBe32(&mh[pos + 3]), mh[pos + 2]};
       }
     }
     pos += 2 + len;
@@ -411,8 +431,10 @@ Result<std::vector<uint8_t>> BuildMobilityPacket(const Ipv6Address& src, const I
   return BuildIpv6Packet(h, payload);
 }
 
-Result<std::vector<uint8_t>> BuildBindingUpdatePacket(const Ipv6Address& care_of, const Ipv6Address& home_agent,
-                                                      const Ipv6Address& home_address, const BindingUpdate& bu) {
+Result<std::vector<uint8_t>> BuildBindingUpdatePacket(const Ipv6Address& care_of,
+                                                      const Ipv6Address& home_agent,
+                                                      const Ipv6Address& home_address,
+                                                      const BindingUpdate& bu) {
   auto mh = EncodeMobilityHeader(bu, ChecksumAddresses{home_address, home_agent});
   if (!mh) return Fail(mh.error());
   return BuildMobilityPacket(care_of, home_agent, home_address, std::nullopt, *mh);
@@ -433,16 +455,19 @@ Result<MobilityPacket> ParseMobilityPacket(std::span<const uint8_t> ipv6_packet)
   auto u = FindUpperLayer(*p);
   if (!u) return Fail(u.error());
   if (u->protocol != ipproto::kMobility)
-    return Fail(Bad("upper-layer protocol " + std::to_string(u->protocol) + " is not the Mobility Header"));
+    return Fail(
+        Bad("upper-layer protocol " + std::to_string(u->protocol) + " is not the Mobility Header"));
   auto h = DecodeMobilityHeader(u->data);
   if (!h) return Fail(h.error());
   if (!VerifyMobilityHeaderChecksum(u->data, {u->checksum_src, u->checksum_dst}))
-    return Fail(Bad("Mobility Header checksum mismatch (pseudo-header " + FormatIpv6(u->checksum_src) + " -> " +
-                    FormatIpv6(u->checksum_dst) + ")"));
+    return Fail(Bad("Mobility Header checksum mismatch (pseudo-header " +
+                    FormatIpv6(u->checksum_src) + " -> " + FormatIpv6(u->checksum_dst) + ")"));
   if (u->home_address && !std::holds_alternative<BindingUpdate>(h->message))
-    return Fail(Bad("Home Address option on a Mobility Header that is not a Binding Update (RFC 6275 §6.1)"));
+    return Fail(Bad(
+        "Home Address option on a Mobility Header that is not a Binding Update (RFC 6275 §6.1)"));
   if (u->routing && !std::holds_alternative<BindingAcknowledgement>(h->message))
-    return Fail(Bad("type 2 routing header on a Mobility Header that is not a Binding Acknowledgement"));
+    return Fail(
+        Bad("type 2 routing header on a Mobility Header that is not a Binding Acknowledgement"));
   return MobilityPacket{*u, u->data, std::move(*h)};
 }
 

@@ -84,7 +84,8 @@ TEST(BindingError, RoundTripsHomeAddressAndStatus) {
 TEST(BindingUpdate, RoundTripsEveryOptionKind) {
   BindingUpdate bu;
   bu.sequence = 65535;
-  bu.flags = bu_flag::kAcknowledge | bu_flag::kHomeRegistration | bu_flag::kKeyManagement | bu_flag::kForceUdp;
+  bu.flags = bu_flag::kAcknowledge | bu_flag::kHomeRegistration | bu_flag::kKeyManagement |
+             bu_flag::kForceUdp;
   bu.lifetime = 900;
   bu.options = {BindingRefreshAdvice{30},
                 AlternateCareOfAddress{kCoa},
@@ -106,8 +107,8 @@ TEST(BindingUpdate, RoundTripsEveryOptionKind) {
 
 TEST(BindingUpdate, AlignsEachOptionPerRfc6275) {
   BindingUpdate bu;
-  bu.options = {NonceIndices{1, 2}, AlternateCareOfAddress{kCoa}, BindingAuthorizationData{{9, 9, 9}},
-                Ipv4HomeAddress{24, false, {192, 0, 2, 1}},
+  bu.options = {NonceIndices{1, 2}, AlternateCareOfAddress{kCoa},
+                BindingAuthorizationData{{9, 9, 9}}, Ipv4HomeAddress{24, false, {192, 0, 2, 1}},
                 MobilityMessageAuthentication{mh_auth_subtype::kMnHa, 1, Bytes(12, 1)}};
   auto mh = EncodeMobilityHeader(bu, std::nullopt);
   ASSERT_TRUE(mh);
@@ -144,7 +145,8 @@ TEST(MobilityHeader, SkipsPaddingAndKeepsUnknownOptions) {
 TEST(MobilityHeader, AcceptsMisalignedOptionsFromLenientSenders) {
   // Alignment is a sender rule (RFC 6275 §6.2.1); a Nonce Indices at 8n+1 is
   // still decoded.
-  Bytes mh = {0x3b, 0x01, 0x05, 0, 0, 0, 0, 1, 0, 0, 0, 1, 0x00, 0x04, 0x04, 0, 1, 0, 2, 0x00, 0, 0, 0, 0};
+  Bytes mh = {0x3b, 0x01, 0x05, 0, 0, 0, 0, 1,    0, 0, 0, 1,
+              0x00, 0x04, 0x04, 0, 1, 0, 2, 0x00, 0, 0, 0, 0};
   mh[1] = 2;
   auto d = DecodeMobilityHeader(mh);
   ASSERT_TRUE(d) << d.error().message();
@@ -207,22 +209,26 @@ Bytes Bu24(std::initializer_list<uint8_t> opts) {
 INSTANTIATE_TEST_SUITE_P(
     Table, MobilityHeaderMalformed,
     ::testing::Values(
-        Malformed{"empty", {}},
-        Malformed{"truncated_header", {0x3b, 0x00, 0x05, 0x00, 0x00}},
+        Malformed{"empty", {}}, Malformed{"truncated_header", {0x3b, 0x00, 0x05, 0x00, 0x00}},
         Malformed{"len_claims_more_than_present", {0x3b, 0x01, 0x00, 0, 0, 0, 0, 0}},
-        Malformed{"len_claims_less_than_present", Bu16({0x01, 0x02, 0, 0, 0x01, 0x02, 0, 0, 0x01, 0x02, 0, 0})},
-        Malformed{"len_in_bytes_not_units", {0x3b, 0x10, 0x05, 0, 0, 0, 0, 1, 0, 0, 0, 4, 1, 2, 0, 0}},
+        Malformed{"len_claims_less_than_present",
+                  Bu16({0x01, 0x02, 0, 0, 0x01, 0x02, 0, 0, 0x01, 0x02, 0, 0})},
+        Malformed{"len_in_bytes_not_units",
+                  {0x3b, 0x10, 0x05, 0, 0, 0, 0, 1, 0, 0, 0, 4, 1, 2, 0, 0}},
         Malformed{"bu_with_len_zero_too_small", {0x3b, 0x00, 0x05, 0, 0, 0, 0, 1}},
-        Malformed{"be_with_len_one_too_small", {0x3b, 0x01, 0x07, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0}},
+        Malformed{"be_with_len_one_too_small",
+                  {0x3b, 0x01, 0x07, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0}},
         Malformed{"option_overruns_header", Bu16({0x01, 0x05, 0, 0})},
         Malformed{"option_missing_length_byte", Bu16({0x01, 0x00, 0x00, 0x02})},
         Malformed{"bra_wrong_length", Bu16({0x02, 0x01, 0x00, 0x00})},
         Malformed{"nonce_indices_wrong_length", Bu16({0x04, 0x02, 0x00, 0x00})},
-        Malformed{"alt_coa_wrong_length",
-                  Bu24({0x03, 0x0a, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0})},
-        Malformed{"ipv4_hoa_wrong_length", Bu24({0x1d, 0x05, 0x60, 0, 192, 0, 2, 0, 0x01, 0x01, 0})},
-        Malformed{"ipv4_hoa_prefix_above_32", Bu24({0x1d, 0x06, 0xfc, 0x00, 192, 0, 2, 1, 0x01, 0x02, 0, 0})},
-        Malformed{"ipv4_ack_wrong_length", Bu24({0x1e, 0x07, 0, 0x60, 192, 0, 2, 1, 0, 0x00, 0x00, 0x00})},
+        Malformed{"alt_coa_wrong_length", Bu24({0x03, 0x0a, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0})},
+        Malformed{"ipv4_hoa_wrong_length",
+                  Bu24({0x1d, 0x05, 0x60, 0, 192, 0, 2, 0, 0x01, 0x01, 0})},
+        Malformed{"ipv4_hoa_prefix_above_32",
+                  Bu24({0x1d, 0x06, 0xfc, 0x00, 192, 0, 2, 1, 0x01, 0x02, 0, 0})},
+        Malformed{"ipv4_ack_wrong_length",
+                  Bu24({0x1e, 0x07, 0, 0x60, 192, 0, 2, 1, 0, 0x00, 0x00, 0x00})},
         Malformed{"ipv4_coa_wrong_length", Bu16({0x20, 0x02, 0, 0})},
         Malformed{"auth_option_too_short", Bu16({0x09, 0x02, 1, 0})},
         Malformed{"option_after_auth", Bu24({0x09, 0x05, 1, 0, 0, 0, 1, 0x02, 0x02, 0, 1, 0})}),
@@ -251,7 +257,8 @@ TEST(MobilityHeader, RejectsEncodingMoreThan2048Bytes) {
 
 TEST(MobilityHeader, LocatesAuthenticatorAfterSpi) {
   BindingUpdate bu;
-  bu.options = {Ipv4HomeAddress{24, false, {192, 0, 2, 1}}, MobilityMessageAuthentication{1, 0x01020304, Bytes(16, 7)}};
+  bu.options = {Ipv4HomeAddress{24, false, {192, 0, 2, 1}},
+                MobilityMessageAuthentication{1, 0x01020304, Bytes(16, 7)}};
   auto mh = EncodeMobilityHeader(bu, std::nullopt);
   ASSERT_TRUE(mh);
   auto loc = LocateAuthenticator(*mh);
@@ -260,7 +267,8 @@ TEST(MobilityHeader, LocatesAuthenticatorAfterSpi) {
   EXPECT_EQ(loc->authenticator_length, 16u);
   EXPECT_EQ((*mh)[loc->authenticator_offset - 5], 1);  // subtype just before the SPI
   EXPECT_TRUE(std::all_of(mh->begin() + loc->authenticator_offset,
-                          mh->begin() + loc->authenticator_offset + 16, [](uint8_t b) { return b == 7; }));
+                          mh->begin() + loc->authenticator_offset + 16,
+                          [](uint8_t b) { return b == 7; }));
   auto no_auth = EncodeMobilityHeader(BindingUpdate{}, std::nullopt);
   EXPECT_FALSE(LocateAuthenticator(*no_auth));
 }
@@ -268,7 +276,9 @@ TEST(MobilityHeader, LocatesAuthenticatorAfterSpi) {
 // ---- Whole packets -------------------------------------------------------------
 
 TEST(MobilityPacket, BindingUpdateCarriesHaoAndChecksumsOverHomeAddress) {
-  BindingUpdate bu{42, bu_flag::kAcknowledge | bu_flag::kHomeRegistration, 150,
+  BindingUpdate bu{42,
+                   bu_flag::kAcknowledge | bu_flag::kHomeRegistration,
+                   150,
                    {Ipv4HomeAddress{24, false, {192, 0, 2, 10}}}};
   auto pkt = BuildBindingUpdatePacket(kCoa, kHa, kHoa, bu);
   ASSERT_TRUE(pkt);
@@ -326,7 +336,8 @@ TEST(MobilityPacket, RejectsTrailingBytesAfterMobilityHeader) {
 TEST(MobilityPacket, ParsesFromVlanTaggedEthernetFrame) {
   BindingUpdate bu{9, bu_flag::kAcknowledge, 20, {}};
   auto pkt = BuildBindingUpdatePacket(kCoa, kHa, kHoa, bu);
-  auto frame = BuildEthernetFrame({2, 0, 0, 0, 0, 1}, {2, 0, 0, 0, 0, 2}, ethertype::kIpv6, *pkt, 0x0064);
+  auto frame =
+      BuildEthernetFrame({2, 0, 0, 0, 0, 1}, {2, 0, 0, 0, 0, 2}, ethertype::kIpv6, *pkt, 0x0064);
   auto p = ParseMobilityFrame(frame);
   ASSERT_TRUE(p) << p.error().message();
   EXPECT_EQ(std::get<BindingUpdate>(p->header.message).sequence, 9);

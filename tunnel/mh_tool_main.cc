@@ -41,7 +41,8 @@ using Bytes = std::vector<uint8_t>;
 
 Ipv6Address V6(const char* text) {
   Ipv6Address a{};
-  if (inet_pton(AF_INET6, text, a.data()) != 1) throw std::runtime_error(std::string("bad IPv6 address ") + text);
+  if (inet_pton(AF_INET6, text, a.data()) != 1)
+    throw std::runtime_error(std::string("bad IPv6 address ") + text);
   return a;
 }
 
@@ -93,33 +94,41 @@ int WriteScenario(const std::string& out) {
   Bytes key(kKey, kKey + std::strlen(kKey));
   MhAuthParams auth{kSpi, key, coa, hoa, MhAuthAlgorithm::kHmacSha256_128};
 
-  BindingUpdate bu{kSeq, uint16_t(bu_flag::kAcknowledge | bu_flag::kHomeRegistration), kLifetime,
+  BindingUpdate bu{kSeq,
+                   uint16_t(bu_flag::kAcknowledge | bu_flag::kHomeRegistration),
+                   kLifetime,
                    {Ipv4HomeAddress{24, false, kIpv4Hoa}}};
   Bytes bu_mh = Must(EncodeAuthenticatedMobilityHeader(bu, auth, {hoa, ha}), "encode BU");
   Bytes bu_pkt = Must(BuildMobilityPacket(coa, ha, hoa, std::nullopt, bu_mh), "build BU packet");
 
-  BindingAcknowledgement ba{ba_status::kAccepted, 0, kSeq, kLifetime,
+  BindingAcknowledgement ba{ba_status::kAccepted,
+                            0,
+                            kSeq,
+                            kLifetime,
                             {Ipv4AddressAcknowledgement{ipv4_ack_status::kSuccess, 24, kIpv4Hoa}}};
   Bytes ba_mh = Must(EncodeAuthenticatedMobilityHeader(ba, auth, {ha, hoa}), "encode BA");
   Bytes ba_pkt = Must(BuildMobilityPacket(ha, coa, std::nullopt, hoa, ba_mh), "build BA packet");
 
   WritePcap(out, {BuildEthernetFrame(kHaMac, kMnMac, ethertype::kIpv6, bu_pkt),
                   BuildEthernetFrame(kMnMac, kHaMac, ethertype::kIpv6, ba_pkt)});
-  std::printf("hoa=%s\ncoa=%s\nha=%s\nseq=%u\nlifetime=%u\nipv4_hoa=%s\nipv4_prefix=24\nspi=%u\nkey=%s\n"
-              "bu_checksum=0x%04x\nba_checksum=0x%04x\n",
-              kHoaText, kCoaText, kHaText, kSeq, kLifetime, FormatIpv4(kIpv4Hoa).c_str(), kSpi, kKey,
-              bu_mh[4] << 8 | bu_mh[5], ba_mh[4] << 8 | ba_mh[5]);
+  std::printf(
+      "hoa=%s\ncoa=%s\nha=%s\nseq=%u\nlifetime=%u\nipv4_hoa=%s\nipv4_prefix=24\nspi=%u\nkey=%s\n"
+      "bu_checksum=0x%04x\nba_checksum=0x%04x\n",
+      kHoaText, kCoaText, kHaText, kSeq, kLifetime, FormatIpv4(kIpv4Hoa).c_str(), kSpi, kKey,
+      bu_mh[4] << 8 | bu_mh[5], ba_mh[4] << 8 | ba_mh[5]);
   return 0;
 }
 
 Ipv4Address V4(const char* text) {
   Ipv4Address a{};
-  if (inet_pton(AF_INET, text, a.data()) != 1) throw std::runtime_error(std::string("bad IPv4 address ") + text);
+  if (inet_pton(AF_INET, text, a.data()) != 1)
+    throw std::runtime_error(std::string("bad IPv4 address ") + text);
   return a;
 }
 
 int WriteLinkScenario(const std::string& out) {
-  Ipv6Address guest = V6("2001:db8:1::10"), ll = V6("fe80::1"), coa = V6(kCoaText), ha = V6(kHaText);
+  Ipv6Address guest = V6("2001:db8:1::10"), ll = V6("fe80::1"), coa = V6(kCoaText),
+              ha = V6(kHaText);
   std::vector<Bytes> frames;
   frames.push_back(BuildUnsolicitedNeighborAdvertisementFrame(kMnMac, guest));
   frames.push_back(BuildNeighborSolicitationFrame(kMnMac, Ipv6Address{}, guest));
@@ -134,8 +143,10 @@ int WriteLinkScenario(const std::string& out) {
   h.dst = kAllNodesMulticast;
   h.next_header = ipproto::kIcmpv6;
   h.hop_limit = kNdHopLimit;
-  Bytes ra_pkt = Must(BuildIpv6Packet(h, EncodeRouterAdvertisement(ra, ll, kAllNodesMulticast)), "RA");
-  frames.push_back(BuildEthernetFrame(MulticastMac(kAllNodesMulticast), kHaMac, ethertype::kIpv6, ra_pkt));
+  Bytes ra_pkt =
+      Must(BuildIpv6Packet(h, EncodeRouterAdvertisement(ra, ll, kAllNodesMulticast)), "RA");
+  frames.push_back(
+      BuildEthernetFrame(MulticastMac(kAllNodesMulticast), kHaMac, ethertype::kIpv6, ra_pkt));
   frames.push_back(BuildGratuitousArpFrame(kMnMac, V4("192.0.2.10")));
 
   // A small UDP datagram from the guest, tunnelled both ways.
@@ -166,7 +177,8 @@ int WriteLinkScenario(const std::string& out) {
   Bytes big = Must(BuildIpv6Packet(bigh, big_udp), "big");
   Bytes ptb = Must(BuildIcmpv6PacketTooBig(ha, guest, 1400, big), "PTB");
   frames.push_back(BuildEthernetFrame(kMnMac, kHaMac, ethertype::kIpv6, ptb));
-  Bytes fn = Must(BuildIcmpv4FragmentationNeeded(V4("192.0.2.1"), in4.src, 1380, inner4), "frag needed");
+  Bytes fn =
+      Must(BuildIcmpv4FragmentationNeeded(V4("192.0.2.1"), in4.src, 1380, inner4), "frag needed");
   frames.push_back(BuildEthernetFrame(kMnMac, kHaMac, ethertype::kIpv4, fn));
   WritePcap(out, frames);
   std::printf("frames=%zu\n", frames.size());
@@ -182,7 +194,8 @@ std::string Describe(const MobilityOptions& options) {
           if constexpr (std::is_same_v<T, Ipv4HomeAddress>)
             s << " ipv4_hoa=" << FormatIpv4(v.address) << "/" << int(v.prefix_length);
           else if constexpr (std::is_same_v<T, Ipv4AddressAcknowledgement>)
-            s << " ipv4_ack=" << int(v.status) << ":" << FormatIpv4(v.address) << "/" << int(v.prefix_length);
+            s << " ipv4_ack=" << int(v.status) << ":" << FormatIpv4(v.address) << "/"
+              << int(v.prefix_length);
           else if constexpr (std::is_same_v<T, Ipv4CareOfAddress>)
             s << " ipv4_coa=" << FormatIpv4(v.address);
           else if constexpr (std::is_same_v<T, MobilityMessageAuthentication>)
@@ -239,8 +252,8 @@ int Decode(const std::vector<std::string>& args) {
           s << " type=BU seq=" << m.sequence << " flags=" << flags << " lifetime=" << m.lifetime
             << Describe(m.options);
         } else if constexpr (std::is_same_v<T, BindingAcknowledgement>) {
-          s << " type=BA status=" << int(m.status) << " seq=" << m.sequence << " lifetime=" << m.lifetime
-            << Describe(m.options);
+          s << " type=BA status=" << int(m.status) << " seq=" << m.sequence
+            << " lifetime=" << m.lifetime << Describe(m.options);
         } else if constexpr (std::is_same_v<T, BindingError>) {
           s << " type=BE status=" << int(m.status) << " home=" << FormatIpv6(m.home_address);
         } else if constexpr (std::is_same_v<T, BindingRefreshRequest>) {
@@ -255,9 +268,11 @@ int Decode(const std::vector<std::string>& args) {
     // Mobility Data uses the care-of and home addresses: for a BU they are the
     // source and the HAO, for a BA the destination and the RH2 address.
     Ipv6Address coa = p->ip.home_address ? p->ip.header.src : p->ip.header.dst;
-    Ipv6Address hoa = p->ip.home_address ? *p->ip.home_address
-                                         : (p->ip.routing ? p->ip.routing->home_address : p->ip.header.src);
-    auto v = VerifyMobilityMessageAuthentication(p->mh, {spi, k, coa, hoa, MhAuthAlgorithm::kHmacSha256_128});
+    Ipv6Address hoa = p->ip.home_address
+                          ? *p->ip.home_address
+                          : (p->ip.routing ? p->ip.routing->home_address : p->ip.header.src);
+    auto v = VerifyMobilityMessageAuthentication(
+        p->mh, {spi, k, coa, hoa, MhAuthAlgorithm::kHmacSha256_128});
     if (!v) {
       std::printf("REJECT: %s\n", v.error().message().c_str());
       return 2;

@@ -25,13 +25,17 @@ void PutLinkLayer(ByteWriter& w, uint8_t type, const MacAddress& mac) {
 
 // Common checks of RFC 4861 §6.1/§7.1 and option parsing. `fixed` is the
 // message length before options (ICMP header included).
-Result<ParsedOptions> Validate(std::span<const uint8_t> icmp, const NdContext& ctx, uint8_t type, size_t fixed) {
+Result<ParsedOptions> Validate(std::span<const uint8_t> icmp, const NdContext& ctx, uint8_t type,
+                               size_t fixed) {
   std::string name = "ND type " + std::to_string(type);
   if (ctx.hop_limit != kNdHopLimit)
-    return Fail(Bad(name + " arrived with hop limit " + std::to_string(ctx.hop_limit) + ", not 255"));
+    return Fail(
+        Bad(name + " arrived with hop limit " + std::to_string(ctx.hop_limit) + ", not 255"));
   if (icmp.size() < fixed)
-    return Fail(Bad(name + " is " + std::to_string(icmp.size()) + " bytes, shorter than " + std::to_string(fixed)));
-  if (icmp[0] != type) return Fail(Bad("ICMPv6 type " + std::to_string(icmp[0]) + " where " + name + " expected"));
+    return Fail(Bad(name + " is " + std::to_string(icmp.size()) + " bytes, shorter than " +
+                    std::to_string(fixed)));
+  if (icmp[0] != type)
+    return Fail(Bad("ICMPv6 type " + std::to_string(icmp[0]) + " where " + name + " expected"));
   if (icmp[1] != 0) return Fail(Bad(name + " with non-zero code " + std::to_string(icmp[1])));
   if (Ipv6PseudoHeaderChecksum(ctx.src, ctx.dst, ipproto::kIcmpv6, icmp) != 0)
     return Fail(Bad(name + " checksum mismatch"));
@@ -48,14 +52,18 @@ Result<ParsedOptions> Validate(std::span<const uint8_t> icmp, const NdContext& c
     switch (*t) {
       case nd_option::kSourceLinkLayerAddress:
       case nd_option::kTargetLinkLayerAddress: {
-        if (*units != 1) return Fail(Bad("link-layer address option longer than an Ethernet address"));
+        if (*units != 1)
+          return Fail(Bad("link-layer address option longer than an Ethernet address"));
         MacAddress mac;
         std::copy(b, b + 6, mac.begin());
-        (*t == nd_option::kSourceLinkLayerAddress ? o.source_link_layer : o.target_link_layer) = mac;
+        (*t == nd_option::kSourceLinkLayerAddress ? o.source_link_layer : o.target_link_layer) =
+            mac;
         break;
       }
       case nd_option::kPrefixInformation: {
-        if (*units != 4) return Fail(Bad("Prefix Information option length " + std::to_string(*units) + ", not 4"));
+        if (*units != 4)
+          return Fail(
+              Bad("Prefix Information option length " + std::to_string(*units) + ", not 4"));
         PrefixInformation p;
         p.prefix_length = b[0];
         if (p.prefix_length > 128) return Fail(Bad("Prefix Information prefix length above 128"));
@@ -69,7 +77,8 @@ Result<ParsedOptions> Validate(std::span<const uint8_t> icmp, const NdContext& c
         break;
       }
       case nd_option::kMtu:
-        if (*units != 1) return Fail(Bad("MTU option length " + std::to_string(*units) + ", not 1"));
+        if (*units != 1)
+          return Fail(Bad("MTU option length " + std::to_string(*units) + ", not 1"));
         o.mtu = LoadBe32(b + 2);
         break;
       default:
@@ -79,7 +88,8 @@ Result<ParsedOptions> Validate(std::span<const uint8_t> icmp, const NdContext& c
   return o;
 }
 
-std::vector<uint8_t> Finish(std::vector<uint8_t> out, const Ipv6Address& src, const Ipv6Address& dst) {
+std::vector<uint8_t> Finish(std::vector<uint8_t> out, const Ipv6Address& src,
+                            const Ipv6Address& dst) {
   StoreBe16(out.data() + 2, Ipv6PseudoHeaderChecksum(src, dst, ipproto::kIcmpv6, out));
   return out;
 }
@@ -90,8 +100,9 @@ Ipv6Address ReadAddress(std::span<const uint8_t> icmp, size_t at) {
   return a;
 }
 
-std::vector<uint8_t> Ipv6Frame(const MacAddress& src_mac, const MacAddress& dst_mac, const Ipv6Address& src,
-                               const Ipv6Address& dst, std::span<const uint8_t> icmp) {
+std::vector<uint8_t> Ipv6Frame(const MacAddress& src_mac, const MacAddress& dst_mac,
+                               const Ipv6Address& src, const Ipv6Address& dst,
+                               std::span<const uint8_t> icmp) {
   Ipv6Header h;
   h.src = src;
   h.dst = dst;
@@ -122,7 +133,8 @@ std::vector<uint8_t> EncodeRouterSolicitation(const RouterSolicitation& m, const
   w.U8(0);
   w.U16(0);
   w.U32(0);
-  if (m.source_link_layer) PutLinkLayer(w, nd_option::kSourceLinkLayerAddress, *m.source_link_layer);
+  if (m.source_link_layer)
+    PutLinkLayer(w, nd_option::kSourceLinkLayerAddress, *m.source_link_layer);
   return Finish(std::move(out), src, dst);
 }
 
@@ -138,7 +150,8 @@ std::vector<uint8_t> EncodeRouterAdvertisement(const RouterAdvertisement& m, con
   w.U16(m.router_lifetime);
   w.U32(m.reachable_time);
   w.U32(m.retrans_timer);
-  if (m.source_link_layer) PutLinkLayer(w, nd_option::kSourceLinkLayerAddress, *m.source_link_layer);
+  if (m.source_link_layer)
+    PutLinkLayer(w, nd_option::kSourceLinkLayerAddress, *m.source_link_layer);
   if (m.mtu) {
     w.U8(nd_option::kMtu);
     w.U8(1);
@@ -149,7 +162,8 @@ std::vector<uint8_t> EncodeRouterAdvertisement(const RouterAdvertisement& m, con
     w.U8(nd_option::kPrefixInformation);
     w.U8(4);
     w.U8(p.prefix_length);
-    w.U8(uint8_t((p.on_link ? 0x80 : 0) | (p.autonomous ? 0x40 : 0) | (p.router_address ? 0x20 : 0)));
+    w.U8(uint8_t((p.on_link ? 0x80 : 0) | (p.autonomous ? 0x40 : 0) |
+                 (p.router_address ? 0x20 : 0)));
     w.U32(p.valid_lifetime);
     w.U32(p.preferred_lifetime);
     w.U32(0);
@@ -158,8 +172,8 @@ std::vector<uint8_t> EncodeRouterAdvertisement(const RouterAdvertisement& m, con
   return Finish(std::move(out), src, dst);
 }
 
-std::vector<uint8_t> EncodeNeighborSolicitation(const NeighborSolicitation& m, const Ipv6Address& src,
-                                                const Ipv6Address& dst) {
+std::vector<uint8_t> EncodeNeighborSolicitation(const NeighborSolicitation& m,
+                                                const Ipv6Address& src, const Ipv6Address& dst) {
   std::vector<uint8_t> out;
   ByteWriter w(out);
   w.U8(icmpv6_type::kNeighborSolicitation);
@@ -167,24 +181,28 @@ std::vector<uint8_t> EncodeNeighborSolicitation(const NeighborSolicitation& m, c
   w.U16(0);
   w.U32(0);
   w.Bytes(m.target);
-  if (m.source_link_layer) PutLinkLayer(w, nd_option::kSourceLinkLayerAddress, *m.source_link_layer);
+  if (m.source_link_layer)
+    PutLinkLayer(w, nd_option::kSourceLinkLayerAddress, *m.source_link_layer);
   return Finish(std::move(out), src, dst);
 }
 
-std::vector<uint8_t> EncodeNeighborAdvertisement(const NeighborAdvertisement& m, const Ipv6Address& src,
-                                                 const Ipv6Address& dst) {
+std::vector<uint8_t> EncodeNeighborAdvertisement(const NeighborAdvertisement& m,
+                                                 const Ipv6Address& src, const Ipv6Address& dst) {
   std::vector<uint8_t> out;
   ByteWriter w(out);
   w.U8(icmpv6_type::kNeighborAdvertisement);
   w.U8(0);
   w.U16(0);
-  w.U32((m.router ? 0x80000000u : 0) | (m.solicited ? 0x40000000u : 0) | (m.override ? 0x20000000u : 0));
+  w.U32((m.router ? 0x80000000u : 0) | (m.solicited ? 0x40000000u : 0) |
+        (m.override ? 0x20000000u : 0));
   w.Bytes(m.target);
-  if (m.target_link_layer) PutLinkLayer(w, nd_option::kTargetLinkLayerAddress, *m.target_link_layer);
+  if (m.target_link_layer)
+    PutLinkLayer(w, nd_option::kTargetLinkLayerAddress, *m.target_link_layer);
   return Finish(std::move(out), src, dst);
 }
 
-Result<RouterSolicitation> DecodeRouterSolicitation(std::span<const uint8_t> icmp, const NdContext& ctx) {
+Result<RouterSolicitation> DecodeRouterSolicitation(std::span<const uint8_t> icmp,
+                                                    const NdContext& ctx) {
   auto o = Validate(icmp, ctx, icmpv6_type::kRouterSolicitation, 8);
   if (!o) return Fail(o.error());
   if (IsUnspecified(ctx.src) && o->source_link_layer)
@@ -192,8 +210,10 @@ Result<RouterSolicitation> DecodeRouterSolicitation(std::span<const uint8_t> icm
   return RouterSolicitation{o->source_link_layer};
 }
 
-Result<RouterAdvertisement> DecodeRouterAdvertisement(std::span<const uint8_t> icmp, const NdContext& ctx) {
-  if (!IsLinkLocalUnicast(ctx.src)) return Fail(Bad("Router Advertisement source is not link-local"));
+Result<RouterAdvertisement> DecodeRouterAdvertisement(std::span<const uint8_t> icmp,
+                                                      const NdContext& ctx) {
+  if (!IsLinkLocalUnicast(ctx.src))
+    return Fail(Bad("Router Advertisement source is not link-local"));
   auto o = Validate(icmp, ctx, icmpv6_type::kRouterAdvertisement, 16);
   if (!o) return Fail(o.error());
   RouterAdvertisement m;
@@ -210,7 +230,8 @@ Result<RouterAdvertisement> DecodeRouterAdvertisement(std::span<const uint8_t> i
   return m;
 }
 
-Result<NeighborSolicitation> DecodeNeighborSolicitation(std::span<const uint8_t> icmp, const NdContext& ctx) {
+Result<NeighborSolicitation> DecodeNeighborSolicitation(std::span<const uint8_t> icmp,
+                                                        const NdContext& ctx) {
   auto o = Validate(icmp, ctx, icmpv6_type::kNeighborSolicitation, 24);
   if (!o) return Fail(o.error());
   NeighborSolicitation m;
@@ -219,13 +240,15 @@ Result<NeighborSolicitation> DecodeNeighborSolicitation(std::span<const uint8_t>
   if (IsUnspecified(ctx.src)) {
     if (ctx.dst != SolicitedNodeMulticast(m.target))
       return Fail(Bad("DAD Neighbor Solicitation not sent to the target's solicited-node group"));
-    if (o->source_link_layer) return Fail(Bad("DAD Neighbor Solicitation carries a source link-layer option"));
+    if (o->source_link_layer)
+      return Fail(Bad("DAD Neighbor Solicitation carries a source link-layer option"));
   }
   m.source_link_layer = o->source_link_layer;
   return m;
 }
 
-Result<NeighborAdvertisement> DecodeNeighborAdvertisement(std::span<const uint8_t> icmp, const NdContext& ctx) {
+Result<NeighborAdvertisement> DecodeNeighborAdvertisement(std::span<const uint8_t> icmp,
+                                                          const NdContext& ctx) {
   auto o = Validate(icmp, ctx, icmpv6_type::kNeighborAdvertisement, 24);
   if (!o) return Fail(o.error());
   NeighborAdvertisement m;
@@ -241,7 +264,8 @@ Result<NeighborAdvertisement> DecodeNeighborAdvertisement(std::span<const uint8_
   return m;
 }
 
-std::vector<uint8_t> BuildUnsolicitedNeighborAdvertisementFrame(const MacAddress& mac, const Ipv6Address& address,
+std::vector<uint8_t> BuildUnsolicitedNeighborAdvertisementFrame(const MacAddress& mac,
+                                                                const Ipv6Address& address,
                                                                 bool router) {
   NeighborAdvertisement na;
   na.router = router;

@@ -112,7 +112,8 @@ TEST(NeighborDiscovery, RejectsEveryRfc4861ValidityViolation) {
   Bytes sum = ns;
   sum[20] ^= 1;
   EXPECT_FALSE(DecodeNeighborSolicitation(sum, ok)) << "checksum";
-  EXPECT_FALSE(DecodeNeighborSolicitation(Resum(Bytes(ns.begin(), ns.begin() + 23), kLl, sn), ok)) << "short";
+  EXPECT_FALSE(DecodeNeighborSolicitation(Resum(Bytes(ns.begin(), ns.begin() + 23), kLl, sn), ok))
+      << "short";
   Bytes zero_len = ns;
   zero_len[25] = 0;
   EXPECT_FALSE(DecodeNeighborSolicitation(Resum(zero_len, kLl, sn), ok)) << "zero-length option";
@@ -121,28 +122,35 @@ TEST(NeighborDiscovery, RejectsEveryRfc4861ValidityViolation) {
   EXPECT_FALSE(DecodeNeighborSolicitation(Resum(overrun, kLl, sn), ok)) << "option overrun";
   Bytes truncated_opt = ns;
   truncated_opt.push_back(1);
-  EXPECT_FALSE(DecodeNeighborSolicitation(Resum(truncated_opt, kLl, sn), ok)) << "option missing length";
+  EXPECT_FALSE(DecodeNeighborSolicitation(Resum(truncated_opt, kLl, sn), ok))
+      << "option missing length";
   auto mc = EncodeNeighborSolicitation({kAllNodesMulticast, std::nullopt}, kLl, sn);
   EXPECT_FALSE(DecodeNeighborSolicitation(mc, ok)) << "multicast target";
   Ipv6Address unspec{};
   auto dad_sll = EncodeNeighborSolicitation({kGuest, kMac}, unspec, sn);
   EXPECT_FALSE(DecodeNeighborSolicitation(dad_sll, {unspec, sn, 255})) << "DAD with source LL";
   auto dad_wrong = EncodeNeighborSolicitation({kGuest, std::nullopt}, unspec, kAllNodesMulticast);
-  EXPECT_FALSE(DecodeNeighborSolicitation(dad_wrong, {unspec, kAllNodesMulticast, 255})) << "DAD dst";
+  EXPECT_FALSE(DecodeNeighborSolicitation(dad_wrong, {unspec, kAllNodesMulticast, 255}))
+      << "DAD dst";
   auto dad = EncodeNeighborSolicitation({kGuest, std::nullopt}, unspec, sn);
   EXPECT_TRUE(DecodeNeighborSolicitation(dad, {unspec, sn, 255}));
-  auto na_s = EncodeNeighborAdvertisement({false, true, false, kGuest, std::nullopt}, kGuest, kAllNodesMulticast);
-  EXPECT_FALSE(DecodeNeighborAdvertisement(na_s, {kGuest, kAllNodesMulticast, 255})) << "multicast NA with S";
+  auto na_s = EncodeNeighborAdvertisement({false, true, false, kGuest, std::nullopt}, kGuest,
+                                          kAllNodesMulticast);
+  EXPECT_FALSE(DecodeNeighborAdvertisement(na_s, {kGuest, kAllNodesMulticast, 255}))
+      << "multicast NA with S";
   EXPECT_FALSE(DecodeNeighborAdvertisement(ns, ok)) << "NS decoded as NA";
   auto ra = EncodeRouterAdvertisement({}, kGuest, kAllNodesMulticast);
-  EXPECT_FALSE(DecodeRouterAdvertisement(ra, {kGuest, kAllNodesMulticast, 255})) << "RA from global source";
+  EXPECT_FALSE(DecodeRouterAdvertisement(ra, {kGuest, kAllNodesMulticast, 255}))
+      << "RA from global source";
   RouterAdvertisement with_prefix;
   with_prefix.prefixes.push_back({});
   auto rp = EncodeRouterAdvertisement(with_prefix, kLl, kAllNodesMulticast);
   rp[17] = 3;  // prefix option claims 3 units
-  EXPECT_FALSE(DecodeRouterAdvertisement(Resum(rp, kLl, kAllNodesMulticast), {kLl, kAllNodesMulticast, 255}));
+  EXPECT_FALSE(DecodeRouterAdvertisement(Resum(rp, kLl, kAllNodesMulticast),
+                                         {kLl, kAllNodesMulticast, 255}));
   auto rs = EncodeRouterSolicitation({kMac}, unspec, kAllRoutersMulticast);
-  EXPECT_FALSE(DecodeRouterSolicitation(rs, {unspec, kAllRoutersMulticast, 255})) << "RS from :: with SLLA";
+  EXPECT_FALSE(DecodeRouterSolicitation(rs, {unspec, kAllRoutersMulticast, 255}))
+      << "RS from :: with SLLA";
 }
 
 TEST(UnsolicitedNeighborAdvertisement, AnnouncesTargetToAllNodes) {
@@ -155,7 +163,8 @@ TEST(UnsolicitedNeighborAdvertisement, AnnouncesTargetToAllNodes) {
   ASSERT_TRUE(ip);
   EXPECT_EQ(ip->header.hop_limit, 255);
   EXPECT_EQ(ip->header.dst, kAllNodesMulticast);
-  auto na = DecodeNeighborAdvertisement(ip->payload, {ip->header.src, ip->header.dst, ip->header.hop_limit});
+  auto na = DecodeNeighborAdvertisement(ip->payload,
+                                        {ip->header.src, ip->header.dst, ip->header.hop_limit});
   ASSERT_TRUE(na) << na.error().message();
   EXPECT_TRUE(na->override);
   EXPECT_FALSE(na->solicited);
@@ -169,7 +178,8 @@ TEST(NeighborSolicitationFrame, DadProbeOmitsSourceLinkLayer) {
   auto eth = ParseEthernetFrame(frame);
   EXPECT_EQ(eth->dst, (MacAddress{0x33, 0x33, 0xff, 0x45, 0x67, 0x89}));
   auto ip = ParseIpv6Packet(eth->payload);
-  auto ns = DecodeNeighborSolicitation(ip->payload, {ip->header.src, ip->header.dst, ip->header.hop_limit});
+  auto ns = DecodeNeighborSolicitation(ip->payload,
+                                       {ip->header.src, ip->header.dst, ip->header.hop_limit});
   ASSERT_TRUE(ns) << ns.error().message();
   EXPECT_FALSE(ns->source_link_layer);
 }
@@ -178,7 +188,8 @@ TEST(NeighborSolicitationFrame, DadProbeOmitsSourceLinkLayer) {
 
 TEST(Arp, EncodesKnownAnswerLayout) {
   ArpPacket p{kArpOpReply, kMac, {192, 0, 2, 7}, {2, 0, 0, 0, 0, 9}, {192, 0, 2, 9}};
-  Bytes want = {0, 1, 8, 0, 6, 4, 0, 2, 0x52, 0x54, 0, 0x12, 0x34, 0x56, 192, 0, 2, 7, 2, 0, 0, 0, 0, 9, 192, 0, 2, 9};
+  Bytes want = {0,   1, 8, 0, 6, 4, 0, 2, 0x52, 0x54, 0,   0x12, 0x34, 0x56,
+                192, 0, 2, 7, 2, 0, 0, 0, 0,    9,    192, 0,    2,    9};
   EXPECT_EQ(EncodeArp(p), want);
   auto d = DecodeArp(want);
   ASSERT_TRUE(d);
@@ -197,7 +208,8 @@ TEST(Arp, GratuitousRequestIsBroadcastWithEqualAddresses) {
   EXPECT_EQ(a->operation, kArpOpRequest);
   EXPECT_TRUE(IsGratuitous(*a));
   EXPECT_EQ(a->target_mac, MacAddress{});
-  auto reply = DecodeArp(ParseEthernetFrame(BuildGratuitousArpFrame(kMac, {203, 0, 113, 5}, true))->payload);
+  auto reply =
+      DecodeArp(ParseEthernetFrame(BuildGratuitousArpFrame(kMac, {203, 0, 113, 5}, true))->payload);
   EXPECT_EQ(reply->operation, kArpOpReply);
   EXPECT_EQ(reply->target_mac, kMac);
 }

@@ -38,6 +38,7 @@ bool IsGratuitous(const ArpPacket& packet);
 
 // Broadcast frame: an ARP request (or, with `reply`, a reply) whose sender and
 // target IP are both `ip`, target MAC zero for a request and `mac` for a reply.
-std::vector<uint8_t> BuildGratuitousArpFrame(const MacAddress& mac, const Ipv4Address& ip, bool reply = false);
+std::vector<uint8_t> BuildGratuitousArpFrame(const MacAddress& mac, const Ipv4Address& ip,
+                                             bool reply = false);
 
 }  // namespace kagemusha::tunnel

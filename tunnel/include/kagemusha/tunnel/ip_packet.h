@@ -48,8 +48,8 @@ inline constexpr uint8_t kMobility = 135;  // RFC 6275 §6.1
 namespace ethertype {
 inline constexpr uint16_t kIpv4 = 0x0800;
 inline constexpr uint16_t kArp = 0x0806;
-inline constexpr uint16_t kVlan = 0x8100;   // IEEE 802.1Q C-tag
-inline constexpr uint16_t kQinQ = 0x88A8;   // IEEE 802.1ad S-tag
+inline constexpr uint16_t kVlan = 0x8100;  // IEEE 802.1Q C-tag
+inline constexpr uint16_t kQinQ = 0x88A8;  // IEEE 802.1ad S-tag
 inline constexpr uint16_t kIpv6 = 0x86DD;
 }  // namespace ethertype
 
@@ -247,15 +247,14 @@ Result<std::vector<uint8_t>> BuildIcmpv6PacketTooBig(const Ipv6Address& src, con
 // A whole IPv4 packet: ICMP Destination Unreachable / Fragmentation Needed
 // (RFC 792, RFC 1191 next-hop MTU) quoting the invoking IPv4 header plus 8
 // bytes of its payload. The invoking packet must parse as IPv4.
-Result<std::vector<uint8_t>> BuildIcmpv4FragmentationNeeded(const Ipv4Address& src,
-                                                            const Ipv4Address& dst,
-                                                            uint16_t next_hop_mtu,
-                                                            std::span<const uint8_t> invoking_packet);
+Result<std::vector<uint8_t>> BuildIcmpv4FragmentationNeeded(
+    const Ipv4Address& src, const Ipv4Address& dst, uint16_t next_hop_mtu,
+    std::span<const uint8_t> invoking_packet);
 
 struct IcmpMessage {
   uint8_t type = 0;
   uint8_t code = 0;
-  uint32_t word = 0;  // the 32 bits after the checksum (MTU for PTB/frag-needed)
+  uint32_t word = 0;              // the 32 bits after the checksum (MTU for PTB/frag-needed)
   std::span<const uint8_t> body;  // after those 8 bytes
 };
 // Verifies the ICMPv6 checksum with the pseudo-header built from the packet.

@@ -57,14 +57,14 @@ inline constexpr uint8_t kIpv4CareOfAddress = 32;             // RFC 5555 §3.1.
 
 // Binding Update flags, as bits of the 16-bit word after the sequence number.
 namespace bu_flag {
-inline constexpr uint16_t kAcknowledge = 0x8000;      // A
-inline constexpr uint16_t kHomeRegistration = 0x4000; // H
-inline constexpr uint16_t kLinkLocal = 0x2000;        // L
-inline constexpr uint16_t kKeyManagement = 0x1000;    // K
-inline constexpr uint16_t kMapRegistration = 0x0800;  // M (RFC 5380)
-inline constexpr uint16_t kMobileRouter = 0x0400;     // R (RFC 3963)
-inline constexpr uint16_t kProxy = 0x0200;            // P (RFC 5213)
-inline constexpr uint16_t kForceUdp = 0x0100;         // F (RFC 5555)
+inline constexpr uint16_t kAcknowledge = 0x8000;       // A
+inline constexpr uint16_t kHomeRegistration = 0x4000;  // H
+inline constexpr uint16_t kLinkLocal = 0x2000;         // L
+inline constexpr uint16_t kKeyManagement = 0x1000;     // K
+inline constexpr uint16_t kMapRegistration = 0x0800;   // M (RFC 5380)
+inline constexpr uint16_t kMobileRouter = 0x0400;      // R (RFC 3963)
+inline constexpr uint16_t kProxy = 0x0200;             // P (RFC 5213)
+inline constexpr uint16_t kForceUdp = 0x0100;          // F (RFC 5555)
 }  // namespace bu_flag
 
 // Binding Acknowledgement flags (the byte after Status).
@@ -91,8 +91,8 @@ inline constexpr uint8_t kExpiredHomeNonceIndex = 136;
 inline constexpr uint8_t kExpiredCareOfNonceIndex = 137;
 inline constexpr uint8_t kExpiredNonces = 138;
 inline constexpr uint8_t kRegistrationTypeChangeDisallowed = 139;
-inline constexpr uint8_t kIdMismatch = 144;          // MIPV6-ID-MISMATCH
-inline constexpr uint8_t kMessageIdRequired = 145;   // MIPV6-MESG-ID-REQD
+inline constexpr uint8_t kIdMismatch = 144;            // MIPV6-ID-MISMATCH
+inline constexpr uint8_t kMessageIdRequired = 145;     // MIPV6-MESG-ID-REQD
 inline constexpr uint8_t kAuthenticationFailed = 146;  // MIPV6-AUTH-FAIL
 }  // namespace ba_status
 
@@ -120,7 +120,7 @@ inline constexpr uint8_t kMnAaa = 2;
 
 // ---- Options ------------------------------------------------------------------
 
-struct BindingRefreshAdvice {  // alignment 2n, length 2
+struct BindingRefreshAdvice {     // alignment 2n, length 2
   uint16_t refresh_interval = 0;  // 4-second units
   bool operator==(const BindingRefreshAdvice&) const = default;
 };
@@ -137,9 +137,9 @@ struct BindingAuthorizationData {  // alignment 8n+2, any length
   std::vector<uint8_t> authenticator;
   bool operator==(const BindingAuthorizationData&) const = default;
 };
-struct Ipv4HomeAddress {  // RFC 5555: alignment 4n, length 6
-  uint8_t prefix_length = 0;             // 6 bits
-  bool mobile_network_prefix = false;    // P flag
+struct Ipv4HomeAddress {               // RFC 5555: alignment 4n, length 6
+  uint8_t prefix_length = 0;           // 6 bits
+  bool mobile_network_prefix = false;  // P flag
   Ipv4Address address{};
   bool operator==(const Ipv4HomeAddress&) const = default;
 };
@@ -169,9 +169,9 @@ struct UnknownMobilityOption {
 };
 
 using MobilityOption =
-    std::variant<BindingRefreshAdvice, AlternateCareOfAddress, NonceIndices, BindingAuthorizationData,
-                 Ipv4HomeAddress, Ipv4AddressAcknowledgement, Ipv4CareOfAddress, MobilityMessageAuthentication,
-                 UnknownMobilityOption>;
+    std::variant<BindingRefreshAdvice, AlternateCareOfAddress, NonceIndices,
+                 BindingAuthorizationData, Ipv4HomeAddress, Ipv4AddressAcknowledgement,
+                 Ipv4CareOfAddress, MobilityMessageAuthentication, UnknownMobilityOption>;
 using MobilityOptions = std::vector<MobilityOption>;
 
 // ---- Messages -----------------------------------------------------------------
@@ -209,8 +209,8 @@ struct UnrecognizedMobilityMessage {
   bool operator==(const UnrecognizedMobilityMessage&) const = default;
 };
 
-using MobilityMessage = std::variant<BindingRefreshRequest, BindingUpdate, BindingAcknowledgement, BindingError,
-                                     UnrecognizedMobilityMessage>;
+using MobilityMessage = std::variant<BindingRefreshRequest, BindingUpdate, BindingAcknowledgement,
+                                     BindingError, UnrecognizedMobilityMessage>;
 
 struct MobilityHeader {
   uint8_t payload_proto = ipproto::kNoNextHeader;
@@ -242,7 +242,8 @@ Result<MobilityHeader> DecodeMobilityHeader(std::span<const uint8_t> mh);
 // when it sums to zero.
 bool VerifyMobilityHeaderChecksum(std::span<const uint8_t> mh, const ChecksumAddresses& addresses);
 // The checksum value `mh` should carry (its checksum field is treated as zero).
-uint16_t ComputeMobilityHeaderChecksum(std::span<const uint8_t> mh, const ChecksumAddresses& addresses);
+uint16_t ComputeMobilityHeaderChecksum(std::span<const uint8_t> mh,
+                                       const ChecksumAddresses& addresses);
 
 // Offsets inside an encoded MH of its last option when that option is a
 // Mobility Message Authentication option: the RFC 4285 "MH Data" is
@@ -260,8 +261,10 @@ Result<AuthenticatorLocation> LocateAuthenticator(std::span<const uint8_t> mh);
 
 // IPv6(src=care-of, dst=home agent) + Destination Options(HAO=home address)
 // + MH(BU) with the checksum over the home address.
-Result<std::vector<uint8_t>> BuildBindingUpdatePacket(const Ipv6Address& care_of, const Ipv6Address& home_agent,
-                                                      const Ipv6Address& home_address, const BindingUpdate& bu);
+Result<std::vector<uint8_t>> BuildBindingUpdatePacket(const Ipv6Address& care_of,
+                                                      const Ipv6Address& home_agent,
+                                                      const Ipv6Address& home_address,
+                                                      const BindingUpdate& bu);
 // IPv6(src=home agent, dst=care-of) + type 2 routing header(home address,
 // segments left 1) + MH(BA) with the checksum over the home address.
 Result<std::vector<uint8_t>> BuildBindingAcknowledgementPacket(const Ipv6Address& home_agent,
@@ -275,8 +278,8 @@ Result<std::vector<uint8_t>> BuildMobilityPacket(const Ipv6Address& src, const I
                                                  std::span<const uint8_t> mh);
 
 struct MobilityPacket {
-  Ipv6UpperLayer ip;               // header, HAO, RH2, pseudo-header addresses
-  std::span<const uint8_t> mh;     // the encoded Mobility Header
+  Ipv6UpperLayer ip;            // header, HAO, RH2, pseudo-header addresses
+  std::span<const uint8_t> mh;  // the encoded Mobility Header
   MobilityHeader header;
 };
 // Parses an IPv6 packet whose upper layer is a Mobility Header, verifying the

@@ -39,8 +39,10 @@ inline constexpr uint8_t kMtu = 5;
 }  // namespace nd_option
 
 inline constexpr uint8_t kNdHopLimit = 255;
-inline const Ipv6Address kAllNodesMulticast = {0xff, 0x02, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1};
-inline const Ipv6Address kAllRoutersMulticast = {0xff, 0x02, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2};
+inline const Ipv6Address kAllNodesMulticast = {0xff, 0x02, 0, 0, 0, 0, 0, 0,
+                                               0,    0,    0, 0, 0, 0, 0, 1};
+inline const Ipv6Address kAllRoutersMulticast = {0xff, 0x02, 0, 0, 0, 0, 0, 0,
+                                                 0,    0,    0, 0, 0, 0, 0, 2};
 
 // ff02::1:ffXX:XXXX from the low 24 bits of `address`.
 Ipv6Address SolicitedNodeMulticast(const Ipv6Address& address);
@@ -49,9 +51,9 @@ MacAddress MulticastMac(const Ipv6Address& multicast);
 
 struct PrefixInformation {
   uint8_t prefix_length = 64;
-  bool on_link = true;              // L
-  bool autonomous = true;           // A
-  bool router_address = false;      // R (RFC 6275 §7.2)
+  bool on_link = true;          // L
+  bool autonomous = true;       // A
+  bool router_address = false;  // R (RFC 6275 §7.2)
   uint32_t valid_lifetime = 0;
   uint32_t preferred_lifetime = 0;
   Ipv6Address prefix{};
@@ -100,21 +102,26 @@ std::vector<uint8_t> EncodeRouterSolicitation(const RouterSolicitation& m, const
                                               const Ipv6Address& dst);
 std::vector<uint8_t> EncodeRouterAdvertisement(const RouterAdvertisement& m, const Ipv6Address& src,
                                                const Ipv6Address& dst);
-std::vector<uint8_t> EncodeNeighborSolicitation(const NeighborSolicitation& m, const Ipv6Address& src,
-                                                const Ipv6Address& dst);
-std::vector<uint8_t> EncodeNeighborAdvertisement(const NeighborAdvertisement& m, const Ipv6Address& src,
-                                                 const Ipv6Address& dst);
+std::vector<uint8_t> EncodeNeighborSolicitation(const NeighborSolicitation& m,
+                                                const Ipv6Address& src, const Ipv6Address& dst);
+std::vector<uint8_t> EncodeNeighborAdvertisement(const NeighborAdvertisement& m,
+                                                 const Ipv6Address& src, const Ipv6Address& dst);
 
-Result<RouterSolicitation> DecodeRouterSolicitation(std::span<const uint8_t> icmp, const NdContext& ctx);
-Result<RouterAdvertisement> DecodeRouterAdvertisement(std::span<const uint8_t> icmp, const NdContext& ctx);
-Result<NeighborSolicitation> DecodeNeighborSolicitation(std::span<const uint8_t> icmp, const NdContext& ctx);
-Result<NeighborAdvertisement> DecodeNeighborAdvertisement(std::span<const uint8_t> icmp, const NdContext& ctx);
+Result<RouterSolicitation> DecodeRouterSolicitation(std::span<const uint8_t> icmp,
+                                                    const NdContext& ctx);
+Result<RouterAdvertisement> DecodeRouterAdvertisement(std::span<const uint8_t> icmp,
+                                                      const NdContext& ctx);
+Result<NeighborSolicitation> DecodeNeighborSolicitation(std::span<const uint8_t> icmp,
+                                                        const NdContext& ctx);
+Result<NeighborAdvertisement> DecodeNeighborAdvertisement(std::span<const uint8_t> icmp,
+                                                          const NdContext& ctx);
 
 // An Ethernet frame holding an unsolicited Neighbor Advertisement for
 // `address` (R=0, S=0, O=1, target link-layer option = `mac`) sent from
 // `address` to all-nodes, hop limit 255: what a moved guest's host emits so
 // on-link neighbours update their caches (RFC 4861 §7.2.6).
-std::vector<uint8_t> BuildUnsolicitedNeighborAdvertisementFrame(const MacAddress& mac, const Ipv6Address& address,
+std::vector<uint8_t> BuildUnsolicitedNeighborAdvertisementFrame(const MacAddress& mac,
+                                                                const Ipv6Address& address,
                                                                 bool router = false);
 // An Ethernet frame holding a Neighbor Solicitation for `target` sent to its
 // solicited-node group; `src` unspecified (::) makes it a DAD probe, which
