@@ -17,7 +17,11 @@ ST_SOURCE=${KAGEMUSHA_SOURCE:-$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd
 ST_BUILD=${KAGEMUSHA_BUILD:-$ST_SOURCE/build}
 ST_NBD=$ST_BUILD/cli/kagemusha-nbd
 ST_WANEM=$ST_BUILD/tests/kit/kagemusha-wanem
+# The system python3: python3-libnbd (module nbd) is installed for it, not
+# for whatever python3 comes first on PATH (pyenv etc.). nbdsh runs
+# `python3 -m nbd` through PATH, so the function below pins it.
 ST_PY=/usr/bin/python3
+nbdsh() { "$ST_PY" -m nbd "$@"; }
 
 if [[ ! -r $ST_SOURCE/tests/kit/testbed.sh ]]; then
   echo "SKIP: shared test-bed kit $ST_SOURCE/tests/kit/testbed.sh is missing"
