@@ -868,7 +868,11 @@ std::vector<ControlCommand> NbdControlCommands(ServeState& state) {
                    })});
   table.push_back({"fill-rate", "set the fill rate limit: args.rate bytes/s, 0 = unlimited",
                    ProxyCommand(state, [](ServedExport& e, const json& args) -> Done {
-                     if (!args.contains("rate") || !args["rate"].is_number_unsigned()) {
+                     // JSON parsed from the wire holds 5 as unsigned; json built in
+                     // process holds it as signed. Accept both, never a negative.
+                     const bool valid = args.contains("rate") && args["rate"].is_number_integer() &&
+                                        (args["rate"].is_number_unsigned() || args["rate"].get<int64_t>() >= 0);
+                     if (!valid) {
                        return std::unexpected(ControlFailure(
                            Error::Invalid("fill-rate needs args.rate, a non-negative integer (bytes/s, 0 = unlimited)")));
                      }
