@@ -20,9 +20,10 @@ uri=$(st_uri_unix "$psock" live)
 
 fifo=$ST_DIR/qemu-io.fifo out=$ST_DIR/session.out
 mkfifo "$fifo"
+: >"$out"
 stdbuf -oL qemu-io -f raw "$uri" <"$fifo" >"$out" 2>&1 &
 qio=$!
-tb_on_cleanup kill "$qio"
+tb_on_cleanup sh -c "kill $qio 2>/dev/null || true"
 exec {QIO_FD}>"$fifo"
 
 # send CMD [WANT] : one command; qemu-io prints its prompt again when the
