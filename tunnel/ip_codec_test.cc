@@ -274,6 +274,30 @@ TEST(Ipv4Packet, BuildsValidHeaderChecksumAndRejectsCorruption) {
   EXPECT_FALSE(ParseIpv4Packet(std::span<const uint8_t>(p.data(), 19)));
 }
 
+TEST(Ipv4Packet, SkipsHeaderOptionsCountedByIhl) {
+  // IHL 6: one 4-byte option (NOP x3 + EOL) before the payload.
+  Bytes p = {0x46, 0, 0,   27, 0,   1, 0, 0, 64, 17, 0, 0, 192, 0,
+             2,    1, 198, 51, 100, 2, 1, 1, 1,  0,  7, 8, 9};
+  uint16_t c = InternetChecksum(std::span<const uint8_t>(p.data(), 24));
+  p[10] = uint8_t(c >> 8);
+  p[11] = uint8_t(c);
+  auto d = ParseIpv4Packet(p);
+  ASSERT_TRUE(d) << d.error().message();
+  EXPECT_EQ(d->header_length, 24u);
+  EXPECT_EQ(Bytes(d->payload.begin(), d->payload.end()), (Bytes{7, 8, 9}));
+  Bytes ihl_past_total = p;
+  ihl_past_total[0] = 0x47;  // 28-byte header in a 27-byte packet
+  EXPECT_FALSE(ParseIpv4Packet(ihl_past_total));
+}
+
+TEST(InternetChecksum, ChainedEvenChunksEqualOneShot) {
+  Bytes a = {1, 2, 3, 4}, b = {5, 6, 7};
+  Bytes ab = {1, 2, 3, 4, 5, 6, 7};
+  EXPECT_EQ(ChecksumFinish(ChecksumAdd(ChecksumAdd(0, a), b)), InternetChecksum(ab));
+  Bytes ones(100000, 0xff);  // long input: no overflow before folding
+  EXPECT_EQ(InternetChecksum(ones), 0);
+}
+
 TEST(PacketTooBig, QuotesInvokingPacketUpToMinimumMtu) {
   auto big = Ipv6With(ipproto::kUdp, Bytes(1400, 0x5a), kHoa, kB);
   auto ptb = BuildIcmpv6PacketTooBig(kA, kHoa, 1280, big);

@@ -69,6 +69,24 @@ TEST(BindingRefreshRequest, IsEightBytesWithoutOptions) {
   EXPECT_TRUE(std::holds_alternative<BindingRefreshRequest>(d->message));
 }
 
+TEST(BindingRefreshRequest, RoundTripsWithOptionsAndChecksum) {
+  BindingRefreshRequest brr{{BindingRefreshAdvice{8}, UnknownMobilityOption{200, {1, 2, 3}}}};
+  auto mh = EncodeMobilityHeader(brr, ChecksumAddresses{kHa, kHoa});
+  ASSERT_TRUE(mh);
+  EXPECT_EQ(mh->size() % 8, 0u);
+  EXPECT_TRUE(VerifyMobilityHeaderChecksum(*mh, {kHa, kHoa}));
+  auto d = DecodeMobilityHeader(*mh);
+  ASSERT_TRUE(d) << d.error().message();
+  EXPECT_EQ(std::get<BindingRefreshRequest>(d->message), brr);
+}
+
+TEST(BindingUpdate, PreservesAllSixteenFlagBits) {
+  BindingUpdate bu{1, 0xffff, 2, {}};
+  auto d = DecodeMobilityHeader(*EncodeMobilityHeader(bu, std::nullopt));
+  ASSERT_TRUE(d);
+  EXPECT_EQ(std::get<BindingUpdate>(d->message).flags, 0xffff);
+}
+
 TEST(BindingError, RoundTripsHomeAddressAndStatus) {
   BindingError be{be_status::kUnrecognizedMhType, kHoa, {}};
   auto mh = EncodeMobilityHeader(be, ChecksumAddresses{kHa, kCoa});

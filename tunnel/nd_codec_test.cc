@@ -148,6 +148,18 @@ TEST(NeighborDiscovery, RejectsEveryRfc4861ValidityViolation) {
   rp[17] = 3;  // prefix option claims 3 units
   EXPECT_FALSE(DecodeRouterAdvertisement(Resum(rp, kLl, kAllNodesMulticast),
                                          {kLl, kAllNodesMulticast, 255}));
+  RouterAdvertisement with_mtu;
+  with_mtu.mtu = 1400;
+  auto rm = EncodeRouterAdvertisement(with_mtu, kLl, kAllNodesMulticast);
+  rm.insert(rm.end(), 8, 0);
+  rm[17] = 2;  // MTU option claims 2 units
+  EXPECT_FALSE(
+      DecodeRouterAdvertisement(Resum(rm, kLl, kAllNodesMulticast), {kLl, kAllNodesMulticast, 255}))
+      << "MTU option length";
+  Bytes big_lla = EncodeNeighborSolicitation({kGuest, std::nullopt}, kLl, sn);
+  big_lla.insert(big_lla.end(), {1, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0});
+  EXPECT_FALSE(DecodeNeighborSolicitation(Resum(big_lla, kLl, sn), ok))
+      << "16-byte link-layer option";
   auto rs = EncodeRouterSolicitation({kMac}, unspec, kAllRoutersMulticast);
   EXPECT_FALSE(DecodeRouterSolicitation(rs, {unspec, kAllRoutersMulticast, 255}))
       << "RS from :: with SLLA";

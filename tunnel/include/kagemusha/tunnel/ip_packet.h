@@ -69,7 +69,7 @@ inline constexpr uint8_t kRoutingType2 = 2;                 // RFC 6275 §6.4
 
 // One's-complement sum of 16-bit big-endian words (an odd trailing byte is
 // padded with zero), not yet folded or complemented. Chain calls by passing the
-// previous sum.
+// previous sum; every chunk but the last must have even length.
 uint32_t ChecksumAdd(uint32_t sum, std::span<const uint8_t> data);
 // Folds a running sum to 16 bits and complements it: the value to store in a
 // checksum field. Over data that already holds a correct checksum the result
