@@ -10,8 +10,11 @@
 namespace kagemusha::storage::nbd {
 namespace {
 
-std::unexpected<OptionError> OptFail(uint32_t type, std::string reason) {
-  return std::unexpected<OptionError>(OptionError{type, std::move(reason)});
+// (Result<T> with kagemusha::Error rather than an error type of our own: the
+// clang 14 fuzz build can only destroy std::expected<T, Error>, through the
+// work-around header, when T or E is not trivially destructible.)
+std::unexpected<Error> OptFail(uint32_t type, const char* reason) {
+  return Fail(Error(type == kRepErrTooBig ? E2BIG : EINVAL, reason));
 }
 
 // Strings on the wire must not contain NUL and must be at most 4096 bytes.
@@ -28,15 +31,13 @@ std::span<const uint8_t> AsBytes(std::string_view s) {
 }
 
 // Reads a u32-length-prefixed string. Names longer than 4096 are invalid.
-OptionResult<std::string> ReadLengthPrefixed(ByteReader& r, const char* what) {
+Result<std::string> ReadLengthPrefixed(ByteReader& r) {
   auto len = r.U32();
-  if (!len) return OptFail(kRepErrInvalid, std::string(what) + " length truncated");
-  if (*len > kMaxNameLength) {
-    return OptFail(kRepErrInvalid, std::string(what) + " longer than 4096 bytes");
-  }
+  if (!len) return OptFail(kRepErrInvalid, "string length truncated");
+  if (*len > kMaxNameLength) return OptFail(kRepErrInvalid, "string longer than 4096 bytes");
   auto bytes = r.Bytes(*len);
-  if (!bytes) return OptFail(kRepErrInvalid, std::string(what) + " runs past option end");
-  if (!ValidWireString(*bytes)) return OptFail(kRepErrInvalid, std::string(what) + " has NUL");
+  if (!bytes) return OptFail(kRepErrInvalid, "string runs past the option end");
+  if (!ValidWireString(*bytes)) return OptFail(kRepErrInvalid, "string contains NUL");
   return ToString(*bytes);
 }
 
@@ -73,16 +74,20 @@ Result<OptionHeader> ParseOptionHeader(std::span<const uint8_t> data) {
   return OptionHeader{*option, *length};
 }
 
-OptionResult<std::string> ParseExportNameOption(std::span<const uint8_t> payload) {
+uint32_t OptionErrorReply(const Error& e) {
+  return e.code() == E2BIG ? kRepErrTooBig : kRepErrInvalid;
+}
+
+Result<std::string> ParseExportNameOption(std::span<const uint8_t> payload) {
   if (payload.size() > kMaxNameLength) return OptFail(kRepErrInvalid, "export name too long");
   if (!ValidWireString(payload)) return OptFail(kRepErrInvalid, "export name has NUL");
   return ToString(payload);
 }
 
-OptionResult<InfoRequest> ParseInfoRequest(std::span<const uint8_t> payload) {
+Result<InfoRequest> ParseInfoRequest(std::span<const uint8_t> payload) {
   ByteReader r(payload);
   InfoRequest req;
-  auto name = ReadLengthPrefixed(r, "export name");
+  auto name = ReadLengthPrefixed(r);
   if (!name) return std::unexpected(name.error());
   req.name = std::move(*name);
   auto count = r.U16();
@@ -95,17 +100,17 @@ OptionResult<InfoRequest> ParseInfoRequest(std::span<const uint8_t> payload) {
   return req;
 }
 
-OptionResult<MetaContextRequest> ParseMetaContextRequest(std::span<const uint8_t> payload) {
+Result<MetaContextRequest> ParseMetaContextRequest(std::span<const uint8_t> payload) {
   ByteReader r(payload);
   MetaContextRequest req;
-  auto name = ReadLengthPrefixed(r, "export name");
+  auto name = ReadLengthPrefixed(r);
   if (!name) return std::unexpected(name.error());
   req.export_name = std::move(*name);
   auto count = r.U32();
   if (!count) return OptFail(kRepErrInvalid, "query count missing");
   if (*count > kMaxMetaQueries) return OptFail(kRepErrTooBig, "too many metadata queries");
   for (uint32_t i = 0; i < *count; ++i) {
-    auto q = ReadLengthPrefixed(r, "metadata query");
+    auto q = ReadLengthPrefixed(r);
     if (!q) return std::unexpected(q.error());
     req.queries.push_back(std::move(*q));
   }
@@ -269,7 +274,7 @@ HandshakeStep HandshakeMachine::OnOption(const OptionHeader& h, std::span<const 
       std::optional<size_t> idx;
       if (name) idx = FindExport(*name);
       if (!idx) {
-        last_problem_ = name ? "unknown export in EXPORT_NAME" : name.error().reason;
+        last_problem_ = name ? "unknown export in EXPORT_NAME" : name.error().message();
         return HandshakeStep::kHardDisconnect;
       }
       const ExportDescriptor& e = exports_[*idx];
@@ -314,7 +319,7 @@ HandshakeStep HandshakeMachine::HandleInfoOrGo(const OptionHeader& h,
                                                std::span<const uint8_t> payload,
                                                std::vector<uint8_t>& out) {
   auto req = ParseInfoRequest(payload);
-  if (!req) return Problem(out, h.option, req.error().reply_type, req.error().reason);
+  if (!req) return Problem(out, h.option, OptionErrorReply(req.error()), req.error().message());
   auto idx = FindExport(req->name);
   if (!idx) return Problem(out, h.option, kRepErrUnknown, "no such export");
   const ExportDescriptor& e = exports_[*idx];
@@ -351,7 +356,7 @@ HandshakeStep HandshakeMachine::HandleMetaContext(const OptionHeader& h,
     return Problem(out, h.option, kRepErrInvalid, "negotiate structured replies first");
   }
   auto req = ParseMetaContextRequest(payload);
-  if (!req) return Problem(out, h.option, req.error().reply_type, req.error().reason);
+  if (!req) return Problem(out, h.option, OptionErrorReply(req.error()), req.error().message());
   if (!FindExport(req->export_name)) {
     return Problem(out, h.option, kRepErrUnknown, "no such export");
   }

@@ -55,31 +55,27 @@ struct OptionHeader {
 // The 16-byte option header; fails on a short buffer or bad IHAVEOPT magic.
 Result<OptionHeader> ParseOptionHeader(std::span<const uint8_t> data);
 
-// A parse failure of an option payload carries the option reply error type
-// to send (kRepErrInvalid, kRepErrTooBig, ...) and a short reason.
-struct OptionError {
-  uint32_t reply_type = kRepErrInvalid;
-  std::string reason;
-};
-template <class T>
-using OptionResult = std::expected<T, OptionError>;
+// Option payload parsers fail with Error code EINVAL (answer
+// NBD_REP_ERR_INVALID) or E2BIG (answer NBD_REP_ERR_TOO_BIG);
+// OptionErrorReply maps one to the other.
+uint32_t OptionErrorReply(const Error& e);
 
 // NBD_OPT_EXPORT_NAME: the whole payload is the name.
-OptionResult<std::string> ParseExportNameOption(std::span<const uint8_t> payload);
+Result<std::string> ParseExportNameOption(std::span<const uint8_t> payload);
 
 // NBD_OPT_INFO / NBD_OPT_GO.
 struct InfoRequest {
   std::string name;
   std::vector<uint16_t> infos;
 };
-OptionResult<InfoRequest> ParseInfoRequest(std::span<const uint8_t> payload);
+Result<InfoRequest> ParseInfoRequest(std::span<const uint8_t> payload);
 
 // NBD_OPT_LIST_META_CONTEXT / NBD_OPT_SET_META_CONTEXT.
 struct MetaContextRequest {
   std::string export_name;
   std::vector<std::string> queries;
 };
-OptionResult<MetaContextRequest> ParseMetaContextRequest(std::span<const uint8_t> payload);
+Result<MetaContextRequest> ParseMetaContextRequest(std::span<const uint8_t> payload);
 
 // --- Handshake: encoding ----------------------------------------------------
 

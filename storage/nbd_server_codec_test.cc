@@ -160,7 +160,7 @@ TEST(NbdInfoRequest, TableOfMalformedPayloads) {
     auto r = ParseInfoRequest(c.in);
     EXPECT_EQ(r.has_value(), c.ok) << c.what;
     if (!r) {
-      EXPECT_EQ(r.error().reply_type, c.err) << c.what;
+      EXPECT_EQ(OptionErrorReply(r.error()), c.err) << c.what;
     }
   }
   auto r = ParseInfoRequest(InfoPayload("disk", {1, 3}));
@@ -191,7 +191,7 @@ TEST(NbdMetaContextRequest, TableOfMalformedPayloads) {
     auto r = ParseMetaContextRequest(c.in);
     EXPECT_EQ(r.has_value(), c.ok) << c.what;
     if (!r) {
-      EXPECT_EQ(r.error().reply_type, c.err) << c.what;
+      EXPECT_EQ(OptionErrorReply(r.error()), c.err) << c.what;
     }
   }
 }
