@@ -2,6 +2,8 @@
 
 #include <gtest/gtest.h>
 #include <sys/resource.h>
+#include <sys/wait.h>
+#include <unistd.h>
 
 #include <csignal>
 
@@ -644,6 +646,81 @@ TEST_F(CopyOnReadTest, CrashSafetyFailedCacheWriteNeverSetsTheBit) {
   EXPECT_EQ(cor_->Status().blocks_present, 1u);
   // Once the cache can be written again the same blocks work.
   EXPECT_TRUE(SameBytes(ReadAt(3 * kMiB, 4096), Slice(image_, 3 * kMiB, 4096)));
+}
+
+TEST_F(CopyOnReadTest, CrashSafetySurvivesARealKill9DuringFillAndWrites) {
+  // A child process runs the proxy (fill on, guest writing full blocks) and
+  // reports each acknowledged write on a pipe; the parent SIGKILLs it after
+  // a while and checks the files it left behind.
+  image_ = FakeRemote::PatternImage(16 * kMiB);
+  opts_.cache_path = dir_ / "cache.img";
+  opts_.bitmap_path = dir_ / "cache.bitmap";
+  opts_.block_size = 65536;
+  opts_.fill_on_start = true;
+  opts_.fill_chunk_blocks = 2;
+  constexpr uint64_t kFirstWritten = 100, kWrites = 100;
+  int fds[2];
+  ASSERT_EQ(::pipe(fds), 0);
+  pid_t pid = ::fork();
+  ASSERT_GE(pid, 0);
+  if (pid == 0) {
+    ::close(fds[0]);
+    auto remote = std::make_unique<FakeRemote>(image_, 65536);
+    {
+      std::lock_guard lk(remote->shared()->mu);
+      remote->shared()->delay = 3ms;
+    }
+    auto b = CopyOnReadBackend::Open(std::move(remote), opts_);
+    if (!b) ::_exit(2);
+    for (uint32_t i = 0; i < kWrites; ++i) {
+      std::vector<std::byte> data(65536, std::byte(uint8_t(i + 1)));
+      if (!(*b)->Write(data, (kFirstWritten + i) * 65536, false)) ::_exit(3);
+      if (::write(fds[1], &i, sizeof i) != sizeof i) ::_exit(4);
+      std::this_thread::sleep_for(1ms);
+    }
+    ::pause();  // wait to be killed
+    ::_exit(0);
+  }
+  ::close(fds[1]);
+  uint32_t acked = 0, idx;
+  while (acked < 30 && ::read(fds[0], &idx, sizeof idx) == sizeof idx) acked = idx + 1;
+  ASSERT_EQ(::kill(pid, SIGKILL), 0);
+  int wstatus = 0;
+  ASSERT_EQ(::waitpid(pid, &wstatus, 0), pid);
+  ASSERT_TRUE(WIFSIGNALED(wstatus)) << "child exited early with " << WEXITSTATUS(wstatus);
+  while (::read(fds[0], &idx, sizeof idx) == sizeof idx) acked = idx + 1;
+  ::close(fds[0]);
+  ASSERT_GE(acked, 30u);
+
+  auto snap = TakeSnapshot(opts_);
+  uint64_t bits = 0;
+  for (uint64_t b = 0; b < 256; ++b) {
+    bool written = b >= kFirstWritten && b < kFirstWritten + kWrites;
+    uint64_t i = b - kFirstWritten;
+    if (written && i < acked) {
+      ASSERT_TRUE(BitSet(snap, b)) << "acknowledged write to block " << b << " lost its bit";
+    }
+    if (!BitSet(snap, b)) continue;
+    ++bits;
+    auto cached = Slice(snap.cache, b * 65536, 65536);
+    std::vector<std::byte> mine(65536, std::byte(uint8_t(i + 1)));
+    if (written && i < acked) {
+      ASSERT_TRUE(SameBytes(cached, mine)) << "acknowledged write to block " << b << " lost";
+    } else if (written) {  // not acknowledged: the fill's copy or the write, nothing else
+      ASSERT_TRUE(SameBytes(cached, mine) || SameBytes(cached, Slice(image_, b * 65536, 65536)))
+          << "block " << b;
+    } else {
+      ASSERT_TRUE(SameBytes(Slice(snap.cache, b * 65536, 65536), Slice(image_, b * 65536, 65536)))
+          << "bitmap claims fill block " << b << " but its data is wrong";
+    }
+  }
+  EXPECT_GE(bits, acked);
+  // The files reopen, and reads give the acknowledged writes.
+  opts_.fill_on_start = false;
+  OpenBackend();
+  for (uint64_t i = 0; i < acked; ++i)
+    ASSERT_EQ(ReadAt((kFirstWritten + i) * 65536, 65536),
+              std::vector<std::byte>(65536, std::byte(uint8_t(i + 1))));
 }
 
 TEST_F(CopyOnReadTest, BlockSizeMayExceedTheTailOfTheImage) {
