@@ -14,12 +14,26 @@
 //       IPv6-in-IPv6 and an IPv4-in-IPv6 packet, an ICMPv6 Packet Too Big
 //       and an ICMPv4 fragmentation-needed, so tshark can verify their
 //       checksums independently.
+//   kagemusha-mh-tool announce IFACE MAC IPV6 IPV4
+//       Sends an unsolicited Neighbor Advertisement and a gratuitous ARP for
+//       a guest with MAC/IPV6/IPV4 out of IFACE (AF_PACKET), as the mobile
+//       host does after a move.
+//   kagemusha-mh-tool capture-nd IFACE SECONDS
+//       Captures ND and ARP frames on IFACE for SECONDS and prints one line
+//       per frame with our decoders' verdict.
 //   kagemusha-mh-tool decode [--ethernet] [--key K --spi N] FILE
 //       Decodes one raw IPv6 packet (or Ethernet frame) from FILE and prints
 //       "OK ..." (exit 0) or "REJECT: reason" (exit 2). With --key the MN-HA
 //       authenticator is verified (HMAC-SHA256-128) as well.
 #include <arpa/inet.h>
+#include <linux/if_packet.h>
+#include <net/ethernet.h>
+#include <net/if.h>
+#include <poll.h>
+#include <sys/socket.h>
+#include <unistd.h>
 
+#include <chrono>
 #include <cstdio>
 #include <cstring>
 #include <fstream>
@@ -185,6 +199,135 @@ int WriteLinkScenario(const std::string& out) {
   return 0;
 }
 
+MacAddress ParseMac(const std::string& text) {
+  MacAddress m{};
+  unsigned v[6];
+  if (std::sscanf(text.c_str(), "%x:%x:%x:%x:%x:%x", &v[0], &v[1], &v[2], &v[3], &v[4], &v[5]) != 6)
+    throw std::runtime_error("bad MAC address " + text);
+  for (int i = 0; i < 6; ++i) m[i] = uint8_t(v[i]);
+  return m;
+}
+
+// An AF_PACKET socket bound to one interface; closes on scope exit.
+struct PacketSocket {
+  int fd = -1;
+  int ifindex = 0;
+  explicit PacketSocket(const std::string& iface) {
+    ifindex = int(if_nametoindex(iface.c_str()));
+    if (ifindex == 0) throw std::runtime_error("no interface " + iface);
+    fd = socket(AF_PACKET, SOCK_RAW, htons(ETH_P_ALL));
+    if (fd < 0) throw std::runtime_error("AF_PACKET socket: " + std::string(std::strerror(errno)));
+    sockaddr_ll sll{};
+    sll.sll_family = AF_PACKET;
+    sll.sll_protocol = htons(ETH_P_ALL);
+    sll.sll_ifindex = ifindex;
+    if (bind(fd, reinterpret_cast<sockaddr*>(&sll), sizeof sll) != 0)
+      throw std::runtime_error("bind to " + iface + ": " + std::strerror(errno));
+  }
+  ~PacketSocket() {
+    if (fd >= 0) close(fd);
+  }
+  void Send(const Bytes& frame) const {
+    if (send(fd, frame.data(), frame.size(), 0) != ssize_t(frame.size()))
+      throw std::runtime_error("send: " + std::string(std::strerror(errno)));
+  }
+};
+
+int Announce(const std::string& iface, const std::string& mac, const std::string& v6,
+             const std::string& v4) {
+  PacketSocket s(iface);
+  MacAddress m = ParseMac(mac);
+  s.Send(BuildUnsolicitedNeighborAdvertisementFrame(m, V6(v6.c_str())));
+  s.Send(BuildGratuitousArpFrame(m, V4(v4.c_str())));
+  std::printf("sent unsolicited NA and gratuitous ARP for %s %s at %s on %s\n", v6.c_str(),
+              v4.c_str(), FormatMac(m).c_str(), iface.c_str());
+  return 0;
+}
+
+// One line per ND/ARP frame: what our decoders make of what the kernel sent.
+void DescribeLinkFrame(std::span<const uint8_t> frame) {
+  auto eth = ParseEthernetFrame(frame);
+  if (!eth) return;
+  if (eth->ether_type == ethertype::kArp) {
+    auto a = DecodeArp(eth->payload);
+    if (!a) {
+      std::printf("ARP REJECT: %s\n", a.error().message().c_str());
+    } else {
+      std::printf("ARP %s sender=%s/%s target=%s\n",
+                  a->operation == kArpOpRequest ? "request" : "reply",
+                  FormatIpv4(a->sender_ip).c_str(), FormatMac(a->sender_mac).c_str(),
+                  FormatIpv4(a->target_ip).c_str());
+    }
+    return;
+  }
+  if (eth->ether_type != ethertype::kIpv6) return;
+  auto ip = ParseIpv6Packet(eth->payload);
+  if (!ip || ip->header.next_header != ipproto::kIcmpv6 || ip->payload.empty()) return;
+  NdContext ctx{ip->header.src, ip->header.dst, ip->header.hop_limit};
+  auto mac_or_none = [](const std::optional<MacAddress>& m) {
+    return m ? FormatMac(*m) : std::string("none");
+  };
+  switch (ip->payload[0]) {
+    case icmpv6_type::kNeighborSolicitation: {
+      auto ns = DecodeNeighborSolicitation(ip->payload, ctx);
+      if (!ns)
+        std::printf("NS REJECT: %s\n", ns.error().message().c_str());
+      else
+        std::printf("NS src=%s target=%s sll=%s\n", FormatIpv6(ctx.src).c_str(),
+                    FormatIpv6(ns->target).c_str(), mac_or_none(ns->source_link_layer).c_str());
+      break;
+    }
+    case icmpv6_type::kNeighborAdvertisement: {
+      auto na = DecodeNeighborAdvertisement(ip->payload, ctx);
+      if (!na)
+        std::printf("NA REJECT: %s\n", na.error().message().c_str());
+      else
+        std::printf("NA target=%s R=%d S=%d O=%d tll=%s\n", FormatIpv6(na->target).c_str(),
+                    na->router, na->solicited, na->override,
+                    mac_or_none(na->target_link_layer).c_str());
+      break;
+    }
+    case icmpv6_type::kRouterSolicitation: {
+      auto rs = DecodeRouterSolicitation(ip->payload, ctx);
+      if (!rs)
+        std::printf("RS REJECT: %s\n", rs.error().message().c_str());
+      else
+        std::printf("RS src=%s sll=%s\n", FormatIpv6(ctx.src).c_str(),
+                    mac_or_none(rs->source_link_layer).c_str());
+      break;
+    }
+    case icmpv6_type::kRouterAdvertisement: {
+      auto ra = DecodeRouterAdvertisement(ip->payload, ctx);
+      if (!ra)
+        std::printf("RA REJECT: %s\n", ra.error().message().c_str());
+      else
+        std::printf("RA lifetime=%u prefixes=%zu\n", ra->router_lifetime, ra->prefixes.size());
+      break;
+    }
+    default:
+      break;
+  }
+  std::fflush(stdout);
+}
+
+int CaptureNd(const std::string& iface, int seconds) {
+  PacketSocket s(iface);
+  auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(seconds);
+  std::vector<uint8_t> buf(65536);
+  std::printf("capturing\n");
+  std::fflush(stdout);
+  for (;;) {
+    auto left = std::chrono::duration_cast<std::chrono::milliseconds>(
+        deadline - std::chrono::steady_clock::now());
+    if (left.count() <= 0) break;
+    pollfd p{s.fd, POLLIN, 0};
+    if (poll(&p, 1, int(left.count())) <= 0) continue;
+    ssize_t n = recv(s.fd, buf.data(), buf.size(), 0);
+    if (n > 0) DescribeLinkFrame(std::span<const uint8_t>(buf.data(), size_t(n)));
+  }
+  return 0;
+}
+
 std::string Describe(const MobilityOptions& options) {
   std::ostringstream s;
   for (const auto& o : options) {
@@ -287,6 +430,8 @@ int Usage() {
   std::fprintf(stderr,
                "usage: kagemusha-mh-tool write-pcap OUT.pcap\n"
                "       kagemusha-mh-tool write-link-pcap OUT.pcap\n"
+               "       kagemusha-mh-tool announce IFACE MAC IPV6 IPV4\n"
+               "       kagemusha-mh-tool capture-nd IFACE SECONDS\n"
                "       kagemusha-mh-tool decode [--ethernet] [--key K --spi N] FILE\n");
   return 64;
 }
@@ -299,6 +444,9 @@ int main(int argc, char** argv) {
   try {
     if (args[0] == "write-pcap" && args.size() == 2) return WriteScenario(args[1]);
     if (args[0] == "write-link-pcap" && args.size() == 2) return WriteLinkScenario(args[1]);
+    if (args[0] == "announce" && args.size() == 5)
+      return Announce(args[1], args[2], args[3], args[4]);
+    if (args[0] == "capture-nd" && args.size() == 3) return CaptureNd(args[1], std::stoi(args[2]));
     if (args[0] == "decode" && args.size() >= 2) return Decode({args.begin() + 1, args.end()});
   } catch (const std::exception& e) {  // CLI boundary: report and fail
     std::fprintf(stderr, "kagemusha-mh-tool: %s\n", e.what());
