@@ -44,6 +44,7 @@
 #     tb_spawn [--name N] NODE CMD...   background CMD in NODE (pid: TB_SPAWN_PID,
 #                                        log: TB_SPAWN_LOG), killed at teardown
 #     tb_stop PID [TIMEOUT_S]      SIGTERM a spawned process (group), SIGKILL later
+#     tb_pid_alive PID             true if PID runs (zombies do not count)
 #     tb_wait_for TIMEOUT_S CMD... poll CMD until it succeeds (else return 1)
 #     tb_wait_port NODE ADDR PORT [TIMEOUT_S]   until something listens on TCP
 #     tb_wait_unix SOCK [TIMEOUT_S]             until a Unix socket accepts
@@ -166,8 +167,16 @@ _tb_starttime() {
   awk '{print $20}' <<<"$stat"
 }
 
+# True if PID runs (a zombie waiting for its parent to reap it does not run).
+tb_pid_alive() {
+  local stat
+  stat=$(cat "/proc/$1/stat" 2>/dev/null) || return 1
+  stat=${stat##*) }
+  [[ "${stat%% *}" != Z ]]
+}
+
 _tb_alive() {  # PID STARTTIME
-  [[ -e /proc/$1 ]] && [[ $(_tb_starttime "$1") == "$2" ]]
+  tb_pid_alive "$1" && [[ $(_tb_starttime "$1") == "$2" ]]
 }
 
 _tb_exit_trap() {
@@ -188,7 +197,7 @@ _tb_kill_tree() {  # PID [GRACE_S]
   kill -TERM -- "-$pid" 2>/dev/null || true
   kill -TERM "$pid" 2>/dev/null || true
   for ((i = 0; i < grace * 20; i++)); do
-    kill -0 "$pid" 2>/dev/null || return 0
+    tb_pid_alive "$pid" || return 0
     sleep 0.05
   done
   kill -KILL -- "-$pid" 2>/dev/null || true
