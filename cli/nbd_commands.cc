@@ -291,8 +291,13 @@ int RunSwitch(int argc, char** argv) {
   auto result = Call(control, "switch", args, kSwitchTimeout, &rc);
   if (!result) return rc;
   std::string name = result->value("name", "");
-  rep.Event("switched", {{"export", name}, {"mode", result->value("mode", "")}},
-            "export " + Quoted(name) + " is in target mode; the remote is no longer used");
+  std::string message = "export " + Quoted(name) + " is in target mode; the remote is no longer used";
+  if (rep.json()) {
+    rep.Event("switched", {{"export", name}, {"mode", result->value("mode", "")}}, message);
+  } else {
+    rep.Finish();
+    std::printf("switched: %s\n", message.c_str());  // the result on stdout; progress was on stderr
+  }
   return 0;
 }
 
