@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # A client stays connected across `kagemusha-nbd switch --wait`: one
-# interactive qemu-io process (commands fed through a FIFO) does I/O while
-# the proxy fills, across the switch, and after the remote is gone. Its NBD
+# interactive qemu-io process (commands fed through a FIFO) does I/O before
+# the fill, while `switch --wait` starts the stopped fill and waits for it
+# (reads of unfetched blocks, writes, verifying reads), and after the switch
+# with the remote gone. Its NBD
 # socket is the same before and after (same socket inode in /proc, and the
 # server's connection counters unchanged), every command succeeds, and the
 # final md5 equals source + writes.
@@ -64,10 +66,23 @@ socks_before=$(sockets_of "$qio")
 conns_before=$(conn_total)
 st_assert_eq "mode before switch" proxy "$(st_status_get "$ctl" mode)"
 
-# The fill, then the switch, with the session open and idle.
-"$ST_NBD" fill start --control "$ctl"
-st_wait_fill "$ctl" 60
-"$ST_NBD" switch --control "$ctl" --wait
+# `switch --wait` while the fill is still to run (it starts the stopped fill,
+# follows it and switches); the session keeps doing I/O meanwhile.
+"$ST_NBD" fill rate 24M --control "$ctl"
+"$ST_NBD" switch --control "$ctl" --wait >"$ST_DIR/switch.out" 2>&1 &
+switch_pid=$!
+during=0
+for off in 95M 60M 30M 75M 45M 15M; do
+  send "read $off 64k" "read 65536"
+  send "write -P 0x34 $off 4k" "wrote 4096"
+  send "read -P 0x34 ${off} 4k" "read 4096"
+  st_apply_pattern "$exp" $((${off%M} << 20)) 4096 0x34
+  kill -0 "$switch_pid" 2>/dev/null && during=$((during + 1))
+done
+st_log "$during of 6 I/O rounds ran while switch --wait was still waiting"
+rc=0; wait "$switch_pid" || rc=$?
+cat "$ST_DIR/switch.out"
+st_assert_eq "switch --wait exit status" 0 "$rc"
 st_assert_eq "mode after switch" target "$(st_status_get "$ctl" mode)"
 st_stop remote   # the target must not need the remote any more
 
