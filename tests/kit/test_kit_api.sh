@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# The building blocks beyond tb_two_sites: three sites joined pairwise by two
+# WANs (the home/foreign/correspondent shape of the tunnel tests), plain
+# tb_link point-to-point links with addresses, interface names carrying the
+# run id, tb_spawn logs, and the wait helpers (success and timeout).
+set -euo pipefail
+source "${KAGEMUSHA_SOURCE:-$(dirname "$0")/../..}/tests/kit/testbed.sh"
+tb_require_cmd socat
+tb_init
+
+# home <-> foreign (30 ms) and home <-> cn (10 ms); foreign and cn have no
+# direct WAN, so foreign cannot reach cn (no transit routing through home).
+tb_site home
+tb_site foreign
+tb_site cn
+tb_host ha home --forwarding
+tb_host mn foreign
+tb_host cnode cn
+tb_wan home foreign --rtt 30 --name wanHF
+tb_wan home cn --rtt 10 --name wanHC
+
+[[ "$(tb_addr6 ha)" == 2001:db8:a::10 && "$(tb_addr4 ha)" == 192.0.2.10 ]] || tb_fail "default addresses of ha: $(tb_addr6 ha) $(tb_addr4 ha)"
+[[ "$(tb_addr6 mn)" == 2001:db8:b::10 && "$(tb_addr6 cnode)" == 2001:db8:c::10 ]] || tb_fail "default site prefixes"
+[[ "$(tb_exec ha cat /proc/sys/net/ipv6/conf/all/forwarding)" == 1 ]] || tb_fail "--forwarding not applied"
+[[ "$(tb_exec mn cat /proc/sys/net/ipv6/conf/all/forwarding)" == 0 ]] || tb_fail "hosts must not forward by default"
+
+rtt_between() {  # FROM ADDR LOW HIGH
+  tb_ping "$1" "$2" 1 0.1 >/dev/null || true  # neighbour discovery
+  local out min
+  out=$(tb_ping "$1" "$2" 5 0.05) || tb_fail "$1 cannot reach $2"
+  min=$(tb_field min_ms "$out")
+  awk -v m="$min" -v lo="$3" -v hi="$4" 'BEGIN { exit !(m >= lo && m < hi) }' ||
+    tb_fail "RTT $1 -> $2 should be in [$3, $4) ms: $out"
+  tb_log "$1 -> $2: $out"
+}
+rtt_between mn "$(tb_addr6 ha)" 30 50
+rtt_between cnode "$(tb_addr4 ha)" 10 30
+out=$(tb_ping mn "$(tb_addr6 cnode)" 2 0.1 0.5 || true)
+[[ "$(tb_field received "$out")" == 0 ]] || tb_fail "foreign reached cn without a WAN between them: $out"
+
+# Every interface of the run carries the run id.
+for node in ha mn cnode home foreign cn wanHF wanHC; do
+  while read -r ifname; do
+    [[ "$ifname" == lo || "$ifname" == "$TB_ID"* ]] || tb_fail "interface '$ifname' in $node lacks the run id"
+    ((${#ifname} <= 15)) || tb_fail "interface name too long: $ifname"
+  done < <(tb_exec "$node" ip -o link | awk -F': ' '{print $2}' | sed 's/@.*//')
+done
+
+# tb_link: a point-to-point link between two extra nodes.
+tb_host p1
+tb_host p2
+tb_link p1 p2 --addr-a fd00:1::1/64 --addr-b fd00:1::2/64 --addr-a 203.0.113.1/30 --addr-b 203.0.113.2/30
+[[ "$(tb_if p1 p2)" == "$TB_LINK_IF_A" && "$(tb_if p2 p1)" == "$TB_LINK_IF_B" ]] || tb_fail "tb_if does not match tb_link"
+tb_ping p1 fd00:1::2 2 0.05 >/dev/null || tb_fail "no IPv6 over tb_link"
+tb_ping p2 203.0.113.1 2 0.05 >/dev/null || tb_fail "no IPv4 over tb_link"
+# A second link between the same nodes gets a distinct name (tb_if then
+# names the newest one).
+first=$(tb_if p1 p2)
+tb_link p1 p2
+[[ "$TB_LINK_IF_A" != "$first" ]] || tb_fail "second p1-p2 link reused the name $first"
+[[ "$(tb_if p1 p2)" == "$TB_LINK_IF_A" ]] || tb_fail "tb_if should name the newest link"
+tb_exec p1 ip link show "$TB_LINK_IF_A" >/dev/null || tb_fail "second link missing"
+(( $(tb_exec p1 ip -o link | grep -c "$TB_ID") == 2 )) || tb_fail "p1 should have two links"
+
+# Waits: a TCP listener, a Unix socket, a log line; and timeouts that fail.
+tb_spawn --name echo p2 socat TCP6-LISTEN:7007,bind=[fd00:1::2],fork,reuseaddr EXEC:cat
+tb_wait_port p2 fd00:1::2 7007 5 || tb_fail "tb_wait_port missed the listener"
+[[ "$(echo hello | tb_exec p1 timeout 5 socat - TCP6:[fd00:1::2]:7007)" == hello ]] || tb_fail "echo over tb_link"
+t0=$SECONDS
+if tb_wait_port p2 fd00:1::2 7008 1 2>/dev/null; then tb_fail "tb_wait_port succeeded on a closed port"; fi
+((SECONDS - t0 <= 3)) || tb_fail "tb_wait_port ignored its timeout"
+sock="$TB_DIR/api.sock"
+if tb_wait_unix "$sock" 1 2>/dev/null; then tb_fail "tb_wait_unix succeeded without a socket"; fi
+tb_spawn - socat UNIX-LISTEN:"$sock",fork EXEC:cat
+tb_wait_unix "$sock" 5 || tb_fail "tb_wait_unix missed the socket"
+tb_spawn --name talker - sh -c 'echo starting; sleep 0.3; echo "ready to serve"; sleep 30'
+tb_wait_log "$TB_SPAWN_LOG" '^ready to serve$' 5 || tb_fail "tb_wait_log missed the line"
+pid=$TB_SPAWN_PID
+tb_stop "$pid" 2
+! tb_pid_alive "$pid" || tb_fail "tb_stop left $pid running"
+tb_log "PASS"
