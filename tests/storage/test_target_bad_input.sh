@@ -247,7 +247,7 @@ except BlockingIOError:
 print("slow client still connected" if alive else "slow client was disconnected")
 sys.exit(0 if alive else 1)
 PY
-"$ST_PY" "$ST_DIR/slow.py" "$sock" 10 "$ST_DIR/slow.done" >"$ST_DIR/slow.out" 2>&1 &
+"$ST_PY" "$ST_DIR/slow.py" "$sock" 20 "$ST_DIR/slow.done" >"$ST_DIR/slow.out" 2>&1 &
 slow_pid=$!
 sleep 1
 nbdcopy -C 4 "$(st_uri_unix "$sock" rw)" "$ST_DIR/copy1.img"
