@@ -18,6 +18,11 @@
 //       Sends an unsolicited Neighbor Advertisement and a gratuitous ARP for
 //       a guest with MAC/IPV6/IPV4 out of IFACE (AF_PACKET), as the mobile
 //       host does after a move.
+//   kagemusha-mh-tool pmtu IFACE HOST_MAC ROUTER6 HOST6 REMOTE6 ROUTER4 HOST4 REMOTE4 MTU
+//       Sends HOST an ICMPv6 Packet Too Big (from ROUTER6) and an ICMPv4
+//       fragmentation-needed (from ROUTER4), each quoting an ICMP echo
+//       (request for IPv6, reply for IPv4) HOST supposedly sent to REMOTE,
+//       reporting MTU.
 //   kagemusha-mh-tool capture-nd IFACE SECONDS
 //       Captures ND and ARP frames on IFACE for SECONDS and prints one line
 //       per frame with our decoders' verdict.
@@ -244,6 +249,43 @@ int Announce(const std::string& iface, const std::string& mac, const std::string
   return 0;
 }
 
+int SendPmtuErrors(const std::vector<std::string>& a) {
+  PacketSocket s(a[1]);
+  MacAddress host_mac = ParseMac(a[2]);
+  const MacAddress router_mac = {0x02, 0, 0, 0, 0, 0x01};
+  Ipv6Address router6 = V6(a[3].c_str()), host6 = V6(a[4].c_str()), remote6 = V6(a[5].c_str());
+  Ipv4Address router4 = V4(a[6].c_str()), host4 = V4(a[7].c_str()), remote4 = V4(a[8].c_str());
+  uint32_t mtu = uint32_t(std::stoul(a[9]));
+  Bytes echo_body(1452, 0x61);  // an echo request too big for `mtu`
+  Ipv6Header h6;
+  h6.src = host6;
+  h6.dst = remote6;
+  h6.next_header = ipproto::kIcmpv6;
+  Bytes echo6 = Must(
+      BuildIpv6Packet(h6, BuildIcmpv6(host6, remote6, 128, 0, 0x12340001, echo_body)), "echo6");
+  Bytes ptb = Must(BuildIcmpv6PacketTooBig(router6, host6, mtu, echo6), "PTB");
+  s.Send(BuildEthernetFrame(host_mac, router_mac, ethertype::kIpv6, ptb));
+  // Linux only updates the IPv4 PMTU from an ICMP error quoting ICMP when the
+  // quoted message is an echo reply (icmp_err); replies need no socket.
+  Bytes icmp4 = {0, 0, 0, 0, 0x12, 0x34, 0, 1};
+  icmp4.insert(icmp4.end(), echo_body.begin(), echo_body.end());
+  uint16_t c = InternetChecksum(icmp4);
+  icmp4[2] = uint8_t(c >> 8);
+  icmp4[3] = uint8_t(c);
+  Ipv4Header h4;
+  h4.src = host4;
+  h4.dst = remote4;
+  h4.protocol = ipproto::kIcmpv4;
+  h4.dont_fragment = true;
+  Bytes echo4 = Must(BuildIpv4Packet(h4, icmp4), "echo4");
+  Bytes fn =
+      Must(BuildIcmpv4FragmentationNeeded(router4, host4, uint16_t(mtu), echo4), "frag needed");
+  s.Send(BuildEthernetFrame(host_mac, router_mac, ethertype::kIpv4, fn));
+  std::printf("sent Packet Too Big and fragmentation-needed (mtu %u) to %s / %s\n", mtu,
+              a[4].c_str(), a[7].c_str());
+  return 0;
+}
+
 // One line per ND/ARP frame: what our decoders make of what the kernel sent.
 void DescribeLinkFrame(std::span<const uint8_t> frame) {
   auto eth = ParseEthernetFrame(frame);
@@ -427,12 +469,15 @@ int Decode(const std::vector<std::string>& args) {
 }
 
 int Usage() {
-  std::fprintf(stderr,
-               "usage: kagemusha-mh-tool write-pcap OUT.pcap\n"
-               "       kagemusha-mh-tool write-link-pcap OUT.pcap\n"
-               "       kagemusha-mh-tool announce IFACE MAC IPV6 IPV4\n"
-               "       kagemusha-mh-tool capture-nd IFACE SECONDS\n"
-               "       kagemusha-mh-tool decode [--ethernet] [--key K --spi N] FILE\n");
+  std::fprintf(
+      stderr,
+      "usage: kagemusha-mh-tool write-pcap OUT.pcap\n"
+      "       kagemusha-mh-tool write-link-pcap OUT.pcap\n"
+      "       kagemusha-mh-tool announce IFACE MAC IPV6 IPV4\n"
+      "       kagemusha-mh-tool pmtu IFACE HOST_MAC ROUTER6 HOST6 REMOTE6 ROUTER4 HOST4 REMOTE4 "
+      "MTU\n"
+      "       kagemusha-mh-tool capture-nd IFACE SECONDS\n"
+      "       kagemusha-mh-tool decode [--ethernet] [--key K --spi N] FILE\n");
   return 64;
 }
 
@@ -446,6 +491,7 @@ int main(int argc, char** argv) {
     if (args[0] == "write-link-pcap" && args.size() == 2) return WriteLinkScenario(args[1]);
     if (args[0] == "announce" && args.size() == 5)
       return Announce(args[1], args[2], args[3], args[4]);
+    if (args[0] == "pmtu" && args.size() == 10) return SendPmtuErrors(args);
     if (args[0] == "capture-nd" && args.size() == 3) return CaptureNd(args[1], std::stoi(args[2]));
     if (args[0] == "decode" && args.size() >= 2) return Decode({args.begin() + 1, args.end()});
   } catch (const std::exception& e) {  // CLI boundary: report and fail

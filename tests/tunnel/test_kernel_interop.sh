@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# Our ND and ARP codecs against the Linux kernel, an independent
+# Our ND, ARP and PMTU-error codecs against the Linux kernel, an independent
 # implementation, in both directions:
 #   1. the kernel accepts our unsolicited Neighbor Advertisement and
 #      gratuitous ARP: a peer whose caches still point the guest's addresses at
 #      its old MAC relearns the new MAC (what the mobile host relies on after
 #      a move);
 #   2. our decoders accept the Neighbor Solicitation/Advertisement and ARP
-#      request/reply the kernels send while the peer resolves the guest.
+#      request/reply the kernels send while the peer resolves the guest;
+#   3. the kernel accepts our ICMPv6 Packet Too Big and ICMPv4
+#      fragmentation-needed and caches the MTU they report.
 set -euo pipefail
 
 : "${KAGEMUSHA_SOURCE:=$(cd "$(dirname "$0")/../.." && pwd)}"
@@ -68,4 +70,21 @@ grep -q "^NA target=$guest6 R=0 S=1 O=1 tll=" "$cap" || tb_fail "no kernel solic
 grep -q "^ARP request sender=192.0.2.2/.* target=$guest4" "$cap" || tb_fail "no kernel ARP request decoded"
 grep -q "^ARP reply sender=$guest4/" "$cap" || tb_fail "no kernel ARP reply decoded"
 echo "ok: our decoders accept the kernel's NS, NA, ARP request and ARP reply"
-echo "all kernel ND/ARP checks passed"
+# ---- 3. our PMTU errors -> kernel -------------------------------------------
+# The peer's kernel must take our Packet Too Big and fragmentation-needed
+# (which quote an ICMP echo it "sent" to an on-link remote) and cache the
+# reported MTU for that remote: checksums, lengths and quoting all have to be
+# right for it to do so.
+peer_mac=$(tb_exec peer cat "/sys/class/net/$ifp/address")
+tb_exec mover "$tool" pmtu "$ifm" "$peer_mac" "$guest6" 2001:db8:1::2 2001:db8:1::99 \
+  "$guest4" 192.0.2.2 192.0.2.99 1400 >&2
+route_mtu_is() {  # FAMILY ADDR MTU
+  tb_exec peer ip "$1" route get "$2" | grep -q "mtu $3"
+}
+tb_wait_for 5 route_mtu_is -6 2001:db8:1::99 1400 ||
+  tb_fail "kernel ignored our Packet Too Big: $(tb_exec peer ip -6 route get 2001:db8:1::99)"
+echo "ok: kernel cached MTU 1400 from our ICMPv6 Packet Too Big"
+tb_wait_for 5 route_mtu_is -4 192.0.2.99 1400 ||
+  tb_fail "kernel ignored our fragmentation-needed: $(tb_exec peer ip -4 route get 192.0.2.99)"
+echo "ok: kernel cached MTU 1400 from our ICMPv4 fragmentation-needed"
+echo "all kernel ND/ARP/PMTU checks passed"
