@@ -54,7 +54,9 @@
 #                    "sent=N received=M min_ms=.. avg_ms=.. max_ms=.."
 #     tb_wan_stats [NAME]          ask kagemusha-wanem for its counters
 #   Hosts for the orchestrator
-#     tb_libvirtd HOST             per-host libvirtd in HOST's net + mount namespace
+#     tb_libvirtd HOST [--timeout S]  per-host libvirtd (own net + mount + UTS namespace)
+#     tb_libvirt_uri HOST [unix|tcp]  URI of that daemon (tcp: qemu+tcp://HOST.$TB_ID.test/system)
+#     tb_virsh HOST ARGS...        virsh against HOST's daemon
 #
 # Variables set by tb_init: TB_ID, TB_DIR (per-run temp dir, removed at the
 # end unless TB_KEEP=1), TB_LOGS (logs of spawned processes).
@@ -786,4 +788,133 @@ tb_field() { tr ' ' '\n' <<<"$2" | sed -n "s/^$1=//p"; }
 
 # ---------------------------------------------------------------- libvirtd
 
-# tb_libvirtd HOST: see the implementation in the section below (appended).
+# tb_libvirtd HOST [--timeout S]
+# A per-host libvirt daemon for migration tests: virtlogd + libvirtd run
+# inside HOST's network namespace and in a private mount + UTS namespace, with
+# private copies of /run, /etc/libvirt, /var/lib/libvirt, /var/log/libvirt,
+# /var/cache/libvirt, /etc/hosts, /etc/passwd and /etc/group under
+# $TB_DIR/libvirt/HOST (see
+# docs/testbed.md and the test-bed notes). The daemon listens on plain TCP
+# (auth none: tests only) on HOST's addresses, port 16509, has a distinct host UUID
+# and the hostname HOST.$TB_ID.test, which every libvirt host of the run can
+# resolve. Returns when the daemon answers; the first start probes QEMU (~5 s).
+# tb_libvirt_uri HOST [unix|tcp] and tb_virsh HOST ARGS... reach it.
+tb_libvirtd() {
+  local host=$1 timeout=60
+  shift
+  while (($#)); do
+    case "$1" in
+      --timeout) timeout=$2; shift 2 ;;
+      *) tb_fail "tb_libvirtd: unknown option '$1'" ;;
+    esac
+  done
+  tb_require_cmd libvirtd virtlogd virsh unshare
+  local addr=${_TB_ADDR6[$host]:-${_TB_ADDR4[$host]:-}}
+  [[ -n "$addr" ]] || tb_fail "tb_libvirtd: host '$host' has no address"
+  local root="$TB_DIR/libvirt/$host"
+  [[ ! -e "$root" ]] || tb_fail "tb_libvirtd: libvirtd already started on '$host'"
+  mkdir -p "$root"/{run,etc,lib/qemu,lib/images,log/qemu,cache/qemu}
+  local uuid
+  uuid=$(cat /proc/sys/kernel/random/uuid)
+  cat >"$root/etc/libvirtd.conf" <<CONF
+# Written by tests/kit/testbed.sh for test host $host (run $TB_ID). Plain TCP
+# without authentication is for tests inside network namespaces only.
+listen_tls = 0
+listen_tcp = 1
+# No listen_addr: all addresses (IPv6 and IPv4) of this namespace, which are
+# exactly the test host's own.
+auth_tcp = "none"
+auth_unix_rw = "none"
+auth_unix_ro = "none"
+host_uuid = "$uuid"
+log_outputs = "3:file:/var/log/libvirt/libvirtd.log"
+CONF
+  # QEMU as root: postcopy needs userfaultfd(2), which the sysctl denies to
+  # unprivileged users. No MAC driver on this machine.
+  cat >"$root/etc/qemu.conf" <<CONF
+user = "root"
+group = "root"
+security_driver = "none"
+CONF
+  : >"$root/etc/virtlogd.conf"
+  # libvirtd resolves its built-in default QEMU user (libvirt-qemu) before it
+  # reads qemu.conf and refuses to start if that user does not exist, which
+  # happens when the package's maintainer scripts did not run. Give the
+  # daemon private passwd/group files that have it; the host's stay as they are.
+  cp /etc/passwd "$root/passwd"
+  cp /etc/group "$root/group"
+  getent passwd libvirt-qemu >/dev/null ||
+    echo 'libvirt-qemu:x:64055:64055:Libvirt Qemu (kagemusha test bed):/var/lib/libvirt:/usr/sbin/nologin' >>"$root/passwd"
+  getent group libvirt-qemu >/dev/null || echo 'libvirt-qemu:x:64055:' >>"$root/group"
+  getent group kvm >/dev/null || echo 'kvm:x:64056:' >>"$root/group"
+  printf 'uri_default = "qemu:///system"\n' >"$root/etc/libvirt.conf"
+  _tb_write_hosts
+  # QEMU capability probing takes ~5 s per daemon. The cache is valid for the
+  # same binaries on the same machine, so later daemons of the run start from
+  # the first one's cache (libvirt still checks it and re-probes if stale).
+  local other
+  for other in "$TB_DIR"/libvirt/*/cache/qemu/capabilities; do
+    [[ -d "$other" && "$other" != "$root"/* ]] || continue
+    cp -a "$other" "$root/cache/qemu/" && break
+  done
+  # The mount points must exist in the shared file system (they do when the
+  # libvirt daemon package created them; this image may lack them).
+  mkdir -p /var/lib/libvirt /var/log/libvirt /var/cache/libvirt /etc/libvirt
+  cat >"$root/start.sh" <<'SCRIPT'
+set -eu
+root=$1 fqdn=$2 hosts=$3
+mount --bind "$root/run" /run
+mount --bind "$root/etc" /etc/libvirt
+mount --bind "$root/lib" /var/lib/libvirt
+mount --bind "$root/log" /var/log/libvirt
+mount --bind "$root/cache" /var/cache/libvirt
+mount --bind "$hosts" /etc/hosts
+mount --bind "$root/passwd" /etc/passwd
+mount --bind "$root/group" /etc/group
+hostname "$fqdn"
+virtlogd -d
+for i in $(seq 1 100); do [ -S /run/libvirt/virtlogd-sock ] && break; sleep 0.05; done
+[ -S /run/libvirt/virtlogd-sock ] || { echo "virtlogd did not start" >&2; exit 1; }
+exec libvirtd -d --listen
+SCRIPT
+  local fqdn="$host.$TB_ID.test"
+  tb_exec "$host" unshare --mount --uts --propagation private bash "$root/start.sh" "$root" "$fqdn" "$TB_DIR/hosts" \
+    >"$TB_LOGS/libvirtd-$host.log" 2>&1 || tb_fail "starting libvirtd on $host (see $TB_LOGS/libvirtd-$host.log)"
+  tb_wait_unix "$root/run/libvirt/libvirt-sock" 10 || tb_fail "libvirtd on $host did not create its socket (see $root/log/libvirtd.log)"
+  tb_wait_port "$host" "$addr" 16509 10 || tb_fail "libvirtd on $host does not listen on [$addr]:16509"
+  # The first call waits for QEMU capability probing.
+  timeout "$timeout" virsh -q -c "$(tb_libvirt_uri "$host")" version >/dev/null ||
+    tb_fail "libvirtd on $host does not answer (see $root/log/libvirtd.log)"
+  tb_log "libvirtd on $host: $(tb_libvirt_uri "$host" tcp) (hostname $fqdn, host uuid $uuid)"
+}
+
+tb_libvirt_uri() {  # HOST [unix|tcp]
+  local host=$1
+  case "${2:-unix}" in
+    unix) printf 'qemu+unix:///system?socket=%s\n' "$TB_DIR/libvirt/$host/run/libvirt/libvirt-sock" ;;
+    tcp) printf 'qemu+tcp://%s/system\n' "$host.$TB_ID.test" ;;
+    *) tb_fail "tb_libvirt_uri HOST [unix|tcp]" ;;
+  esac
+}
+
+tb_virsh() {  # HOST ARGS...
+  local host=$1
+  shift
+  virsh -c "$(tb_libvirt_uri "$host")" "$@"
+}
+
+# One /etc/hosts for every libvirt host of the run: HOST.$TB_ID.test for each
+# host address. Rewritten in place, so bind mounts of it see updates.
+_tb_write_hosts() {
+  local f="$TB_DIR/hosts" n
+  {
+    printf '127.0.0.1 localhost\n::1 localhost ip6-localhost\n'
+    for n in "${!_TB_KIND[@]}"; do
+      [[ "${_TB_KIND[$n]}" == host ]] || continue
+      [[ -z "${_TB_ADDR6[$n]:-}" ]] || printf '%s %s.%s.test\n' "${_TB_ADDR6[$n]}" "$n" "$TB_ID"
+      [[ -z "${_TB_ADDR4[$n]:-}" ]] || printf '%s %s.%s.test\n' "${_TB_ADDR4[$n]}" "$n" "$TB_ID"
+    done
+  } >"$f.new"
+  cat "$f.new" >"$f"
+  rm -f "$f.new"
+}
