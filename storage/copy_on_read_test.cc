@@ -8,6 +8,7 @@
 #include <csignal>
 
 #include <atomic>
+#include <cstdio>
 #include <cstring>
 #include <functional>
 #include <future>
@@ -17,6 +18,7 @@
 
 #include "bitmap_format.h"
 #include "fake_remote.h"
+#include "kagemusha/storage/file_backend.h"
 #include "test_util.h"
 
 namespace kagemusha::storage {
@@ -482,6 +484,51 @@ TEST_F(CopyOnReadTest, PresentBlocksSurviveACleanRestart) {
   EXPECT_EQ(cor_->Status().blocks_present, 4u);
   ReadAt(0, 4 * 65536);
   EXPECT_EQ(Requests(), 0u);
+}
+
+TEST_F(CopyOnReadTest, FillKeepsA20msRttLinkBusy) {
+  // 32 MiB over a remote answering each request after 20 ms: with 8 requests
+  // of 1 MiB in flight the fill needs 4 round trips, about 80 ms; one request
+  // at a time would need 640 ms.
+  Init(32 * kMiB, 65536);
+  {
+    std::lock_guard lk(remote_->mu);
+    remote_->delay = 20ms;
+  }
+  auto start = std::chrono::steady_clock::now();
+  cor_->StartFill();
+  ASSERT_TRUE(WaitComplete(5s));
+  double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  std::printf("fill of 32 MiB over a 20 ms link: %.0f ms, %.0f MiB/s\n", secs * 1000, 32 / secs);
+  // Serial requests cannot finish in under 640 ms; anything below proves overlap.
+  EXPECT_LT(secs, 0.6);
+  std::lock_guard lk(remote_->mu);
+  EXPECT_EQ(remote_->max_in_flight, opts_.fill_window);
+}
+
+TEST_F(CopyOnReadTest, WarmReadsCostAboutTheSameAsThePlainCacheFile) {
+  Init(64 * kMiB, 65536);
+  cor_->StartFill();
+  ASSERT_TRUE(WaitComplete(10s));
+  auto plain = FileBackend::Open(opts_.cache_path, {.read_only = true});
+  ASSERT_TRUE(plain.has_value());
+  constexpr int kReads = 50000;
+  std::vector<uint64_t> offsets(kReads);
+  std::mt19937_64 rng(3);
+  for (auto& o : offsets) o = (rng() % (64 * kMiB / 4096)) * 4096;
+  std::vector<std::byte> buf(4096);
+  auto time_reads = [&](Backend& b) {
+    auto t0 = std::chrono::steady_clock::now();
+    for (uint64_t o : offsets) EXPECT_TRUE(b.Read(buf, o));
+    return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  };
+  time_reads(**plain);  // warm the page cache
+  double plain_s = std::min(time_reads(**plain), time_reads(**plain));
+  double cor_s = std::min(time_reads(*cor_), time_reads(*cor_));
+  std::printf("4 KiB warm random reads: file %.2f us, copy-on-read %.2f us (ratio %.2f)\n",
+              plain_s / kReads * 1e6, cor_s / kReads * 1e6, cor_s / plain_s);
+  EXPECT_LT(cor_s / plain_s, 2.0);
+  EXPECT_EQ(Requests(), 64u);  // the reads fetched nothing
 }
 
 // --- Crash safety -----------------------------------------------------------------
