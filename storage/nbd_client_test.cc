@@ -469,10 +469,19 @@ TEST_F(NbdClientTest, CloseFailsWaitingAndLaterReadsWithEshutdown) {
 
 class ScriptedServer {
  public:
-  enum class Misbehave { kNone, kNeverReply, kWrongCookie, kBadMagic, kShortPayload };
+  enum class Misbehave {
+    kNone,
+    kNeverReply,
+    kWrongCookie,
+    kBadMagic,
+    kShortPayload,
+    kStructuredReply,  // never negotiated, so a protocol violation
+    kShutdownError,    // NBD error ESHUTDOWN: client must disconnect and retry
+  };
   struct Options {
     uint64_t size = 1 << 20;
     bool go_unsupported = false;
+    bool close_on_export_name = false;  // how old servers say "no such export"
     Misbehave first_connection = Misbehave::kNone;
     size_t reverse_batch = 0;  // collect this many reads, answer them last-first
   };
@@ -505,6 +514,7 @@ class ScriptedServer {
   }
   int connections() const { return connections_; }
   bool used_export_name() const { return used_export_name_; }
+  bool saw_disconnect() const { return saw_disconnect_; }
 
  private:
   static bool RecvAll(int fd, void* p, size_t n) {
@@ -547,7 +557,13 @@ class ScriptedServer {
     for (uint64_t i = 0; i < std::min<size_t>(payload, r.length); ++i) w.U8(ByteAt(r.offset + i));
     return SendAll(fd, b);
   }
+  // A session that ends hangs up, as a real server would (the fd itself is
+  // closed by the destructor, so Stop() never races with a reused number).
   void Serve(int fd, int index) {
+    ServeSession(fd, index);
+    ::shutdown(fd, SHUT_RDWR);
+  }
+  void ServeSession(int fd, int index) {
     std::vector<uint8_t> greet;
     ByteWriter g(greet);
     g.U64(nbd::kNbdMagic);
@@ -574,6 +590,7 @@ class ScriptedServer {
         negotiating = false;
       } else if (opt == nbd::kOptExportName) {
         used_export_name_ = true;
+        if (o_.close_on_export_name) return;
         std::vector<uint8_t> b;
         ByteWriter w(b);
         w.U64(o_.size);
@@ -593,7 +610,10 @@ class ScriptedServer {
       uint8_t h[nbd::kRequestHeaderSize];
       if (!RecvAll(fd, h, sizeof h)) return;
       Req r{LoadBe64(h + 8), LoadBe64(h + 16), LoadBe32(h + 24)};
-      if (LoadBe16(h + 6) == nbd::kCmdDisc) return;
+      if (LoadBe16(h + 6) == nbd::kCmdDisc) {
+        saw_disconnect_ = true;
+        return;
+      }
       switch (m) {
         case Misbehave::kNeverReply: continue;
         case Misbehave::kWrongCookie: Reply(fd, r, nbd::kSimpleReplyMagic, 0xdead); continue;
@@ -602,6 +622,26 @@ class ScriptedServer {
           Reply(fd, r, nbd::kSimpleReplyMagic, 0, r.length / 2);
           ::shutdown(fd, SHUT_RDWR);
           return;
+        case Misbehave::kStructuredReply: {
+          std::vector<uint8_t> b;
+          ByteWriter w(b);
+          w.U32(nbd::kStructuredReplyMagic);
+          w.U16(nbd::kReplyFlagDone);
+          w.U16(nbd::kReplyTypeNone);
+          w.U64(r.cookie);
+          w.U32(0);
+          SendAll(fd, b);
+          continue;
+        }
+        case Misbehave::kShutdownError: {
+          std::vector<uint8_t> b;
+          ByteWriter w(b);
+          w.U32(nbd::kSimpleReplyMagic);
+          w.U32(nbd::kErrShutdown);
+          w.U64(r.cookie);
+          SendAll(fd, b);
+          continue;
+        }
         case Misbehave::kNone: break;
       }
       if (o_.reverse_batch > 1) {
@@ -621,6 +661,7 @@ class ScriptedServer {
   std::atomic<bool> stop_{false};
   std::atomic<int> connections_{0};
   std::atomic<bool> used_export_name_{false};
+  std::atomic<bool> saw_disconnect_{false};
   std::mutex mu_;
   std::vector<int> fds_;
   std::vector<std::thread> sessions_;
@@ -674,6 +715,8 @@ TEST_F(NbdClientTest, BrokenReplyStreamIsDroppedAndReadRetriedOnNewConnection) {
   } cases[] = {{"unknown cookie", ScriptedServer::Misbehave::kWrongCookie},
                {"bad magic", ScriptedServer::Misbehave::kBadMagic},
                {"short payload", ScriptedServer::Misbehave::kShortPayload},
+               {"structured reply", ScriptedServer::Misbehave::kStructuredReply},
+               {"server shutting down", ScriptedServer::Misbehave::kShutdownError},
                {"hung server", ScriptedServer::Misbehave::kNeverReply}};
   for (const auto& c : cases) {
     SCOPED_TRACE(c.name);
@@ -690,10 +733,49 @@ TEST_F(NbdClientTest, BrokenReplyStreamIsDroppedAndReadRetriedOnNewConnection) {
     ASSERT_TRUE(s) << s.error().message();
     ExpectPattern(buf, 4096);
     EXPECT_EQ(server.connections(), 2);
+    if (c.m == ScriptedServer::Misbehave::kShutdownError) {
+      EXPECT_TRUE(server.saw_disconnect()) << "ESHUTDOWN requires NBD_CMD_DISC (proto.md)";
+    }
     if (c.m == ScriptedServer::Misbehave::kNeverReply) {
       EXPECT_GE(steady_clock::now() - start, 200ms) << "request_timeout was not honoured";
     }
   }
+}
+
+TEST_F(NbdClientTest, OldServerClosingAfterExportNameMeansExportNotFound) {
+  ScriptedServer::Options so;
+  so.go_unsupported = true;
+  so.close_on_export_name = true;
+  ScriptedServer server(sock_, so);
+  auto client = NbdClient::Connect(UnixUri(sock_, "x"), FastOptions());
+  ASSERT_FALSE(client);
+  EXPECT_EQ(client.error().code(), ENOENT);
+  EXPECT_NE(client.error().message().find("export 'x' not found on nbd+unix:///x?socket="),
+            std::string::npos)
+      << client.error().message();
+}
+
+TEST_F(NbdClientTest, SilentServerFailsConnectWithinConnectTimeout) {
+  // Listens but never accepts or greets: the TCP-level connect succeeds and
+  // the handshake must time out.
+  int fd = ::socket(AF_UNIX, SOCK_STREAM, 0);
+  sockaddr_un sa{};
+  sa.sun_family = AF_UNIX;
+  std::strncpy(sa.sun_path, sock_.c_str(), sizeof sa.sun_path - 1);
+  ASSERT_EQ(0, ::bind(fd, reinterpret_cast<sockaddr*>(&sa), sizeof sa));
+  ASSERT_EQ(0, ::listen(fd, 4));
+  auto o = FastOptions();
+  o.connect_timeout = 200ms;
+  auto start = steady_clock::now();
+  auto client = NbdClient::Connect(UnixUri(sock_), o);
+  auto elapsed = steady_clock::now() - start;
+  ::close(fd);
+  ASSERT_FALSE(client);
+  EXPECT_EQ(client.error().code(), ETIMEDOUT);
+  EXPECT_NE(client.error().message().find("did not finish in time"), std::string::npos)
+      << client.error().message();
+  EXPECT_GE(elapsed, 190ms);
+  EXPECT_LT(elapsed, 1000ms);
 }
 
 TEST_F(NbdClientTest, ReconnectForcesAFreshConnection) {
