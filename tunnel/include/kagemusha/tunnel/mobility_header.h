@@ -282,11 +282,10 @@ struct MobilityPacket {
   std::span<const uint8_t> mh;  // the encoded Mobility Header
   MobilityHeader header;
 };
-// Parses an IPv6 packet whose upper layer is a Mobility Header, verifying the
-// checksum with the right pseudo-header. Also enforces RFC 6275 §6.1 (a BU
-// carrying a Home Address option, a BA a type 2 routing header, neither
-// anywhere else) only in so far as an MH with an HAO must be a BU and an MH
-// with an RH2 must be a BA.
+// Parses an IPv6 packet whose upper layer is a Mobility Header and verifies
+// the checksum with the right pseudo-header. RFC 6275 §6.1 allows an HAO only
+// on a BU and an RH2 only on a BA; an MH carrying either on another message
+// is rejected. (A BU without an HAO, e.g. sent from home, is accepted.)
 Result<MobilityPacket> ParseMobilityPacket(std::span<const uint8_t> ipv6_packet);
 // The same from an Ethernet frame (VLAN tags skipped), as captured with
 // AF_PACKET.
