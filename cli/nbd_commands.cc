@@ -2,10 +2,14 @@
 
 #include <pthread.h>
 #include <signal.h>
+#include <spdlog/sinks/basic_file_sink.h>
+#include <spdlog/sinks/stdout_color_sinks.h>
+#include <spdlog/spdlog.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
+#include <boost/program_options.hpp>
 #include <charconv>
 #include <chrono>
 #include <cmath>
@@ -14,11 +18,6 @@
 #include <iostream>
 #include <sstream>
 #include <thread>
-
-#include <boost/program_options.hpp>
-#include <spdlog/sinks/basic_file_sink.h>
-#include <spdlog/sinks/stdout_color_sinks.h>
-#include <spdlog/spdlog.h>
 
 #include "kagemusha/common/progress.h"
 #include "kagemusha/storage/file_backend.h"
@@ -63,9 +62,10 @@ int RuntimeError(const std::string& message, const std::string& hint = {}) {
 
 // Parses argv[1..] into vm. Returns -1 on success, else the exit code (help
 // printed: 0, bad options: 2).
-int ParseCommandLine(const std::string& command, const std::string& usage, const po::options_description& visible,
-                     const po::options_description& all, const po::positional_options_description& positional,
-                     int argc, char** argv, po::variables_map& vm) {
+int ParseCommandLine(const std::string& command, const std::string& usage,
+                     const po::options_description& visible, const po::options_description& all,
+                     const po::positional_options_description& positional, int argc, char** argv,
+                     po::variables_map& vm) {
   try {
     // The (argc, argv) form skips argv[0], which is the subcommand name here.
     po::store(po::command_line_parser(argc, argv).options(all).positional(positional).run(), vm);
@@ -119,7 +119,8 @@ void AddControlOptions(po::options_description& d) {
 
 // Picks the export to follow from a status result: the named one, or the only
 // proxy. Error text on failure.
-std::expected<json, std::string> PickExport(const json& status, const std::string& name, bool named) {
+std::expected<json, std::string> PickExport(const json& status, const std::string& name,
+                                            bool named) {
   const json& exports = status.at("exports");
   if (named) {
     for (const auto& e : exports) {
@@ -148,16 +149,19 @@ ProgressSample FillSample(const json& e) {
   s.done = std::min(size, present * bs);
   s.total = size;
   s.rate = e.value("rate", 0.0);
-  if (e.contains("eta_seconds") && e["eta_seconds"].is_number()) s.eta_seconds = e["eta_seconds"].get<double>();
+  if (e.contains("eta_seconds") && e["eta_seconds"].is_number())
+    s.eta_seconds = e["eta_seconds"].get<double>();
   return s;
 }
 
-bool ExportComplete(const json& e) { return e.value("complete", true) || e.value("mode", "") == "target"; }
+bool ExportComplete(const json& e) {
+  return e.value("complete", true) || e.value("mode", "") == "target";
+}
 
 // Follows the fill of one export until it completes. Returns 0 then, or the
 // exit code of an error (already printed).
-int WatchFill(const std::string& control, const po::variables_map& vm, double interval, ProgressReporter& rep,
-              bool start_if_stopped) {
+int WatchFill(const std::string& control, const po::variables_map& vm, double interval,
+              ProgressReporter& rep, bool start_if_stopped) {
   bool named = vm.count("export") > 0;
   std::string name = named ? vm["export"].as<std::string>() : "";
   bool told_stopped = false;
@@ -168,7 +172,8 @@ int WatchFill(const std::string& control, const po::variables_map& vm, double in
     auto e = PickExport(*status, name, named);
     if (!e) return RuntimeError(e.error());
     if (!e->contains("blocks_total")) {
-      rep.Event("complete", {{"export", (*e)["name"]}}, "export " + Quoted((*e)["name"]) + " serves a file; nothing to fill");
+      rep.Event("complete", {{"export", (*e)["name"]}},
+                "export " + Quoted((*e)["name"]) + " serves a file; nothing to fill");
       return 0;
     }
     if (!named) {  // follow the same export from now on
@@ -178,7 +183,8 @@ int WatchFill(const std::string& control, const po::variables_map& vm, double in
     rep.Update(FillSample(*e));
     if (ExportComplete(*e)) {
       rep.Finish();
-      rep.Event("complete", {{"export", name}, {"mode", (*e)["mode"]}}, "fill of export " + Quoted(name) + " is complete");
+      rep.Event("complete", {{"export", name}, {"mode", (*e)["mode"]}},
+                "fill of export " + Quoted(name) + " is complete");
       return 0;
     }
     if (!e->value("fill_running", false)) {
@@ -188,7 +194,8 @@ int WatchFill(const std::string& control, const po::variables_map& vm, double in
         rep.Event("fill-started", {{"export", name}}, "the fill was stopped; started it");
       } else if (!told_stopped) {
         rep.Event("fill-stopped", {{"export", name}},
-                  "the fill is stopped; run `kagemusha-nbd fill start --control " + control + "` to resume it");
+                  "the fill is stopped; run `kagemusha-nbd fill start --control " + control +
+                      "` to resume it");
         told_stopped = true;
       }
     }
@@ -201,16 +208,21 @@ int RunStatus(int argc, char** argv) {
   AddControlOptions(d);
   d.add_options()("json", "print JSON (with --watch: one progress event per line)")(
       "watch", "follow the fill until it completes (progress bar on a TTY)")(
-      "interval", po::value<double>()->default_value(1.0)->value_name("SEC"), "--watch poll interval");
+      "interval", po::value<double>()->default_value(1.0)->value_name("SEC"),
+      "--watch poll interval");
   po::variables_map vm;
-  int rc = ParseCommandLine("status", "kagemusha-nbd status --control PATH [--export NAME] [--json] [--watch [--interval SEC]]",
-                            d, d, {}, argc, argv, vm);
+  int rc = ParseCommandLine(
+      "status",
+      "kagemusha-nbd status --control PATH [--export NAME] [--json] [--watch [--interval SEC]]", d,
+      d, {}, argc, argv, vm);
   if (rc >= 0) return rc;
   double interval = vm["interval"].as<double>();
-  if (!(interval > 0) || interval > 3600) return UsageError("status", "--interval must be between 0 and 3600 seconds");
+  if (!(interval > 0) || interval > 3600)
+    return UsageError("status", "--interval must be between 0 and 3600 seconds");
   const std::string control = vm["control"].as<std::string>();
   if (vm.count("watch")) {
-    ProgressReporter rep(vm.count("json") ? ProgressReporter::Mode::kJson : ProgressReporter::Mode::kAuto);
+    ProgressReporter rep(vm.count("json") ? ProgressReporter::Mode::kJson
+                                          : ProgressReporter::Mode::kAuto);
     return WatchFill(control, vm, interval, rep, /*start_if_stopped=*/false);
   }
   auto status = Call(control, "status", ExportArgs(vm), kControlTimeout, &rc);
@@ -227,17 +239,19 @@ int RunFill(int argc, char** argv) {
   po::options_description d("Options");
   AddControlOptions(d);
   po::options_description hidden;
-  hidden.add_options()("action", po::value<std::string>()->required(), "")("value", po::value<std::string>(), "");
+  hidden.add_options()("action", po::value<std::string>()->required(), "")(
+      "value", po::value<std::string>(), "");
   po::options_description all;
   all.add(d).add(hidden);
   po::positional_options_description pos;
   pos.add("action", 1).add("value", 1);
   po::variables_map vm;
-  int rc = ParseCommandLine("fill",
-                            "kagemusha-nbd fill start|stop --control PATH [--export NAME]\n"
-                            "       kagemusha-nbd fill rate RATE --control PATH [--export NAME]\n\n"
-                            "RATE is bytes per second with an optional K/M/G suffix (binary); 0 = unlimited.",
-                            d, all, pos, argc, argv, vm);
+  int rc = ParseCommandLine(
+      "fill",
+      "kagemusha-nbd fill start|stop --control PATH [--export NAME]\n"
+      "       kagemusha-nbd fill rate RATE --control PATH [--export NAME]\n\n"
+      "RATE is bytes per second with an optional K/M/G suffix (binary); 0 = unlimited.",
+      d, all, pos, argc, argv, vm);
   if (rc >= 0) return rc;
   const std::string action = vm["action"].as<std::string>();
   const std::string control = vm["control"].as<std::string>();
@@ -247,13 +261,16 @@ int RunFill(int argc, char** argv) {
     if (vm.count("value")) return UsageError("fill", "`fill " + action + "` takes no value");
     command = "fill-" + action;
   } else if (action == "rate") {
-    if (!vm.count("value")) return UsageError("fill", "`fill rate` needs a RATE, e.g. `fill rate 50M` or `fill rate 0` (unlimited)");
+    if (!vm.count("value"))
+      return UsageError(
+          "fill", "`fill rate` needs a RATE, e.g. `fill rate 50M` or `fill rate 0` (unlimited)");
     auto rate = ParseRate(vm["value"].as<std::string>());
     if (!rate) return UsageError("fill", rate.error().message());
     args["rate"] = *rate;
     command = "fill-rate";
   } else {
-    return UsageError("fill", "unknown action " + Quoted(action) + "; use start, stop or rate RATE");
+    return UsageError("fill",
+                      "unknown action " + Quoted(action) + "; use start, stop or rate RATE");
   }
   auto result = Call(control, command, args, kControlTimeout, &rc);
   if (!result) return rc;
@@ -264,8 +281,9 @@ int RunFill(int argc, char** argv) {
                 r ? (ProgressReporter::HumanBytes(double(r)) + "/s").c_str() : "unlimited");
   } else {
     std::printf("export %s: fill %s\n", Quoted(name).c_str(),
-                result->value("complete", false) ? "complete (nothing left to fetch)"
-                : result->value("fill_running", false) ? "running" : "stopped");
+                result->value("complete", false)       ? "complete (nothing left to fetch)"
+                : result->value("fill_running", false) ? "running"
+                                                       : "stopped");
   }
   return 0;
 }
@@ -273,17 +291,22 @@ int RunFill(int argc, char** argv) {
 int RunSwitch(int argc, char** argv) {
   po::options_description d("Options");
   AddControlOptions(d);
-  d.add_options()("wait", "wait for the fill to complete (showing progress, starting the fill if stopped), then switch")(
-      "json", "with --wait: JSON progress events")(
-      "interval", po::value<double>()->default_value(1.0)->value_name("SEC"), "--wait poll interval");
+  d.add_options()("wait",
+                  "wait for the fill to complete (showing progress, starting the fill if stopped), "
+                  "then switch")("json", "with --wait: JSON progress events")(
+      "interval", po::value<double>()->default_value(1.0)->value_name("SEC"),
+      "--wait poll interval");
   po::variables_map vm;
-  int rc = ParseCommandLine("switch", "kagemusha-nbd switch --control PATH [--export NAME] [--wait]", d, d, {}, argc,
-                            argv, vm);
+  int rc =
+      ParseCommandLine("switch", "kagemusha-nbd switch --control PATH [--export NAME] [--wait]", d,
+                       d, {}, argc, argv, vm);
   if (rc >= 0) return rc;
   double interval = vm["interval"].as<double>();
-  if (!(interval > 0) || interval > 3600) return UsageError("switch", "--interval must be between 0 and 3600 seconds");
+  if (!(interval > 0) || interval > 3600)
+    return UsageError("switch", "--interval must be between 0 and 3600 seconds");
   const std::string control = vm["control"].as<std::string>();
-  ProgressReporter rep(vm.count("json") ? ProgressReporter::Mode::kJson : ProgressReporter::Mode::kAuto);
+  ProgressReporter rep(vm.count("json") ? ProgressReporter::Mode::kJson
+                                        : ProgressReporter::Mode::kAuto);
   json args = ExportArgs(vm);
   if (vm.count("wait")) {
     if ((rc = WatchFill(control, vm, interval, rep, /*start_if_stopped=*/true)) != 0) return rc;
@@ -291,7 +314,8 @@ int RunSwitch(int argc, char** argv) {
   auto result = Call(control, "switch", args, kSwitchTimeout, &rc);
   if (!result) return rc;
   std::string name = result->value("name", "");
-  std::string message = "export " + Quoted(name) + " is in target mode; the remote is no longer used";
+  std::string message =
+      "export " + Quoted(name) + " is in target mode; the remote is no longer used";
   if (rep.json()) {
     rep.Event("switched", {{"export", name}, {"mode", result->value("mode", "")}}, message);
   } else {
@@ -305,10 +329,11 @@ int RunReconnect(int argc, char** argv) {
   po::options_description d("Options");
   AddControlOptions(d);
   po::variables_map vm;
-  int rc = ParseCommandLine("reconnect", "kagemusha-nbd reconnect --control PATH [--export NAME]", d, d, {}, argc,
-                            argv, vm);
+  int rc = ParseCommandLine("reconnect", "kagemusha-nbd reconnect --control PATH [--export NAME]",
+                            d, d, {}, argc, argv, vm);
   if (rc >= 0) return rc;
-  auto result = Call(vm["control"].as<std::string>(), "reconnect", ExportArgs(vm), kControlTimeout, &rc);
+  auto result =
+      Call(vm["control"].as<std::string>(), "reconnect", ExportArgs(vm), kControlTimeout, &rc);
   if (!result) return rc;
   std::printf("export %s: reconnected to %s\n", Quoted(result->value("name", "")).c_str(),
               result->value("source", "").c_str());
@@ -318,16 +343,20 @@ int RunReconnect(int argc, char** argv) {
 // --- serve ----------------------------------------------------------------------
 
 Status SetupLogging(const std::string& level, const std::string& file) {
-  static const std::vector<std::string> levels = {"trace", "debug", "info", "warn", "error", "critical", "off"};
+  static const std::vector<std::string> levels = {"trace", "debug",    "info", "warn",
+                                                  "error", "critical", "off"};
   if (std::find(levels.begin(), levels.end(), level) == levels.end()) {
-    return Fail(Error::Invalid("--log-level " + Quoted(level) + " is not one of " + Join(levels, ", ")));
+    return Fail(
+        Error::Invalid("--log-level " + Quoted(level) + " is not one of " + Join(levels, ", ")));
   }
   try {
     std::shared_ptr<spdlog::logger> logger;
     if (file.empty()) {
-      logger = std::make_shared<spdlog::logger>(kProg, std::make_shared<spdlog::sinks::stderr_color_sink_mt>());
+      logger = std::make_shared<spdlog::logger>(
+          kProg, std::make_shared<spdlog::sinks::stderr_color_sink_mt>());
     } else {
-      logger = std::make_shared<spdlog::logger>(kProg, std::make_shared<spdlog::sinks::basic_file_sink_mt>(file));
+      logger = std::make_shared<spdlog::logger>(
+          kProg, std::make_shared<spdlog::sinks::basic_file_sink_mt>(file));
     }
     logger->set_level(spdlog::level::from_str(level));
     logger->flush_on(spdlog::level::info);
@@ -374,8 +403,8 @@ Result<ServedExport> OpenProxy(const ProxySpec& spec) {
                             : why.Context(where + ": cannot reach remote " + spec.uri_text);
     auto complete = storage::CopyOnReadBackend::Open(nullptr, o);
     if (!complete) return Fail(unreachable);
-    spdlog::warn("{}; the cache {} is complete, so it is served in target mode", unreachable.message(),
-                 spec.cache_path);
+    spdlog::warn("{}; the cache {} is complete, so it is served in target mode",
+                 unreachable.message(), spec.cache_path);
     ServedExport e;
     e.name = spec.name;
     e.description = spec.description;
@@ -413,29 +442,40 @@ sigset_t BlockShutdownSignals() {
 
 int RunServe(int argc, char** argv) {
   po::options_description d("Options");
-  d.add_options()("listen", po::value<std::vector<std::string>>()->composing()->value_name("HOST:PORT"),
-                  "serve NBD over TCP (repeatable; port 0 picks a free port; the host is required, a "
-                  "wildcard is bound only if written: 0.0.0.0:10809, [::]:10809)")(
+  d.add_options()(
+      "listen", po::value<std::vector<std::string>>()->composing()->value_name("HOST:PORT"),
+      "serve NBD over TCP (repeatable; port 0 picks a free port; the host is required, a "
+      "wildcard is bound only if written: 0.0.0.0:10809, [::]:10809)")(
       "unix", po::value<std::vector<std::string>>()->composing()->value_name("PATH"),
       "serve NBD on a Unix socket (repeatable; created 0600)")(
-      "export", po::value<std::vector<std::string>>()->composing()->value_name("NAME=PATH[,ro][,desc=TEXT]"),
+      "export",
+      po::value<std::vector<std::string>>()->composing()->value_name("NAME=PATH[,ro][,desc=TEXT]"),
       "serve an image file or block device (target mode; repeatable)")(
-      "proxy", po::value<std::vector<std::string>>()->composing()->value_name("NAME=URI,cache=PATH,bitmap=PATH[,...]"),
-      "serve a remote NBD export through a local cache (copy-on-read proxy mode; repeatable). Options: "
-      "block-size=BYTES (default 64K), fill-rate=RATE (bytes/s, K/M/G, 0 = unlimited), no-fill, auto-switch, "
-      "desc=TEXT (last)")("control", po::value<std::string>()->value_name("PATH"),
-                          "control socket for status/fill/switch/reconnect (0600; directory created 0700)")(
-      "workers", po::value<unsigned>()->default_value(8)->value_name("N"), "backend worker threads")(
+      "proxy",
+      po::value<std::vector<std::string>>()->composing()->value_name(
+          "NAME=URI,cache=PATH,bitmap=PATH[,...]"),
+      "serve a remote NBD export through a local cache (copy-on-read proxy mode; repeatable). "
+      "Options: "
+      "block-size=BYTES (default 64K), fill-rate=RATE (bytes/s, K/M/G, 0 = unlimited), no-fill, "
+      "auto-switch, "
+      "desc=TEXT (last)")(
+      "control", po::value<std::string>()->value_name("PATH"),
+      "control socket for status/fill/switch/reconnect (0600; directory created 0700)")(
+      "workers", po::value<unsigned>()->default_value(8)->value_name("N"),
+      "backend worker threads")(
       "log-level", po::value<std::string>()->default_value("info")->value_name("LEVEL"),
       "trace, debug, info, warn, error, critical or off")(
-      "log-file", po::value<std::string>()->value_name("PATH"), "append logs here instead of stderr")(
+      "log-file", po::value<std::string>()->value_name("PATH"),
+      "append logs here instead of stderr")(
       "json", "print the listening line as a JSON event on stdout")("help,h", "show this help");
   po::variables_map vm;
   int rc = ParseCommandLine(
       "serve",
       "kagemusha-nbd serve [--listen HOST:PORT]... [--unix PATH]...\n"
       "         [--export NAME=PATH[,ro][,desc=TEXT]]...\n"
-      "         [--proxy NAME=URI,cache=PATH,bitmap=PATH[,block-size=BYTES][,fill-rate=RATE][,no-fill][,auto-switch][,desc=TEXT]]...\n"
+      "         [--proxy "
+      "NAME=URI,cache=PATH,bitmap=PATH[,block-size=BYTES][,fill-rate=RATE][,no-fill][,auto-switch]["
+      ",desc=TEXT]]...\n"
       "         [--control PATH] [--workers N] [--log-level LEVEL] [--log-file PATH] [--json]",
       d, d, {}, argc, argv, vm);
   if (rc >= 0) return rc;
@@ -443,18 +483,24 @@ int RunServe(int argc, char** argv) {
   auto list = [&](const char* key) {
     return vm.count(key) ? vm[key].as<std::vector<std::string>>() : std::vector<std::string>{};
   };
-  const auto listens = list("listen"), unixes = list("unix"), export_args = list("export"), proxy_args = list("proxy");
+  const auto listens = list("listen"), unixes = list("unix"), export_args = list("export"),
+             proxy_args = list("proxy");
   if (listens.empty() && unixes.empty()) {
-    return UsageError("serve", "nothing to listen on; add --unix PATH or --listen HOST:PORT (e.g. --listen 127.0.0.1:10809)");
+    return UsageError("serve",
+                      "nothing to listen on; add --unix PATH or --listen HOST:PORT (e.g. --listen "
+                      "127.0.0.1:10809)");
   }
   if (export_args.empty() && proxy_args.empty()) {
-    return UsageError("serve", "nothing to serve; add --export NAME=PATH or --proxy NAME=URI,cache=PATH,bitmap=PATH");
+    return UsageError(
+        "serve",
+        "nothing to serve; add --export NAME=PATH or --proxy NAME=URI,cache=PATH,bitmap=PATH");
   }
   for (const auto& l : listens) {
     if (auto s = CheckListenAddress(l); !s) return UsageError("serve", s.error().message());
   }
   unsigned workers = vm["workers"].as<unsigned>();
-  if (workers < 1 || workers > 1024) return UsageError("serve", "--workers must be between 1 and 1024");
+  if (workers < 1 || workers > 1024)
+    return UsageError("serve", "--workers must be between 1 and 1024");
   std::vector<ExportSpec> targets;
   std::vector<ProxySpec> proxies;
   std::vector<std::string> names;
@@ -474,12 +520,15 @@ int RunServe(int argc, char** argv) {
     auto sorted = names;
     std::sort(sorted.begin(), sorted.end());
     if (auto dup = std::adjacent_find(sorted.begin(), sorted.end()); dup != sorted.end()) {
-      return UsageError("serve", "export name " + Quoted(*dup) + " is used twice; export names must be unique");
+      return UsageError(
+          "serve", "export name " + Quoted(*dup) + " is used twice; export names must be unique");
     }
   }
-  if (auto s = SetupLogging(vm["log-level"].as<std::string>(), vm.count("log-file") ? vm["log-file"].as<std::string>() : "");
+  if (auto s = SetupLogging(vm["log-level"].as<std::string>(),
+                            vm.count("log-file") ? vm["log-file"].as<std::string>() : "");
       !s) {
-    return s.error().code() == EINVAL ? UsageError("serve", s.error().message()) : RuntimeError(s.error().message());
+    return s.error().code() == EINVAL ? UsageError("serve", s.error().message())
+                                      : RuntimeError(s.error().message());
   }
 
   // Before any thread exists, so every thread inherits the mask.
@@ -494,8 +543,8 @@ int RunServe(int argc, char** argv) {
   for (const auto& p : proxies) {
     auto e = OpenProxy(p);
     if (!e) {
-      return RuntimeError(e.error().message(),
-                          "check that the NBD server behind " + p.uri_text + " is running and serves that export");
+      return RuntimeError(e.error().message(), "check that the NBD server behind " + p.uri_text +
+                                                   " is running and serves that export");
     }
     state.exports.push_back(std::move(*e));
   }
@@ -513,10 +562,12 @@ int RunServe(int argc, char** argv) {
     if (auto s = server->AddExport(std::move(c)); !s) return RuntimeError(s.error().message());
   }
   for (const auto& l : listens) {
-    if (auto s = server->ListenTcp(l); !s) return RuntimeError("cannot listen on " + l + ": " + s.error().message());
+    if (auto s = server->ListenTcp(l); !s)
+      return RuntimeError("cannot listen on " + l + ": " + s.error().message());
   }
   for (const auto& u : unixes) {
-    if (auto s = server->ListenUnix(u); !s) return RuntimeError("cannot listen on " + u + ": " + s.error().message());
+    if (auto s = server->ListenUnix(u); !s)
+      return RuntimeError("cannot listen on " + u + ": " + s.error().message());
   }
 
   std::unique_ptr<ControlServer> control;
@@ -528,8 +579,9 @@ int RunServe(int argc, char** argv) {
     control = std::move(*c);
   }
 
-  ProgressReporter out(vm.count("json") ? ProgressReporter::Mode::kJson : ProgressReporter::Mode::kHuman, stdout,
-                       stdout);
+  ProgressReporter out(
+      vm.count("json") ? ProgressReporter::Mode::kJson : ProgressReporter::Mode::kHuman, stdout,
+      stdout);
   auto endpoints = server->BoundEndpoints();
   std::vector<std::string> export_names;
   for (const auto& e : state.exports) export_names.push_back(e.name);
@@ -545,7 +597,8 @@ int RunServe(int argc, char** argv) {
       int sig = sigtimedwait(&shutdown_signals, nullptr, &tick);
       if (sig < 0) continue;
       if (++seen == 1) {
-        spdlog::info("{}: shutting down; in-flight requests finish, bitmaps are flushed", strsignal(sig));
+        spdlog::info("{}: shutting down; in-flight requests finish, bitmaps are flushed",
+                     strsignal(sig));
         server->Stop();
       } else {
         spdlog::warn("{} again: exiting now without waiting", strsignal(sig));
@@ -582,18 +635,22 @@ std::vector<std::string> ExportNames(const ServeState& state, bool proxies_only)
   return names;
 }
 
-std::expected<ServedExport*, ControlFailure> FindExport(ServeState& state, const json& args, bool proxy_required) {
+std::expected<ServedExport*, ControlFailure> FindExport(ServeState& state, const json& args,
+                                                        bool proxy_required) {
   if (args.contains("export")) {
-    if (!args["export"].is_string()) return std::unexpected(ControlFailure(Error::Invalid("\"export\" must be a string")));
+    if (!args["export"].is_string())
+      return std::unexpected(ControlFailure(Error::Invalid("\"export\" must be a string")));
     std::string name = args["export"].get<std::string>();
     for (auto& e : state.exports) {
       if (e.name != name) continue;
       if (proxy_required && !e.proxy) {
         return std::unexpected(ControlFailure(
-            Error::Invalid("export " + Quoted(name) + " serves a file (target mode); fill, switch and reconnect "
+            Error::Invalid("export " + Quoted(name) +
+                           " serves a file (target mode); fill, switch and reconnect "
                            "apply to --proxy exports"),
-            ExportNames(state, true).empty() ? std::string("this server has no proxy exports")
-                                             : "proxy exports: " + Join(ExportNames(state, true), ", ")));
+            ExportNames(state, true).empty()
+                ? std::string("this server has no proxy exports")
+                : "proxy exports: " + Join(ExportNames(state, true), ", ")));
       }
       return &e;
     }
@@ -605,13 +662,16 @@ std::expected<ServedExport*, ControlFailure> FindExport(ServeState& state, const
     if (e.proxy) candidates.push_back(&e);
   }
   if (candidates.size() == 1) return candidates[0];
-  if (candidates.empty()) return std::unexpected(ControlFailure(Error::Invalid("this server has no proxy exports")));
+  if (candidates.empty())
+    return std::unexpected(ControlFailure(Error::Invalid("this server has no proxy exports")));
   return std::unexpected(ControlFailure(
       Error::Invalid("this server has " + std::to_string(candidates.size()) + " proxy exports"),
       "pass --export NAME, one of: " + Join(ExportNames(state, true), ", ")));
 }
 
-ControlHandler ProxyCommand(ServeState& state, std::function<std::expected<void, ControlFailure>(ServedExport&, const json&)> act) {
+ControlHandler ProxyCommand(
+    ServeState& state,
+    std::function<std::expected<void, ControlFailure>(ServedExport&, const json&)> act) {
   return [&state, act = std::move(act)](const json& args) -> ControlResult {
     auto e = FindExport(state, args, /*proxy_required=*/true);
     if (!e) return std::unexpected(e.error());
@@ -626,26 +686,39 @@ ControlHandler ProxyCommand(ServeState& state, std::function<std::expected<void,
 
 Result<uint64_t> ParseByteCount(const std::string& text, const std::string& what) {
   auto bad = [&] {
-    return Fail(Error::Invalid(what + " " + Quoted(text) + " is not a byte count; write e.g. 4096, 64K, 16M or 1G"));
+    return Fail(Error::Invalid(what + " " + Quoted(text) +
+                               " is not a byte count; write e.g. 4096, 64K, 16M or 1G"));
   };
   if (text.empty()) return bad();
   uint64_t value = 0;
   const char* first = text.data();
   const char* last = text.data() + text.size();
   auto [p, ec] = std::from_chars(first, last, value);
-  if (ec == std::errc::result_out_of_range) return Fail(Error::Invalid(what + " " + Quoted(text) + " is too large"));
+  if (ec == std::errc::result_out_of_range)
+    return Fail(Error::Invalid(what + " " + Quoted(text) + " is too large"));
   if (ec != std::errc() || p == first) return bad();
   int shift = 0;
   if (p != last) {
     switch (*p) {
-      case 'k': case 'K': shift = 10; break;
-      case 'm': case 'M': shift = 20; break;
-      case 'g': case 'G': shift = 30; break;
-      default: return bad();
+      case 'k':
+      case 'K':
+        shift = 10;
+        break;
+      case 'm':
+      case 'M':
+        shift = 20;
+        break;
+      case 'g':
+      case 'G':
+        shift = 30;
+        break;
+      default:
+        return bad();
     }
     if (++p != last) return bad();
   }
-  if (shift && value > (UINT64_MAX >> shift)) return Fail(Error::Invalid(what + " " + Quoted(text) + " is too large"));
+  if (shift && value > (UINT64_MAX >> shift))
+    return Fail(Error::Invalid(what + " " + Quoted(text) + " is too large"));
   return value << shift;
 }
 
@@ -658,10 +731,12 @@ struct SpecParts {
   std::vector<std::string> options;
   std::optional<std::string> desc;
 };
-Result<SpecParts> SplitSpec(const std::string& text, const std::string& option, const std::string& form) {
+Result<SpecParts> SplitSpec(const std::string& text, const std::string& option,
+                            const std::string& form) {
   auto eq = text.find('=');
   if (eq == std::string::npos) {
-    return Fail(Error::Invalid(option + " " + Quoted(text) + " has no '='; write " + option + " " + form));
+    return Fail(
+        Error::Invalid(option + " " + Quoted(text) + " has no '='; write " + option + " " + form));
   }
   SpecParts p;
   p.name = text.substr(0, eq);
@@ -680,7 +755,8 @@ Result<SpecParts> SplitSpec(const std::string& text, const std::string& option, 
     rest = rest.substr(comma + 1);
   }
   if (p.first.empty()) {
-    return Fail(Error::Invalid(option + " " + Quoted(text) + " has nothing after '='; write " + option + " " + form));
+    return Fail(Error::Invalid(option + " " + Quoted(text) + " has nothing after '='; write " +
+                               option + " " + form));
   }
   return p;
 }
@@ -698,14 +774,17 @@ Result<ExportSpec> ParseExportSpec(const std::string& text) {
     if (o == "ro") {
       s.read_only = true;
     } else {
-      return Fail(Error::Invalid("--export " + Quoted(text) + ": unknown option " + Quoted(o) + "; the form is " + form));
+      return Fail(Error::Invalid("--export " + Quoted(text) + ": unknown option " + Quoted(o) +
+                                 "; the form is " + form));
     }
   }
   return s;
 }
 
 Result<ProxySpec> ParseProxySpec(const std::string& text) {
-  const std::string form = "NAME=URI,cache=PATH,bitmap=PATH[,block-size=BYTES][,fill-rate=RATE][,no-fill][,auto-switch][,desc=TEXT]";
+  const std::string form =
+      "NAME=URI,cache=PATH,bitmap=PATH[,block-size=BYTES][,fill-rate=RATE][,no-fill][,auto-switch]["
+      ",desc=TEXT]";
   auto parts = SplitSpec(text, "--proxy", form);
   if (!parts) return Fail(parts.error());
   ProxySpec s;
@@ -713,8 +792,9 @@ Result<ProxySpec> ParseProxySpec(const std::string& text) {
   s.uri_text = parts->first;
   auto uri = storage::ParseNbdUri(parts->first);
   if (!uri) {
-    return Fail(Error::Invalid("--proxy " + Quoted(s.name) + ": " + uri.error().message() +
-                               " (write nbd://HOST[:PORT]/EXPORT or nbd+unix:///EXPORT?socket=PATH)"));
+    return Fail(
+        Error::Invalid("--proxy " + Quoted(s.name) + ": " + uri.error().message() +
+                       " (write nbd://HOST[:PORT]/EXPORT or nbd+unix:///EXPORT?socket=PATH)"));
   }
   s.uri = *uri;
   s.description = parts->desc.value_or("");
@@ -723,7 +803,8 @@ Result<ProxySpec> ParseProxySpec(const std::string& text) {
     std::string key = o.substr(0, eq), value = eq == std::string::npos ? "" : o.substr(eq + 1);
     bool has_value = eq != std::string::npos;
     auto need_value = [&]() -> Status {
-      if (!has_value || value.empty()) return Fail(Error::Invalid("--proxy " + Quoted(s.name) + ": " + key + " needs a value"));
+      if (!has_value || value.empty())
+        return Fail(Error::Invalid("--proxy " + Quoted(s.name) + ": " + key + " needs a value"));
       return Ok();
     };
     if (key == "cache") {
@@ -751,25 +832,31 @@ Result<ProxySpec> ParseProxySpec(const std::string& text) {
     } else if (key == "auto-switch" && !has_value) {
       s.auto_switch = true;
     } else {
-      return Fail(Error::Invalid("--proxy " + Quoted(s.name) + ": unknown option " + Quoted(o) + "; the form is " + form));
+      return Fail(Error::Invalid("--proxy " + Quoted(s.name) + ": unknown option " + Quoted(o) +
+                                 "; the form is " + form));
     }
   }
   if (s.cache_path.empty() || s.bitmap_path.empty()) {
-    return Fail(Error::Invalid("--proxy " + Quoted(s.name) + " needs cache=PATH and bitmap=PATH; the form is " + form));
+    return Fail(Error::Invalid("--proxy " + Quoted(s.name) +
+                               " needs cache=PATH and bitmap=PATH; the form is " + form));
   }
   if (s.cache_path == s.bitmap_path) {
-    return Fail(Error::Invalid("--proxy " + Quoted(s.name) + ": cache and bitmap must be different files"));
+    return Fail(
+        Error::Invalid("--proxy " + Quoted(s.name) + ": cache and bitmap must be different files"));
   }
   return s;
 }
 
 Status CheckListenAddress(const std::string& host_port) {
-  const std::string example = "; write HOST:PORT, e.g. 127.0.0.1:10809 (or 0.0.0.0:10809 to listen on every address)";
+  const std::string example =
+      "; write HOST:PORT, e.g. 127.0.0.1:10809 (or 0.0.0.0:10809 to listen on every address)";
   std::string host, port;
   if (!host_port.empty() && host_port[0] == '[') {
     auto close = host_port.find(']');
-    if (close == std::string::npos || close + 1 >= host_port.size() || host_port[close + 1] != ':') {
-      return Fail(Error::Invalid("--listen " + Quoted(host_port) + " is not [IPV6]:PORT" + example));
+    if (close == std::string::npos || close + 1 >= host_port.size() ||
+        host_port[close + 1] != ':') {
+      return Fail(
+          Error::Invalid("--listen " + Quoted(host_port) + " is not [IPV6]:PORT" + example));
     }
     host = host_port.substr(1, close - 1);
     port = host_port.substr(close + 2);
@@ -781,14 +868,17 @@ Status CheckListenAddress(const std::string& host_port) {
     host = host_port.substr(0, colon);
     port = host_port.substr(colon + 1);
     if (host.find(':') != std::string::npos) {
-      return Fail(Error::Invalid("--listen " + Quoted(host_port) + ": put IPv6 addresses in brackets, e.g. [::1]:10809"));
+      return Fail(Error::Invalid("--listen " + Quoted(host_port) +
+                                 ": put IPv6 addresses in brackets, e.g. [::1]:10809"));
     }
   }
-  if (host.empty()) return Fail(Error::Invalid("--listen " + Quoted(host_port) + " has no host" + example));
+  if (host.empty())
+    return Fail(Error::Invalid("--listen " + Quoted(host_port) + " has no host" + example));
   unsigned value = 0;
   auto [p, ec] = std::from_chars(port.data(), port.data() + port.size(), value);
   if (port.empty() || ec != std::errc() || p != port.data() + port.size() || value > 65535) {
-    return Fail(Error::Invalid("--listen " + Quoted(host_port) + ": port must be 0..65535" + example));
+    return Fail(
+        Error::Invalid("--listen " + Quoted(host_port) + ": port must be 0..65535" + example));
   }
   return Ok();
 }
@@ -829,11 +919,13 @@ ControlFailure SwitchNotReady(const storage::FillStatus& st, const Error& cause)
   // Rounded down, so an incomplete fill never reads as 100%.
   uint64_t pct = st.blocks_present * 100 / st.blocks_total;
   std::string msg = "cannot switch yet: fill is " + std::to_string(pct) + "% complete (" +
-                    std::to_string(st.blocks_present) + " of " + std::to_string(st.blocks_total) + " blocks present)";
-  std::string hint = st.fill_running
-                         ? "run `kagemusha-nbd switch --wait` to switch as soon as the fill completes, or wait for the fill"
-                         : "the fill is stopped; run `kagemusha-nbd switch --wait` (it restarts the fill and switches when "
-                           "done) or `kagemusha-nbd fill start`";
+                    std::to_string(st.blocks_present) + " of " + std::to_string(st.blocks_total) +
+                    " blocks present)";
+  std::string hint = st.fill_running ? "run `kagemusha-nbd switch --wait` to switch as soon as the "
+                                       "fill completes, or wait for the fill"
+                                     : "the fill is stopped; run `kagemusha-nbd switch --wait` (it "
+                                       "restarts the fill and switches when "
+                                       "done) or `kagemusha-nbd fill start`";
   return ControlFailure(Error(EAGAIN, msg), hint);
 }
 
@@ -841,7 +933,8 @@ std::vector<ControlCommand> NbdControlCommands(ServeState& state) {
   using Done = std::expected<void, ControlFailure>;
   std::vector<ControlCommand> table;
   table.push_back(
-      {"status", "mode, fill progress, remote and connection figures of every export (or args.export)",
+      {"status",
+       "mode, fill progress, remote and connection figures of every export (or args.export)",
        [&state](const json& args) -> ControlResult {
          json exports = json::array();
          if (args.contains("export")) {
@@ -854,9 +947,12 @@ std::vector<ControlCommand> NbdControlCommands(ServeState& state) {
          json server = json::object();
          if (state.server) {
            storage::ServerStats s = state.server->Stats();
-           server = {{"connections_open", s.connections_open}, {"connections_total", s.connections_total},
-                     {"requests", s.requests},                 {"bytes_read", s.bytes_read},
-                     {"bytes_written", s.bytes_written},       {"protocol_errors", s.protocol_errors},
+           server = {{"connections_open", s.connections_open},
+                     {"connections_total", s.connections_total},
+                     {"requests", s.requests},
+                     {"bytes_read", s.bytes_read},
+                     {"bytes_written", s.bytes_written},
+                     {"protocol_errors", s.protocol_errors},
                      {"endpoints", state.server->BoundEndpoints()}};
          }
          return json{{"exports", exports}, {"server", server}};
@@ -871,27 +967,29 @@ std::vector<ControlCommand> NbdControlCommands(ServeState& state) {
                      e.proxy->StopFill();
                      return {};
                    })});
-  table.push_back({"fill-rate", "set the fill rate limit: args.rate bytes/s, 0 = unlimited",
-                   ProxyCommand(state, [](ServedExport& e, const json& args) -> Done {
-                     // JSON parsed from the wire holds 5 as unsigned; json built in
-                     // process holds it as signed. Accept both, never a negative.
-                     const bool valid = args.contains("rate") && args["rate"].is_number_integer() &&
-                                        (args["rate"].is_number_unsigned() || args["rate"].get<int64_t>() >= 0);
-                     if (!valid) {
-                       return std::unexpected(ControlFailure(
-                           Error::Invalid("fill-rate needs args.rate, a non-negative integer (bytes/s, 0 = unlimited)")));
-                     }
-                     e.proxy->SetFillRate(args["rate"].get<uint64_t>());
-                     return {};
-                   })});
-  table.push_back({"switch", "switch a complete proxy export to target mode (clients stay connected)",
-                   ProxyCommand(state, [](ServedExport& e, const json&) -> Done {
-                     if (auto s = e.proxy->SwitchToTarget(); !s) {
-                       return std::unexpected(SwitchNotReady(e.proxy->Status(), s.error()));
-                     }
-                     spdlog::info("export {}: switched to target mode by control request", Quoted(e.name));
-                     return {};
-                   })});
+  table.push_back(
+      {"fill-rate", "set the fill rate limit: args.rate bytes/s, 0 = unlimited",
+       ProxyCommand(state, [](ServedExport& e, const json& args) -> Done {
+         // JSON parsed from the wire holds 5 as unsigned; json built in
+         // process holds it as signed. Accept both, never a negative.
+         const bool valid = args.contains("rate") && args["rate"].is_number_integer() &&
+                            (args["rate"].is_number_unsigned() || args["rate"].get<int64_t>() >= 0);
+         if (!valid) {
+           return std::unexpected(ControlFailure(Error::Invalid(
+               "fill-rate needs args.rate, a non-negative integer (bytes/s, 0 = unlimited)")));
+         }
+         e.proxy->SetFillRate(args["rate"].get<uint64_t>());
+         return {};
+       })});
+  table.push_back(
+      {"switch", "switch a complete proxy export to target mode (clients stay connected)",
+       ProxyCommand(state, [](ServedExport& e, const json&) -> Done {
+         if (auto s = e.proxy->SwitchToTarget(); !s) {
+           return std::unexpected(SwitchNotReady(e.proxy->Status(), s.error()));
+         }
+         spdlog::info("export {}: switched to target mode by control request", Quoted(e.name));
+         return {};
+       })});
   table.push_back({"reconnect", "drop the connection to the remote and reconnect now",
                    ProxyCommand(state, [](ServedExport& e, const json&) -> Done {
                      if (auto s = e.proxy->ReconnectRemote(); !s) {
@@ -899,7 +997,8 @@ std::vector<ControlCommand> NbdControlCommands(ServeState& state) {
                            s.error().Context("reconnecting to " + e.source),
                            e.proxy->Status().mode == "target"
                                ? "the export is in target mode and no longer uses its remote"
-                               : "check that the remote is reachable; the proxy keeps retrying in the background"));
+                               : "check that the remote is reachable; the proxy keeps retrying in "
+                                 "the background"));
                      }
                      return {};
                    })});
@@ -912,12 +1011,14 @@ std::string FormatStatusHuman(const json& status) {
   for (const auto& e : status.at("exports")) {
     std::string name = e.at("name").get<std::string>();
     out << "export " << Quoted(name) << ": " << e.at("mode").get<std::string>() << ", "
-        << bytes(double(e.at("size").get<uint64_t>())) << (e.value("read_only", false) ? ", read-only" : "") << "\n";
+        << bytes(double(e.at("size").get<uint64_t>()))
+        << (e.value("read_only", false) ? ", read-only" : "") << "\n";
     if (!e.contains("blocks_total")) {
       out << "  image     " << e.value("source", "") << "\n";
       continue;
     }
-    uint64_t total = e.at("blocks_total").get<uint64_t>(), present = e.at("blocks_present").get<uint64_t>();
+    uint64_t total = e.at("blocks_total").get<uint64_t>(),
+             present = e.at("blocks_present").get<uint64_t>();
     double pct = total ? 100.0 * double(present) / double(total) : 100.0;
     if (present < total && pct > 99.9) pct = 99.9;
     char line[256];
@@ -926,19 +1027,22 @@ std::string FormatStatusHuman(const json& status) {
                   bytes(double(e.value("block_size", 0u))).c_str());
     out << line;
     out << "  remote    " << e.value("source", "") << " ("
-        << (e.value("mode", "") == "target" ? "not used: target mode"
-            : e.value("remote_connected", false) ? "connected" : "disconnected")
+        << (e.value("mode", "") == "target"      ? "not used: target mode"
+            : e.value("remote_connected", false) ? "connected"
+                                                 : "disconnected")
         << ")\n";
     out << "  fetched   " << bytes(double(e.value("bytes_fetched", uint64_t{0}))) << " (fill "
-        << bytes(double(e.value("bytes_fetched_fill", uint64_t{0}))) << "), rate " << bytes(e.value("rate", 0.0))
-        << "/s";
+        << bytes(double(e.value("bytes_fetched_fill", uint64_t{0}))) << "), rate "
+        << bytes(e.value("rate", 0.0)) << "/s";
     if (e.contains("eta_seconds") && e["eta_seconds"].is_number()) {
       out << ", ETA " << int64_t(std::ceil(e["eta_seconds"].get<double>())) << "s";
     }
     out << "\n";
     uint64_t limit = e.value("rate_limit", uint64_t{0});
     out << "  fill      "
-        << (e.value("complete", false) ? "complete" : e.value("fill_running", false) ? "running" : "stopped")
+        << (e.value("complete", false)       ? "complete"
+            : e.value("fill_running", false) ? "running"
+                                             : "stopped")
         << ", limit " << (limit ? bytes(double(limit)) + "/s" : std::string("unlimited")) << "\n";
     out << "  cache     " << e.value("cache", "") << ", bitmap " << e.value("bitmap", "") << "\n";
     std::string err = e.value("last_error", "");
@@ -947,8 +1051,9 @@ std::string FormatStatusHuman(const json& status) {
   if (status.contains("server") && status["server"].contains("connections_open")) {
     const json& s = status["server"];
     out << "server: " << s.value("connections_open", uint64_t{0}) << " connections open ("
-        << s.value("connections_total", uint64_t{0}) << " since start), " << s.value("requests", uint64_t{0})
-        << " requests, " << bytes(double(s.value("bytes_read", uint64_t{0}))) << " read, "
+        << s.value("connections_total", uint64_t{0}) << " since start), "
+        << s.value("requests", uint64_t{0}) << " requests, "
+        << bytes(double(s.value("bytes_read", uint64_t{0}))) << " read, "
         << bytes(double(s.value("bytes_written", uint64_t{0}))) << " written\n";
   }
   return out.str();
@@ -956,7 +1061,9 @@ std::string FormatStatusHuman(const json& status) {
 
 const std::vector<Subcommand>& NbdSubcommands() {
   static const std::vector<Subcommand> table = {
-      {"serve", "serve image files (target mode) and remote exports through a local cache (proxy mode)", RunServe},
+      {"serve",
+       "serve image files (target mode) and remote exports through a local cache (proxy mode)",
+       RunServe},
       {"status", "show mode, fill progress and connections of a running server", RunStatus},
       {"fill", "start, stop or rate-limit the background fill of a proxy export", RunFill},
       {"switch", "switch a filled proxy export to target mode without dropping clients", RunSwitch},

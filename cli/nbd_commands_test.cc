@@ -1,11 +1,10 @@
 #include "nbd_commands.h"
 
+#include <gtest/gtest.h>
 #include <unistd.h>
 
 #include <atomic>
 #include <mutex>
-
-#include <gtest/gtest.h>
 
 namespace kagemusha::nbdcli {
 namespace {
@@ -25,8 +24,8 @@ TEST(NbdCliByteCount, AcceptsPlainAndBinarySuffixes) {
 }
 
 TEST(NbdCliByteCount, RejectsJunkNegativesAndOverflow) {
-  for (const char* bad : {"", "K", "-1", "1.5M", "10MB", "10 M", "12T", "0x10", "99999999999999999999",
-                          "17179869184G"}) {
+  for (const char* bad : {"", "K", "-1", "1.5M", "10MB", "10 M", "12T", "0x10",
+                          "99999999999999999999", "17179869184G"}) {
     auto r = ParseByteCount(bad, "fill-rate");
     EXPECT_FALSE(r.has_value()) << bad;
     if (!r) {
@@ -64,7 +63,8 @@ TEST(NbdCliExportSpec, RejectsMissingPathAndUnknownOptions) {
 
 TEST(NbdCliProxySpec, ParsesEveryOption) {
   auto s = ParseProxySpec(
-      "vm=nbd://src.example:10810/disk0,cache=/c.img,bitmap=/c.bm,block-size=128K,fill-rate=16M,no-fill,"
+      "vm=nbd://src.example:10810/disk0,cache=/c.img,bitmap=/"
+      "c.bm,block-size=128K,fill-rate=16M,no-fill,"
       "auto-switch,desc=from site A, rack 3");
   ASSERT_TRUE(s.has_value()) << s.error().message();
   EXPECT_EQ(s->name, "vm");
@@ -111,16 +111,18 @@ TEST(NbdCliProxySpec, RejectsBadInputWithAMessageNamingTheProblem) {
   for (const auto& c : cases) {
     auto r = ParseProxySpec(c.spec);
     ASSERT_FALSE(r.has_value()) << c.spec;
-    EXPECT_NE(r.error().message().find(c.says), std::string::npos) << c.spec << ": " << r.error().message();
+    EXPECT_NE(r.error().message().find(c.says), std::string::npos)
+        << c.spec << ": " << r.error().message();
   }
 }
 
 TEST(NbdCliListen, RequiresAnExplicitHostSoWildcardsAreNeverImplicit) {
-  for (const char* ok : {"127.0.0.1:10809", "0.0.0.0:10809", "[::1]:0", "[::]:10809", "localhost:65535"}) {
+  for (const char* ok :
+       {"127.0.0.1:10809", "0.0.0.0:10809", "[::1]:0", "[::]:10809", "localhost:65535"}) {
     EXPECT_TRUE(CheckListenAddress(ok).has_value()) << ok;
   }
-  for (const char* bad : {"10809", ":10809", "[::1]", "[::1]10809", "::1:10809", "host:", "host:65536",
-                          "host:port", "[]:1"}) {
+  for (const char* bad : {"10809", ":10809", "[::1]", "[::1]10809", "::1:10809",
+                          "host:", "host:65536", "host:port", "[]:1"}) {
     EXPECT_FALSE(CheckListenAddress(bad).has_value()) << bad;
   }
 }
@@ -130,7 +132,9 @@ TEST(NbdCliListen, RequiresAnExplicitHostSoWildcardsAreNeverImplicit) {
 // A CopyOnReadBackend whose fill state the test sets by hand.
 class FakeProxy final : public storage::CopyOnReadBackend {
  public:
-  explicit FakeProxy(uint64_t blocks) { st_ = {"proxy", true, false, true, blocks, 0, 65536, 0, 0, 0, {}, 0, ""}; }
+  explicit FakeProxy(uint64_t blocks) {
+    st_ = {"proxy", true, false, true, blocks, 0, 65536, 0, 0, 0, {}, 0, ""};
+  }
   void SetPresent(uint64_t n) {
     std::lock_guard lk(mu_);
     st_.blocks_present = n;
@@ -221,7 +225,8 @@ TEST_F(NbdControlCommandsTest, TableHasTheDocumentedCommands) {
     names.push_back(c.name);
     EXPECT_FALSE(c.description.empty()) << c.name;
   }
-  EXPECT_EQ(names, (std::vector<std::string>{"status", "fill-start", "fill-stop", "fill-rate", "switch", "reconnect"}));
+  EXPECT_EQ(names, (std::vector<std::string>{"status", "fill-start", "fill-stop", "fill-rate",
+                                             "switch", "reconnect"}));
 }
 
 TEST_F(NbdControlCommandsTest, StatusReportsProxyFieldsAndTargetMode) {
@@ -288,7 +293,8 @@ TEST_F(NbdControlCommandsTest, SwitchBeforeCompletionSaysHowFarAndWhatToDo) {
   auto r = Run("switch");
   ASSERT_FALSE(r.has_value());
   EXPECT_EQ(r.error().error.code(), EAGAIN);
-  EXPECT_NE(r.error().error.message().find("63% complete"), std::string::npos) << r.error().error.message();
+  EXPECT_NE(r.error().error.message().find("63% complete"), std::string::npos)
+      << r.error().error.message();
   EXPECT_NE(r.error().hint.find("switch --wait"), std::string::npos);
   fakes_["vm"]->SetPresent(100);
   auto ok = Run("switch");
@@ -316,15 +322,32 @@ TEST_F(NbdControlCommandsTest, ReconnectReachesTheBackend) {
 }
 
 TEST(NbdStatusHuman, ShowsBlocksPercentRemoteAndConnections) {
-  json status = {
-      {"exports",
-       {{{"name", "vm"}, {"mode", "proxy"}, {"size", 64 << 20}, {"read_only", false}, {"source", "nbd://a/b"},
-         {"blocks_total", 1024}, {"blocks_present", 512}, {"block_size", 65536}, {"remote_connected", false},
-         {"bytes_fetched", 32 << 20}, {"bytes_fetched_fill", 30 << 20}, {"rate", 1048576.0}, {"eta_seconds", 32.0},
-         {"rate_limit", 0}, {"fill_running", true}, {"complete", false}, {"cache", "/c"}, {"bitmap", "/b"},
-         {"last_error", "connection reset"}}}},
-      {"server", {{"connections_open", 2}, {"connections_total", 5}, {"requests", 10}, {"bytes_read", 0},
-                  {"bytes_written", 0}}}};
+  json status = {{"exports",
+                  {{{"name", "vm"},
+                    {"mode", "proxy"},
+                    {"size", 64 << 20},
+                    {"read_only", false},
+                    {"source", "nbd://a/b"},
+                    {"blocks_total", 1024},
+                    {"blocks_present", 512},
+                    {"block_size", 65536},
+                    {"remote_connected", false},
+                    {"bytes_fetched", 32 << 20},
+                    {"bytes_fetched_fill", 30 << 20},
+                    {"rate", 1048576.0},
+                    {"eta_seconds", 32.0},
+                    {"rate_limit", 0},
+                    {"fill_running", true},
+                    {"complete", false},
+                    {"cache", "/c"},
+                    {"bitmap", "/b"},
+                    {"last_error", "connection reset"}}}},
+                 {"server",
+                  {{"connections_open", 2},
+                   {"connections_total", 5},
+                   {"requests", 10},
+                   {"bytes_read", 0},
+                   {"bytes_written", 0}}}};
   std::string text = FormatStatusHuman(status);
   EXPECT_NE(text.find("512/1024 present (50.0%)"), std::string::npos) << text;
   EXPECT_NE(text.find("disconnected"), std::string::npos) << text;

@@ -35,7 +35,8 @@ int main(int argc, char** argv) {
       return 1;
     }
   }
-  std::fprintf(stderr, "kagemusha-nbd: unknown command '%s'; run `kagemusha-nbd --help` for the list\n",
+  std::fprintf(stderr,
+               "kagemusha-nbd: unknown command '%s'; run `kagemusha-nbd --help` for the list\n",
                first.c_str());
   return 2;
 }

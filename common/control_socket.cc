@@ -2,6 +2,7 @@
 
 #include <fcntl.h>
 #include <poll.h>
+#include <spdlog/spdlog.h>
 #include <sys/eventfd.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
@@ -14,8 +15,6 @@
 #include <exception>
 #include <map>
 #include <thread>
-
-#include <spdlog/spdlog.h>
 
 namespace kagemusha {
 namespace {
@@ -86,7 +85,8 @@ Status ClearStaleSocket(const std::string& path, const sockaddr_un& addr) {
     return Fail(Error::Errno(errno, "checking '" + path + "'"));
   }
   if (!S_ISSOCK(st.st_mode)) {
-    return Fail(Error::Invalid("'" + path + "' exists and is not a socket; choose another --control path"));
+    return Fail(
+        Error::Invalid("'" + path + "' exists and is not a socket; choose another --control path"));
   }
   int probe = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
   if (probe < 0) return Fail(Error::Errno(errno, "creating probe socket"));
@@ -94,7 +94,8 @@ Status ClearStaleSocket(const std::string& path, const sockaddr_un& addr) {
   int err = errno;
   close(probe);
   if (rc == 0) {
-    return Fail(Error(EADDRINUSE, "another server is already listening on control socket '" + path + "'"));
+    return Fail(
+        Error(EADDRINUSE, "another server is already listening on control socket '" + path + "'"));
   }
   if (err != ECONNREFUSED) return Fail(Error::Errno(err, "probing existing socket '" + path + "'"));
   if (unlink(path.c_str()) != 0 && errno != ENOENT) {
@@ -144,13 +145,16 @@ class ControlServerImpl final : public ControlServer {
     if (lstat(path.c_str(), &st) != 0) return Fail(Error::Errno(errno, "stat '" + path + "'"));
     bound_dev_ = st.st_dev;
     bound_ino_ = st.st_ino;
-    if (listen(listen_fd_, 16) != 0) return Fail(Error::Errno(errno, "listening on control socket"));
+    if (listen(listen_fd_, 16) != 0)
+      return Fail(Error::Errno(errno, "listening on control socket"));
     wake_fd_ = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
     if (wake_fd_ < 0) return Fail(Error::Errno(errno, "creating eventfd"));
     return Ok();
   }
 
-  void StartThread() { thread_ = std::thread([this] { Loop(); }); }
+  void StartThread() {
+    thread_ = std::thread([this] { Loop(); });
+  }
 
   void Stop() override {
     if (stopped_.exchange(true)) return;
@@ -200,7 +204,8 @@ class ControlServerImpl final : public ControlServer {
       int n = poll(fds.data(), fds.size(), -1);
       if (n < 0) {
         if (errno == EINTR) continue;
-        spdlog::error("control socket {}: poll failed: {}", options_.socket_path, std::strerror(errno));
+        spdlog::error("control socket {}: poll failed: {}", options_.socket_path,
+                      std::strerror(errno));
         return;
       }
       if (fds[0].revents) return;  // Stop()
@@ -235,16 +240,17 @@ class ControlServerImpl final : public ControlServer {
         continue;
       }
       if (!options_.authorize(*peer)) {
-        spdlog::warn("control socket {}: rejected peer pid {} uid {}: only root and uid {} may "
-                     "use this socket",
-                     options_.socket_path, peer->pid, peer->uid, geteuid());
+        spdlog::warn(
+            "control socket {}: rejected peer pid {} uid {}: only root and uid {} may "
+            "use this socket",
+            options_.socket_path, peer->pid, peer->uid, geteuid());
         RejectAndClose(fd, Error::Permission("permission denied: uid " + std::to_string(peer->uid) +
                                              " may not use this control socket"));
         continue;
       }
       if (clients_.size() >= options_.max_clients) {
-        spdlog::warn("control socket {}: {} clients connected; refusing pid {}", options_.socket_path,
-                     clients_.size(), peer->pid);
+        spdlog::warn("control socket {}: {} clients connected; refusing pid {}",
+                     options_.socket_path, clients_.size(), peer->pid);
         RejectAndClose(fd, Error(EBUSY, "too many control clients; try again later"));
         continue;
       }
@@ -313,29 +319,34 @@ class ControlServerImpl final : public ControlServer {
   json Handle(std::string_view line) {
     json req = json::parse(line, nullptr, /*allow_exceptions=*/false);
     if (req.is_discarded()) {
-      return MakeControlErrorReply(nullptr, ControlFailure(Error::Invalid("request is not valid JSON")));
+      return MakeControlErrorReply(nullptr,
+                                   ControlFailure(Error::Invalid("request is not valid JSON")));
     }
     if (!req.is_object()) {
-      return MakeControlErrorReply(nullptr, ControlFailure(Error::Invalid("request must be a JSON object")));
+      return MakeControlErrorReply(nullptr,
+                                   ControlFailure(Error::Invalid("request must be a JSON object")));
     }
     json id = req.contains("id") ? req["id"] : json(nullptr);
     if (req.contains("version")) {
       const json& v = req["version"];
       if (!v.is_number_integer() || v.get<int64_t>() != kControlApiVersion) {
         return MakeControlErrorReply(
-            id, ControlFailure(Error(EPROTONOSUPPORT, "unsupported control API version " + v.dump() +
-                                                          "; this server speaks version " +
-                                                          std::to_string(kControlApiVersion))));
+            id,
+            ControlFailure(Error(EPROTONOSUPPORT, "unsupported control API version " + v.dump() +
+                                                      "; this server speaks version " +
+                                                      std::to_string(kControlApiVersion))));
       }
     }
     if (!req.contains("command") || !req["command"].is_string()) {
-      return MakeControlErrorReply(id, ControlFailure(Error::Invalid("request has no \"command\" string")));
+      return MakeControlErrorReply(
+          id, ControlFailure(Error::Invalid("request has no \"command\" string")));
     }
     std::string name = req["command"].get<std::string>();
     json args = req.contains("args") ? req["args"] : json::object();
     if (args.is_null()) args = json::object();
     if (!args.is_object()) {
-      return MakeControlErrorReply(id, ControlFailure(Error::Invalid("\"args\" must be a JSON object")));
+      return MakeControlErrorReply(
+          id, ControlFailure(Error::Invalid("\"args\" must be a JSON object")));
     }
     auto it = commands_.find(name);
     if (it == commands_.end()) {
@@ -350,7 +361,8 @@ class ControlServerImpl final : public ControlServer {
       try {
         return it->second.handler(args);
       } catch (const std::exception& e) {
-        return std::unexpected(ControlFailure(Error::Invalid(std::string("bad arguments: ") + e.what())));
+        return std::unexpected(
+            ControlFailure(Error::Invalid(std::string("bad arguments: ") + e.what())));
       }
     }();
     if (!r) return MakeControlErrorReply(id, r.error());
@@ -359,7 +371,8 @@ class ControlServerImpl final : public ControlServer {
 
   json ListCommands() const {
     json list = json::array();
-    list.push_back({{"name", "commands"}, {"description", "list the commands this server supports"}});
+    list.push_back(
+        {{"name", "commands"}, {"description", "list the commands this server supports"}});
     for (const auto& [name, c] : commands_) {
       list.push_back({{"name", name}, {"description", c.description}});
     }
@@ -442,7 +455,9 @@ Result<std::unique_ptr<ControlServer>> ControlServer::Start(ControlServerOptions
 }
 
 json MakeControlRequest(const std::string& command, const json& args) {
-  return {{"version", kControlApiVersion}, {"command", command}, {"args", args.is_null() ? json::object() : args}};
+  return {{"version", kControlApiVersion},
+          {"command", command},
+          {"args", args.is_null() ? json::object() : args}};
 }
 
 json MakeControlOkReply(const json& id, const json& result) {
@@ -459,12 +474,14 @@ json MakeControlErrorReply(const json& id, const ControlFailure& failure) {
 
 Result<ControlReply> ParseControlReply(const std::string& line) {
   json j = json::parse(line, nullptr, false);
-  if (j.is_discarded() || !j.is_object()) return Fail(Error::Protocol("control reply is not a JSON object"));
+  if (j.is_discarded() || !j.is_object())
+    return Fail(Error::Protocol("control reply is not a JSON object"));
   if (!j.contains("version") || !j["version"].is_number_integer() ||
       j["version"].get<int64_t>() != kControlApiVersion) {
     return Fail(Error::Protocol("control reply has an unsupported version"));
   }
-  if (!j.contains("ok") || !j["ok"].is_boolean()) return Fail(Error::Protocol("control reply has no \"ok\""));
+  if (!j.contains("ok") || !j["ok"].is_boolean())
+    return Fail(Error::Protocol("control reply has no \"ok\""));
   ControlReply r;
   r.ok = j["ok"].get<bool>();
   if (r.ok) {
@@ -475,34 +492,56 @@ Result<ControlReply> ParseControlReply(const std::string& line) {
     return Fail(Error::Protocol("control error reply has no \"error\" object"));
   }
   const json& e = j["error"];
-  r.error_code = e.contains("errno") && e["errno"].is_number_integer() ? e["errno"].get<int>() : EIO;
-  r.error_message = e.contains("message") && e["message"].is_string() ? e["message"].get<std::string>() : "";
+  r.error_code =
+      e.contains("errno") && e["errno"].is_number_integer() ? e["errno"].get<int>() : EIO;
+  r.error_message =
+      e.contains("message") && e["message"].is_string() ? e["message"].get<std::string>() : "";
   r.hint = e.contains("hint") && e["hint"].is_string() ? e["hint"].get<std::string>() : "";
   return r;
 }
 
 std::string ErrnoName(int code) {
   switch (code) {
-    case EPERM: return "EPERM";
-    case ENOENT: return "ENOENT";
-    case EIO: return "EIO";
-    case E2BIG: return "E2BIG";
-    case EAGAIN: return "EAGAIN";
-    case EACCES: return "EACCES";
-    case EBUSY: return "EBUSY";
-    case EEXIST: return "EEXIST";
-    case EINVAL: return "EINVAL";
-    case ENOSPC: return "ENOSPC";
-    case EPROTO: return "EPROTO";
-    case ENOTSUP: return "ENOTSUP";
-    case EPROTONOSUPPORT: return "EPROTONOSUPPORT";
-    case EADDRINUSE: return "EADDRINUSE";
-    case ECONNREFUSED: return "ECONNREFUSED";
-    case ETIMEDOUT: return "ETIMEDOUT";
-    case ESHUTDOWN: return "ESHUTDOWN";
-    case EALREADY: return "EALREADY";
-    case ENOTCONN: return "ENOTCONN";
-    default: return "E" + std::to_string(code);
+    case EPERM:
+      return "EPERM";
+    case ENOENT:
+      return "ENOENT";
+    case EIO:
+      return "EIO";
+    case E2BIG:
+      return "E2BIG";
+    case EAGAIN:
+      return "EAGAIN";
+    case EACCES:
+      return "EACCES";
+    case EBUSY:
+      return "EBUSY";
+    case EEXIST:
+      return "EEXIST";
+    case EINVAL:
+      return "EINVAL";
+    case ENOSPC:
+      return "ENOSPC";
+    case EPROTO:
+      return "EPROTO";
+    case ENOTSUP:
+      return "ENOTSUP";
+    case EPROTONOSUPPORT:
+      return "EPROTONOSUPPORT";
+    case EADDRINUSE:
+      return "EADDRINUSE";
+    case ECONNREFUSED:
+      return "ECONNREFUSED";
+    case ETIMEDOUT:
+      return "ETIMEDOUT";
+    case ESHUTDOWN:
+      return "ESHUTDOWN";
+    case EALREADY:
+      return "EALREADY";
+    case ENOTCONN:
+      return "ENOTCONN";
+    default:
+      return "E" + std::to_string(code);
   }
 }
 
@@ -537,7 +576,8 @@ Result<ControlReply> ControlCall(const std::string& socket_path, const std::stri
   std::string out = DumpLine(MakeControlRequest(command, args));
   size_t sent = 0;
   while (sent < out.size()) {
-    if (auto s = WaitFor(fd.get(), POLLOUT, deadline, "sending to " + where); !s) return Fail(s.error());
+    if (auto s = WaitFor(fd.get(), POLLOUT, deadline, "sending to " + where); !s)
+      return Fail(s.error());
     ssize_t n = send(fd.get(), out.data() + sent, out.size() - sent, MSG_NOSIGNAL);
     if (n < 0) {
       if (errno == EINTR || errno == EAGAIN || errno == EWOULDBLOCK) continue;
@@ -563,7 +603,8 @@ Result<ControlReply> ControlCall(const std::string& socket_path, const std::stri
       in.resize(nl);
       break;
     }
-    if (in.size() > kMaxReplyBytes) return Fail(Error::Protocol("reply from " + where + " is too large"));
+    if (in.size() > kMaxReplyBytes)
+      return Fail(Error::Protocol("reply from " + where + " is too large"));
   }
   auto reply = ParseControlReply(in);
   if (!reply) return Fail(reply.error().Context(where));

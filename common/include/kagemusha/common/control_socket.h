@@ -23,15 +23,14 @@
 #include <sys/types.h>
 
 #include <chrono>
-#include <expected>
 #include <cstddef>
+#include <expected>
 #include <functional>
 #include <memory>
+#include <nlohmann/json.hpp>
 #include <string>
 #include <utility>
 #include <vector>
-
-#include <nlohmann/json.hpp>
 
 #include "kagemusha/common/error.h"
 
@@ -100,7 +99,7 @@ struct ControlReply {
   nlohmann::json result;  // when ok
   int error_code = 0;     // errno value, when !ok
   std::string error_message;
-  std::string hint;       // may be empty
+  std::string hint;  // may be empty
 };
 
 // Sends one request and reads one reply, with `timeout` covering connect,
