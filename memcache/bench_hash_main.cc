@@ -1,0 +1,117 @@
+// Per-core hash rate over 4 KiB pages for the page store's digest candidates
+// (docs/memcache.md, "Digest choice"). Single thread; prints GB/s and the
+// ratio to SHA-256, the chosen digest, so the choice is re-checked on each
+// machine. Usage: kagemusha_memcache_bench_hash [seconds_per_candidate]
+#include <openssl/evp.h>
+#include <openssl/params.h>
+
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "kagemusha/common/coding.h"
+#include "kagemusha/memcache/page_store.h"
+
+namespace {
+
+constexpr size_t kPage = 4096;
+constexpr size_t kPages = 256;  // 1 MiB working set: stays in L2, like a hot copy
+
+double Measure(const std::function<void(const uint8_t*)>& hash, const std::vector<uint8_t>& buf,
+               double seconds) {
+  using Clock = std::chrono::steady_clock;
+  auto start = Clock::now();
+  size_t n = 0;
+  double elapsed = 0;
+  do {
+    for (size_t i = 0; i < kPages; ++i) hash(buf.data() + i * kPage);
+    n += kPages;
+    elapsed = std::chrono::duration<double>(Clock::now() - start).count();
+  } while (elapsed < seconds);
+  return double(n) * kPage / elapsed / 1e9;
+}
+
+std::function<void(const uint8_t*)> EvpDigest(const char* name) {
+  EVP_MD* md = EVP_MD_fetch(nullptr, name, nullptr);
+  if (!md) return nullptr;
+  EVP_MD_CTX* ctx = EVP_MD_CTX_new();
+  return [md, ctx](const uint8_t* p) {
+    unsigned char out[EVP_MAX_MD_SIZE];
+    unsigned len = 0;
+    EVP_DigestInit_ex(ctx, md, nullptr);
+    EVP_DigestUpdate(ctx, p, kPage);
+    EVP_DigestFinal_ex(ctx, out, &len);
+  };
+}
+
+std::function<void(const uint8_t*)> EvpMac(const char* mac_name, const char* digest,
+                                           size_t key_len = 32) {
+  EVP_MAC* mac = EVP_MAC_fetch(nullptr, mac_name, nullptr);
+  if (!mac) return nullptr;
+  EVP_MAC_CTX* ctx = EVP_MAC_CTX_new(mac);
+  static unsigned char key[32] = {1, 2, 3, 4, 5, 6, 7, 8, 9};
+  OSSL_PARAM params[2] = {OSSL_PARAM_construct_end(), OSSL_PARAM_construct_end()};
+  if (digest) params[0] = OSSL_PARAM_construct_utf8_string("digest", const_cast<char*>(digest), 0);
+  if (!EVP_MAC_init(ctx, key, key_len, params)) return nullptr;
+  EVP_MAC_CTX* work = EVP_MAC_CTX_dup(ctx);
+  return [ctx, work](const uint8_t* p) mutable {
+    unsigned char out[EVP_MAX_MD_SIZE];
+    size_t len = 0;
+    // Re-init from the keyed template: what a per-host keyed digest costs.
+    EVP_MAC_CTX_free(work);
+    work = EVP_MAC_CTX_dup(ctx);
+    EVP_MAC_init(work, nullptr, 0, nullptr);
+    EVP_MAC_update(work, p, kPage);
+    EVP_MAC_final(work, out, &len, sizeof out);
+  };
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  double seconds = argc > 1 ? std::atof(argv[1]) : 0.5;
+  std::vector<uint8_t> buf(kPage * kPages);
+  for (size_t i = 0; i < buf.size(); ++i) buf[i] = uint8_t(i * 2654435761u >> 13);
+
+  auto store_hasher = kagemusha::memcache::PageHasher::Create();
+  if (!store_hasher) {
+    std::fprintf(stderr, "PageHasher: %s\n", store_hasher.error().message().c_str());
+    return 1;
+  }
+  struct Candidate {
+    std::string name;
+    std::function<void(const uint8_t*)> fn;
+  };
+  std::vector<Candidate> cands = {
+      {"PageHasher (store digest)",
+       [&](const uint8_t* p) { (void)store_hasher->Hash({p, kPage}); }},
+      {"SHA-256 (EVP)", EvpDigest("SHA256")},
+      {"SHA-512/256 (EVP)", EvpDigest("SHA512-256")},
+      {"BLAKE2b-512 (EVP)", EvpDigest("BLAKE2B-512")},
+      {"BLAKE2s-256 (EVP)", EvpDigest("BLAKE2S-256")},
+      {"SHA-1 (EVP, not collision-safe)", EvpDigest("SHA1")},
+      {"HMAC-SHA256 (EVP_MAC)", EvpMac("HMAC", "SHA256")},
+      {"keyed BLAKE2b (BLAKE2BMAC)", EvpMac("BLAKE2BMAC", nullptr)},
+      {"SipHash-2-4 128-bit (EVP_MAC)", EvpMac("SIPHASH", nullptr, 16)},
+      {"CRC-32C (common, table)", [](const uint8_t* p) { (void)kagemusha::Crc32c({p, kPage}); }},
+      {"CRC-32C (PageStore, SSE4.2)",
+       [](const uint8_t* p) { (void)kagemusha::memcache::PageCrc32c({p, kPage}); }},
+  };
+  double sha = 0;
+  std::printf("%-34s %10s %10s\n", "candidate (4 KiB pages, 1 core)", "GB/s", "vs SHA-256");
+  for (auto& c : cands) {
+    if (!c.fn) {
+      std::printf("%-34s %10s\n", c.name.c_str(), "n/a");
+      continue;
+    }
+    double r = Measure(c.fn, buf, seconds);
+    if (c.name == "SHA-256 (EVP)") sha = r;
+    std::printf("%-34s %10.2f %10s\n", c.name.c_str(), r,
+                sha > 0 ? (std::to_string(r / sha).substr(0, 4) + "x").c_str() : "-");
+  }
+  return 0;
+}
