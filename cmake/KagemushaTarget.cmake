@@ -8,11 +8,14 @@ function(kagemusha_warnings target)
     target_compile_options(${target} PRIVATE -Werror)
   endif()
   if(KAGEMUSHA_FUZZ)
-    # clang 14 reports __cpp_concepts as 201907, so libstdc++ 12 hides
-    # <expected>. The features <expected> needs are all there; raising the
-    # macro is the documented way to use libstdc++'s expected with clang 14.
-    target_compile_options(${target} PRIVATE -Wno-macro-redefined -D__cpp_concepts=202002L
-      -fsanitize=fuzzer-no-link,address,undefined -Wno-gnu-zero-variadic-macro-arguments)
+    target_compile_options(${target} PRIVATE -fsanitize=fuzzer-no-link,address,undefined
+      -Wno-gnu-zero-variadic-macro-arguments)
+    # clang < 16 cannot use libstdc++ 12's std::expected<T, kagemusha::Error>
+    # as is; the compat header explains why and supplies a minimal stand-in.
+    if(CMAKE_CXX_COMPILER_ID STREQUAL "Clang" AND CMAKE_CXX_COMPILER_VERSION VERSION_LESS 16)
+      target_compile_options(${target} PRIVATE -Wno-macro-redefined
+        "SHELL:-include ${PROJECT_SOURCE_DIR}/common/include/kagemusha/common/clang14_expected_compat.h")
+    endif()
   endif()
 endfunction()
 

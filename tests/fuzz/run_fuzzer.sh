@@ -8,8 +8,12 @@ if [[ ! -x $bin ]]; then
   exit 77
 fi
 work=$(mktemp -d /tmp/kagemusha-fuzz.XXXXXX)
+# Crash reproducers are kept (not deleted with the scratch corpus) so a
+# failure can be replayed: $bin <file>.
+artifacts=${KAGEMUSHA_FUZZ_ARTIFACTS:-/tmp/kagemusha-fuzz-artifacts}/$(basename "$bin")
+mkdir -p "$artifacts"
 trap 'rm -rf "$work"' EXIT
 dirs=("$work")
 [[ -n $seeds && -d $seeds ]] && cp -r "$seeds"/. "$work"/
 "$bin" -max_total_time="${KAGEMUSHA_FUZZ_SECONDS:-30}" -rss_limit_mb=2048 -timeout=10 \
-  -print_final_stats=1 "${dirs[@]}" 2>&1 | tail -25
+  -print_final_stats=1 -artifact_prefix="$artifacts/" "${dirs[@]}" 2>&1 | tail -25

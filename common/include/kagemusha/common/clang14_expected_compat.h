@@ -1,6 +1,6 @@
-// Fuzz-build-only work-around, force-included (-include) into the tunnel
-// codecs and fuzz_mobility when KAGEMUSHA_FUZZ is on and the compiler is
-// clang older than 16.
+// Fuzz-build-only work-around, force-included (-include) into every target
+// of the libFuzzer build (cmake/KagemushaTarget.cmake) when the compiler is
+// clang older than 16. The product itself builds with g++ 12 and never sees it.
 //
 // Why: libstdc++ 12 gives std::expected two destructors, one defaulted and one
 // constrained ("conditionally trivial special members", P0848). clang 14 does
@@ -19,15 +19,12 @@
 // program-defined type. It is declared before error.h is parsed (error.h's
 // Ok() instantiates expected<void, Error>), hence the forward declaration and
 // the requires-clauses instead of naming Error directly.
-//
-// The proper home for this is common/include/kagemusha/common/error.h so
-// every module's fuzz build gets it; until then it lives here.
 #pragma once
 
 #if defined(__clang__) && __clang_major__ < 16
 
-// The build raises __cpp_concepts to 202002L so <expected> is visible, but
-// that also switches <variant> (and friends) onto their P0848 code paths,
+// <expected> is only visible with __cpp_concepts >= 202002L, but raising it
+// also switches <variant> (and friends) onto their P0848 code paths,
 // which clang 14 mishandles the same way (std::variant of a std::vector gets a
 // deleted destructor). So: include those headers with clang 14's true value
 // first (their include guards then keep that version), raise the macro only
