@@ -48,7 +48,8 @@ void FuzzReplies(std::span<const uint8_t> in) {
       if (r) (void)nbd::NbdErrorToErrno(r->error);
       // The payload length is known only from the request; pretend 512.
       in = in.subspan(std::min<size_t>(in.size(), nbd::kSimpleReplySize + 512));
-    } else if (kind == nbd::ReplyKind::kStructured && in.size() >= nbd::kStructuredReplyHeaderSize) {
+    } else if (kind == nbd::ReplyKind::kStructured &&
+               in.size() >= nbd::kStructuredReplyHeaderSize) {
       auto h = nbd::ParseStructuredReplyHeader(in.first(nbd::kStructuredReplyHeaderSize));
       in = in.subspan(nbd::kStructuredReplyHeaderSize);
       if (!h) return;
@@ -91,10 +92,18 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   if (size == 0) return 0;
   std::span<const uint8_t> in(data + 1, size - 1);
   switch (data[0] % 4) {
-    case 0: FuzzHandshake(in); break;
-    case 1: FuzzReplies(in); break;
-    case 2: FuzzInfo(in); break;
-    case 3: FuzzUri(in); break;
+    case 0:
+      FuzzHandshake(in);
+      break;
+    case 1:
+      FuzzReplies(in);
+      break;
+    case 2:
+      FuzzInfo(in);
+      break;
+    case 3:
+      FuzzUri(in);
+      break;
   }
   return 0;
 }

@@ -13,12 +13,15 @@
 // Only the reader thread of the request's connection moves it out of
 // kInFlight, and it does so only after it stopped touching the buffer, so a
 // caller can return as soon as none of its requests is kInFlight.
+#include "kagemusha/storage/nbd_client.h"
+
 #include <arpa/inet.h>
 #include <fcntl.h>
 #include <netdb.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <poll.h>
+#include <spdlog/spdlog.h>
 #include <sys/socket.h>
 #include <sys/un.h>
 #include <unistd.h>
@@ -34,9 +37,6 @@
 #include <unordered_map>
 #include <vector>
 
-#include <spdlog/spdlog.h>
-
-#include "kagemusha/storage/nbd_client.h"
 #include "nbd_client_codec.h"
 
 namespace kagemusha::storage {
@@ -196,7 +196,8 @@ std::string ConnectFailureText(int err, const NbdUri& uri, milliseconds timeout)
 Result<UniqueFd> ConnectSocket(const NbdUri& uri, const std::string& where, milliseconds timeout,
                                SteadyTime deadline) {
   auto fail = [&](int err) {
-    return Fail(Error(err, "cannot connect to " + where + ": " + ConnectFailureText(err, uri, timeout)));
+    return Fail(
+        Error(err, "cannot connect to " + where + ": " + ConnectFailureText(err, uri, timeout)));
   };
   auto finish_connect = [&](int fd) -> int {
     if (auto s = PollUntil(fd, POLLOUT, deadline); !s) return ETIMEDOUT;
@@ -242,8 +243,8 @@ Result<UniqueFd> ConnectSocket(const NbdUri& uri, const std::string& where, mill
   std::unique_ptr<addrinfo, decltype(&::freeaddrinfo)> guard(res, ::freeaddrinfo);
   int last_err = EHOSTUNREACH;
   for (addrinfo* ai = res; ai != nullptr; ai = ai->ai_next) {
-    UniqueFd fd(::socket(ai->ai_family, ai->ai_socktype | SOCK_CLOEXEC | SOCK_NONBLOCK,
-                         ai->ai_protocol));
+    UniqueFd fd(
+        ::socket(ai->ai_family, ai->ai_socktype | SOCK_CLOEXEC | SOCK_NONBLOCK, ai->ai_protocol));
     if (fd.get() < 0) {
       last_err = errno;
       continue;
@@ -376,7 +377,9 @@ class NbdClientImpl final : public NbdClient {
  public:
   NbdClientImpl(NbdUri uri, std::string where, NbdClientOptions options,
                 std::shared_ptr<Connection> first)
-      : uri_(std::move(uri)), where_(std::move(where)), options_(options),
+      : uri_(std::move(uri)),
+        where_(std::move(where)),
+        options_(options),
         size_(first->negotiated.info.size),
         block_(first->negotiated.block_size),
         min_block_(block_ ? block_->minimum : 1),
@@ -432,18 +435,18 @@ class NbdClientImpl final : public NbdClient {
   const uint32_t max_request_;
 
   mutable std::mutex mu_;
-  std::condition_variable state_cv_;  // connection state changes, Close
-  std::shared_ptr<Connection> conn_;  // GUARDED_BY(mu_); null while disconnected
-  uint64_t generation_ = 0;           // GUARDED_BY(mu_)
-  uint64_t next_cookie_ = 1;          // GUARDED_BY(mu_)
+  std::condition_variable state_cv_;                 // connection state changes, Close
+  std::shared_ptr<Connection> conn_;                 // GUARDED_BY(mu_); null while disconnected
+  uint64_t generation_ = 0;                          // GUARDED_BY(mu_)
+  uint64_t next_cookie_ = 1;                         // GUARDED_BY(mu_)
   std::unordered_map<uint64_t, Pending*> inflight_;  // GUARDED_BY(mu_)
   bool closed_ = false;                              // GUARDED_BY(mu_)
-  std::optional<Error> fatal_;        // GUARDED_BY(mu_); remote changed identity
-  Error last_error_;                  // GUARDED_BY(mu_); why we are disconnected
-  SteadyTime disconnected_at_{};      // GUARDED_BY(mu_)
-  SteadyTime next_attempt_{};         // GUARDED_BY(mu_)
-  milliseconds backoff_{0};           // GUARDED_BY(mu_)
-  bool connecting_ = false;           // GUARDED_BY(mu_)
+  std::optional<Error> fatal_;                       // GUARDED_BY(mu_); remote changed identity
+  Error last_error_;                                 // GUARDED_BY(mu_); why we are disconnected
+  SteadyTime disconnected_at_{};                     // GUARDED_BY(mu_)
+  SteadyTime next_attempt_{};                        // GUARDED_BY(mu_)
+  milliseconds backoff_{0};                          // GUARDED_BY(mu_)
+  bool connecting_ = false;                          // GUARDED_BY(mu_)
   struct Reader {
     std::thread thread;
     std::shared_ptr<std::atomic<bool>> finished;
@@ -612,7 +615,8 @@ void NbdClientImpl::MaintenanceLoop() {
         state_cv_.wait_for(lk, milliseconds(50));
         continue;
       }
-      auto tick = std::max(milliseconds(5), std::min(options_.request_timeout / 4, milliseconds(250)));
+      auto tick =
+          std::max(milliseconds(5), std::min(options_.request_timeout / 4, milliseconds(250)));
       state_cv_.wait_for(lk, tick);
       continue;
     }
@@ -646,8 +650,8 @@ void NbdClientImpl::MaintenanceLoop() {
     } else {
       last_error_ = dialed.error();
       if (!warned_this_outage) {
-        spdlog::warn("nbd: reconnect to {} failed: {}; retrying with back-off up to {} ms",
-                     where_, dialed.error().message(), options_.backoff_max.count());
+        spdlog::warn("nbd: reconnect to {} failed: {}; retrying with back-off up to {} ms", where_,
+                     dialed.error().message(), options_.backoff_max.count());
         warned_this_outage = true;
       } else {
         spdlog::debug("nbd: reconnect to {} failed: {}", where_, dialed.error().message());
@@ -720,8 +724,8 @@ Status NbdClientImpl::RunPieces(std::vector<Pending>& pieces) {
       if (!up) {
         return Fail(Error::Timeout(
             "remote " + where_ + " unreachable for " + std::to_string(options_.wait_bound.count()) +
-            " ms (wait_bound); giving up on a read at offset " + std::to_string(pieces.front().offset) +
-            ". Last error: " + last_error_.message()));
+            " ms (wait_bound); giving up on a read at offset " +
+            std::to_string(pieces.front().offset) + ". Last error: " + last_error_.message()));
       }
       continue;
     }
@@ -740,8 +744,8 @@ Status NbdClientImpl::RunPieces(std::vector<Pending>& pieces) {
       size_t at = headers.size();
       headers.resize(at + nbd::kRequestHeaderSize);
       nbd::EncodeRequestHeader({0, nbd::kCmdRead, p.cookie, p.offset, p.length},
-                               std::span<uint8_t, nbd::kRequestHeaderSize>(headers.data() + at,
-                                                                          nbd::kRequestHeaderSize));
+                               std::span<uint8_t, nbd::kRequestHeaderSize>(
+                                   headers.data() + at, nbd::kRequestHeaderSize));
     }
     lk.unlock();
     Status s;

@@ -107,9 +107,9 @@ Result<std::vector<uint8_t>> EncodeGoOption(uint32_t option, std::string_view ex
 
 Result<std::vector<uint8_t>> EncodeExportNameOption(std::string_view export_name) {
   if (auto s = CheckExportName(export_name); !s) return Fail(s.error());
-  return EncodeOption(kOptExportName,
-                      std::span(reinterpret_cast<const uint8_t*>(export_name.data()),
-                                export_name.size()));
+  return EncodeOption(
+      kOptExportName,
+      std::span(reinterpret_cast<const uint8_t*>(export_name.data()), export_name.size()));
 }
 
 Result<OptionReplyHeader> ParseOptionReplyHeader(std::span<const uint8_t> bytes) {
@@ -174,8 +174,8 @@ Result<InfoReply> ParseInfoReply(std::span<const uint8_t> payload) {
                                     " is invalid"));
       }
       if (b.maximum < b.preferred || (b.maximum != 0xffffffffu && b.maximum % b.minimum != 0)) {
-        return Fail(Error::Protocol("server maximum payload " + std::to_string(b.maximum) +
-                                    " is invalid"));
+        return Fail(
+            Error::Protocol("server maximum payload " + std::to_string(b.maximum) + " is invalid"));
       }
       info.block_size = b;
       break;
@@ -194,33 +194,55 @@ Result<InfoReply> ParseInfoReply(std::span<const uint8_t> payload) {
 
 std::string_view OptionReplyTypeName(uint32_t type) {
   switch (type) {
-    case kRepAck: return "NBD_REP_ACK";
-    case kRepServer: return "NBD_REP_SERVER";
-    case kRepInfo: return "NBD_REP_INFO";
-    case kRepMetaContext: return "NBD_REP_META_CONTEXT";
-    case kRepErrUnsup: return "NBD_REP_ERR_UNSUP";
-    case kRepErrPolicy: return "NBD_REP_ERR_POLICY";
-    case kRepErrInvalid: return "NBD_REP_ERR_INVALID";
-    case kRepErrPlatform: return "NBD_REP_ERR_PLATFORM";
-    case kRepErrTlsReqd: return "NBD_REP_ERR_TLS_REQD";
-    case kRepErrUnknown: return "NBD_REP_ERR_UNKNOWN";
-    case kRepErrShutdown: return "NBD_REP_ERR_SHUTDOWN";
-    case kRepErrBlockSizeReqd: return "NBD_REP_ERR_BLOCK_SIZE_REQD";
-    case kRepErrTooBig: return "NBD_REP_ERR_TOO_BIG";
-    default: return (type & kRepFlagError) ? "unknown NBD_REP_ERR" : "unknown NBD_REP";
+    case kRepAck:
+      return "NBD_REP_ACK";
+    case kRepServer:
+      return "NBD_REP_SERVER";
+    case kRepInfo:
+      return "NBD_REP_INFO";
+    case kRepMetaContext:
+      return "NBD_REP_META_CONTEXT";
+    case kRepErrUnsup:
+      return "NBD_REP_ERR_UNSUP";
+    case kRepErrPolicy:
+      return "NBD_REP_ERR_POLICY";
+    case kRepErrInvalid:
+      return "NBD_REP_ERR_INVALID";
+    case kRepErrPlatform:
+      return "NBD_REP_ERR_PLATFORM";
+    case kRepErrTlsReqd:
+      return "NBD_REP_ERR_TLS_REQD";
+    case kRepErrUnknown:
+      return "NBD_REP_ERR_UNKNOWN";
+    case kRepErrShutdown:
+      return "NBD_REP_ERR_SHUTDOWN";
+    case kRepErrBlockSizeReqd:
+      return "NBD_REP_ERR_BLOCK_SIZE_REQD";
+    case kRepErrTooBig:
+      return "NBD_REP_ERR_TOO_BIG";
+    default:
+      return (type & kRepFlagError) ? "unknown NBD_REP_ERR" : "unknown NBD_REP";
   }
 }
 
 std::string_view OptionName(uint32_t option) {
   switch (option) {
-    case kOptExportName: return "NBD_OPT_EXPORT_NAME";
-    case kOptAbort: return "NBD_OPT_ABORT";
-    case kOptList: return "NBD_OPT_LIST";
-    case kOptStartTls: return "NBD_OPT_STARTTLS";
-    case kOptInfo: return "NBD_OPT_INFO";
-    case kOptGo: return "NBD_OPT_GO";
-    case kOptStructuredReply: return "NBD_OPT_STRUCTURED_REPLY";
-    default: return "NBD_OPT_?";
+    case kOptExportName:
+      return "NBD_OPT_EXPORT_NAME";
+    case kOptAbort:
+      return "NBD_OPT_ABORT";
+    case kOptList:
+      return "NBD_OPT_LIST";
+    case kOptStartTls:
+      return "NBD_OPT_STARTTLS";
+    case kOptInfo:
+      return "NBD_OPT_INFO";
+    case kOptGo:
+      return "NBD_OPT_GO";
+    case kOptStructuredReply:
+      return "NBD_OPT_STRUCTURED_REPLY";
+    default:
+      return "NBD_OPT_?";
   }
 }
 
@@ -301,8 +323,7 @@ Result<ExportInfo> ParseExportNameReply(std::span<const uint8_t> bytes, bool no_
   return e;
 }
 
-void EncodeRequestHeader(const RequestHeader& request,
-                         std::span<uint8_t, kRequestHeaderSize> out) {
+void EncodeRequestHeader(const RequestHeader& request, std::span<uint8_t, kRequestHeaderSize> out) {
   uint8_t* p = out.data();
   StoreBe32(p, kRequestMagic);
   StoreBe16(p + 4, request.flags);
@@ -314,9 +335,12 @@ void EncodeRequestHeader(const RequestHeader& request,
 
 ReplyKind ClassifyReplyMagic(std::span<const uint8_t, 4> magic) {
   switch (LoadBe32(magic.data())) {
-    case kSimpleReplyMagic: return ReplyKind::kSimple;
-    case kStructuredReplyMagic: return ReplyKind::kStructured;
-    default: return ReplyKind::kBad;
+    case kSimpleReplyMagic:
+      return ReplyKind::kSimple;
+    case kStructuredReplyMagic:
+      return ReplyKind::kStructured;
+    default:
+      return ReplyKind::kBad;
   }
 }
 
@@ -359,15 +383,24 @@ Result<StructuredReplyHeader> ParseStructuredReplyHeader(std::span<const uint8_t
 
 int NbdErrorToErrno(uint32_t nbd_error) {
   switch (nbd_error) {
-    case kErrPerm: return EPERM;
-    case kErrIo: return EIO;
-    case kErrNoMem: return ENOMEM;
-    case kErrInval: return EINVAL;
-    case kErrNoSpc: return ENOSPC;
-    case kErrOverflow: return EOVERFLOW;
-    case kErrNotSup: return ENOTSUP;
-    case kErrShutdown: return ESHUTDOWN;
-    default: return EIO;
+    case kErrPerm:
+      return EPERM;
+    case kErrIo:
+      return EIO;
+    case kErrNoMem:
+      return ENOMEM;
+    case kErrInval:
+      return EINVAL;
+    case kErrNoSpc:
+      return ENOSPC;
+    case kErrOverflow:
+      return EOVERFLOW;
+    case kErrNotSup:
+      return ENOTSUP;
+    case kErrShutdown:
+      return ESHUTDOWN;
+    default:
+      return EIO;
   }
 }
 

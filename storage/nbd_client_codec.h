@@ -28,7 +28,7 @@ namespace kagemusha::storage::nbd {
 
 // --- Greeting and client flags --------------------------------------------
 
-inline constexpr size_t kServerGreetingSize = 18;  // NBDMAGIC, IHAVEOPT, u16 flags
+inline constexpr size_t kServerGreetingSize = 18;                // NBDMAGIC, IHAVEOPT, u16 flags
 inline constexpr uint64_t kOldstyleMagic = 0x00420281861253ULL;  // cliserv_magic
 
 struct ServerGreeting {

@@ -133,9 +133,11 @@ TEST(NbdClientCodec, ParsesOptionReplyHeaderAndRejectsMalformedOnes) {
   EXPECT_EQ(h->length, 12u);
   EXPECT_FALSE(h->is_error());
 
-  EXPECT_EQ(ParseOptionReplyHeader(ReplyHeader(kOptGo, kRepAck, 0, kNbdMagic)).error().code(), EPROTO);
-  EXPECT_EQ(ParseOptionReplyHeader(ReplyHeader(kOptGo, kRepInfo, kMaxOptionLength + 1)).error().code(),
+  EXPECT_EQ(ParseOptionReplyHeader(ReplyHeader(kOptGo, kRepAck, 0, kNbdMagic)).error().code(),
             EPROTO);
+  EXPECT_EQ(
+      ParseOptionReplyHeader(ReplyHeader(kOptGo, kRepInfo, kMaxOptionLength + 1)).error().code(),
+      EPROTO);
   auto short_header = ReplyHeader(kOptGo, kRepAck, 0);
   short_header.pop_back();
   EXPECT_FALSE(ParseOptionReplyHeader(short_header));
@@ -243,7 +245,10 @@ TEST(NbdClientCodec, GoFailuresCarryClearMessages) {
     const char* text;
   } cases[] = {
       {"ack without export info", {{kRepAck, {}}}, EPROTO, "without sending NBD_INFO_EXPORT"},
-      {"ack with payload", {{kRepInfo, ExportInfoPayload(1, 1)}, {kRepAck, {1}}}, EPROTO, "payload"},
+      {"ack with payload",
+       {{kRepInfo, ExportInfoPayload(1, 1)}, {kRepAck, {1}}},
+       EPROTO,
+       "payload"},
       {"tls required", {{kRepErrTlsReqd, {}}}, EACCES, "requires TLS"},
       {"policy", {{kRepErrPolicy, {}}}, EACCES, "policy"},
       {"shutdown", {{kRepErrShutdown, {}}}, ESHUTDOWN, "shutting down"},
@@ -291,10 +296,9 @@ TEST(NbdClientCodec, ParsesExportNameReplyWithAndWithoutZeroes) {
 TEST(NbdClientCodec, EncodesReadRequestHeader) {
   uint8_t out[kRequestHeaderSize];
   EncodeRequestHeader({0, kCmdRead, 0x0102030405060708ULL, 0x1000, 0x200}, out);
-  const uint8_t want[kRequestHeaderSize] = {0x25, 0x60, 0x95, 0x13, 0, 0, 0, 0,
-                                            1,    2,    3,    4,    5, 6, 7, 8,
-                                            0,    0,    0,    0,    0, 0, 0x10, 0,
-                                            0,    0,    2,    0};
+  const uint8_t want[kRequestHeaderSize] = {0x25, 0x60, 0x95, 0x13, 0, 0, 0, 0, 1, 2,
+                                            3,    4,    5,    6,    7, 8, 0, 0, 0, 0,
+                                            0,    0,    0x10, 0,    0, 0, 2, 0};
   EXPECT_EQ(0, std::memcmp(out, want, sizeof want));
 }
 
@@ -336,7 +340,8 @@ TEST(NbdClientCodec, ParsesStructuredChunkHeadersAndRejectsMalformedOnes) {
   EXPECT_EQ(ok->cookie, 9u);
   EXPECT_EQ(ok->length, 8u + 4096);
   auto magic = chunk(0, 0, 0);
-  EXPECT_EQ(ClassifyReplyMagic(std::span<const uint8_t, 4>(magic.data(), 4)), ReplyKind::kStructured);
+  EXPECT_EQ(ClassifyReplyMagic(std::span<const uint8_t, 4>(magic.data(), 4)),
+            ReplyKind::kStructured);
 
   EXPECT_FALSE(ParseStructuredReplyHeader(chunk(0, kReplyTypeOffsetData, kMaxPayload + 9)));
   EXPECT_FALSE(ParseStructuredReplyHeader(chunk(0, kReplyTypeNone, 0))) << "NONE must be final";

@@ -3,8 +3,11 @@
 // file for the misbehaviours real servers will not produce on demand
 // (replies in reverse order, wrong cookies, bad magic, a hung first
 // connection, no NBD_OPT_GO). A missing tool is a FAILURE ("SKIP: ...").
+#include "kagemusha/storage/nbd_client.h"
+
 #include <arpa/inet.h>
 #include <fcntl.h>
+#include <gtest/gtest.h>
 #include <netinet/in.h>
 #include <poll.h>
 #include <signal.h>
@@ -13,8 +16,6 @@
 #include <sys/un.h>
 #include <sys/wait.h>
 #include <unistd.h>
-
-#include <gtest/gtest.h>
 
 #include <atomic>
 #include <chrono>
@@ -27,7 +28,6 @@
 #include <vector>
 
 #include "kagemusha/common/coding.h"
-#include "kagemusha/storage/nbd_client.h"
 #include "kagemusha/storage/nbd_protocol.h"
 
 namespace kagemusha::storage {
@@ -51,8 +51,8 @@ bool HaveTool(const std::string& name) {
   return false;
 }
 
-#define REQUIRE_TOOL(tool)                                                              \
-  do {                                                                                  \
+#define REQUIRE_TOOL(tool)                                                                    \
+  do {                                                                                        \
     if (!HaveTool(tool)) GTEST_FAIL() << "SKIP: " tool " not installed (this test must run)"; \
   } while (0)
 
@@ -261,8 +261,8 @@ TEST_F(NbdClientTest, ReadsMatchFileContentFromNbdkit) {
 TEST_F(NbdClientTest, ReadsMatchFileContentFromQemuNbdAndNamesMissingExport) {
   REQUIRE_TOOL("qemu-nbd");
   auto data = MakeImage(2 << 20, 3);
-  ChildProcess server({"qemu-nbd", "-k", sock_, "-x", "disk", "-f", "raw", "-r", "-t", "-e", "4",
-                       image_});
+  ChildProcess server(
+      {"qemu-nbd", "-k", sock_, "-x", "disk", "-f", "raw", "-r", "-t", "-e", "4", image_});
   ASSERT_TRUE(WaitFor([&] { return CanConnectUnix(sock_); })) << "qemu-nbd did not start";
   auto client = NbdClient::Connect(UnixUri(sock_, "disk"), FastOptions());
   ASSERT_TRUE(client) << client.error().message();
@@ -282,8 +282,8 @@ TEST_F(NbdClientTest, ConnectsOverTcpByAddressHostNameAndIpv6) {
   REQUIRE_TOOL("nbdkit");
   auto data = MakeImage(256 * 1024, 5);
   uint16_t port = FreePort();
-  auto server = StartNbdkit({"file", "file=" + image_},
-                            {"-i", "127.0.0.1", "-p", std::to_string(port)});
+  auto server =
+      StartNbdkit({"file", "file=" + image_}, {"-i", "127.0.0.1", "-p", std::to_string(port)});
   ASSERT_TRUE(WaitFor([&] { return CanConnectTcp("127.0.0.1", port); }));
   for (const char* host : {"127.0.0.1", "localhost"}) {
     auto uri = ParseNbdUri("nbd://" + std::string(host) + ":" + std::to_string(port) + "/");
@@ -295,7 +295,8 @@ TEST_F(NbdClientTest, ConnectsOverTcpByAddressHostNameAndIpv6) {
 
   uint16_t port6 = FreePort(AF_INET6);
   if (port6 == 0) GTEST_FAIL() << "SKIP: no IPv6 loopback in this environment";
-  auto server6 = StartNbdkit({"file", "file=" + image_}, {"-i", "::1", "-p", std::to_string(port6)});
+  auto server6 =
+      StartNbdkit({"file", "file=" + image_}, {"-i", "::1", "-p", std::to_string(port6)});
   ASSERT_TRUE(WaitFor([&] { return CanConnectTcp("::1", port6); }));
   auto uri6 = ParseNbdUri("nbd://[::1]:" + std::to_string(port6) + "/");
   ASSERT_TRUE(uri6);
@@ -327,8 +328,8 @@ TEST_F(NbdClientTest, SixteenConcurrentReadersKeepSixteenRequestsInFlight) {
   auto data = MakeImage(8 << 20, 9);
   // Every read takes 40 ms inside the server; 16 server threads finish them
   // in whatever order, so replies arrive out of order.
-  auto server = StartNbdkitAndWait(
-      {"-t", "16", "--filter=delay", "file", "file=" + image_, "rdelay=40ms"});
+  auto server =
+      StartNbdkitAndWait({"-t", "16", "--filter=delay", "file", "file=" + image_, "rdelay=40ms"});
   auto client = NbdClient::Connect(UnixUri(sock_), FastOptions());
   ASSERT_TRUE(client) << client.error().message();
   constexpr int kThreads = 16, kReadsEach = 5;
@@ -350,8 +351,9 @@ TEST_F(NbdClientTest, SixteenConcurrentReadersKeepSixteenRequestsInFlight) {
   auto elapsed = steady_clock::now() - start;
   EXPECT_EQ(bad.load(), 0);
   // One request at a time would take 16 * 5 * 40 ms = 3.2 s; with all 16 in
-  // flight it is about 5 * 40 ms.
-  EXPECT_LT(elapsed, 1000ms) << "requests were not pipelined: "
+  // flight it is about 5 * 40 ms (measured ~0.27 s). Half the serial time is
+  // the bar, leaving room for a loaded CI machine.
+  EXPECT_LT(elapsed, 1600ms) << "requests were not pipelined: "
                              << std::chrono::duration_cast<milliseconds>(elapsed).count() << " ms";
 }
 
@@ -365,14 +367,14 @@ TEST_F(NbdClientTest, SplitsReadsAtServerMaximumAndAlignsToMinimumBlock) {
   auto client = NbdClient::Connect(UnixUri(sock_), FastOptions());  // max_request 4 MiB
   ASSERT_TRUE(client) << client.error().message();
   ExpectReadMatches(**client, data, 0, 1 << 20);
-  ExpectReadMatches(**client, data, 3, 1000);          // unaligned: bounce-buffered
+  ExpectReadMatches(**client, data, 3, 1000);           // unaligned: bounce-buffered
   ExpectReadMatches(**client, data, 4097, 300 * 1024);  // unaligned and split
 }
 
 TEST_F(NbdClientTest, ServerReadErrorIsReturnedToTheCaller) {
   REQUIRE_TOOL("nbdkit");
-  auto server = StartNbdkitAndWait(
-      {"--filter=error", "memory", "1M", "error=ENOSPC", "error-rate=100%"});
+  auto server =
+      StartNbdkitAndWait({"--filter=error", "memory", "1M", "error=ENOSPC", "error-rate=100%"});
   auto client = NbdClient::Connect(UnixUri(sock_), FastOptions());
   ASSERT_TRUE(client) << client.error().message();
   std::vector<std::byte> buf(4096);
@@ -387,8 +389,7 @@ TEST_F(NbdClientTest, ServerReadErrorIsReturnedToTheCaller) {
 TEST_F(NbdClientTest, ReadInFlightWhenServerIsKilledSucceedsAfterRestart) {
   REQUIRE_TOOL("nbdkit");
   auto data = MakeImage(1 << 20, 13);
-  auto server =
-      StartNbdkitAndWait({"--filter=delay", "file", "file=" + image_, "rdelay=2000ms"});
+  auto server = StartNbdkitAndWait({"--filter=delay", "file", "file=" + image_, "rdelay=2000ms"});
   auto client = NbdClient::Connect(UnixUri(sock_), FastOptions());
   ASSERT_TRUE(client) << client.error().message();
   std::vector<std::byte> buf(data.size());
@@ -615,9 +616,14 @@ class ScriptedServer {
         return;
       }
       switch (m) {
-        case Misbehave::kNeverReply: continue;
-        case Misbehave::kWrongCookie: Reply(fd, r, nbd::kSimpleReplyMagic, 0xdead); continue;
-        case Misbehave::kBadMagic: Reply(fd, r, 0x12345678); continue;
+        case Misbehave::kNeverReply:
+          continue;
+        case Misbehave::kWrongCookie:
+          Reply(fd, r, nbd::kSimpleReplyMagic, 0xdead);
+          continue;
+        case Misbehave::kBadMagic:
+          Reply(fd, r, 0x12345678);
+          continue;
         case Misbehave::kShortPayload:
           Reply(fd, r, nbd::kSimpleReplyMagic, 0, r.length / 2);
           ::shutdown(fd, SHUT_RDWR);
@@ -642,7 +648,8 @@ class ScriptedServer {
           SendAll(fd, b);
           continue;
         }
-        case Misbehave::kNone: break;
+        case Misbehave::kNone:
+          break;
       }
       if (o_.reverse_batch > 1) {
         batch.push_back(r);

@@ -145,7 +145,8 @@ Result<NbdUri> ParseNbdUri(const std::string& uri) {
         if (after[0] != ':') return Fail(Bad(uri, "unexpected text after IPv6 host"));
         port = after.substr(1);
       }
-      if (host.empty() || host.find_first_not_of("0123456789abcdefABCDEF:.") != std::string_view::npos) {
+      if (host.empty() ||
+          host.find_first_not_of("0123456789abcdefABCDEF:.") != std::string_view::npos) {
         return Fail(Bad(uri, "'" + std::string(host) + "' is not an IPv6 address"));
       }
       out.host = std::string(host);

@@ -111,7 +111,8 @@ TEST(NbdUri, ToStringRoundTripsAndDropsUserinfo) {
     EXPECT_EQ(again->export_name, u->export_name);
   }
   EXPECT_EQ(ParseNbdUri("nbd://example.com/disk")->ToString(), "nbd://example.com:10809/disk");
-  EXPECT_EQ(ParseNbdUri("nbd://alice:secret@example.com/x")->ToString(), "nbd://example.com:10809/x");
+  EXPECT_EQ(ParseNbdUri("nbd://alice:secret@example.com/x")->ToString(),
+            "nbd://example.com:10809/x");
   EXPECT_EQ(ParseNbdUri("nbd+unix:///e?socket=/p")->ToString(), "nbd+unix:///e?socket=/p");
 }
 
