@@ -491,5 +491,23 @@ TEST(MigrationStream, LiveQemuPostcopyStreamParsesCompletely) {
   CheckRealStream(in, true);
 }
 
+TEST(MigrationStream, LiveQemuIgnoreSharedStreamCarriesBlockAddresses) {
+  int status = 0;
+  Bytes in = CaptureLive("ignore-shared", &status);
+  if (WIFEXITED(status) && WEXITSTATUS(status) == 77) GTEST_SKIP() << "qemu or socat missing";
+  ASSERT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+  MigrationStreamParser p;
+  Collector col;
+  p.Feed(in, col);
+  ASSERT_TRUE(p.Finish(col).has_value());
+  ASSERT_TRUE(col.c.fallbacks.empty()) << col.c.fallbacks[0].reason;
+  EXPECT_TRUE(p.ignore_shared());
+  ASSERT_FALSE(p.ram_blocks().empty());
+  for (const auto& b : p.ram_blocks()) EXPECT_TRUE(b.addr.has_value()) << b.id;
+  EXPECT_EQ(col.c.rebuilt, in);
+  // Nothing is shared in this guest, so every page is still sent.
+  EXPECT_EQ(p.stats().pages + p.stats().zero_pages, p.ram_total_bytes() / kTargetPageSize);
+}
+
 }  // namespace
 }  // namespace kagemusha::memcache

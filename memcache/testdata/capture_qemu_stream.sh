@@ -1,6 +1,8 @@
 #!/bin/sh
 # Captures a real QEMU migration stream of a small paused pc guest.
 #   capture_qemu_stream.sh OUT precopy   -> migrate to "exec:cat > OUT"
+#   capture_qemu_stream.sh OUT ignore-shared -> precopy with x-ignore-shared
+#       (configuration capabilities subsection, RAMBlock addresses)
 #   capture_qemu_stream.sh OUT postcopy  -> real postcopy into a second QEMU
 #       (-incoming), the source->destination direction teed into OUT by socat.
 # Exit 77 when qemu-system-x86_64 or socat is missing (test skips).
@@ -27,10 +29,12 @@ qmp() {
 }
 cap='{"execute":"migrate-set-capabilities","arguments":{"capabilities":[{"capability":"postcopy-ram","state":true}]}}'
 case "$mode" in
-precopy)
+precopy|ignore-shared)
   qemu -S -qmp "unix:$dir/src,server=on,wait=off" & pids="$pids $!"
   wait_sock "$dir/src" || exit 1
-  r=$(qmp "$dir/src" "{\"execute\":\"migrate\",\"arguments\":{\"uri\":\"exec:cat > $out\"}}")
+  set_caps='{"execute":"query-status"}'
+  [ "$mode" = ignore-shared ] && set_caps='{"execute":"migrate-set-capabilities","arguments":{"capabilities":[{"capability":"x-ignore-shared","state":true}]}}'
+  r=$(qmp "$dir/src" "$set_caps" "{\"execute\":\"migrate\",\"arguments\":{\"uri\":\"exec:cat > $out\"}}")
   ;;
 postcopy)
   qemu -S -qmp "unix:$dir/dst-qmp,server=on,wait=off" -incoming defer & pids="$pids $!"
