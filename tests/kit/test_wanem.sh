@@ -55,7 +55,7 @@ transfer "TCP4-LISTEN:5001,bind=$TB_DST_V4,reuseaddr" "TCP4:$TB_DST_V4:5001" 8 "
 
 stats=$(tb_wan_stats)
 printf '%s\n' "$stats" >&2
-for f in drop_oversize tx_errors drop_overflow; do
+for f in drop_oversize tx_errors drop_overflow csum_partial; do
   while read -r line; do
     [[ "$(tb_field "$f" "$line")" == 0 ]] || tb_fail "wanem counted $f: $line"
   done <<<"$stats"

@@ -50,10 +50,11 @@ void PrintStats(const DirectionPipe& p, uint64_t kernel_drops, const char* when)
   std::printf(
       "wanem stats %s %s: rx_frames=%llu rx_bytes=%llu tx_frames=%llu tx_bytes=%llu drop_loss=%llu "
       "drop_queue=%llu drop_overflow=%llu drop_oversize=%llu tx_errors=%llu kernel_drops=%llu queued=%llu "
-      "max_frame=%llu\n",
+      "max_frame=%llu csum_partial=%llu vlan_restored=%llu\n",
       p.label().c_str(), when, v(s.rx_frames), v(s.rx_bytes), v(s.tx_frames), v(s.tx_bytes), v(s.drop_loss),
       v(s.drop_queue), v(s.drop_overflow), v(s.drop_oversize), v(s.tx_errors),
-      static_cast<unsigned long long>(kernel_drops), v(s.queued), v(s.max_frame));
+      static_cast<unsigned long long>(kernel_drops), v(s.queued), v(s.max_frame), v(s.csum_partial),
+      v(s.vlan_restored));
   std::fflush(stdout);
 }
 

@@ -1,10 +1,14 @@
 #include "wanem_pipe.h"
 
+#include <arpa/inet.h>
+#include <linux/if_ether.h>
+#include <linux/if_packet.h>
 #include <poll.h>
 #include <sys/prctl.h>
 
 #include <algorithm>
 #include <cerrno>
+#include <cstdio>
 #include <cstring>
 
 namespace kagemusha::wanem {
@@ -30,7 +34,10 @@ DirectionPipe::DirectionPipe(std::string label, PacketPort& in, PacketPort& out,
       data_(std::make_unique_for_overwrite<std::byte[]>((config.slots + config.batch) * config.slot_bytes)),
       slots_(config.slots),
       msgs_(config.batch),
-      iovs_(config.batch) {}
+      iovs_(config.batch),
+      control_words_((PacketPort::kAuxDataSpace + 7) / 8) {
+  control_.resize(control_words_ * config.batch);
+}
 
 Status DirectionPipe::Run(const std::atomic<bool>& stop) {
   // The kernel may fire our ppoll timeout up to this much late (>= 1 ns).
@@ -68,6 +75,8 @@ Status DirectionPipe::ReceiveBatch() {
     std::memset(&msgs_[i], 0, sizeof(mmsghdr));
     msgs_[i].msg_hdr.msg_iov = &iovs_[i];
     msgs_[i].msg_hdr.msg_iovlen = 1;
+    msgs_[i].msg_hdr.msg_control = &control_[i * control_words_];
+    msgs_[i].msg_hdr.msg_controllen = control_words_ * 8;
   }
   auto got = in_.Receive(std::span(msgs_.data(), want));
   if (!got) return Fail(got.error().Context(label_));
@@ -78,14 +87,15 @@ Status DirectionPipe::ReceiveBatch() {
   uint64_t kept = 0;  // frames kept so far in this batch, compacted at tail_
   uint64_t bytes = 0;
   for (int i = 0; i < n; ++i) {
-    const size_t len = msgs_[i].msg_len;
+    size_t len = msgs_[i].msg_len;
     bytes += len;
     if (len > stats_.max_frame.load(std::memory_order_relaxed)) stats_.max_frame.store(len, std::memory_order_relaxed);
     if (overflow) {
       Add(stats_.drop_overflow, 1);
       continue;
     }
-    if ((msgs_[i].msg_hdr.msg_flags & MSG_TRUNC) || len > config_.slot_bytes) {
+    if ((msgs_[i].msg_hdr.msg_flags & MSG_TRUNC) || len > config_.slot_bytes ||
+        !ApplyAuxData(msgs_[i].msg_hdr, SlotData(tail_ + static_cast<uint64_t>(i)), len)) {
       Add(stats_.drop_oversize, 1);
       continue;
     }
@@ -111,6 +121,36 @@ Status DirectionPipe::ReceiveBatch() {
   Add(stats_.rx_bytes, bytes);
   stats_.queued.store(tail_ - head_, std::memory_order_relaxed);
   return Ok();
+}
+
+bool DirectionPipe::ApplyAuxData(const msghdr& hdr, std::byte* frame, size_t& len) {
+  for (const cmsghdr* c = CMSG_FIRSTHDR(&hdr); c != nullptr; c = CMSG_NXTHDR(const_cast<msghdr*>(&hdr), const_cast<cmsghdr*>(c))) {
+    if (c->cmsg_level != SOL_PACKET || c->cmsg_type != PACKET_AUXDATA) continue;
+    tpacket_auxdata aux;
+    std::memcpy(&aux, CMSG_DATA(c), sizeof aux);
+    if (aux.tp_status & TP_STATUS_CSUMNOTREADY) {
+      Add(stats_.csum_partial, 1);
+      if (!warned_csum_) {
+        warned_csum_ = true;
+        std::fprintf(stderr,
+                     "kagemusha-wanem: %s: frames with unfinished checksums arrive (transmit checksum offload of "
+                     "the sending peer is on); they will be dropped by their receiver. Run "
+                     "`kagemusha-wanem --offloads-off IF` on the peer interface.\n",
+                     label_.c_str());
+      }
+    }
+    if ((aux.tp_status & TP_STATUS_VLAN_VALID) && len >= 12) {
+      // Re-insert the 802.1Q tag after the two MAC addresses.
+      if (len + 4 > config_.slot_bytes) return false;
+      const uint16_t tpid = (aux.tp_status & TP_STATUS_VLAN_TPID_VALID) ? aux.tp_vlan_tpid : ETH_P_8021Q;
+      const uint16_t tag[2] = {htons(tpid), htons(aux.tp_vlan_tci)};
+      std::memmove(frame + 16, frame + 12, len - 12);
+      std::memcpy(frame + 12, tag, sizeof tag);
+      len += 4;
+      Add(stats_.vlan_restored, 1);
+    }
+  }
+  return true;
 }
 
 Status DirectionPipe::ReleaseDue(TimePoint now) {

@@ -45,6 +45,8 @@ struct DirectionStats {
   std::atomic<uint64_t> drop_overflow{0};  // delay line (ring) full
   std::atomic<uint64_t> drop_oversize{0};  // frame larger than a slot (offloads left on?)
   std::atomic<uint64_t> tx_errors{0};      // the kernel refused a frame on send
+  std::atomic<uint64_t> csum_partial{0};   // frames with an unfinished L4 checksum (peer offload on)
+  std::atomic<uint64_t> vlan_restored{0};  // frames whose stripped VLAN tag was put back
   std::atomic<uint64_t> max_frame{0};      // largest frame seen, bytes
   std::atomic<uint64_t> queued{0};         // frames in the delay line now
 };
@@ -77,6 +79,10 @@ class DirectionPipe {
   std::byte* SlotData(uint64_t seq) { return data_.get() + (seq % config_.slots) * config_.slot_bytes; }
   Slot& SlotMeta(uint64_t seq) { return slots_[seq % config_.slots]; }
   Status ReceiveBatch();
+  // Reads the frame's auxdata: puts a VLAN tag the kernel stripped back into
+  // the frame (updating len; false if it no longer fits) and counts frames
+  // whose checksum the sender left to an offload we do not have.
+  bool ApplyAuxData(const msghdr& hdr, std::byte* frame, size_t& len);
   Status ReleaseDue(TimePoint now);
 
   std::string label_;
@@ -96,6 +102,9 @@ class DirectionPipe {
   uint64_t tail_ = 0;
   std::vector<mmsghdr> msgs_;
   std::vector<iovec> iovs_;
+  std::vector<uint64_t> control_;  // per-message cmsg buffers (8-byte aligned)
+  size_t control_words_ = 0;       // uint64_t words per message
+  bool warned_csum_ = false;
 };
 
 }  // namespace kagemusha::wanem

@@ -61,6 +61,8 @@ Status SetIntOption(int fd, int level, int option, int value, const char* what) 
 
 }  // namespace
 
+const size_t PacketPort::kAuxDataSpace = CMSG_SPACE(sizeof(tpacket_auxdata));
+
 Result<PacketPort> PacketPort::Open(const std::string& ifname) {
   FdGuard rx(::socket(AF_PACKET, SOCK_RAW | SOCK_CLOEXEC, htons(ETH_P_ALL)));
   if (rx.get() < 0) return Fail(Error::Errno(errno, "AF_PACKET socket (needs CAP_NET_RAW)"));
@@ -79,6 +81,9 @@ Result<PacketPort> PacketPort::Open(const std::string& ifname) {
   if (::setsockopt(rx.get(), SOL_SOCKET, SO_RCVBUFFORCE, &rcvbuf, sizeof rcvbuf) < 0) {
     (void)::setsockopt(rx.get(), SOL_SOCKET, SO_RCVBUF, &rcvbuf, sizeof rcvbuf);
   }
+  // Per-frame metadata: the VLAN tag the kernel took out of the frame, and
+  // whether the L4 checksum is still unfinished (CHECKSUM_PARTIAL).
+  if (auto s = SetIntOption(rx.get(), SOL_PACKET, PACKET_AUXDATA, 1, "PACKET_AUXDATA"); !s) return Fail(s.error());
   if (auto s = Bind(rx.get(), *index, ETH_P_ALL, ifname); !s) return Fail(s.error());
   packet_mreq mreq{};
   mreq.mr_ifindex = *index;

@@ -32,6 +32,8 @@ namespace kagemusha::wanem {
 
 class PacketPort {
  public:
+  static const size_t kAuxDataSpace;
+
   static Result<PacketPort> Open(const std::string& ifname);
 
   PacketPort(PacketPort&& other) noexcept;
@@ -43,7 +45,8 @@ class PacketPort {
   int mtu() const { return mtu_; }
   int rx_fd() const { return rx_fd_; }
 
-  // Non-blocking batch receive into msgs (iovecs prepared by the caller).
+  // Non-blocking batch receive into msgs (iovecs prepared by the caller; give
+  // each a control buffer of kAuxDataSpace bytes to get its tpacket_auxdata).
   // Returns the number of frames read, 0 when none is pending.
   Result<int> Receive(std::span<mmsghdr> msgs);
   // Sends the frames; returns how many the kernel took (>= 1 unless an error).
