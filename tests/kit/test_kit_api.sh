@@ -88,7 +88,17 @@ vlan=$(tb_wan_stats wanHC | head -n 1)
 (($(tb_field vlan_restored "$vlan") > 0)) || tb_fail "wanem restored no VLAN tag: $vlan"
 tb_log "802.1Q tag 42 crossed the WAN"
 
-# Every interface of the run carries the run id.
+# kagemusha-wanem's command line and shutdown: bad options exit 2, a missing
+# interface exits 1, SIGTERM stops it cleanly with final stats.
+wanem=$(tb_wanem_bin)
+rc=0; "$wanem" --if-a x >/dev/null 2>&1 || rc=$?
+((rc == 2)) || tb_fail "wanem with --if-b missing should exit 2, got $rc"
+rc=0; "$wanem" --if-a a --if-b b --loss 101 >/dev/null 2>&1 || rc=$?
+((rc == 2)) || tb_fail "wanem with --loss 101 should exit 2, got $rc"
+rc=0; err=$(tb_exec wanHF "$wanem" --if-a nosuch0 --if-b nosuch1 2>&1) || rc=$?
+((rc == 1)) && [[ "$err" == *nosuch0* ]] || tb_fail "wanem on a missing interface: rc=$rc, '$err'"
+
+
 for node in ha mn cnode home foreign cn wanHF wanHC; do
   while read -r ifname; do
     [[ "$ifname" == lo || "$ifname" == "$TB_ID"* ]] || tb_fail "interface '$ifname' in $node lacks the run id"
@@ -128,4 +138,7 @@ tb_wait_log "$TB_SPAWN_LOG" '^ready to serve$' 5 || tb_fail "tb_wait_log missed 
 pid=$TB_SPAWN_PID
 tb_stop "$pid" 2
 ! tb_pid_alive "$pid" || tb_fail "tb_stop left $pid running"
+pid=${_TB_WAN_PID[wanHF]}
+tb_stop "$pid" 5
+grep -q '^wanem stats .* exit: ' "${_TB_WAN_LOG[wanHF]}" || tb_fail "wanem printed no final stats on SIGTERM"
 tb_log "PASS"

@@ -918,3 +918,30 @@ _tb_write_hosts() {
   cat "$f.new" >"$f"
   rm -f "$f.new"
 }
+
+# ---------------------------------------------------------------- as a command
+
+# `bash tests/kit/testbed.sh cleanup-stale` removes leftovers of dead runs
+# (what tb_init does anyway); `list` shows the runs the kit knows about.
+if [[ "${BASH_SOURCE[0]}" == "$0" ]]; then
+  case "${1:-}" in
+    cleanup-stale)
+      [[ $(id -u) -eq 0 ]] || { echo "needs root" >&2; exit 1; }
+      tb_cleanup_stale
+      ;;
+    list)
+      for d in "$TB_STATE_ROOT"/tb*; do
+        [[ -d "$d" ]] || continue
+        read -r pid start <"$d/owner" 2>/dev/null || pid="?"
+        state=dead
+        [[ "$pid" != "?" ]] && _tb_alive "$pid" "$start" && state="alive (pid $pid)"
+        printf '%s %s namespaces: %s\n' "${d##*/}" "$state" \
+          "$(ip netns list | awk '{print $1}' | grep "^${d##*/}-" | tr '\n' ' ')"
+      done
+      ;;
+    *)
+      echo "usage: source tests/kit/testbed.sh (see docs/testbed.md), or: bash $0 cleanup-stale|list" >&2
+      exit 2
+      ;;
+  esac
+fi
