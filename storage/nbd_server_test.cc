@@ -25,6 +25,7 @@
 #include <gtest/gtest.h>
 
 #include "kagemusha/common/coding.h"
+#include "kagemusha/storage/file_backend.h"
 #include "kagemusha/storage/nbd_protocol.h"
 #include "memory_backend_for_test.h"
 
@@ -843,6 +844,59 @@ TEST_F(NbdServerTest, InteropQemuImgAndNbdcopyRoundTrip) {
   std::tie(st, out) = Shell("nbdcopy " + back + " " + uri + " && qemu-img compare -f raw -F raw " +
                           back + " " + uri);
   EXPECT_EQ(st, 0) << out;
+}
+
+// --- Manual performance comparison (run with --gtest_also_run_disabled_tests)
+//
+// Serves one file with our server and with `nbdkit file`, both on Unix
+// sockets, and times nbdcopy reading it to null: once with nbdcopy defaults
+// (sequential, large requests) and once with 4 KiB requests, 16 in flight,
+// one connection. Prints ratios; fails only if a tool run fails.
+double TimeCommand(const std::string& cmd) {
+  auto start = std::chrono::steady_clock::now();
+  auto [st, out] = Shell(cmd);
+  EXPECT_EQ(st, 0) << cmd << "\n" << out;
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+}
+
+TEST(NbdServerPerf, DISABLED_NbdcopyReadVersusNbdkitFile) {
+  if (!HaveTool("/usr/bin/nbdkit") || !HaveTool("/usr/bin/nbdcopy")) GTEST_SKIP();
+  const char* mb_env = std::getenv("KGM_PERF_MB");
+  const int mb = mb_env ? std::atoi(mb_env) : 1024;
+  auto dir = std::filesystem::temp_directory_path() / ("kgm-perf-" + std::to_string(::getpid()));
+  std::filesystem::create_directories(dir);
+  auto img = (dir / "img").string();
+  ASSERT_EQ(Shell("head -c " + std::to_string(mb) + "M /dev/urandom > " + img).first, 0);
+  auto file = FileBackend::Open(img);
+  ASSERT_TRUE(file) << file.error().message();
+  ServerOptions opts;
+  if (const char* v = std::getenv("KGM_PERF_IO_THREADS")) opts.io_threads = unsigned(std::atoi(v));
+  if (const char* v = std::getenv("KGM_PERF_WORKERS")) opts.worker_threads = unsigned(std::atoi(v));
+  auto server = NbdServer::Create(opts);
+  ASSERT_TRUE(server->AddExport({"", "", std::shared_ptr<Backend>(std::move(*file)), false}));
+  auto sock = (dir / "kgm.sock").string();
+  ASSERT_TRUE(server->ListenUnix(sock));
+  std::thread t([&] { server->Run(); });
+  auto ours = "'nbd+unix:///?socket=" + sock + "'";
+  auto nbdkit = "nbdkit -U - --exit-with-parent file " + img + " --run ";
+  struct Mode {
+    const char* name;
+    std::string flags;
+  } modes[] = {{"sequential (nbdcopy defaults)", ""},
+               {"4K QD16, 1 connection", "--request-size=4096 --requests=16 --connections=1"}};
+  for (const auto& m : modes) {
+    double best_ours = 1e9, best_kit = 1e9;
+    for (int i = 0; i < 3; ++i) {
+      best_ours = std::min(best_ours, TimeCommand("nbdcopy " + m.flags + " " + ours + " null:"));
+      best_kit = std::min(best_kit,
+                          TimeCommand(nbdkit + "'nbdcopy " + m.flags + " \"$uri\" null:'"));
+    }
+    std::printf("%-32s kagemusha %7.1f MiB/s  nbdkit %7.1f MiB/s  ratio %.2f\n", m.name,
+                mb / best_ours, mb / best_kit, best_kit / best_ours);
+  }
+  server->Stop();
+  t.join();
+  std::filesystem::remove_all(dir);
 }
 
 }  // namespace

@@ -25,6 +25,11 @@ constexpr size_t kMaxCachedBuffer = 4 * 1024 * 1024;
 constexpr size_t kMaxFreeReplies = 64;
 // Replies sent in one gather write at most.
 constexpr size_t kMaxRepliesPerWrite = 32;
+// Receive buffer for request headers and small write payloads.
+constexpr size_t kReadBufferSize = 64 * 1024;
+// A hole probe asks the backend about this much beyond a read, so that the
+// following sequential reads can skip the probe.
+constexpr uint64_t kExtentsLookahead = 64ull << 20;
 
 auto Nothrow(error_code& ec) { return asio::redirect_error(asio::use_awaitable, ec); }
 
@@ -120,7 +125,31 @@ awaitable<void> Session::Main(std::shared_ptr<Session> self) {
   self->CloseSocket();
 }
 
+awaitable<bool> Session::ReadExact(uint8_t* dst, size_t n) {
+  size_t have = std::min(n, rend_ - rpos_);
+  if (have) std::memcpy(dst, rbuf_.data() + rpos_, have);
+  rpos_ += have;
+  if (have == n) co_return true;
+  error_code ec;
+  const size_t rest = n - have;
+  if (rest >= rbuf_.size() / 2) {
+    co_await asio::async_read(socket_, asio::buffer(dst + have, rest), Nothrow(ec));
+    co_return !ec;
+  }
+  rpos_ = rend_ = 0;
+  size_t got = co_await asio::async_read(socket_, asio::buffer(rbuf_),
+                                         asio::transfer_at_least(rest), Nothrow(ec));
+  if (got < rest) co_return false;
+  rend_ = got;
+  std::memcpy(dst + have, rbuf_.data(), rest);
+  rpos_ = rest;
+  co_return true;
+}
+
 awaitable<bool> Session::Discard(uint64_t n) {
+  size_t have = size_t(std::min<uint64_t>(n, rend_ - rpos_));
+  rpos_ += have;
+  n -= have;
   std::array<uint8_t, 64 * 1024> scratch;
   while (n > 0) {
     error_code ec;
@@ -130,6 +159,17 @@ awaitable<bool> Session::Discard(uint64_t n) {
     n -= chunk;
   }
   co_return true;
+}
+
+bool Session::KnownData(uint64_t offset, uint64_t length) {
+  std::lock_guard lock(known_mu_);
+  return offset >= known_lo_ && offset + length <= known_hi_;
+}
+
+void Session::NoteData(uint64_t offset, uint64_t length) {
+  std::lock_guard lock(known_mu_);
+  known_lo_ = offset;
+  known_hi_ = offset + length;
 }
 
 awaitable<bool> Session::Handshake() {
@@ -323,6 +363,7 @@ awaitable<void> Session::Writer(std::shared_ptr<Session> self) {
 
 awaitable<void> Session::Transmission() {
   auto self = shared_from_this();
+  rbuf_.resize(kReadBufferSize);
   asio::co_spawn(strand_, Writer(self), asio::detached);
   const uint32_t max_in_flight = std::max<uint32_t>(1, env_.options.max_requests_in_flight);
   for (;;) {
@@ -333,13 +374,8 @@ awaitable<void> Session::Transmission() {
     }
     if (writer_done_) break;
     uint8_t hdr[nbd::kRequestHeaderSize];
-    co_await asio::async_read(socket_, asio::buffer(hdr), Nothrow(ec));
-    if (ec) {
-      if (ec != asio::error::eof && ec != asio::error::operation_aborted) {
-        spdlog::info("nbd: {}: read failed: {}", peer_, ec.message());
-      }
-      break;
-    }
+    bool got_header = co_await ReadExact(hdr, sizeof hdr);
+    if (!got_header) break;  // EOF or error: the client is gone
     auto parsed = nbd::ParseRequestHeader(hdr);
     if (!parsed) {
       ProtocolError(parsed.error().message());
@@ -372,8 +408,8 @@ awaitable<void> Session::Transmission() {
     }
     if (req.type == nbd::kCmdWrite) {
       std::byte* buf = r->Data(req.length);
-      co_await asio::async_read(socket_, asio::buffer(buf, req.length), Nothrow(ec));
-      if (ec) {
+      bool got_payload = co_await ReadExact(reinterpret_cast<uint8_t*>(buf), req.length);
+      if (!got_payload) {
         ReleaseReply(std::move(r));
         break;
       }
@@ -425,9 +461,11 @@ void Session::Execute(Reply& r) {
       st = backend_->Flush();
       break;
     case nbd::kCmdTrim:
+      NoteData(0, 0);  // the range may now hold holes
       st = backend_->Trim(q.offset, q.length, fua);
       break;
     case nbd::kCmdWriteZeroes:
+      NoteData(0, 0);
       st = backend_->Zero(q.offset, q.length, (q.flags & nbd::kCmdFlagNoHole) == 0,
                           (q.flags & nbd::kCmdFlagFastZero) != 0, fua);
       break;
@@ -477,9 +515,19 @@ void Session::ExecuteRead(Reply& r) {
   };
 
   if (structured && !(q.flags & nbd::kCmdFlagDf) && caps_.can_extents &&
-      q.length >= kHoleProbeMinLength) {
-    auto ex = backend_->Extents(q.offset, q.length);
+      q.length >= kHoleProbeMinLength && !KnownData(q.offset, q.length)) {
+    uint64_t span = std::min<uint64_t>(negotiated_.size - q.offset,
+                                       std::max<uint64_t>(q.length, kExtentsLookahead));
+    auto ex = backend_->Extents(q.offset, span);
     if (ex) {
+      uint64_t data_run = 0;
+      for (const Extent& e : *ex) {
+        if (e.zero) break;
+        data_run += e.length;
+      }
+      if (data_run > 0) NoteData(q.offset, data_run);
+    }
+    if (ex && !KnownData(q.offset, q.length)) {
       auto segs = nbd::PlanStructuredRead(*ex, q.offset, q.length);
       bool any_hole = std::any_of(segs.begin(), segs.end(), [](auto& s) { return s.hole; });
       if (any_hole) {

@@ -15,6 +15,7 @@
 #include <atomic>
 #include <cstdint>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <utility>  // boost 1.74 awaitable.hpp uses std::exchange unincluded
 #include <vector>
@@ -65,7 +66,13 @@ class Session : public std::enable_shared_from_this<Session> {
   static boost::asio::awaitable<void> Writer(std::shared_ptr<Session> self);
   boost::asio::awaitable<bool> Handshake();
   boost::asio::awaitable<void> Transmission();
+  // Transmission reads go through rbuf_, so one recv() usually brings in
+  // several pipelined request headers; large payloads bypass it.
+  boost::asio::awaitable<bool> ReadExact(uint8_t* dst, size_t n);
   boost::asio::awaitable<bool> Discard(uint64_t n);
+  // Worker side: is [offset, offset+length) known to hold no zero extents?
+  bool KnownData(uint64_t offset, uint64_t length);
+  void NoteData(uint64_t offset, uint64_t length);
 
   std::unique_ptr<Reply> AcquireReply();
   void ReleaseReply(std::unique_ptr<Reply> r);
@@ -97,6 +104,14 @@ class Session : public std::enable_shared_from_this<Session> {
   bool writer_done_ = false;
   bool write_failed_ = false;
   uint64_t requests_ = 0;
+  std::vector<uint8_t> rbuf_;
+  size_t rpos_ = 0, rend_ = 0;
+
+  // A range the backend recently reported as allocated data, so sequential
+  // large reads skip the hole probe. Only data is remembered, never holes:
+  // a stale entry costs a read of zeroes, never wrong data.
+  std::mutex known_mu_;
+  uint64_t known_lo_ = 0, known_hi_ = 0;  // GUARDED_BY(known_mu_)
 };
 
 }  // namespace kagemusha::storage
