@@ -13,6 +13,7 @@
 #include <signal.h>
 
 #include <atomic>
+#include <boost/program_options.hpp>
 #include <cmath>
 #include <cstdio>
 #include <iostream>
@@ -20,8 +21,6 @@
 #include <string>
 #include <thread>
 #include <vector>
-
-#include <boost/program_options.hpp>
 
 #include "kagemusha/common/clock.h"
 #include "wanem_pipe.h"
@@ -46,13 +45,16 @@ struct Options {
 
 void PrintStats(const DirectionPipe& p, uint64_t kernel_drops, const char* when) {
   const DirectionStats& s = p.stats();
-  auto v = [](const std::atomic<uint64_t>& a) { return static_cast<unsigned long long>(a.load(std::memory_order_relaxed)); };
+  auto v = [](const std::atomic<uint64_t>& a) {
+    return static_cast<unsigned long long>(a.load(std::memory_order_relaxed));
+  };
   std::printf(
       "wanem stats %s %s: rx_frames=%llu rx_bytes=%llu tx_frames=%llu tx_bytes=%llu drop_loss=%llu "
-      "drop_queue=%llu drop_overflow=%llu drop_oversize=%llu tx_errors=%llu kernel_drops=%llu queued=%llu "
+      "drop_queue=%llu drop_overflow=%llu drop_oversize=%llu tx_errors=%llu kernel_drops=%llu "
+      "queued=%llu "
       "max_frame=%llu csum_partial=%llu vlan_restored=%llu\n",
-      p.label().c_str(), when, v(s.rx_frames), v(s.rx_bytes), v(s.tx_frames), v(s.tx_bytes), v(s.drop_loss),
-      v(s.drop_queue), v(s.drop_overflow), v(s.drop_oversize), v(s.tx_errors),
+      p.label().c_str(), when, v(s.rx_frames), v(s.rx_bytes), v(s.tx_frames), v(s.tx_bytes),
+      v(s.drop_loss), v(s.drop_queue), v(s.drop_overflow), v(s.drop_oversize), v(s.tx_errors),
       static_cast<unsigned long long>(kernel_drops), v(s.queued), v(s.max_frame), v(s.csum_partial),
       v(s.vlan_restored));
   std::fflush(stdout);
@@ -61,21 +63,29 @@ void PrintStats(const DirectionPipe& p, uint64_t kernel_drops, const char* when)
 std::optional<Options> ParseOptions(int argc, char** argv) {
   Options o;
   po::options_description desc("kagemusha-wanem: user-space WAN emulator between two interfaces");
-  desc.add_options()("help,h", "this help")
-      ("if-a", po::value(&o.if_a), "first interface")
-      ("if-b", po::value(&o.if_b), "second interface")
-      ("delay-ms", po::value<double>(), "one-way delay per direction, ms")
-      ("rtt-ms", po::value<double>(), "round-trip time to add, ms (delay = rtt/2 each way)")
-      ("rate-mbit", po::value(&o.rate_mbit)->default_value(0), "rate limit per direction, Mbit/s on the wire (0 = none)")
-      ("loss", po::value(&o.loss_pct)->default_value(0), "random loss per direction, percent of frames")
-      ("seed", po::value(&o.seed)->default_value(1), "seed of the loss generator (b->a uses seed+1)")
-      ("queue-ms", po::value(&o.queue_ms)->default_value(100), "bottleneck queue limit as time at --rate-mbit")
-      ("queue-bytes", po::value(&o.queue_bytes)->default_value(0), "bottleneck queue limit in bytes (0 = from --queue-ms; the smaller wins)")
-      ("queue-frames", po::value(&o.queue_frames)->default_value(16384), "delay-line capacity per direction, frames")
-      ("batch", po::value(&o.batch)->default_value(64), "frames per recvmmsg/sendmmsg")
-      ("timer-slack-us", po::value(&o.timer_slack_us)->default_value(100), "max lateness of a release, us (larger = bigger send batches)")
-      ("stats-interval", po::value(&o.stats_interval)->default_value(0), "print stats every N seconds (0 = only on SIGUSR1 and exit)")
-      ("offloads-off", po::value(&o.offloads_off), "helper mode: turn TSO/GSO/GRO off on this interface (repeatable) and exit");
+  desc.add_options()("help,h", "this help")("if-a", po::value(&o.if_a), "first interface")(
+      "if-b", po::value(&o.if_b), "second interface")("delay-ms", po::value<double>(),
+                                                      "one-way delay per direction, ms")(
+      "rtt-ms", po::value<double>(), "round-trip time to add, ms (delay = rtt/2 each way)")(
+      "rate-mbit", po::value(&o.rate_mbit)->default_value(0),
+      "rate limit per direction, Mbit/s on the wire (0 = none)")(
+      "loss", po::value(&o.loss_pct)->default_value(0),
+      "random loss per direction, percent of frames")(
+      "seed", po::value(&o.seed)->default_value(1),
+      "seed of the loss generator (b->a uses seed+1)")(
+      "queue-ms", po::value(&o.queue_ms)->default_value(100),
+      "bottleneck queue limit as time at --rate-mbit")(
+      "queue-bytes", po::value(&o.queue_bytes)->default_value(0),
+      "bottleneck queue limit in bytes (0 = from --queue-ms; the smaller wins)")(
+      "queue-frames", po::value(&o.queue_frames)->default_value(16384),
+      "delay-line capacity per direction, frames")("batch", po::value(&o.batch)->default_value(64),
+                                                   "frames per recvmmsg/sendmmsg")(
+      "timer-slack-us", po::value(&o.timer_slack_us)->default_value(100),
+      "max lateness of a release, us (larger = bigger send batches)")(
+      "stats-interval", po::value(&o.stats_interval)->default_value(0),
+      "print stats every N seconds (0 = only on SIGUSR1 and exit)")(
+      "offloads-off", po::value(&o.offloads_off),
+      "helper mode: turn TSO/GSO/GRO off on this interface (repeatable) and exit");
   po::variables_map vm;
   po::store(po::parse_command_line(argc, argv, desc), vm);
   po::notify(vm);
@@ -97,10 +107,12 @@ std::optional<Options> ParseOptions(int argc, char** argv) {
   check(o.rate_mbit >= 0 && o.rate_mbit <= 1e6, "--rate-mbit out of range");
   check(o.loss_pct >= 0 && o.loss_pct <= 100, "--loss must be a percentage in [0, 100]");
   check(o.queue_ms > 0, "--queue-ms must be positive");
-  check(o.queue_frames >= 16 && o.queue_frames <= (1u << 22), "--queue-frames out of range [16, 4M]");
+  check(o.queue_frames >= 16 && o.queue_frames <= (1u << 22),
+        "--queue-frames out of range [16, 4M]");
   check(o.batch >= 1 && o.batch <= 1024, "--batch out of range [1, 1024]");
   check(o.stats_interval >= 0, "--stats-interval must be >= 0");
-  check(o.timer_slack_us >= 0 && o.timer_slack_us <= 10000, "--timer-slack-us out of range [0, 10000]");
+  check(o.timer_slack_us >= 0 && o.timer_slack_us <= 10000,
+        "--timer-slack-us out of range [0, 10000]");
   return o;
 }
 
@@ -194,10 +206,12 @@ int main(int argc, char** argv) {
   std::thread t_ab(run, std::ref(ab));
   std::thread t_ba(run, std::ref(ba));
 
-  std::printf("wanem: ready if_a=%s if_b=%s delay_ms=%.3f rate_bps=%llu queue_bytes=%llu loss=%.4f mtu=%d\n",
-              o.if_a.c_str(), o.if_b.c_str(), static_cast<double>(shaper_ab.delay.count()) / 1e6,
-              static_cast<unsigned long long>(shaper_ab.rate_bps),
-              static_cast<unsigned long long>(shaper_ab.queue_bytes), shaper_ab.loss, mtu);
+  std::printf(
+      "wanem: ready if_a=%s if_b=%s delay_ms=%.3f rate_bps=%llu queue_bytes=%llu loss=%.4f "
+      "mtu=%d\n",
+      o.if_a.c_str(), o.if_b.c_str(), static_cast<double>(shaper_ab.delay.count()) / 1e6,
+      static_cast<unsigned long long>(shaper_ab.rate_bps),
+      static_cast<unsigned long long>(shaper_ab.queue_bytes), shaper_ab.loss, mtu);
   std::fflush(stdout);
 
   uint64_t kdrops_a = 0, kdrops_b = 0;  // kernel drops on a's / b's receive socket
@@ -212,7 +226,8 @@ int main(int argc, char** argv) {
   while (!stop.load()) {
     int sig;
     if (periodic) {
-      timespec ts{static_cast<time_t>(interval_ns / 1'000'000'000), static_cast<long>(interval_ns % 1'000'000'000)};
+      timespec ts{static_cast<time_t>(interval_ns / 1'000'000'000),
+                  static_cast<long>(interval_ns % 1'000'000'000)};
       sig = sigtimedwait(&sigs, nullptr, &ts);
       if (sig < 0) {
         if (errno == EAGAIN) print_all("interval");

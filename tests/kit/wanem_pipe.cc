@@ -16,14 +16,18 @@ namespace {
 
 constexpr Nanos kIdlePoll{std::chrono::milliseconds(100)};
 
-void Add(std::atomic<uint64_t>& counter, uint64_t n) { counter.fetch_add(n, std::memory_order_relaxed); }
+void Add(std::atomic<uint64_t>& counter, uint64_t n) {
+  counter.fetch_add(n, std::memory_order_relaxed);
+}
 
-bool IsFatalSendError(int code) { return code == ENXIO || code == ENODEV || code == ENETDOWN || code == EBADF; }
+bool IsFatalSendError(int code) {
+  return code == ENXIO || code == ENODEV || code == ENETDOWN || code == EBADF;
+}
 
 }  // namespace
 
-DirectionPipe::DirectionPipe(std::string label, PacketPort& in, PacketPort& out, const ShaperConfig& shaper,
-                             const PipeConfig& config, Clock& clock)
+DirectionPipe::DirectionPipe(std::string label, PacketPort& in, PacketPort& out,
+                             const ShaperConfig& shaper, const PipeConfig& config, Clock& clock)
     : label_(std::move(label)),
       in_(in),
       out_(out),
@@ -31,7 +35,8 @@ DirectionPipe::DirectionPipe(std::string label, PacketPort& in, PacketPort& out,
       config_(config),
       clock_(clock),
       // Not zero-filled: pages are touched only as the delay line fills.
-      data_(std::make_unique_for_overwrite<std::byte[]>((config.slots + config.batch) * config.slot_bytes)),
+      data_(std::make_unique_for_overwrite<std::byte[]>((config.slots + config.batch) *
+                                                        config.slot_bytes)),
       slots_(config.slots),
       msgs_(config.batch),
       iovs_(config.batch),
@@ -41,7 +46,8 @@ DirectionPipe::DirectionPipe(std::string label, PacketPort& in, PacketPort& out,
 
 Status DirectionPipe::Run(const std::atomic<bool>& stop) {
   // The kernel may fire our ppoll timeout up to this much late (>= 1 ns).
-  (void)::prctl(PR_SET_TIMERSLACK, static_cast<unsigned long>(std::max<int64_t>(config_.timer_slack.count(), 1)));
+  (void)::prctl(PR_SET_TIMERSLACK,
+                static_cast<unsigned long>(std::max<int64_t>(config_.timer_slack.count(), 1)));
   pollfd pfd{in_.rx_fd(), POLLIN, 0};
   while (!stop.load(std::memory_order_relaxed)) {
     TimePoint now = clock_.Now();
@@ -49,7 +55,8 @@ Status DirectionPipe::Run(const std::atomic<bool>& stop) {
 
     Nanos wait = kIdlePoll;
     if (head_ != tail_) wait = std::clamp(SlotMeta(head_).release - now, Nanos{0}, kIdlePoll);
-    timespec ts{static_cast<time_t>(wait.count() / 1'000'000'000), static_cast<long>(wait.count() % 1'000'000'000)};
+    timespec ts{static_cast<time_t>(wait.count() / 1'000'000'000),
+                static_cast<long>(wait.count() % 1'000'000'000)};
     const int r = ::ppoll(&pfd, 1, &ts, nullptr);
     if (r < 0) {
       if (errno == EINTR) continue;
@@ -70,7 +77,8 @@ Status DirectionPipe::ReceiveBatch() {
   for (size_t i = 0; i < want; ++i) {
     // When the ring is full, read into the scratch area past the ring just to
     // count and discard, so the kernel socket does not silently overflow.
-    std::byte* buf = overflow ? data_.get() + (config_.slots + i) * config_.slot_bytes : SlotData(tail_ + i);
+    std::byte* buf =
+        overflow ? data_.get() + (config_.slots + i) * config_.slot_bytes : SlotData(tail_ + i);
     iovs_[i] = {buf, config_.slot_bytes};
     std::memset(&msgs_[i], 0, sizeof(mmsghdr));
     msgs_[i].msg_hdr.msg_iov = &iovs_[i];
@@ -89,7 +97,8 @@ Status DirectionPipe::ReceiveBatch() {
   for (int i = 0; i < n; ++i) {
     size_t len = msgs_[i].msg_len;
     bytes += len;
-    if (len > stats_.max_frame.load(std::memory_order_relaxed)) stats_.max_frame.store(len, std::memory_order_relaxed);
+    if (len > stats_.max_frame.load(std::memory_order_relaxed))
+      stats_.max_frame.store(len, std::memory_order_relaxed);
     if (overflow) {
       Add(stats_.drop_overflow, 1);
       continue;
@@ -110,7 +119,8 @@ Status DirectionPipe::ReceiveBatch() {
     }
     // Keep frames contiguous in the ring: move this one down over the
     // dropped ones (rare: only after a drop in the same batch).
-    if (kept != static_cast<uint64_t>(i)) std::memmove(SlotData(tail_ + kept), SlotData(tail_ + i), len);
+    if (kept != static_cast<uint64_t>(i))
+      std::memmove(SlotData(tail_ + kept), SlotData(tail_ + i), len);
     Slot& slot = SlotMeta(tail_ + kept);
     slot.len = static_cast<uint32_t>(len);
     slot.release = d.release;
@@ -124,7 +134,8 @@ Status DirectionPipe::ReceiveBatch() {
 }
 
 bool DirectionPipe::ApplyAuxData(const msghdr& hdr, std::byte* frame, size_t& len) {
-  for (const cmsghdr* c = CMSG_FIRSTHDR(&hdr); c != nullptr; c = CMSG_NXTHDR(const_cast<msghdr*>(&hdr), const_cast<cmsghdr*>(c))) {
+  for (const cmsghdr* c = CMSG_FIRSTHDR(&hdr); c != nullptr;
+       c = CMSG_NXTHDR(const_cast<msghdr*>(&hdr), const_cast<cmsghdr*>(c))) {
     if (c->cmsg_level != SOL_PACKET || c->cmsg_type != PACKET_AUXDATA) continue;
     tpacket_auxdata aux;
     std::memcpy(&aux, CMSG_DATA(c), sizeof aux);
@@ -133,7 +144,8 @@ bool DirectionPipe::ApplyAuxData(const msghdr& hdr, std::byte* frame, size_t& le
       if (!warned_csum_) {
         warned_csum_ = true;
         std::fprintf(stderr,
-                     "kagemusha-wanem: %s: frames with unfinished checksums arrive (transmit checksum offload of "
+                     "kagemusha-wanem: %s: frames with unfinished checksums arrive (transmit "
+                     "checksum offload of "
                      "the sending peer is on); they will be dropped by their receiver. Run "
                      "`kagemusha-wanem --offloads-off IF` on the peer interface.\n",
                      label_.c_str());
@@ -142,7 +154,8 @@ bool DirectionPipe::ApplyAuxData(const msghdr& hdr, std::byte* frame, size_t& le
     if ((aux.tp_status & TP_STATUS_VLAN_VALID) && len >= 12) {
       // Re-insert the 802.1Q tag after the two MAC addresses.
       if (len + 4 > config_.slot_bytes) return false;
-      const uint16_t tpid = (aux.tp_status & TP_STATUS_VLAN_TPID_VALID) ? aux.tp_vlan_tpid : ETH_P_8021Q;
+      const uint16_t tpid =
+          (aux.tp_status & TP_STATUS_VLAN_TPID_VALID) ? aux.tp_vlan_tpid : ETH_P_8021Q;
       const uint16_t tag[2] = {htons(tpid), htons(aux.tp_vlan_tci)};
       std::memmove(frame + 16, frame + 12, len - 12);
       std::memcpy(frame + 12, tag, sizeof tag);

@@ -45,16 +45,16 @@ struct DirectionStats {
   std::atomic<uint64_t> drop_overflow{0};  // delay line (ring) full
   std::atomic<uint64_t> drop_oversize{0};  // frame larger than a slot (offloads left on?)
   std::atomic<uint64_t> tx_errors{0};      // the kernel refused a frame on send
-  std::atomic<uint64_t> csum_partial{0};   // frames with an unfinished L4 checksum (peer offload on)
+  std::atomic<uint64_t> csum_partial{0};  // frames with an unfinished L4 checksum (peer offload on)
   std::atomic<uint64_t> vlan_restored{0};  // frames whose stripped VLAN tag was put back
   std::atomic<uint64_t> max_frame{0};      // largest frame seen, bytes
   std::atomic<uint64_t> queued{0};         // frames in the delay line now
 };
 
 struct PipeConfig {
-  size_t slots = 16384;     // delay-line capacity in frames
-  size_t slot_bytes = 2048; // per-frame buffer; frames above it are dropped
-  size_t batch = 64;        // frames per recvmmsg/sendmmsg
+  size_t slots = 16384;      // delay-line capacity in frames
+  size_t slot_bytes = 2048;  // per-frame buffer; frames above it are dropped
+  size_t batch = 64;         // frames per recvmmsg/sendmmsg
   Nanos timer_slack{std::chrono::microseconds(100)};  // max lateness of a release
 };
 
@@ -76,7 +76,9 @@ class DirectionPipe {
     TimePoint release{};
   };
 
-  std::byte* SlotData(uint64_t seq) { return data_.get() + (seq % config_.slots) * config_.slot_bytes; }
+  std::byte* SlotData(uint64_t seq) {
+    return data_.get() + (seq % config_.slots) * config_.slot_bytes;
+  }
   Slot& SlotMeta(uint64_t seq) { return slots_[seq % config_.slots]; }
   Status ReceiveBatch();
   // Reads the frame's auxdata: puts a VLAN tag the kernel stripped back into

@@ -33,7 +33,8 @@ class FdGuard {
 };
 
 Result<int> InterfaceIndex(int fd, const std::string& ifname, int* mtu) {
-  if (ifname.empty() || ifname.size() >= IFNAMSIZ) return Fail(Error::Invalid("bad interface name '" + ifname + "'"));
+  if (ifname.empty() || ifname.size() >= IFNAMSIZ)
+    return Fail(Error::Invalid("bad interface name '" + ifname + "'"));
   ifreq ifr{};
   std::memcpy(ifr.ifr_name, ifname.c_str(), ifname.size());
   if (::ioctl(fd, SIOCGIFINDEX, &ifr) < 0) return Fail(Error::Errno(errno, "interface " + ifname));
@@ -55,7 +56,8 @@ Status Bind(int fd, int ifindex, uint16_t protocol, const std::string& ifname) {
 }
 
 Status SetIntOption(int fd, int level, int option, int value, const char* what) {
-  if (::setsockopt(fd, level, option, &value, sizeof value) < 0) return Fail(Error::Errno(errno, what));
+  if (::setsockopt(fd, level, option, &value, sizeof value) < 0)
+    return Fail(Error::Errno(errno, what));
   return Ok();
 }
 
@@ -72,7 +74,9 @@ Result<PacketPort> PacketPort::Open(const std::string& ifname) {
 
   // Without this, everything we send on the other port's interface would be
   // read back by that port's receive socket and bounce forever.
-  if (auto s = SetIntOption(rx.get(), SOL_PACKET, PACKET_IGNORE_OUTGOING, 1, "PACKET_IGNORE_OUTGOING"); !s) {
+  if (auto s =
+          SetIntOption(rx.get(), SOL_PACKET, PACKET_IGNORE_OUTGOING, 1, "PACKET_IGNORE_OUTGOING");
+      !s) {
     return Fail(s.error());
   }
   // A deep receive buffer absorbs bursts while the thread is busy sending.
@@ -83,7 +87,8 @@ Result<PacketPort> PacketPort::Open(const std::string& ifname) {
   }
   // Per-frame metadata: the VLAN tag the kernel took out of the frame, and
   // whether the L4 checksum is still unfinished (CHECKSUM_PARTIAL).
-  if (auto s = SetIntOption(rx.get(), SOL_PACKET, PACKET_AUXDATA, 1, "PACKET_AUXDATA"); !s) return Fail(s.error());
+  if (auto s = SetIntOption(rx.get(), SOL_PACKET, PACKET_AUXDATA, 1, "PACKET_AUXDATA"); !s)
+    return Fail(s.error());
   if (auto s = Bind(rx.get(), *index, ETH_P_ALL, ifname); !s) return Fail(s.error());
   packet_mreq mreq{};
   mreq.mr_ifindex = *index;
@@ -122,7 +127,8 @@ PacketPort::~PacketPort() {
 
 Result<int> PacketPort::Receive(std::span<mmsghdr> msgs) {
   for (;;) {
-    const int n = ::recvmmsg(rx_fd_, msgs.data(), static_cast<unsigned>(msgs.size()), MSG_DONTWAIT, nullptr);
+    const int n =
+        ::recvmmsg(rx_fd_, msgs.data(), static_cast<unsigned>(msgs.size()), MSG_DONTWAIT, nullptr);
     if (n >= 0) return n;
     if (errno == EINTR) continue;
     if (errno == EAGAIN || errno == EWOULDBLOCK) return 0;
@@ -149,7 +155,8 @@ uint64_t PacketPort::TakeKernelDrops() {
 }
 
 Status SetOffloads(const std::string& ifname, bool enable) {
-  if (ifname.empty() || ifname.size() >= IFNAMSIZ) return Fail(Error::Invalid("bad interface name '" + ifname + "'"));
+  if (ifname.empty() || ifname.size() >= IFNAMSIZ)
+    return Fail(Error::Invalid("bad interface name '" + ifname + "'"));
   int raw = ::socket(AF_INET6, SOCK_DGRAM | SOCK_CLOEXEC, 0);
   if (raw < 0) raw = ::socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);  // IPv6 disabled
   FdGuard fd(raw);
@@ -163,8 +170,11 @@ Status SetOffloads(const std::string& ifname, bool enable) {
   // whose L4 checksum is still unfinished, and re-sent through a packet socket
   // they would arrive with a bad checksum and be dropped by the receiver.
   static constexpr Feature kFeatures[] = {
-      {ETHTOOL_STSO, "tso"}, {ETHTOOL_SGSO, "gso"}, {ETHTOOL_SGRO, "gro"},
-      {ETHTOOL_SUFO, "ufo"}, {ETHTOOL_STXCSUM, "tx-checksumming"},
+      {ETHTOOL_STSO, "tso"},
+      {ETHTOOL_SGSO, "gso"},
+      {ETHTOOL_SGRO, "gro"},
+      {ETHTOOL_SUFO, "ufo"},
+      {ETHTOOL_STXCSUM, "tx-checksumming"},
   };
   for (const auto& f : kFeatures) {
     ethtool_value value{};

@@ -24,8 +24,10 @@ Decision LinkShaper::Admit(TimePoint arrival, size_t frame_bytes) {
   // is always accepted by an idle link, whatever the limit.
   const auto backlog_ns = static_cast<uint64_t>((start - arrival).count());
   // (double: backlog_ns * rate_bps can exceed 2^64 for multi-second queues.)
-  const double backlog_bytes = static_cast<double>(backlog_ns) * 1e-9 * static_cast<double>(config_.rate_bps) / 8.0;
-  if (backlog_ns > 0 && backlog_bytes + static_cast<double>(frame_bytes) > static_cast<double>(config_.queue_bytes)) {
+  const double backlog_bytes =
+      static_cast<double>(backlog_ns) * 1e-9 * static_cast<double>(config_.rate_bps) / 8.0;
+  if (backlog_ns > 0 &&
+      backlog_bytes + static_cast<double>(frame_bytes) > static_cast<double>(config_.queue_bytes)) {
     return {Verdict::kDropQueue, {}};
   }
   busy_until_ = start + serialize;

@@ -36,11 +36,11 @@ using TimePoint = std::chrono::time_point<std::chrono::steady_clock, Nanos>;
 inline constexpr size_t kEthernetWireOverhead = 24;
 
 struct ShaperConfig {
-  Nanos delay{0};              // one-way propagation delay
-  uint64_t rate_bps = 0;       // 0 = no rate limit
-  uint64_t queue_bytes = 0;    // backlog limit in front of the serializer (rate_bps > 0)
-  double loss = 0.0;           // probability in [0, 1] that a frame is lost
-  uint64_t seed = 1;           // seed of the loss generator
+  Nanos delay{0};            // one-way propagation delay
+  uint64_t rate_bps = 0;     // 0 = no rate limit
+  uint64_t queue_bytes = 0;  // backlog limit in front of the serializer (rate_bps > 0)
+  double loss = 0.0;         // probability in [0, 1] that a frame is lost
+  uint64_t seed = 1;         // seed of the loss generator
 };
 
 enum class Verdict { kForward, kDropLoss, kDropQueue };

@@ -81,7 +81,8 @@ TEST(LinkShaper, LossRateMatchesAndIsReproducibleWithTheSeed) {
 
 TEST(LinkShaper, NoLossMeansNoDrops) {
   LinkShaper s({.delay = milliseconds(1)});
-  for (int i = 0; i < 10'000; ++i) ASSERT_EQ(s.Admit(At(Nanos{i}), 1500).verdict, Verdict::kForward);
+  for (int i = 0; i < 10'000; ++i)
+    ASSERT_EQ(s.Admit(At(Nanos{i}), 1500).verdict, Verdict::kForward);
 }
 
 }  // namespace
