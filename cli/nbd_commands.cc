@@ -109,12 +109,14 @@ json ExportArgs(const po::variables_map& vm) {
   return args;
 }
 
-void AddControlOptions(po::options_description& d) {
+constexpr const char* kExportHelp =
+    "the proxy export to act on; may be omitted when the server has one proxy export";
+
+void AddControlOptions(po::options_description& d, const char* export_help = kExportHelp) {
   d.add_options()("control", po::value<std::string>()->required()->value_name("PATH"),
                   "control socket of the running server (serve --control)")(
-      "export", po::value<std::string>()->value_name("NAME"),
-      "the export to act on; may be omitted when the server has one proxy export")(
-      "help,h", "show this help");
+      "export", po::value<std::string>()->value_name("NAME"), export_help)("help,h",
+                                                                           "show this help");
 }
 
 // Picks the export to follow from a status result: the named one, or the only
@@ -205,7 +207,9 @@ int WatchFill(const std::string& control, const po::variables_map& vm, double in
 
 int RunStatus(int argc, char** argv) {
   po::options_description d("Options");
-  AddControlOptions(d);
+  AddControlOptions(d,
+                    "show only this export (default: all); with --watch, the export to follow "
+                    "(may be omitted when the server has one proxy export)");
   d.add_options()("json", "print JSON (with --watch: one progress event per line)")(
       "watch", "follow the fill until it completes (progress bar on a TTY)")(
       "interval", po::value<double>()->default_value(1.0)->value_name("SEC"),
@@ -239,8 +243,8 @@ int RunFill(int argc, char** argv) {
   po::options_description d("Options");
   AddControlOptions(d);
   po::options_description hidden;
-  hidden.add_options()("action", po::value<std::string>()->required(), "")(
-      "value", po::value<std::string>(), "");
+  hidden.add_options()("action", po::value<std::string>(), "")("value", po::value<std::string>(),
+                                                               "");
   po::options_description all;
   all.add(d).add(hidden);
   po::positional_options_description pos;
@@ -253,6 +257,9 @@ int RunFill(int argc, char** argv) {
       "RATE is bytes per second with an optional K/M/G suffix (binary); 0 = unlimited.",
       d, all, pos, argc, argv, vm);
   if (rc >= 0) return rc;
+  if (!vm.count("action")) {
+    return UsageError("fill", "say what to do: `fill start`, `fill stop` or `fill rate RATE`");
+  }
   const std::string action = vm["action"].as<std::string>();
   const std::string control = vm["control"].as<std::string>();
   json args = ExportArgs(vm);
