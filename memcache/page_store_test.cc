@@ -76,6 +76,23 @@ TEST(PageHasherTest, ComputesSha256OfThePage) {
             "ad7facb2586fc6e966c004d7d1d16b024f5805ff7cb47c7a85dabd8b48892ca7");
 }
 
+TEST(PageHasherTest, HashManyMatchesOpenSslForEveryCount) {
+  auto h = PageHasher::Create();
+  ASSERT_TRUE(h.has_value());
+  for (size_t n = 0; n <= 5; ++n) {
+    Bytes pages;
+    for (size_t i = 0; i < n; ++i) {
+      Bytes p = i == 2 ? Bytes(kStorePageSize, 0) : MakePage(uint32_t(1000 + i));
+      pages.insert(pages.end(), p.begin(), p.end());
+    }
+    std::vector<PageDigest> many(n);
+    h->HashMany(pages, many);
+    for (size_t i = 0; i < n; ++i)
+      EXPECT_EQ(many[i], h->Hash({pages.data() + i * kStorePageSize, kStorePageSize}))
+          << "n=" << n << " i=" << i << " sha-ni=" << PageHasher::HasShaExtensions();
+  }
+}
+
 TEST(PageCrc32cTest, HardwarePathMatchesTheCommonTableImplementation) {
   for (size_t n : {0u, 1u, 7u, 8u, 9u, 4096u, 4128u}) {
     Bytes b = MakePage(uint32_t(n));
