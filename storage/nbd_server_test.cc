@@ -294,6 +294,8 @@ class NbdServerTest : public ::testing::Test {
     ASSERT_TRUE(server_->AddExport({"forced-ro", "", disk_, true}));
     auto st = server_->ListenUnix(socket_);
     ASSERT_TRUE(st) << st.error().message();
+    st = server_->ListenTcp("127.0.0.1:0");
+    ASSERT_TRUE(st) << st.error().message();
     thread_ = std::thread([this] { server_->Run(); });
   }
 
@@ -807,6 +809,12 @@ TEST_F(NbdServerTest, InteropNbdinfoListJsonAndMap) {
   ASSERT_EQ(st, 0) << out;
   EXPECT_NE(out.find("export=\"forced-ro\""), std::string::npos) << out;
   EXPECT_NE(out.find("a test disk"), std::string::npos) << out;
+  // Same over TCP on the loopback address we were given.
+  auto eps = server_->BoundEndpoints();
+  ASSERT_EQ(eps.size(), 2u);
+  std::tie(st, out) = Shell("nbdinfo --size nbd://" + eps[1] + "/disk");
+  ASSERT_EQ(st, 0) << out;
+  EXPECT_EQ(out, "4194304\n");
   // Write with qemu-io, trim part of it, then map shows the hole.
   if (HaveTool("/usr/bin/qemu-io")) {
     std::tie(st, out) =
