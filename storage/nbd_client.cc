@@ -659,6 +659,7 @@ void NbdClientImpl::MaintenanceLoop() {
     }
     next_attempt_ = steady_clock::now() + backoff_;
     backoff_ = std::min(std::max(backoff_ * 2, milliseconds(1)), options_.backoff_max);
+    state_cv_.notify_all();  // Reconnect() waits for the outcome of an attempt
   }
 }
 

@@ -406,6 +406,29 @@ TEST_F(NbdClientTest, ReadInFlightWhenServerIsKilledSucceedsAfterRestart) {
   EXPECT_TRUE((*client)->Connected());
 }
 
+TEST_F(NbdClientTest, ReconnectsInBackgroundWithinBackoffMaxOfServerReturn) {
+  REQUIRE_TOOL("nbdkit");
+  auto server = StartNbdkitAndWait({"memory", "1M"});
+  auto client = NbdClient::Connect(UnixUri(sock_), FastOptions());  // backoff 20..200 ms
+  ASSERT_TRUE(client) << client.error().message();
+  server->Kill();
+  ASSERT_TRUE(WaitFor([&] { return !(*client)->Connected(); }, 2000ms));
+  // While the server is down an operator reconnect reports why it failed.
+  auto t0 = steady_clock::now();
+  auto forced = (*client)->Reconnect();
+  EXPECT_LT(steady_clock::now() - t0, 1000ms) << "Reconnect() did not report the failed attempt";
+  ASSERT_FALSE(forced);
+  EXPECT_NE(forced.error().message().find("is the source storage server running?"),
+            std::string::npos)
+      << forced.error().message();
+  std::this_thread::sleep_for(600ms);  // back-off grows to its 200 ms cap
+  server = StartNbdkitAndWait({"memory", "1M"});
+  auto back = steady_clock::now();
+  ASSERT_TRUE(WaitFor([&] { return (*client)->Connected(); }, 2000ms))
+      << "no background reconnect without a read";
+  EXPECT_LT(steady_clock::now() - back, 400ms) << "back-off exceeded backoff_max";
+}
+
 TEST_F(NbdClientTest, ServerGoneLongerThanWaitBoundFailsWithEtimedout) {
   REQUIRE_TOOL("nbdkit");
   auto server = StartNbdkitAndWait({"memory", "1M"});
