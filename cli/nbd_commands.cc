@@ -46,6 +46,13 @@ std::string Join(const std::vector<std::string>& v, const std::string& sep) {
 
 std::string Quoted(const std::string& name) { return "'" + name + "'"; }
 
+// "subject: message", unless the message already names the subject's object.
+std::string WithSubject(const std::string& message, const std::string& subject) {
+  auto space = subject.rfind(' ');
+  std::string object = space == std::string::npos ? subject : subject.substr(space + 1);
+  return message.find(object) != std::string::npos ? message : subject + ": " + message;
+}
+
 // --- usage helpers ------------------------------------------------------------
 
 int UsageError(const std::string& command, const std::string& message) {
@@ -570,11 +577,11 @@ int RunServe(int argc, char** argv) {
   }
   for (const auto& l : listens) {
     if (auto s = server->ListenTcp(l); !s)
-      return RuntimeError("cannot listen on " + l + ": " + s.error().message());
+      return RuntimeError(WithSubject(s.error().message(), "cannot listen on " + l));
   }
   for (const auto& u : unixes) {
     if (auto s = server->ListenUnix(u); !s)
-      return RuntimeError("cannot listen on " + u + ": " + s.error().message());
+      return RuntimeError(WithSubject(s.error().message(), "cannot listen on " + u));
   }
 
   std::unique_ptr<ControlServer> control;
