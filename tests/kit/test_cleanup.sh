@@ -5,6 +5,7 @@
 # removes the leftovers. Also: tb_skip exits 77 and says SKIP loudly.
 set -euo pipefail
 KIT="${KAGEMUSHA_SOURCE:-$(cd "$(dirname "$0")/../.." && pwd)}/tests/kit/testbed.sh"
+# shellcheck source=tests/kit/testbed.sh
 source "$KIT"
 tb_init
 
@@ -12,6 +13,7 @@ tb_init
 # src, records what it made, then ends the way $MODE says.
 cat >"$TB_DIR/child.sh" <<'CHILD'
 set -euo pipefail
+# shellcheck source=tests/kit/testbed.sh
 source "$KIT"
 tb_init
 tb_two_sites 10 0

@@ -49,9 +49,16 @@ Status DirectionPipe::Run(const std::atomic<bool>& stop) {
   (void)::prctl(PR_SET_TIMERSLACK,
                 static_cast<unsigned long>(std::max<int64_t>(config_.timer_slack.count(), 1)));
   pollfd pfd{in_.rx_fd(), POLLIN, 0};
+  bool backlog = false;  // the last receive filled a whole batch: read again without polling
   while (!stop.load(std::memory_order_relaxed)) {
     TimePoint now = clock_.Now();
     if (auto s = ReleaseDue(now); !s) return s;
+    if (backlog) {
+      auto got = ReceiveBatch();
+      if (!got) return Fail(got.error());
+      backlog = *got == config_.batch;
+      continue;
+    }
 
     Nanos wait = kIdlePoll;
     if (head_ != tail_) wait = std::clamp(SlotMeta(head_).release - now, Nanos{0}, kIdlePoll);
@@ -64,13 +71,15 @@ Status DirectionPipe::Run(const std::atomic<bool>& stop) {
     }
     if (r > 0) {
       if (pfd.revents & POLLNVAL) return Fail(Error::Io(label_ + ": receive socket closed"));
-      if (auto s = ReceiveBatch(); !s) return s;
+      auto got = ReceiveBatch();
+      if (!got) return Fail(got.error());
+      backlog = *got == config_.batch;
     }
   }
   return Ok();
 }
 
-Status DirectionPipe::ReceiveBatch() {
+Result<size_t> DirectionPipe::ReceiveBatch() {
   const uint64_t free_slots = config_.slots - (tail_ - head_);
   const bool overflow = free_slots == 0;
   const size_t want = overflow ? config_.batch : std::min<size_t>(config_.batch, free_slots);
@@ -89,7 +98,7 @@ Status DirectionPipe::ReceiveBatch() {
   auto got = in_.Receive(std::span(msgs_.data(), want));
   if (!got) return Fail(got.error().Context(label_));
   const int n = *got;
-  if (n == 0) return Ok();
+  if (n == 0) return 0;
   const TimePoint now = clock_.Now();
 
   uint64_t kept = 0;  // frames kept so far in this batch, compacted at tail_
@@ -130,7 +139,7 @@ Status DirectionPipe::ReceiveBatch() {
   Add(stats_.rx_frames, static_cast<uint64_t>(n));
   Add(stats_.rx_bytes, bytes);
   stats_.queued.store(tail_ - head_, std::memory_order_relaxed);
-  return Ok();
+  return static_cast<size_t>(n);
 }
 
 bool DirectionPipe::ApplyAuxData(const msghdr& hdr, std::byte* frame, size_t& len) {

@@ -80,7 +80,8 @@ class DirectionPipe {
     return data_.get() + (seq % config_.slots) * config_.slot_bytes;
   }
   Slot& SlotMeta(uint64_t seq) { return slots_[seq % config_.slots]; }
-  Status ReceiveBatch();
+  // Reads one batch; returns how many frames were read (dropped ones too).
+  Result<size_t> ReceiveBatch();
   // Reads the frame's auxdata: puts a VLAN tag the kernel stripped back into
   // the frame (updating len; false if it no longer fits) and counts frames
   // whose checksum the sender left to an offload we do not have.
