@@ -4,7 +4,6 @@
 // machine. Usage: kagemusha_memcache_bench_hash [seconds_per_candidate]
 #include <openssl/evp.h>
 #include <openssl/params.h>
-
 #include <time.h>
 
 #include <chrono>
@@ -99,7 +98,9 @@ int main(int argc, char** argv) {
   };
   std::vector<Candidate> cands = {
       {"PageHasher (store digest)",
-       [&](const uint8_t* p) { (void)store_hasher->Hash({p, kPage}); }},
+       [&](const uint8_t* p) {
+         (void)store_hasher->Hash({p, kPage});
+       }},
       {"SHA-256 (EVP)", EvpDigest("SHA256")},
       {std::string("PageHasher::HashMany ") +
            (kagemusha::memcache::PageHasher::HasShaExtensions() ? "(2-way SHA-NI)" : "(EVP)"),
@@ -116,9 +117,14 @@ int main(int argc, char** argv) {
       {"HMAC-SHA256 (EVP_MAC)", EvpMac("HMAC", "SHA256")},
       {"keyed BLAKE2b (BLAKE2BMAC)", EvpMac("BLAKE2BMAC", nullptr)},
       {"SipHash-2-4 128-bit (EVP_MAC)", EvpMac("SIPHASH", nullptr, 16)},
-      {"CRC-32C (common, table)", [](const uint8_t* p) { (void)kagemusha::Crc32c({p, kPage}); }},
+      {"CRC-32C (common, table)",
+       [](const uint8_t* p) {
+         (void)kagemusha::Crc32c({p, kPage});
+       }},
       {"CRC-32C (PageStore, SSE4.2)",
-       [](const uint8_t* p) { (void)kagemusha::memcache::PageCrc32c({p, kPage}); }},
+       [](const uint8_t* p) {
+         (void)kagemusha::memcache::PageCrc32c({p, kPage});
+       }},
   };
   double sha = 0;
   std::printf("%-34s %10s %10s\n", "candidate (4 KiB pages, 1 core)", "GB/s(cpu)", "vs SHA-256");

@@ -18,7 +18,9 @@ class RebuildingVisitor : public kagemusha::memcache::MigrationStreamVisitor {
  public:
   std::vector<uint8_t> out;
   bool fell_back = false;
-  void OnPassthrough(std::span<const uint8_t> b) override { out.insert(out.end(), b.begin(), b.end()); }
+  void OnPassthrough(std::span<const uint8_t> b) override {
+    out.insert(out.end(), b.begin(), b.end());
+  }
   void OnPage(const PageRecord& p) override {
     if (fell_back) abort();  // nothing is interpreted after a fallback
     std::vector<uint8_t> enc;
@@ -46,7 +48,8 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   for (size_t i = 0; i < in.size(); i += chunk)
     parser.Feed(in.subspan(i, std::min(chunk, in.size() - i)), v);
   (void)parser.Finish(v);
-  if (v.out.size() != in.size() || (in.size() && std::memcmp(v.out.data(), in.data(), in.size()) != 0))
+  if (v.out.size() != in.size() ||
+      (in.size() && std::memcmp(v.out.data(), in.data(), in.size()) != 0))
     abort();
   return 0;
 }

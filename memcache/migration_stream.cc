@@ -56,12 +56,18 @@ std::optional<std::string_view> ReadShortString(ByteReader& r) {
 const char* PhaseName(MigrationStreamParser::Phase p) {
   using P = MigrationStreamParser::Phase;
   switch (p) {
-    case P::kHeader: return "header";
-    case P::kRam: return "ram";
-    case P::kPostcopy: return "postcopy";
-    case P::kDeviceState: return "device-state";
-    case P::kAfterEof: return "after-eof";
-    case P::kFallback: return "fallback";
+    case P::kHeader:
+      return "header";
+    case P::kRam:
+      return "ram";
+    case P::kPostcopy:
+      return "postcopy";
+    case P::kDeviceState:
+      return "device-state";
+    case P::kAfterEof:
+      return "after-eof";
+    case P::kFallback:
+      return "fallback";
   }
   return "?";
 }
@@ -115,8 +121,7 @@ void MigrationStreamParser::Feed(std::span<const uint8_t> data, MigrationStreamV
   }
 }
 
-size_t MigrationStreamParser::ParseSpan(std::span<const uint8_t> in,
-                                        MigrationStreamVisitor& v) {
+size_t MigrationStreamParser::ParseSpan(std::span<const uint8_t> in, MigrationStreamVisitor& v) {
   size_t pos = 0;
   while (pos < in.size()) {
     size_t used = 0;
@@ -233,8 +238,8 @@ MigrationStreamParser::Step MigrationStreamParser::ParseTopLevel(std::span<const
   }
 }
 
-MigrationStreamParser::Step MigrationStreamParser::ParseConfiguration(
-    std::span<const uint8_t> in, size_t& used) {
+MigrationStreamParser::Step MigrationStreamParser::ParseConfiguration(std::span<const uint8_t> in,
+                                                                      size_t& used) {
   ByteReader r(in);
   r.U8();
   auto len = r.U32();
@@ -418,11 +423,11 @@ MigrationStreamParser::Step MigrationStreamParser::ParseRamRecord(std::span<cons
   }
   uint16_t kind = flags & ~ram_flag::kContinue;
   if (kind != ram_flag::kZero && kind != ram_flag::kPage) {
-    const char* what = (kind & ram_flag::kXbzrle)          ? "XBZRLE"
-                       : (kind & ram_flag::kCompressPage)  ? "COMPRESS_PAGE"
-                       : (kind & ram_flag::kHook)          ? "HOOK (RDMA)"
-                       : (kind & ram_flag::kMultifdFlush)  ? "MULTIFD_FLUSH"
-                                                           : "unknown";
+    const char* what = (kind & ram_flag::kXbzrle)         ? "XBZRLE"
+                       : (kind & ram_flag::kCompressPage) ? "COMPRESS_PAGE"
+                       : (kind & ram_flag::kHook)         ? "HOOK (RDMA)"
+                       : (kind & ram_flag::kMultifdFlush) ? "MULTIFD_FLUSH"
+                                                          : "unknown";
     GiveUp(FallbackKind::kUnsupported, std::string(what) + " RAM record, flags " + Hex(flags));
     return Step::kDone;
   }
@@ -438,16 +443,16 @@ MigrationStreamParser::Step MigrationStreamParser::ParseRamRecord(std::span<cons
     if (!idstr) return Step::kNeedMore;
     const RamBlockInfo* b = FindBlock(*idstr);
     if (!b) {
-      GiveUp(FallbackKind::kMalformed, "page record for unknown RAMBlock '" +
-                                           std::string(*idstr) + "'");
+      GiveUp(FallbackKind::kMalformed,
+             "page record for unknown RAMBlock '" + std::string(*idstr) + "'");
       return Step::kDone;
     }
     block_index = int(b - blocks_.data());
   }
   const RamBlockInfo& block = blocks_[size_t(block_index)];
   if (addr >= block.used_length || block.used_length - addr < kTargetPageSize) {
-    GiveUp(FallbackKind::kMalformed, "page offset " + Hex(addr) + " beyond RAMBlock '" +
-                                         block.id + "' of " + Hex(block.used_length));
+    GiveUp(FallbackKind::kMalformed, "page offset " + Hex(addr) + " beyond RAMBlock '" + block.id +
+                                         "' of " + Hex(block.used_length));
     return Step::kDone;
   }
   PageRecord rec;
@@ -521,7 +526,8 @@ MigrationStreamParser::Step MigrationStreamParser::ParseFooter(std::span<const u
                                                                size_t& used) {
   bool present = in[0] == uint8_t(SectionType::kFooter);
   if (footers_ && *footers_ != present) {
-    GiveUp(FallbackKind::kMalformed, present ? "unexpected section footer" : "missing section footer");
+    GiveUp(FallbackKind::kMalformed,
+           present ? "unexpected section footer" : "missing section footer");
     return Step::kDone;
   }
   if (present) {

@@ -75,7 +75,8 @@ struct ParseResult {
 ParseResult Parse(std::span<const uint8_t> in, size_t chunk) {
   MigrationStreamParser p;
   Collector col;
-  for (size_t i = 0; i < in.size(); i += chunk) p.Feed(in.subspan(i, std::min(chunk, in.size() - i)), col);
+  for (size_t i = 0; i < in.size(); i += chunk)
+    p.Feed(in.subspan(i, std::min(chunk, in.size() - i)), col);
   ParseResult r;
   r.finish = p.Finish(col);
   r.c = std::move(col.c);
@@ -135,12 +136,29 @@ class StreamBuilder {
     return Footer(id);
   }
   StreamBuilder& Eof() { return U8(0x00); }
-  StreamBuilder& VmDesc(std::string_view json) { return U8(0x06).U32(uint32_t(json.size())).Str(json); }
-  StreamBuilder& U8(uint8_t v) { ByteWriter(b).U8(v); return *this; }
-  StreamBuilder& U16(uint16_t v) { ByteWriter(b).U16(v); return *this; }
-  StreamBuilder& U32(uint32_t v) { ByteWriter(b).U32(v); return *this; }
-  StreamBuilder& U64(uint64_t v) { ByteWriter(b).U64(v); return *this; }
-  StreamBuilder& Str(std::string_view s) { ByteWriter(b).Str(s); return *this; }
+  StreamBuilder& VmDesc(std::string_view json) {
+    return U8(0x06).U32(uint32_t(json.size())).Str(json);
+  }
+  StreamBuilder& U8(uint8_t v) {
+    ByteWriter(b).U8(v);
+    return *this;
+  }
+  StreamBuilder& U16(uint16_t v) {
+    ByteWriter(b).U16(v);
+    return *this;
+  }
+  StreamBuilder& U32(uint32_t v) {
+    ByteWriter(b).U32(v);
+    return *this;
+  }
+  StreamBuilder& U64(uint64_t v) {
+    ByteWriter(b).U64(v);
+    return *this;
+  }
+  StreamBuilder& Str(std::string_view s) {
+    ByteWriter(b).Str(s);
+    return *this;
+  }
 };
 
 // A precopy stream: two RAM iterations, one device, EOF and VMDESCRIPTION.
@@ -160,8 +178,10 @@ std::vector<Collected::Page> ExpectedPrecopyPages() {
   auto page = [](std::string b, uint64_t off, uint8_t fill) {
     return Collected::Page{std::move(b), off, false, true, Bytes(kTargetPageSize, fill)};
   };
-  return {page("pc.ram", 0, 0xa1), {"pc.ram", 0x1000, true, true, {}},
-          page("/rom@etc/acpi/tables", 0, 0xb2), page("pc.ram", 0x3000, 0xc3),
+  return {page("pc.ram", 0, 0xa1),
+          {"pc.ram", 0x1000, true, true, {}},
+          page("/rom@etc/acpi/tables", 0, 0xb2),
+          page("pc.ram", 0x3000, 0xc3),
           {"pc.ram", 0x2000, true, true, {}}};
 }
 
@@ -187,7 +207,12 @@ TEST(MigrationStream, HandBuiltPrecopyReportsEveryPageAndRebuildsByteExact) {
 
 TEST(MigrationStream, TruncationAtEveryByteNeverReportsWrongPagesAndFinishFails) {
   StreamBuilder s;
-  s.Header().Config("pc").Start(0, "ram").MemSize({{"pc.ram", 2 * kTargetPageSize}}).Eos().Footer(0);
+  s.Header()
+      .Config("pc")
+      .Start(0, "ram")
+      .MemSize({{"pc.ram", 2 * kTargetPageSize}})
+      .Eos()
+      .Footer(0);
   s.Part(0).Page("pc.ram", 0, 0x11).Zero("", 0x1000, true).Eos().Footer(0).End(0).Eos().Footer(0);
   s.Eof().VmDesc("{}");
   Bytes full = s.b;
@@ -225,7 +250,12 @@ std::vector<MalformedCase> MalformedCases() {
   std::vector<MalformedCase> cases;
   auto prefix = [] {
     StreamBuilder s;
-    s.Header().Config("pc").Start(0, "ram").MemSize({{"pc.ram", 2 * kTargetPageSize}}).Eos().Footer(0);
+    s.Header()
+        .Config("pc")
+        .Start(0, "ram")
+        .MemSize({{"pc.ram", 2 * kTargetPageSize}})
+        .Eos()
+        .Footer(0);
     return s.Part(0);
   };
   auto add = [&](const char* name, StreamBuilder s, size_t at, FallbackKind k, Bytes tail = {}) {
@@ -466,8 +496,9 @@ Bytes CaptureLive(const char* mode, int* status) {
   int fd = mkstemp(tmpl);
   if (fd < 0) return {};
   close(fd);
-  std::string cmd = std::string("timeout 30 " KAGEMUSHA_MEMCACHE_TESTDATA "/capture_qemu_stream.sh ") + tmpl +
-                    " " + mode + " 2>/dev/null";
+  std::string cmd =
+      std::string("timeout 30 " KAGEMUSHA_MEMCACHE_TESTDATA "/capture_qemu_stream.sh ") + tmpl +
+      " " + mode + " 2>/dev/null";
   *status = std::system(cmd.c_str());
   std::ifstream f(tmpl, std::ios::binary);
   Bytes b((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());

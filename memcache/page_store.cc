@@ -89,16 +89,14 @@ namespace {
 // blocks plus one constant padding block (0x80, zeros, bit length 32768).
 
 constexpr uint32_t kSha256K[64] = {
-    0x428a2f98, 0x71374491, 0xb5c0fbcf, 0xe9b5dba5, 0x3956c25b, 0x59f111f1, 0x923f82a4,
-    0xab1c5ed5, 0xd807aa98, 0x12835b01, 0x243185be, 0x550c7dc3, 0x72be5d74, 0x80deb1fe,
-    0x9bdc06a7, 0xc19bf174, 0xe49b69c1, 0xefbe4786, 0x0fc19dc6, 0x240ca1cc, 0x2de92c6f,
-    0x4a7484aa, 0x5cb0a9dc, 0x76f988da, 0x983e5152, 0xa831c66d, 0xb00327c8, 0xbf597fc7,
-    0xc6e00bf3, 0xd5a79147, 0x06ca6351, 0x14292967, 0x27b70a85, 0x2e1b2138, 0x4d2c6dfc,
-    0x53380d13, 0x650a7354, 0x766a0abb, 0x81c2c92e, 0x92722c85, 0xa2bfe8a1, 0xa81a664b,
-    0xc24b8b70, 0xc76c51a3, 0xd192e819, 0xd6990624, 0xf40e3585, 0x106aa070, 0x19a4c116,
-    0x1e376c08, 0x2748774c, 0x34b0bcb5, 0x391c0cb3, 0x4ed8aa4a, 0x5b9cca4f, 0x682e6ff3,
-    0x748f82ee, 0x78a5636f, 0x84c87814, 0x8cc70208, 0x90befffa, 0xa4506ceb, 0xbef9a3f7,
-    0xc67178f2};
+    0x428a2f98, 0x71374491, 0xb5c0fbcf, 0xe9b5dba5, 0x3956c25b, 0x59f111f1, 0x923f82a4, 0xab1c5ed5,
+    0xd807aa98, 0x12835b01, 0x243185be, 0x550c7dc3, 0x72be5d74, 0x80deb1fe, 0x9bdc06a7, 0xc19bf174,
+    0xe49b69c1, 0xefbe4786, 0x0fc19dc6, 0x240ca1cc, 0x2de92c6f, 0x4a7484aa, 0x5cb0a9dc, 0x76f988da,
+    0x983e5152, 0xa831c66d, 0xb00327c8, 0xbf597fc7, 0xc6e00bf3, 0xd5a79147, 0x06ca6351, 0x14292967,
+    0x27b70a85, 0x2e1b2138, 0x4d2c6dfc, 0x53380d13, 0x650a7354, 0x766a0abb, 0x81c2c92e, 0x92722c85,
+    0xa2bfe8a1, 0xa81a664b, 0xc24b8b70, 0xc76c51a3, 0xd192e819, 0xd6990624, 0xf40e3585, 0x106aa070,
+    0x19a4c116, 0x1e376c08, 0x2748774c, 0x34b0bcb5, 0x391c0cb3, 0x4ed8aa4a, 0x5b9cca4f, 0x682e6ff3,
+    0x748f82ee, 0x78a5636f, 0x84c87814, 0x8cc70208, 0x90befffa, 0xa4506ceb, 0xbef9a3f7, 0xc67178f2};
 constexpr uint32_t kSha256Iv[8] = {0x6a09e667, 0xbb67ae85, 0x3c6ef372, 0xa54ff53a,
                                    0x510e527f, 0x9b05688c, 0x1f83d9ab, 0x5be0cd19};
 
@@ -115,7 +113,7 @@ constexpr PagePaddingBlock kPagePadding;
 constexpr int kLanes = 2;
 
 __attribute__((target("sha,sse4.1,ssse3"))) void Sha256TwoPages(const uint8_t* const in[kLanes],
-                                                               PageDigest* const out[kLanes]) {
+                                                                PageDigest* const out[kLanes]) {
   const __m128i bswap = _mm_set_epi64x(0x0c0d0e0f08090a0bLL, 0x0405060700010203LL);
   __m128i abef[kLanes], cdgh[kLanes];
   {
@@ -133,8 +131,8 @@ __attribute__((target("sha,sse4.1,ssse3"))) void Sha256TwoPages(const uint8_t* c
     for (int l = 0; l < kLanes; ++l) {
       const uint8_t* d = blk < kStorePageSize / 64 ? in[l] + 64 * blk : kPagePadding.b;
       for (int g = 0; g < 4; ++g)
-        w[l][g] = _mm_shuffle_epi8(_mm_loadu_si128(reinterpret_cast<const __m128i*>(d + 16 * g)),
-                                   bswap);
+        w[l][g] =
+            _mm_shuffle_epi8(_mm_loadu_si128(reinterpret_cast<const __m128i*>(d + 16 * g)), bswap);
       save_abef[l] = abef[l];
       save_cdgh[l] = cdgh[l];
     }
@@ -229,9 +227,7 @@ uint32_t PageCrc32c(std::span<const uint8_t> data) {
 namespace {
 
 // crc32c(digest || page): both are contiguous in a record, from byte 8.
-uint32_t RecordCrc(const uint8_t* record) {
-  return PageCrc32c({record + 8, 32 + kStorePageSize});
-}
+uint32_t RecordCrc(const uint8_t* record) { return PageCrc32c({record + 8, 32 + kStorePageSize}); }
 
 Status MakePrivateDir(const std::string& path) {
   if (mkdir(path.c_str(), 0700) != 0 && errno != EEXIST)
@@ -300,8 +296,8 @@ Result<std::vector<std::string>> ListDir(const std::string& dir, std::string_vie
 bool ValidVmName(std::string_view vm) {
   if (vm.empty() || vm.size() > 128 || vm[0] == '.') return false;
   return std::all_of(vm.begin(), vm.end(), [](char c) {
-    return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
-           c == '.' || c == '_' || c == '-';
+    return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '.' ||
+           c == '_' || c == '-';
   });
 }
 
@@ -361,8 +357,8 @@ struct Segment {
   uint32_t id = 0;
   int fd = -1;
   std::string path;
-  uint64_t size = 0;         // bytes, header included
-  uint64_t last_use = 0;     // LRU clock
+  uint64_t size = 0;                // bytes, header included
+  uint64_t last_use = 0;            // LRU clock
   std::vector<PageDigest> digests;  // records appended (some may be stale)
   ~Segment() {
     if (fd >= 0) close(fd);
@@ -389,10 +385,10 @@ struct PageStore::Impl {
   std::atomic<uint64_t> tmp_counter{0};
 
   Status ScanSegment(const std::string& name);
-  Result<std::shared_ptr<Segment>> NewSegment();  // REQUIRES: mu held
+  Result<std::shared_ptr<Segment>> NewSegment();                            // REQUIRES: mu held
   Status AppendLocked(const PageDigest& d, std::span<const uint8_t> page);  // REQUIRES: mu
-  void EvictLocked();                                                      // REQUIRES: mu
-  void DropSegmentLocked(const std::shared_ptr<Segment>& s);               // REQUIRES: mu
+  void EvictLocked();                                                       // REQUIRES: mu
+  void DropSegmentLocked(const std::shared_ptr<Segment>& s);                // REQUIRES: mu
   std::string ManifestPath(std::string_view vm) const {
     return man_dir + "/" + std::string(vm) + std::string(fmt::kManifestSuffix);
   }
@@ -416,10 +412,8 @@ Status PageStore::Impl::ScanSegment(const std::string& name) {
   uint8_t hdr[fmt::kSegmentHeaderSize];
   auto got = ReadAt(fd, hdr, sizeof hdr, 0, path);
   if (!got) return Fail(got.error());
-  bool header_ok = *got == sizeof hdr &&
-                   std::memcmp(hdr, fmt::kSegmentMagic.data(), 8) == 0 &&
-                   LoadBe32(hdr + 8) == fmt::kVersion &&
-                   LoadBe32(hdr + 12) == Crc32c({hdr, 12});
+  bool header_ok = *got == sizeof hdr && std::memcmp(hdr, fmt::kSegmentMagic.data(), 8) == 0 &&
+                   LoadBe32(hdr + 8) == fmt::kVersion && LoadBe32(hdr + 12) == Crc32c({hdr, 12});
   if (!header_ok) {
     // Unusable (torn creation or foreign file): it holds nothing we can trust.
     st.corrupt_records++;
@@ -432,8 +426,8 @@ Status PageStore::Impl::ScanSegment(const std::string& name) {
   uint64_t pos = fmt::kSegmentHeaderSize;
   std::vector<uint8_t> buf(fmt::kRecordSize * 64);
   while (pos + fmt::kRecordSize <= file_size) {
-    size_t want = size_t(std::min<uint64_t>(buf.size(), (file_size - pos) / fmt::kRecordSize *
-                                                            fmt::kRecordSize));
+    size_t want = size_t(
+        std::min<uint64_t>(buf.size(), (file_size - pos) / fmt::kRecordSize * fmt::kRecordSize));
     auto r = ReadAt(fd, buf.data(), want, off_t(pos), path);
     if (!r) return Fail(r.error());
     if (*r < want) want = *r / fmt::kRecordSize * fmt::kRecordSize;
@@ -441,8 +435,7 @@ Status PageStore::Impl::ScanSegment(const std::string& name) {
     for (size_t o = 0; o < want; o += fmt::kRecordSize) {
       const uint8_t* rec = buf.data() + o;
       uint64_t at = pos + o;
-      if (LoadBe32(rec) != fmt::kRecordMagic ||
-          LoadBe32(rec + 4) != RecordCrc(rec)) {
+      if (LoadBe32(rec) != fmt::kRecordMagic || LoadBe32(rec + 4) != RecordCrc(rec)) {
         st.corrupt_records++;  // fixed-size records: skip just this one
         continue;
       }
@@ -487,9 +480,9 @@ Result<std::shared_ptr<Segment>> PageStore::Impl::NewSegment() {
 }
 
 Status PageStore::Impl::AppendLocked(const PageDigest& d, std::span<const uint8_t> page) {
-  if (!active || active->size + fmt::kRecordSize > std::max<uint64_t>(opt.segment_bytes,
-                                                                      fmt::kSegmentHeaderSize +
-                                                                          fmt::kRecordSize)) {
+  if (!active ||
+      active->size + fmt::kRecordSize >
+          std::max<uint64_t>(opt.segment_bytes, fmt::kSegmentHeaderSize + fmt::kRecordSize)) {
     auto seg = NewSegment();
     if (!seg) return Fail(seg.error());
     active = *seg;
@@ -501,7 +494,8 @@ Status PageStore::Impl::AppendLocked(const PageDigest& d, std::span<const uint8_
   StoreBe32(rec.data() + 4, RecordCrc(rec.data()));
   // One pwrite per record: a crash leaves at most one torn record at the
   // tail, which Open detects (short length or checksum) and cuts off.
-  if (auto s = WriteAll(active->fd, rec.data(), rec.size(), off_t(active->size), active->path); !s) {
+  if (auto s = WriteAll(active->fd, rec.data(), rec.size(), off_t(active->size), active->path);
+      !s) {
     // Leave the segment as it is; a partial record there fails its checksum.
     active.reset();
     return s;
@@ -734,7 +728,8 @@ Result<GcResult> PageStore::CollectGarbage() {
         I.st.corrupt_records++;
         continue;
       }
-      if (auto st = I.AppendLocked(d, {rec.data() + 40, kStorePageSize}); !st) return Fail(st.error());
+      if (auto st = I.AppendLocked(d, {rec.data() + 40, kStorePageSize}); !st)
+        return Fail(st.error());
       if (std::find(written.begin(), written.end(), I.active) == written.end())
         written.push_back(I.active);
       res.moved_pages++;

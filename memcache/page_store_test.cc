@@ -261,8 +261,8 @@ TEST_F(PageStoreTest, ManifestsPersistAcrossReopenAndRejectBadNames) {
   {
     auto s = OpenStore();
     for (uint32_t i = 0; i < 5; ++i)
-      m.entries.push_back({i % 2 ? "pc.ram" : "/rom@etc/acpi/tables", i * 4096ull,
-                           *s->Put(MakePage(i))});
+      m.entries.push_back(
+          {i % 2 ? "pc.ram" : "/rom@etc/acpi/tables", i * 4096ull, *s->Put(MakePage(i))});
     ASSERT_TRUE(s->PutManifest("guest-1.example", m).has_value());
     EXPECT_FALSE(s->PutManifest("../escape", m).has_value());
     EXPECT_FALSE(s->PutManifest(".hidden", m).has_value());

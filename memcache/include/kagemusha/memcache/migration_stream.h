@@ -141,25 +141,25 @@ class MigrationStreamVisitor {
 };
 
 struct MigrationStreamStats {
-  uint64_t bytes = 0;          // input bytes consumed so far
-  uint64_t pages = 0;          // PAGE records (rewritable or not)
-  uint64_t zero_pages = 0;     // ZERO records
+  uint64_t bytes = 0;       // input bytes consumed so far
+  uint64_t pages = 0;       // PAGE records (rewritable or not)
+  uint64_t zero_pages = 0;  // ZERO records
   uint64_t rewritable_pages = 0;
-  uint64_t sections = 0;       // section headers seen
-  uint64_t commands = 0;       // COMMAND sections seen
-  uint64_t ram_iterations = 0; // ram sections (START/PART/END) parsed
+  uint64_t sections = 0;        // section headers seen
+  uint64_t commands = 0;        // COMMAND sections seen
+  uint64_t ram_iterations = 0;  // ram sections (START/PART/END) parsed
 };
 
 class MigrationStreamParser {
  public:
   // Where the parser is; exposed for tests, logs and the proxies' decisions.
   enum class Phase {
-    kHeader,        // before / inside the file header and configuration
-    kRam,           // between sections or inside ram sections (rewritable)
-    kPostcopy,      // after PACKAGED: parsing continues, nothing rewritable
-    kDeviceState,   // after the first FULL section: passthrough tail
-    kAfterEof,      // EOF (and maybe VMDESCRIPTION) seen
-    kFallback,      // gave up: passthrough tail
+    kHeader,       // before / inside the file header and configuration
+    kRam,          // between sections or inside ram sections (rewritable)
+    kPostcopy,     // after PACKAGED: parsing continues, nothing rewritable
+    kDeviceState,  // after the first FULL section: passthrough tail
+    kAfterEof,     // EOF (and maybe VMDESCRIPTION) seen
+    kFallback,     // gave up: passthrough tail
   };
 
   MigrationStreamParser() = default;
@@ -226,7 +226,7 @@ class MigrationStreamParser {
   size_t pass_len_ = 0;
   bool item_reported_ = false;  // the last item was reported via OnPage
 
-  uint64_t stream_pos_ = 0;  // stream offset of the next unparsed byte
+  uint64_t stream_pos_ = 0;                   // stream offset of the next unparsed byte
   std::optional<Fallback> pending_fallback_;  // to report before passthrough
   std::optional<Fallback> fallback_;
 

@@ -101,18 +101,18 @@ struct Manifest {
 };
 
 struct PageStoreOptions {
-  std::string dir;                         // created 0700 if missing
-  uint64_t quota_bytes = 0;                // 0: unlimited. Counts segment files.
-  uint64_t segment_bytes = 64ull << 20;    // rolled over at this size
-  bool fsync = true;                       // fdatasync on Sync() and for manifests
+  std::string dir;                       // created 0700 if missing
+  uint64_t quota_bytes = 0;              // 0: unlimited. Counts segment files.
+  uint64_t segment_bytes = 64ull << 20;  // rolled over at this size
+  bool fsync = true;                     // fdatasync on Sync() and for manifests
 };
 
 struct PageStoreStats {
-  uint64_t pages = 0;            // distinct pages indexed
-  uint64_t bytes = 0;            // bytes of segment files (what the quota counts)
+  uint64_t pages = 0;  // distinct pages indexed
+  uint64_t bytes = 0;  // bytes of segment files (what the quota counts)
   uint64_t segments = 0;
   uint64_t puts = 0;
-  uint64_t dedup_hits = 0;       // puts of a page already stored
+  uint64_t dedup_hits = 0;  // puts of a page already stored
   uint64_t gets = 0;
   uint64_t misses = 0;
   uint64_t corrupt_records = 0;  // found at Open or by Get; never served
