@@ -419,6 +419,51 @@ TEST_F(ControlSocketTest, OtherUidIsRejectedEvenWhenFileModeWouldAllowIt) {
   EXPECT_TRUE(r->ok);
 }
 
+// The client authenticates the server too: a socket served by another
+// (non-root) uid gets no request. Needs root to run the fake server as nobody.
+TEST_F(ControlSocketTest, ClientRefusesServerRunByAnotherUid) {
+  if (geteuid() != 0) GTEST_SKIP() << "needs root to serve as another uid";
+  ASSERT_EQ(chmod(dir_.path().c_str(), 0777), 0);
+  std::string path = dir_.path() + "/foreign.sock";
+  sockaddr_un addr{};
+  addr.sun_family = AF_UNIX;
+  std::strncpy(addr.sun_path, path.c_str(), sizeof addr.sun_path - 1);
+  int ready[2];
+  ASSERT_EQ(pipe(ready), 0);
+  pid_t child = fork();
+  ASSERT_GE(child, 0);
+  if (child == 0) {
+    // A bare server as uid 65534 that would answer anything with ok:true.
+    if (setresgid(65534, 65534, 65534) != 0 || setresuid(65534, 65534, 65534) != 0) _exit(10);
+    int fd = socket(AF_UNIX, SOCK_STREAM, 0);
+    if (bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) != 0 || listen(fd, 4) != 0) {
+      _exit(11);
+    }
+    chmod(addr.sun_path, 0666);
+    char one = 1;
+    [[maybe_unused]] ssize_t w = write(ready[1], &one, 1);
+    int c = accept(fd, nullptr, nullptr);
+    const char reply[] = "{\"version\":1,\"id\":null,\"ok\":true,\"result\":{}}\n";
+    char buf[256];
+    timeval tv{2, 0};
+    setsockopt(c, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+    ssize_t got = read(c, buf, sizeof buf);  // a request would arrive here
+    [[maybe_unused]] ssize_t w2 = send(c, reply, sizeof reply - 1, MSG_NOSIGNAL);
+    _exit(got > 0 ? 13 : 0);  // 13: the client sent us its request
+  }
+  close(ready[1]);
+  char one = 0;
+  ASSERT_EQ(read(ready[0], &one, 1), 1) << "fake server did not start";
+  close(ready[0]);
+  auto r = ControlCall(path, "echo", json::object(), 3000ms);
+  int status = 0;
+  ASSERT_EQ(waitpid(child, &status, 0), child);
+  ASSERT_FALSE(r.has_value()) << "client accepted a reply from uid 65534";
+  EXPECT_EQ(r.error().code(), EPERM);
+  ASSERT_TRUE(WIFEXITED(status)) << "child killed by signal " << WTERMSIG(status);
+  EXPECT_EQ(WEXITSTATUS(status), 0) << "10/11: setup failed, 13: the request was sent";
+}
+
 TEST_F(ControlSocketTest, RefusesToReplaceALiveServer) {
   StartServer();
   ControlServerOptions opts;
