@@ -1,6 +1,7 @@
 #include "block_bitmap.h"
 
 #include <fcntl.h>
+#include <sys/file.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -65,6 +66,19 @@ Result<std::vector<uint8_t>> ReadWholeFile(int fd, const std::string& path) {
   return data;
 }
 
+// One proxy per cache: a second process (or object) on the same bitmap would
+// corrupt both. The lock goes with the file descriptor, so kill -9 drops it.
+Status LockExclusive(int fd, const std::string& path) {
+  while (::flock(fd, LOCK_EX | LOCK_NB) != 0) {
+    if (errno == EINTR) continue;
+    if (errno == EWOULDBLOCK)
+      return Fail(Error(EBUSY, path + " is in use by another kagemusha-nbd (or another export "
+                                      "in this one); each cache needs its own bitmap"));
+    return Fail(Error::Errno(errno, "lock " + path));
+  }
+  return Ok();
+}
+
 }  // namespace
 
 Result<bitmap::Header> BlockBitmap::ReadHeader(const std::string& path) {
@@ -100,6 +114,7 @@ Result<std::unique_ptr<BlockBitmap>> BlockBitmap::Open(const std::string& path, 
     auto header = bitmap::EncodeHeader(expected);
     Status s = posix::PwriteFull(tfd, std::as_bytes(std::span(header)), 0, tmp);
     if (s && ::ftruncate(tfd, off_t(file_size)) != 0) s = Fail(Error::Errno(errno, "size " + tmp));
+    if (s) s = LockExclusive(tfd, tmp);
     if (s) s = posix::DataSync(tfd, tmp);
     if (s && ::rename(tmp.c_str(), path.c_str()) != 0)
       s = Fail(Error::Errno(errno, "rename " + tmp + " to " + path));
@@ -111,11 +126,12 @@ Result<std::unique_ptr<BlockBitmap>> BlockBitmap::Open(const std::string& path, 
     }
     return std::unique_ptr<BlockBitmap>(new BlockBitmap(path, tfd, expected, true));
   }
-  auto data = ReadWholeFile(fd, path);
   auto fail = [&](Error e) {
     ::close(fd);
     return Fail(e.Context("bitmap " + path));
   };
+  if (auto s = LockExclusive(fd, path); !s) return fail(s.error());
+  auto data = ReadWholeFile(fd, path);
   if (!data) return fail(data.error());
   auto h = bitmap::DecodeHeader(*data);
   if (!h) return fail(h.error());

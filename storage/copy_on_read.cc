@@ -24,6 +24,7 @@
 #include <algorithm>
 #include <atomic>
 #include <condition_variable>
+#include <cstring>
 #include <deque>
 #include <functional>
 #include <mutex>
@@ -116,6 +117,12 @@ class TaskGroup {
 
 bool IsPowerOfTwo(uint64_t v) { return v != 0 && (v & (v - 1)) == 0; }
 
+bool AllZero(std::span<const std::byte> d) {
+  // The first byte is zero and every byte equals its successor.
+  return d.empty() ||
+         (d[0] == std::byte{0} && std::memcmp(d.data(), d.data() + 1, d.size() - 1) == 0);
+}
+
 class CopyOnReadImpl final : public CopyOnReadBackend {
  public:
   CopyOnReadImpl(std::unique_ptr<RemoteReader> remote, const CopyOnReadOptions& options,
@@ -181,6 +188,8 @@ class CopyOnReadImpl final : public CopyOnReadBackend {
   void ClaimBlockLocked(std::vector<Run>& runs, uint64_t b, uint64_t max_blocks);
   void ReleaseRuns(std::span<const Run> runs);
   St FetchRun(const Run& run, bool fill);
+  // Writes fetched data (starting at a block boundary) to the cache.
+  St StoreFetched(std::span<const std::byte> data, uint64_t first_block);
   void MarkPresent(uint64_t first, uint64_t count);
   // Waits until every block of [first, last) is durable (bit in the file).
   // REQUIRES: every block in the range is present.
@@ -222,6 +231,7 @@ class CopyOnReadImpl final : public CopyOnReadBackend {
   uint64_t commit_failures_ = 0;        // GUARDED_BY(commit_mu_)
   std::optional<Error> commit_error_;   // GUARDED_BY(commit_mu_)
   std::thread committer_;
+  std::atomic<bool> bitmap_dirty_{false};  // bits written since the last bitmap sync
 
   // Fill.
   std::mutex fill_mu_;
@@ -331,12 +341,34 @@ St CopyOnReadImpl::FetchRun(const Run& run, bool fill) {
     NoteRemoteError(e);
     return Fail(e);
   }
-  if (auto s = cache_->Write(data, off, false); !s)
+  if (auto s = StoreFetched(data, run.first); !s)
     return Fail(s.error().Context("storing fetched blocks in the cache"));
   MarkPresent(run.first, run.count);
   bytes_fetched_ += len;
   if (fill) bytes_fetched_fill_ += len;
   meter_.Add(len);
+  return Ok();
+}
+
+St CopyOnReadImpl::StoreFetched(std::span<const std::byte> data, uint64_t first_block) {
+  // Blocks that are all zeroes on the remote become holes in the cache (a
+  // punched or zeroed range, guaranteed to read as zeroes), so the cache stays
+  // as sparse as the source and Extents can report them as holes.
+  size_t pos = 0;
+  while (pos < data.size()) {
+    const bool zero = AllZero(data.subspan(pos, std::min<size_t>(bs_, data.size() - pos)));
+    size_t end = pos;
+    while (end < data.size()) {
+      auto blk = data.subspan(end, std::min<size_t>(bs_, data.size() - end));
+      if (AllZero(blk) != zero) break;
+      end += blk.size();
+    }
+    const uint64_t off = BlockOffset(first_block) + pos;
+    St s = zero ? cache_->Zero(off, end - pos, /*may_trim=*/true, /*fast=*/false, false)
+                : cache_->Write(data.subspan(pos, end - pos), off, false);
+    if (!s) return s;
+    pos = end;
+  }
   return Ok();
 }
 
@@ -458,7 +490,10 @@ void CopyOnReadImpl::CommitterLoop() {
     // The ordering that makes the bitmap crash safe: the data of every block
     // in the batch reaches stable storage before any of their bits is written.
     St s = cache_->Flush();
-    if (s) s = bitmap_->SetAndWrite(batch);
+    if (s) {
+      bitmap_dirty_ = true;  // before the write: a flush racing with it syncs again
+      s = bitmap_->SetAndWrite(batch);
+    }
     lk.lock();
     if (s) {
       durable_cv_.notify_all();
@@ -490,7 +525,11 @@ St CopyOnReadImpl::WaitDurable(uint64_t first, uint64_t last) {
 
 St CopyOnReadImpl::SyncAll() {
   if (auto s = cache_->Flush(); !s) return s;
-  return bitmap_->Sync();
+  // Skip the bitmap's fdatasync when no bit was written since the last one.
+  if (!bitmap_dirty_.exchange(false)) return Ok();
+  St s = bitmap_->Sync();
+  if (!s) bitmap_dirty_ = true;
+  return s;
 }
 
 // --- Data path ------------------------------------------------------------------
