@@ -13,14 +13,19 @@ tb_two_sites 40 100
 tb_ping src "$TB_DST_V6" 1 0.1 >/dev/null || true
 tb_ping src "$TB_DST_V4" 1 0.1 >/dev/null || true
 
+# No echo may come back before 40 ms (the emulator never releases early), and
+# the typical one must be back before 60 ms (it adds no more than asked). The
+# median, not the maximum, is checked against 60 ms: on a loaded 2-core
+# machine a single sample can wait for the scheduler, which says nothing
+# about the emulator.
 check_rtt() {  # ADDR
-  local out min max rcv
+  local out min med rcv
   out=$(tb_ping src "$1" 10 0.05) || tb_fail "no echo reply from $1: $out"
   tb_log "ping $1: $out"
-  min=$(tb_field min_ms "$out"); max=$(tb_field max_ms "$out"); rcv=$(tb_field received "$out")
+  min=$(tb_field min_ms "$out"); med=$(tb_field med_ms "$out"); rcv=$(tb_field received "$out")
   [[ "$rcv" == 10 ]] || tb_fail "lost echo replies to $1 on a loss-free WAN: $out"
   awk -v m="$min" 'BEGIN { exit !(m >= 40) }' || tb_fail "RTT to $1 below the emulated 40 ms: $out"
-  awk -v m="$max" 'BEGIN { exit !(m < 60) }' || tb_fail "RTT to $1 not below 60 ms: $out"
+  awk -v m="$med" 'BEGIN { exit !(m < 60) }' || tb_fail "median RTT to $1 not below 60 ms: $out"
 }
 check_rtt "$TB_DST_V6"
 check_rtt "$TB_DST_V4"

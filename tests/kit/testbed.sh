@@ -51,7 +51,7 @@
 #     tb_wait_log FILE REGEX [TIMEOUT_S]        until FILE has a matching line
 #   Measuring
 #     tb_ping NODE ADDR [COUNT] [INTERVAL_S]    ICMP echo; prints
-#                    "sent=N received=M min_ms=.. avg_ms=.. max_ms=.."
+#                    "sent=N received=M min_ms=.. avg_ms=.. med_ms=.. max_ms=.."
 #     tb_wan_stats [NAME]          ask kagemusha-wanem for its counters
 #   Hosts for the orchestrator
 #     tb_libvirtd HOST [--timeout S]  per-host libvirtd (own net + mount + UTS namespace)
@@ -731,8 +731,8 @@ tb_two_sites() {
 
 # tb_ping NODE ADDR [COUNT=5] [INTERVAL_S=0.2] [TIMEOUT_S=2]
 # ICMP/ICMPv6 echo from NODE with a raw socket (no dependency on iputils).
-# Prints "sent=N received=M min_ms=X avg_ms=Y max_ms=Z" (times of received
-# replies only; -1 if none) and returns 0 if at least one reply came.
+# Prints "sent=N received=M min_ms=X avg_ms=Y med_ms=M max_ms=Z" (times of
+# received replies only; -1 if none; med = upper median) and returns 0 if at least one reply came.
 tb_ping() {
   local node=$1 addr=$2 count=${3:-5} interval=${4:-0.2} timeout=${5:-2}
   tb_exec "$node" python3 - "$addr" "$count" "$interval" "$timeout" <<'EOF'
@@ -776,9 +776,10 @@ for seq in range(count):
     last = seq + 1 == count
     handle_replies(time.monotonic() + (timeout if last else interval), last)
 if rtts:
-    print("sent=%d received=%d min_ms=%.3f avg_ms=%.3f max_ms=%.3f" % (count, len(rtts), min(rtts), sum(rtts) / len(rtts), max(rtts)))
+    med = sorted(rtts)[len(rtts) // 2]
+    print("sent=%d received=%d min_ms=%.3f avg_ms=%.3f med_ms=%.3f max_ms=%.3f" % (count, len(rtts), min(rtts), sum(rtts) / len(rtts), med, max(rtts)))
 else:
-    print("sent=%d received=0 min_ms=-1 avg_ms=-1 max_ms=-1" % count)
+    print("sent=%d received=0 min_ms=-1 avg_ms=-1 med_ms=-1 max_ms=-1" % count)
 sys.exit(0 if rtts else 1)
 EOF
 }
