@@ -578,6 +578,32 @@ Result<PageDigest> PageStore::Put(std::span<const uint8_t> page) {
   return d;
 }
 
+Result<std::vector<PageDigest>> PageStore::PutMany(std::span<const uint8_t> pages) {
+  if (pages.size() % kStorePageSize != 0)
+    return Fail(Error::Invalid("PutMany needs whole 4096-byte pages"));
+  thread_local std::optional<PageHasher> hasher;
+  if (!hasher) {
+    auto h = PageHasher::Create();
+    if (!h) return Fail(h.error());
+    hasher.emplace(std::move(*h));
+  }
+  std::vector<PageDigest> digests(pages.size() / kStorePageSize);
+  hasher->HashMany(pages, digests);  // outside the lock
+  std::lock_guard lock(impl_->mu);
+  for (size_t i = 0; i < digests.size(); ++i) {
+    impl_->st.puts++;
+    if (auto it = impl_->index.find(digests[i]); it != impl_->index.end()) {
+      impl_->st.dedup_hits++;
+      it->second.segment->last_use = ++impl_->clock;
+      continue;
+    }
+    auto page = pages.subspan(i * kStorePageSize, kStorePageSize);
+    if (auto s = impl_->AppendLocked(digests[i], page); !s) return Fail(s.error());
+    impl_->EvictLocked();
+  }
+  return digests;
+}
+
 Result<bool> PageStore::Get(const PageDigest& digest, std::span<uint8_t> out) {
   if (out.size() != kStorePageSize) return Fail(Error::Invalid("output must be 4096 bytes"));
   Location loc;

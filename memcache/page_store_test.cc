@@ -122,6 +122,29 @@ TEST_F(PageStoreTest, PutThenGetReturnsThePageAndDedups) {
   EXPECT_FALSE(s->Put(Bytes(100)).has_value());
 }
 
+TEST_F(PageStoreTest, PutManyStoresEachPageOnceWithTheSameDigestsAsPut) {
+  auto s = OpenStore();
+  Bytes pages;
+  for (uint32_t i : {1u, 2u, 3u, 2u, 5u}) {
+    Bytes p = MakePage(i);
+    pages.insert(pages.end(), p.begin(), p.end());
+  }
+  auto ds = s->PutMany(pages);
+  ASSERT_TRUE(ds.has_value()) << ds.error().message();
+  ASSERT_EQ(ds->size(), 5u);
+  EXPECT_EQ((*ds)[1], (*ds)[3]);
+  for (size_t i = 0; i < 5; ++i) {
+    Bytes p(pages.begin() + long(i * kStorePageSize),
+            pages.begin() + long((i + 1) * kStorePageSize));
+    EXPECT_EQ(*s->Put(p), (*ds)[i]);
+    EXPECT_TRUE(Has(*s, (*ds)[i], p));
+  }
+  auto st = s->stats();
+  EXPECT_EQ(st.pages, 4u);
+  EXPECT_EQ(st.dedup_hits, 1u + 5u);
+  EXPECT_FALSE(s->PutMany(Bytes(100)).has_value());
+}
+
 TEST_F(PageStoreTest, PagesSurviveReopen) {
   Bytes a = MakePage(7);
   PageDigest d;

@@ -118,7 +118,9 @@ struct PageRecord {
   uint64_t offset = 0;            // page-aligned offset inside the block
   bool zero = false;              // ZERO record (no data, one fill byte)
   uint8_t fill = 0;               // ZERO records: the fill byte (0 in 7.2)
-  bool continued = false;         // CONTINUE: idstr omitted (same block)
+  bool continued = false;         // CONTINUE: idstr omitted (same block as the
+                                  // previous record: a proxy that replaces or
+                                  // drops a record must clear it on the next)
   bool rewritable = false;        // inside the rewriting window (see above)
   std::span<const uint8_t> data;  // PAGE: kTargetPageSize bytes; ZERO: empty
   std::span<const uint8_t> raw;   // the record exactly as it was on the wire

@@ -139,6 +139,11 @@ class PageStore {
   // EINVAL if page.size() != kStorePageSize.
   Result<PageDigest> Put(std::span<const uint8_t> page);
 
+  // Put for pages.size() / kStorePageSize consecutive pages, hashed with
+  // PageHasher::HashMany outside the lock; digests in page order.
+  // EINVAL unless pages.size() is a multiple of kStorePageSize.
+  Result<std::vector<PageDigest>> PutMany(std::span<const uint8_t> pages);
+
   // Copies the page into `out` (kStorePageSize bytes). false if the store
   // does not have it: never stored, evicted, collected, or its record failed
   // its checksum (then it is also dropped from the index).
