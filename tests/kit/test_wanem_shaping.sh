@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # kagemusha-wanem's loss and bottleneck: random loss shows up at the
 # configured rate, and a UDP flood above the rate limit is cut down to the
-# limit by tail drop at the bottleneck queue.
+# limit by tail drop at the bottleneck queue; tb_wan_down/up cut and restore
+# the link.
 set -euo pipefail
 source "${KAGEMUSHA_SOURCE:-$(dirname "$0")/../..}/tests/kit/testbed.sh"
 tb_require_cmd iperf3
@@ -47,4 +48,13 @@ stats=$(tb_wan_stats)
 printf '%s\n' "$stats" >&2
 qdrops=$(tb_field drop_queue "$(head -n 1 <<<"$stats")")
 ((qdrops > 1000)) || tb_fail "expected tail drops at the bottleneck queue, got drop_queue=$qdrops"
+# Cutting the link: nothing crosses while it is down, everything again after.
+tb_wan_down
+out=$(tb_ping src "$dst6" 5 0.05 0.5 || true)
+[[ "$(tb_field received "$out")" == 0 ]] || tb_fail "echoes crossed a cut link: $out"
+down=$(tb_field drop_down "$(tb_wan_stats | head -n 1)")
+((down >= 5)) || tb_fail "wanem counted $down frames lost to the cut, expected >= 5"
+tb_wan_up
+out=$(tb_ping src "$dst6" 20 0.02 1 || true)
+(($(tb_field received "$out") >= 10)) || tb_fail "link did not come back: $out"
 tb_log "PASS"

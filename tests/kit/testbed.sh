@@ -53,6 +53,7 @@
 #     tb_ping NODE ADDR [COUNT] [INTERVAL_S]    ICMP echo; prints
 #                    "sent=N received=M min_ms=.. avg_ms=.. med_ms=.. max_ms=.."
 #     tb_wan_stats [NAME]          ask kagemusha-wanem for its counters
+#     tb_wan_down [NAME] / tb_wan_up [NAME]   cut / restore the WAN (both ways)
 #   Hosts for the orchestrator
 #     tb_libvirtd HOST [--timeout S]  per-host libvirtd (own net + mount + UTS namespace)
 #     tb_libvirt_uri HOST [unix|tcp]  URI of that daemon (tcp: qemu+tcp://HOST.$TB_ID.test/system)
@@ -697,6 +698,21 @@ tb_wan_stats() {  # [NAME]
   tb_wait_for 5 _tb_count_at_least "$log" '^wanem stats .* now:' $((before + 2)) ||
     tb_fail "kagemusha-wanem ($name) did not answer SIGUSR1"
   grep '^wanem stats .* now:' "$log" | tail -n 2
+}
+
+# Cuts the WAN (everything in flight and arriving is lost, both directions)
+# or restores it, and returns once the emulator has acknowledged.
+tb_wan_down() { _tb_wan_link "${1:-wan}" RTMIN down; }
+tb_wan_up() { _tb_wan_link "${1:-wan}" RTMIN+1 up; }
+
+_tb_wan_link() {  # NAME SIGNAL up|down
+  local pid=${_TB_WAN_PID[$1]:-} log=${_TB_WAN_LOG[$1]:-} before
+  [[ -n "$pid" ]] || tb_fail "no wan '$1'"
+  before=$(grep -c "^wanem: link $3\$" "$log" || true)
+  kill -s "$2" "$pid"
+  tb_wait_for 5 _tb_count_at_least "$log" "^wanem: link $3\$" $((before + 1)) ||
+    tb_fail "kagemusha-wanem ($1) did not acknowledge link $3"
+  tb_log "wan $1: link $3"
 }
 
 _tb_count_at_least() { (($(grep -c "$2" "$1" || true) >= $3)); }

@@ -10,6 +10,8 @@
 //   kagemusha-wanem --offloads-off eth0 [--offloads-off eth1]   (helper mode)
 //
 // Stats are printed on SIGUSR1, every --stats-interval seconds and at exit.
+// SIGRTMIN cuts the link (both directions lose everything), SIGRTMIN+1
+// restores it; each prints "wanem: link down" / "wanem: link up".
 #include <signal.h>
 
 #include <atomic>
@@ -52,11 +54,11 @@ void PrintStats(const DirectionPipe& p, uint64_t kernel_drops, const char* when)
       "wanem stats %s %s: rx_frames=%llu rx_bytes=%llu tx_frames=%llu tx_bytes=%llu drop_loss=%llu "
       "drop_queue=%llu drop_overflow=%llu drop_oversize=%llu tx_errors=%llu kernel_drops=%llu "
       "queued=%llu "
-      "max_frame=%llu csum_partial=%llu vlan_restored=%llu\n",
+      "max_frame=%llu csum_partial=%llu vlan_restored=%llu drop_down=%llu\n",
       p.label().c_str(), when, v(s.rx_frames), v(s.rx_bytes), v(s.tx_frames), v(s.tx_bytes),
       v(s.drop_loss), v(s.drop_queue), v(s.drop_overflow), v(s.drop_oversize), v(s.tx_errors),
       static_cast<unsigned long long>(kernel_drops), v(s.queued), v(s.max_frame), v(s.csum_partial),
-      v(s.vlan_restored));
+      v(s.vlan_restored), v(s.drop_down));
   std::fflush(stdout);
 }
 
@@ -158,7 +160,7 @@ int main(int argc, char** argv) {
   // sees them and the forwarding threads are never interrupted.
   sigset_t sigs;
   sigemptyset(&sigs);
-  for (int s : {SIGINT, SIGTERM, SIGUSR1, SIGHUP}) sigaddset(&sigs, s);
+  for (int s : {SIGINT, SIGTERM, SIGUSR1, SIGHUP, SIGRTMIN, SIGRTMIN + 1}) sigaddset(&sigs, s);
   pthread_sigmask(SIG_BLOCK, &sigs, nullptr);
 
   for (const auto* ifname : {&o.if_a, &o.if_b}) {
@@ -238,6 +240,12 @@ int main(int argc, char** argv) {
     }
     if (sig == SIGUSR1) {
       print_all("now");
+    } else if (sig == SIGRTMIN || sig == SIGRTMIN + 1) {
+      const bool up = sig != SIGRTMIN;
+      ab.SetLinkUp(up);
+      ba.SetLinkUp(up);
+      std::printf("wanem: link %s\n", up ? "up" : "down");
+      std::fflush(stdout);
     } else {
       stop.store(true);
     }

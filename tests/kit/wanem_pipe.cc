@@ -117,6 +117,10 @@ Result<size_t> DirectionPipe::ReceiveBatch() {
       Add(stats_.drop_oversize, 1);
       continue;
     }
+    if (!link_up_.load(std::memory_order_relaxed)) {
+      Add(stats_.drop_down, 1);
+      continue;
+    }
     const Decision d = shaper_.Admit(now, len);
     if (d.verdict == Verdict::kDropLoss) {
       Add(stats_.drop_loss, 1);
@@ -176,6 +180,15 @@ bool DirectionPipe::ApplyAuxData(const msghdr& hdr, std::byte* frame, size_t& le
 }
 
 Status DirectionPipe::ReleaseDue(TimePoint now) {
+  if (!link_up_.load(std::memory_order_relaxed)) {
+    // In flight when the link was cut: lost.
+    while (head_ != tail_ && SlotMeta(head_).release <= now) {
+      Add(stats_.drop_down, 1);
+      ++head_;
+    }
+    stats_.queued.store(tail_ - head_, std::memory_order_relaxed);
+    return Ok();
+  }
   while (head_ != tail_) {
     size_t k = 0;
     uint64_t bytes = 0;

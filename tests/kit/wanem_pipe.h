@@ -44,6 +44,7 @@ struct DirectionStats {
   std::atomic<uint64_t> drop_queue{0};     // tail drop at the rate-limited bottleneck
   std::atomic<uint64_t> drop_overflow{0};  // delay line (ring) full
   std::atomic<uint64_t> drop_oversize{0};  // frame larger than a slot (offloads left on?)
+  std::atomic<uint64_t> drop_down{0};      // lost while the link was cut (SetLinkUp(false))
   std::atomic<uint64_t> tx_errors{0};      // the kernel refused a frame on send
   std::atomic<uint64_t> csum_partial{0};  // frames with an unfinished L4 checksum (peer offload on)
   std::atomic<uint64_t> vlan_restored{0};  // frames whose stripped VLAN tag was put back
@@ -69,6 +70,11 @@ class DirectionPipe {
 
   const std::string& label() const { return label_; }
   const DirectionStats& stats() const { return stats_; }
+
+  // Cuts or restores the link (any thread). While cut, arriving frames and
+  // frames still in flight are lost, like on a severed cable; the bottleneck
+  // queue empties as it would behind a dead link.
+  void SetLinkUp(bool up) { link_up_.store(up, std::memory_order_relaxed); }
 
  private:
   struct Slot {
@@ -108,6 +114,7 @@ class DirectionPipe {
   std::vector<uint64_t> control_;  // per-message cmsg buffers (8-byte aligned)
   size_t control_words_ = 0;       // uint64_t words per message
   bool warned_csum_ = false;
+  std::atomic<bool> link_up_{true};
 };
 
 }  // namespace kagemusha::wanem
