@@ -175,23 +175,24 @@ void Session::NoteData(uint64_t offset, uint64_t length) {
 awaitable<bool> Session::Handshake() {
   // The whole handshake runs under one deadline, so a client trickling
   // bytes cannot hold a connection (and its memory) forever.
-  bool done = false;
+  // The flag lives in the session, not in this frame: an expiry already
+  // queued when the handshake ends may run after the frame is gone.
   asio::steady_timer deadline(strand_);
   deadline.expires_after(env_.options.handshake_timeout);
-  deadline.async_wait([this, self = shared_from_this(), &done](error_code ec) {
-    if (!ec && !done) {
-      spdlog::warn("nbd: {}: handshake deadline passed, closing", peer_);
-      CloseSocket();
+  deadline.async_wait([self = shared_from_this()](error_code ec) {
+    if (!ec && !self->handshake_done_) {
+      spdlog::warn("nbd: {}: handshake deadline passed, closing", self->peer_);
+      self->CloseSocket();
     }
   });
   struct Cancel {
+    Session* s;
     asio::steady_timer& t;
-    bool& done;
     ~Cancel() {
-      done = true;
+      s->handshake_done_ = true;
       t.cancel();
     }
-  } cancel_on_exit{deadline, done};
+  } cancel_on_exit{this, deadline};
 
   std::vector<nbd::ExportDescriptor> descriptors;
   for (const ExportConfig& e : *env_.exports) {

@@ -100,6 +100,7 @@ class Session : public std::enable_shared_from_this<Session> {
   std::vector<std::unique_ptr<Reply>> free_replies_;
   uint32_t running_ = 0;  // requests on the worker pool
   uint32_t pending_ = 0;  // running + queued, not yet written
+  bool handshake_done_ = false;
   bool closing_ = false;
   bool writer_done_ = false;
   bool write_failed_ = false;
