@@ -2,6 +2,8 @@
 
 #include <fcntl.h>
 #include <gtest/gtest.h>
+#include <linux/loop.h>
+#include <sys/ioctl.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -162,6 +164,63 @@ TEST(FileBackend, ConcurrentWritersOnOneObjectDoNotInterfere) {
     ASSERT_TRUE(b->Read(got, uint64_t(t) * kMiB));
     EXPECT_EQ(got, Bytes(64 * 4096, uint8_t(t + 1)));
   }
+}
+
+// Attaches a backing file to a free loop device for the test's lifetime.
+class LoopDevice {
+ public:
+  explicit LoopDevice(const std::string& backing) {
+    int ctl = ::open("/dev/loop-control", O_RDWR | O_CLOEXEC);
+    if (ctl < 0) return;
+    int n = ::ioctl(ctl, LOOP_CTL_GET_FREE);
+    ::close(ctl);
+    if (n < 0) return;
+    std::string dev = "/dev/loop" + std::to_string(n);
+    int fd = ::open(dev.c_str(), O_RDWR | O_CLOEXEC);
+    int bfd = ::open(backing.c_str(), O_RDWR | O_CLOEXEC);
+    if (fd >= 0 && bfd >= 0 && ::ioctl(fd, LOOP_SET_FD, bfd) == 0) {
+      fd_ = fd;
+      path_ = dev;
+    } else if (fd >= 0) {
+      ::close(fd);
+    }
+    if (bfd >= 0) ::close(bfd);
+  }
+  ~LoopDevice() {
+    if (fd_ >= 0) {
+      ::ioctl(fd_, LOOP_CLR_FD, 0);
+      ::close(fd_);
+    }
+  }
+  const std::string& path() const { return path_; }
+
+ private:
+  int fd_ = -1;
+  std::string path_;
+};
+
+TEST(FileBackend, ServesABlockDeviceSizedByIoctl) {
+  ScratchDir dir;
+  NewImage(dir, 4 * kMiB);
+  LoopDevice loop(dir / "img");
+  if (loop.path().empty()) GTEST_SKIP() << "no loop device available (needs root)";
+  auto b = FileBackend::Open(loop.path());
+  ASSERT_TRUE(b.has_value()) << b.error().message();
+  EXPECT_TRUE((*b)->is_block_device());
+  EXPECT_EQ((*b)->Size(), 4 * kMiB);
+  auto data = Bytes(8192, 0x3c);
+  ASSERT_TRUE((*b)->Write(data, kMiB + 512, /*fua=*/true));
+  std::vector<std::byte> got(8192);
+  ASSERT_TRUE((*b)->Read(got, kMiB + 512));
+  EXPECT_EQ(got, data);
+  ASSERT_TRUE((*b)->Zero(kMiB, 64 * 1024, /*may_trim=*/false, /*fast=*/false, false));
+  ASSERT_TRUE((*b)->Read(got, kMiB + 512));
+  EXPECT_EQ(got, Bytes(8192, 0));
+  ASSERT_TRUE((*b)->Trim(0, 64 * 1024, false));  // advisory: must not fail
+  ASSERT_TRUE((*b)->Flush());
+  auto ext = (*b)->Extents(0, 4 * kMiB);  // a block device has no holes to report
+  ASSERT_TRUE(ext.has_value());
+  EXPECT_EQ(*ext, (std::vector<Extent>{{4 * kMiB, false, false}}));
 }
 
 }  // namespace
