@@ -200,7 +200,8 @@ class CopyOnReadImpl final : public CopyOnReadBackend {
   void FillSupervisor();
   void FillWorker();
   std::optional<Run> ClaimFillChunk();
-  void NoteRemoteError(const Error& e);
+  // Records the last error for Status().last_error (remote, cache or commit).
+  void NoteError(const Error& e);
   St DoSwitch();
 
   const CopyOnReadOptions opts_;
@@ -338,7 +339,7 @@ St CopyOnReadImpl::FetchRun(const Run& run, bool fill) {
   if (auto s = remote_->Read(data, off); !s) {
     Error e = s.error().Context("fetching " + std::to_string(len) + " bytes at " +
                                 std::to_string(off) + " from the remote");
-    NoteRemoteError(e);
+    NoteError(e);
     return Fail(e);
   }
   if (auto s = StoreFetched(data, run.first); !s)
@@ -494,6 +495,7 @@ void CopyOnReadImpl::CommitterLoop() {
       bitmap_dirty_ = true;  // before the write: a flush racing with it syncs again
       s = bitmap_->SetAndWrite(batch);
     }
+    if (!s) NoteError(s.error().Context("committing the block bitmap"));
     lk.lock();
     if (s) {
       durable_cv_.notify_all();
@@ -767,6 +769,7 @@ void CopyOnReadImpl::FillWorker() {
     }
     St s = FetchRun(*run, true);
     ReleaseRuns(std::span(&*run, 1));
+    if (!s) NoteError(s.error());  // remote errors are noted already; local ones (ENOSPC) too
     std::lock_guard lk(fill_mu_);
     if (s) {
       if (backoff_.count() != 0) {
@@ -786,7 +789,7 @@ void CopyOnReadImpl::FillWorker() {
   }
 }
 
-void CopyOnReadImpl::NoteRemoteError(const Error& e) {
+void CopyOnReadImpl::NoteError(const Error& e) {
   std::lock_guard lk(error_mu_);
   last_error_ = e.message();
 }
@@ -846,7 +849,7 @@ St CopyOnReadImpl::ReconnectRemote() {
     std::lock_guard lk(fill_mu_);
     backoff_until_ = Clock::TimePoint{};  // retry at once
   } else {
-    NoteRemoteError(s.error());
+    NoteError(s.error());
   }
   return s;
 }

@@ -842,6 +842,24 @@ TEST_F(CopyOnReadTest, CrashSafetySurvivesARealKill9DuringFillAndWrites) {
               std::vector<std::byte>(65536, std::byte(uint8_t(i + 1))));
 }
 
+TEST_F(CopyOnReadTest, FillReportsALocalWriteErrorAndResumesAfterIt) {
+  Init(4 * kMiB, 65536);
+  {
+    FileSizeLimit limit(2 * kMiB);  // the upper half of the cache cannot be written
+    cor_->StartFill();
+    ASSERT_TRUE(WaitUntil([&] { return cor_->Status().blocks_present == 32; }, 3s));
+    ASSERT_TRUE(WaitUntil([&] { return !cor_->Status().last_error.empty(); }, 3s));
+    auto st = cor_->Status();
+    EXPECT_NE(st.last_error.find("storing fetched blocks in the cache"), std::string::npos)
+        << st.last_error;
+    EXPECT_FALSE(st.complete);
+    EXPECT_TRUE(st.fill_running);
+  }
+  ASSERT_TRUE(WaitComplete(5s));
+  ASSERT_TRUE(cor_->Flush());
+  EXPECT_EQ(ReadFileBytes(opts_.cache_path), image_);
+}
+
 TEST_F(CopyOnReadTest, BlockSizeMayExceedTheTailOfTheImage) {
   Init(3 * 65536 + 1000, 65536);  // last block is 1000 bytes
   EXPECT_TRUE(SameBytes(ReadAt(3 * 65536, 1000), Slice(image_, 3 * 65536, 1000)));
