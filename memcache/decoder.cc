@@ -1,0 +1,377 @@
+// The decoder session (destination host): reuse protocol in, the exact QEMU
+// migration stream out to the destination QEMU; its return path relayed back
+// to the encoder. See stream_proxy.h.
+//
+// Threads: the caller's thread reads frames from the encoder and writes the
+// rebuilt stream to the destination QEMU (the forward path); a relay thread
+// reads the destination QEMU's return path and sends it as RETURN frames.
+#include <spdlog/spdlog.h>
+#include <zstd.h>
+
+#include <atomic>
+#include <condition_variable>
+#include <optional>
+#include <set>
+#include <thread>
+
+#include "kagemusha/memcache/migration_stream.h"
+#include "kagemusha/memcache/reuse_protocol.h"
+#include "kagemusha/memcache/stream_proxy.h"
+#include "stream_proxy_session.h"
+
+namespace kagemusha::memcache {
+namespace {
+
+using namespace reuse;
+
+constexpr size_t kReadChunk = 256u << 10;
+// After DONE the decoder waits this long for the destination QEMU to close
+// its side (it does once it has loaded the state). Generous: postcopy keeps
+// the return path open until the last page arrived, but DONE comes after that.
+constexpr auto kCloseWait = std::chrono::seconds(30);
+
+class DecoderSession {
+ public:
+  DecoderSession(ByteStream& wan, const QemuConnector& connect, const DecoderOptions& o)
+      : wan_(wan), connect_(connect), opt_(o), writer_(wan) {}
+  ~DecoderSession() {
+    if (relay_.joinable()) relay_.join();
+    if (dctx_) ZSTD_freeDCtx(dctx_);
+  }
+
+  Result<ProxyStats> Run(ProxyStats* partial) {
+    auto st = RunInner();
+    stats_.return_bytes = return_bytes_.load();
+    stats_.wan_bytes_out = writer_.bytes();
+    if (partial) *partial = stats_;
+    if (!st) return Fail(st.error());
+    return stats_;
+  }
+
+ private:
+  Status RunInner() {
+    if (!opt_.store) return Fail(Error::Invalid("decoder: no page store"));
+    auto hasher = PageHasher::Create();
+    if (!hasher) return Fail(hasher.error());
+    hasher_.emplace(std::move(*hasher));
+    dctx_ = ZSTD_createDCtx();
+    page_.resize(kPageBytes);
+
+    std::vector<uint8_t> buf(kReadChunk);
+    bool handshake_done = false;
+    while (true) {
+      auto f = frames_.Next();
+      if (!f) return AbortAll(f.error());
+      if (!*f) {
+        if (auto st = FlushQemu(); !st) return AbortAll(st.error());
+        auto n = wan_.Read(buf);
+        if (!n) return AbortAll(n.error().Context("reading from the encoder"));
+        if (*n == 0)
+          return AbortAll(Error::Protocol(handshake_done
+                                              ? "the encoder's stream ended before DONE"
+                                              : "the encoder closed during the handshake"));
+        stats_.wan_bytes_in += *n;
+        frames_.Append(std::span<const uint8_t>(buf.data(), *n));
+        continue;
+      }
+      const Frame fr = **f;
+      if (!handshake_done) {
+        if (fr.type != FrameType::kHello)
+          return AbortAll(Error::Protocol(std::string("expected HELLO, got ") +
+                                          FrameTypeName(fr.type)));
+        if (auto st = Handshake(fr.payload); !st) return AbortAll(st.error());
+        handshake_done = true;
+        continue;
+      }
+      auto done = Dispatch(fr);
+      if (!done) return AbortAll(done.error());
+      if (*done) break;
+    }
+    return Finish();
+  }
+
+  Status Handshake(std::span<const uint8_t> payload) {
+    auto h = DecodeHello(payload);
+    if (!h) return Fail(h.error());
+    if (h->version != kProtocolVersion)
+      return Fail(Error::Protocol("the encoder speaks protocol version " +
+                                  std::to_string(h->version) + ", this decoder " +
+                                  std::to_string(kProtocolVersion)));
+    if (!opt_.vm.empty() && h->vm != opt_.vm)
+      return Fail(Error::Invalid("the encoder sends VM '" + h->vm + "', this decoder expects '" +
+                                 opt_.vm + "'"));
+    vm_ = h->vm;
+    zstd_ok_ = (h->capabilities & cap::kZstd) != 0;
+    auto q = connect_();
+    if (!q) return Fail(q.error().Context("connecting to the destination QEMU"));
+    qemu_ = std::move(*q);
+
+    // SUMMARY: digest prefixes of the pages this host holds for the VM.
+    std::set<uint64_t> prefixes;
+    if (auto m = opt_.store->GetManifest(vm_)) {
+      for (const auto& e : m->entries) {
+        if (opt_.store->Contains(e.digest)) prefixes.insert(DigestPrefix(e.digest));
+      }
+    } else if (m.error().code() != ENOENT) {
+      spdlog::warn("decoder: manifest of {} unusable ({}); sending an empty summary", vm_,
+                   m.error().message());
+    }
+    stats_.summary_entries = prefixes.size();
+    std::vector<uint8_t> out;
+    Hello mine;
+    mine.capabilities = cap::kZstd;
+    mine.vm = vm_;
+    if (auto st = AppendHello(mine, out); !st) return st;
+    SummaryChunk chunk;
+    for (auto it = prefixes.begin();;) {
+      chunk.prefixes.clear();
+      while (it != prefixes.end() && chunk.prefixes.size() < kMaxSummaryEntriesPerFrame)
+        chunk.prefixes.push_back(*it++);
+      chunk.last = it == prefixes.end();
+      if (auto st = AppendSummary(chunk, out); !st) return st;
+      if (auto st = writer_.Write(out); !st) return Fail(st.error().Context("sending SUMMARY"));
+      out.clear();
+      if (chunk.last) break;
+    }
+    relay_ = std::thread([this] { RelayLoop(); });
+    return Ok();
+  }
+
+  // The relay thread: destination QEMU return path -> encoder.
+  void RelayLoop() {
+    std::vector<uint8_t> buf(64u << 10);
+    std::vector<uint8_t> out;
+    while (true) {
+      auto n = qemu_->Read(buf);
+      if (!n || *n == 0) break;  // closed (normally after loading) or reset
+      return_bytes_ += *n;
+      out.clear();
+      for (size_t off = 0; off < *n; off += kMaxPassthroughChunk) {
+        size_t len = std::min(kMaxPassthroughChunk, *n - off);
+        (void)AppendReturn(std::span<const uint8_t>(buf.data() + off, len), out);
+      }
+      if (auto st = writer_.Write(out); !st) break;  // the forward thread sees it too
+    }
+    {
+      std::lock_guard lk(mu_);
+      qemu_closed_ = true;
+    }
+    cv_.notify_all();
+  }
+
+  // Handles one frame; true once DONE arrived.
+  Result<bool> Dispatch(const Frame& fr) {
+    switch (fr.type) {
+      case FrameType::kPassthrough:
+        end_acc_.Passthrough(fr.payload);
+        ToQemu(fr.payload);
+        return false;
+      case FrameType::kPageRef: {
+        auto r = DecodePageRef(fr.payload);
+        if (!r) return Fail(r.error());
+        auto got = opt_.store->Get(r->digest, page_);
+        if (!got) return Fail(got.error().Context("page store"));
+        if (!*got)
+          return Fail(Error(ENOENT, "referenced page " + r->digest.Hex().substr(0, 16) + " (" +
+                                        std::string(r->header.block) + " @ " +
+                                        std::to_string(r->header.offset) +
+                                        ") is not in this host's page store"));
+        // Never hand QEMU a page that is not the one referenced.
+        if (hasher_->Hash(page_) != r->digest)
+          return Fail(Error::Io("stored page " + r->digest.Hex().substr(0, 16) +
+                                " does not match its digest"));
+        ++stats_.ref_pages;
+        return EmitPage(r->header, r->digest);
+      }
+      case FrameType::kLiteral:
+      case FrameType::kLiteralZstd: {
+        bool z = fr.type == FrameType::kLiteralZstd;
+        auto l = DecodeLiteral(fr.payload, z);
+        if (!l) return Fail(l.error());
+        if (z) {
+          if (!zstd_ok_) return Fail(Error::Protocol("LITERAL_ZSTD without the zstd capability"));
+          size_t n = ZSTD_decompressDCtx(dctx_, page_.data(), page_.size(), l->data.data(),
+                                         l->data.size());
+          if (ZSTD_isError(n) || n != kPageBytes)
+            return Fail(Error::Protocol("LITERAL_ZSTD does not decompress to one page"));
+          ++stats_.zstd_pages;
+        } else {
+          std::copy(l->data.begin(), l->data.end(), page_.begin());
+        }
+        PageDigest d;
+        if (auto put = opt_.store->Put(page_)) {
+          d = *put;
+        } else {
+          if (!put_warned_) spdlog::warn("decoder: page store: {}", put.error().message());
+          put_warned_ = true;
+          d = hasher_->Hash(page_);
+        }
+        ++stats_.literal_pages;
+        return EmitPage(l->header, d);
+      }
+      case FrameType::kZero: {
+        auto z = DecodeZero(fr.payload);
+        if (!z) return Fail(z.error());
+        ++stats_.pages;
+        ++stats_.zero_pages;
+        if (!end_seen_) end_acc_.Zero();
+        manifest_.Erase(z->header.block, z->header.offset);
+        PageRecord rec;
+        rec.block_id = z->header.block;
+        rec.offset = z->header.offset;
+        rec.continued = z->header.continued;
+        rec.zero = true;
+        rec.fill = z->fill;
+        return EncodeToQemu(rec);
+      }
+      case FrameType::kEnd: {
+        if (end_seen_) return Fail(Error::Protocol("a second END"));
+        auto theirs = DecodeEnd(fr.payload);
+        if (!theirs) return Fail(theirs.error());
+        auto mine = end_acc_.Figures();
+        if (mine != *theirs)
+          return Fail(Error::Protocol("END mismatch: " + detail::DescribeEndMismatch(mine, *theirs)));
+        end_seen_ = true;
+        std::vector<uint8_t> out;
+        (void)AppendEnd(mine, out);
+        if (auto st = writer_.Write(out); !st) return Fail(st.error().Context("sending END"));
+        return false;
+      }
+      case FrameType::kDone: {
+        auto d = DecodeDone(fr.payload);
+        if (!d) return Fail(d.error());
+        if (!end_seen_) return Fail(Error::Protocol("DONE before END"));
+        if (d->stream_bytes != stats_.qemu_bytes || d->pages != stats_.pages ||
+            d->zero_pages != stats_.zero_pages)
+          return Fail(Error::Protocol(
+              "DONE mismatch: the encoder read " + std::to_string(d->stream_bytes) + " bytes / " +
+              std::to_string(d->pages) + " pages, this decoder rebuilt " +
+              std::to_string(stats_.qemu_bytes) + " / " + std::to_string(stats_.pages)));
+        return true;
+      }
+      case FrameType::kAbort: {
+        auto why = DecodeAbort(fr.payload);
+        return Fail(Error(ECONNABORTED, "the encoder aborted: " + (why ? *why : why.error().message())));
+      }
+      default:
+        return Fail(Error::Protocol(std::string("unexpected ") + FrameTypeName(fr.type) +
+                                    " frame from the encoder"));
+    }
+  }
+
+  Result<bool> EmitPage(const PageHeader& h, const PageDigest& d) {
+    ++stats_.pages;
+    if (!end_seen_) end_acc_.Page(d);
+    else ++stats_.postcopy_pages;
+    manifest_.Set(h.block, h.offset, d);
+    PageRecord rec;
+    rec.block_id = h.block;
+    rec.offset = h.offset;
+    rec.continued = h.continued;
+    rec.data = page_;
+    return EncodeToQemu(rec);
+  }
+
+  Result<bool> EncodeToQemu(const PageRecord& rec) {
+    size_t before = qemu_out_.size();
+    if (auto st = EncodePageRecord(rec, qemu_out_); !st) return Fail(st.error());
+    stats_.qemu_bytes += qemu_out_.size() - before;
+    return false;
+  }
+
+  void ToQemu(std::span<const uint8_t> b) {
+    qemu_out_.insert(qemu_out_.end(), b.begin(), b.end());
+    stats_.qemu_bytes += b.size();
+  }
+
+  Status FlushQemu() {
+    if (qemu_out_.empty() || !qemu_) return Ok();
+    auto st = qemu_->WriteAll(qemu_out_);
+    qemu_out_.clear();
+    if (!st) {
+      // The destination QEMU closed before the stream ended: its incoming
+      // migration failed. Let its last return-path bytes through first (a
+      // postcopy SHUT must reach the source before our ABORT), then abort.
+      WaitQemuClosed(std::chrono::seconds(5));
+      return Fail(st.error().Context("the destination QEMU closed its connection early"));
+    }
+    return Ok();
+  }
+
+  bool WaitQemuClosed(std::chrono::seconds limit) {
+    std::unique_lock lk(mu_);
+    return cv_.wait_for(lk, limit, [&] { return qemu_closed_; });
+  }
+
+  Status Finish() {
+    if (auto st = FlushQemu(); !st) return AbortAll(st.error());
+    qemu_->ShutdownWrite();
+    // Learn the image as it arrived (content-addressed: a stale manifest
+    // costs hits, never correctness).
+    if (auto st = opt_.store->PutManifest(vm_, manifest_.Build()); !st) {
+      spdlog::warn("decoder: cannot write the manifest for {}: {}", vm_, st.error().message());
+    } else {
+      (void)opt_.store->Sync();
+      stats_.learned = true;
+    }
+    if (!WaitQemuClosed(kCloseWait))
+      spdlog::warn("decoder: the destination QEMU kept its connection open after the stream");
+    qemu_->Abort();
+    relay_.join();
+    wan_.ShutdownWrite();
+    // The encoder closes once it has seen our side end.
+    std::vector<uint8_t> buf(4096);
+    while (true) {
+      auto n = wan_.Read(buf);
+      if (!n || *n == 0) break;
+    }
+    wan_.Abort();
+    return Ok();
+  }
+
+  Status AbortAll(const Error& e) {
+    // The destination QEMU must never complete on a stream we could not
+    // vouch for: cut it off first.
+    if (qemu_) qemu_->Abort();
+    std::vector<uint8_t> out;
+    (void)AppendAbort(e.message(), out);
+    (void)writer_.Write(out);
+    wan_.Abort();
+    if (relay_.joinable()) relay_.join();
+    spdlog::warn("decoder: migration{}{} aborted: {}", vm_.empty() ? "" : " of ", vm_, e.message());
+    return Fail(e);
+  }
+
+  ByteStream& wan_;
+  const QemuConnector& connect_;
+  const DecoderOptions& opt_;
+  detail::WanWriter writer_;
+  std::unique_ptr<ByteStream> qemu_;
+  FrameReader frames_;
+  std::vector<uint8_t> qemu_out_;
+  std::vector<uint8_t> page_;
+  std::string vm_;
+  bool zstd_ok_ = false;
+  bool end_seen_ = false;
+  bool put_warned_ = false;
+  ZSTD_DCtx* dctx_ = nullptr;
+  std::optional<PageHasher> hasher_;
+  detail::EndAccumulator end_acc_;
+  detail::ManifestBuilder manifest_;
+  ProxyStats stats_;
+  std::thread relay_;
+  std::atomic<uint64_t> return_bytes_{0};
+  std::mutex mu_;
+  std::condition_variable cv_;
+  bool qemu_closed_ = false;  // GUARDED_BY(mu_)
+};
+
+}  // namespace
+
+Result<ProxyStats> RunDecoderSession(ByteStream& wan, const QemuConnector& connect_qemu,
+                                     const DecoderOptions& options, ProxyStats* partial) {
+  DecoderSession s(wan, connect_qemu, options);
+  return s.Run(partial);
+}
+
+}  // namespace kagemusha::memcache

@@ -1,0 +1,410 @@
+// The encoder session (source host): QEMU migration stream in, reuse
+// protocol out; return-path bytes relayed back. See stream_proxy.h.
+//
+// Threads: the caller's thread reads the source QEMU, parses and sends frames
+// (the forward path); a relay thread reads the decoder's frames (RETURN,
+// END, ABORT) and writes return-path bytes to the source QEMU. Frames to the
+// WAN go through one WanWriter (the relay never writes there except to
+// abort, which the forward thread also may do).
+#include <spdlog/spdlog.h>
+#include <zstd.h>
+
+#include <atomic>
+#include <optional>
+#include <thread>
+#include <unordered_set>
+
+#include "kagemusha/memcache/migration_stream.h"
+#include "kagemusha/memcache/reuse_protocol.h"
+#include "kagemusha/memcache/stream_proxy.h"
+#include "stream_proxy_session.h"
+
+namespace kagemusha::memcache {
+namespace {
+
+using namespace reuse;
+using Phase = MigrationStreamParser::Phase;
+
+constexpr size_t kReadChunk = 256u << 10;
+
+bool InWindow(Phase p) { return p == Phase::kHeader || p == Phase::kRam; }
+
+class NullVisitor final : public MigrationStreamVisitor {
+ public:
+  void OnPassthrough(std::span<const uint8_t>) override {}
+  void OnPage(const PageRecord&) override {}
+  void OnFallback(const Fallback&) override {}
+};
+
+class EncoderSession final : public MigrationStreamVisitor {
+ public:
+  EncoderSession(ByteStream& qemu, ByteStream& wan, const EncoderOptions& o)
+      : qemu_(qemu), wan_(wan), opt_(o), writer_(wan) {}
+  ~EncoderSession() override {
+    if (relay_.joinable()) relay_.join();
+    if (cctx_) ZSTD_freeCCtx(cctx_);
+  }
+
+  Result<ProxyStats> Run(ProxyStats* partial) {
+    auto st = RunInner();
+    stats_.return_bytes = return_bytes_.load();
+    stats_.wan_bytes_in = wan_in_.load();
+    stats_.wan_bytes_out = writer_.bytes();
+    if (partial) *partial = stats_;
+    if (!st) return Fail(st.error());
+    return stats_;
+  }
+
+ private:
+  Status RunInner() {
+    if (!opt_.store) return Fail(Error::Invalid("encoder: no page store"));
+    auto hasher = PageHasher::Create();
+    if (!hasher) return Fail(hasher.error());
+    hasher_.emplace(std::move(*hasher));
+    if (auto st = Handshake(); !st) return AbortAll(st.error());
+    relay_ = std::thread([this] { RelayLoop(); });
+
+    std::vector<uint8_t> buf(kReadChunk);
+    while (true) {
+      auto n = qemu_.Read(buf);
+      if (stopping_.load()) break;  // the relay ended the session
+      if (!n) return AbortAll(n.error().Context("reading the source QEMU"));
+      if (*n == 0) break;
+      stats_.qemu_bytes += *n;
+      if (auto st = FeedChunk(std::span<const uint8_t>(buf.data(), *n)); !st)
+        return AbortAll(st.error());
+    }
+    if (stopping_.load()) {
+      relay_.join();
+      std::lock_guard lk(mu_);
+      if (relay_error_) return AbortAll(*relay_error_);
+      return AbortAll(Error::Protocol("the decoder closed the connection before the source "
+                                      "QEMU finished"));
+    }
+    // The source QEMU closed: the stream is complete (or it gave up).
+    source_eof_ = true;
+    Status finished = parser_.Finish(*this);
+    if (visit_error_) return AbortAll(*visit_error_);
+    if (!end_sent_) {
+      if (auto st = AppendEndFrame(); !st) return AbortAll(st.error());
+    }
+    if (!finished) {
+      // QEMU stopped mid-item: its migration failed. Make sure the
+      // destination does not take a half stream for a whole one.
+      return AbortAll(Error::Protocol("the source QEMU stream ended early (" +
+                                      finished.error().message() + ")"));
+    }
+    if (auto st = AppendDone(DoneFigures{stats_.qemu_bytes, stats_.pages, stats_.zero_pages}, out_);
+        !st)
+      return AbortAll(st.error());
+    if (auto st = Flush(); !st) return AbortAll(st.error().Context("sending to the decoder"));
+    wan_.ShutdownWrite();
+    relay_.join();  // until the decoder closes its side
+    {
+      std::lock_guard lk(mu_);
+      if (relay_error_) return AbortAll(*relay_error_);
+      if (!peer_end_ok_)
+        return AbortAll(Error::Protocol("the decoder closed without confirming END"));
+    }
+    qemu_.Abort();
+    wan_.Abort();
+    // Learn: the image of the VM that left. Pages are content-addressed, so
+    // a manifest can only ever cost hits, never correctness.
+    if (auto st = opt_.store->PutManifest(opt_.vm, manifest_.Build()); !st) {
+      spdlog::warn("encoder: cannot write the manifest for {}: {}", opt_.vm, st.error().message());
+    } else {
+      (void)opt_.store->Sync();
+      stats_.learned = true;
+    }
+    return Ok();
+  }
+
+  Status Handshake() {
+    Hello h;
+    h.capabilities = cap::kZstd;
+    h.vm = opt_.vm;
+    h.uuid = opt_.uuid;
+    std::vector<uint8_t> out;
+    if (auto st = AppendHello(h, out); !st) return st;
+    if (auto st = writer_.Write(out); !st) return Fail(st.error().Context("sending HELLO"));
+    bool got_hello = false;
+    std::vector<uint8_t> buf(64u << 10);
+    while (true) {
+      auto f = frames_.Next();
+      if (!f) return Fail(f.error());
+      if (!*f) {
+        auto n = wan_.Read(buf);
+        if (!n) return Fail(n.error().Context("waiting for the decoder's SUMMARY"));
+        if (*n == 0) return Fail(Error::Protocol("the decoder closed during the handshake"));
+        wan_in_ += *n;
+        frames_.Append(std::span<const uint8_t>(buf.data(), *n));
+        continue;
+      }
+      switch ((*f)->type) {
+        case FrameType::kHello: {
+          auto peer = DecodeHello((*f)->payload);
+          if (!peer) return Fail(peer.error());
+          if (peer->version != kProtocolVersion)
+            return Fail(Error::Protocol("the decoder speaks protocol version " +
+                                        std::to_string(peer->version) + ", this encoder " +
+                                        std::to_string(kProtocolVersion)));
+          zstd_ = opt_.zstd && (peer->capabilities & cap::kZstd);
+          got_hello = true;
+          break;
+        }
+        case FrameType::kSummary: {
+          if (!got_hello) return Fail(Error::Protocol("SUMMARY before HELLO"));
+          auto s = DecodeSummary((*f)->payload);
+          if (!s) return Fail(s.error());
+          summary_.insert(s->prefixes.begin(), s->prefixes.end());
+          stats_.summary_entries += s->prefixes.size();
+          if (s->last) {
+            if (zstd_) {
+              cctx_ = ZSTD_createCCtx();
+              zbuf_.resize(ZSTD_compressBound(kPageBytes));
+            }
+            return Ok();
+          }
+          break;
+        }
+        case FrameType::kAbort: {
+          auto why = DecodeAbort((*f)->payload);
+          return Fail(Error(ECONNABORTED,
+                            "the decoder refused the migration: " + (why ? *why : "?")));
+        }
+        default:
+          return Fail(Error::Protocol(std::string("unexpected ") + FrameTypeName((*f)->type) +
+                                      " frame during the handshake"));
+      }
+    }
+  }
+
+  // The relay thread: decoder -> source QEMU.
+  void RelayLoop() {
+    std::vector<uint8_t> buf(64u << 10);
+    std::optional<Error> err;
+    while (!err) {
+      auto f = frames_.Next();
+      if (!f) {
+        err = f.error();
+        break;
+      }
+      if (!*f) {
+        auto n = wan_.Read(buf);
+        if (!n) {
+          err = n.error().Context("reading from the decoder");
+          break;
+        }
+        if (*n == 0) break;  // the decoder is done
+        wan_in_ += *n;
+        frames_.Append(std::span<const uint8_t>(buf.data(), *n));
+        continue;
+      }
+      const Frame& fr = **f;
+      switch (fr.type) {
+        case FrameType::kReturn:
+          return_bytes_ += fr.payload.size();
+          // After the source closed there is nobody to tell; drop quietly.
+          if (!source_eof_.load()) {
+            if (auto st = qemu_.WriteAll(fr.payload); !st)
+              spdlog::debug("encoder: return path to the source QEMU: {}", st.error().message());
+          }
+          break;
+        case FrameType::kEnd: {
+          auto theirs = DecodeEnd(fr.payload);
+          if (!theirs) {
+            err = theirs.error();
+            break;
+          }
+          std::lock_guard lk(mu_);
+          if (!my_end_) {
+            err = Error::Protocol("the decoder sent END before the encoder did");
+          } else if (*my_end_ != *theirs) {
+            err = Error::Protocol("END mismatch: " + detail::DescribeEndMismatch(*my_end_, *theirs));
+          } else {
+            peer_end_ok_ = true;
+          }
+          break;
+        }
+        case FrameType::kAbort: {
+          auto why = DecodeAbort(fr.payload);
+          err = Error(ECONNABORTED, "the decoder aborted: " + (why ? *why : why.error().message()));
+          break;
+        }
+        default:
+          err = Error::Protocol(std::string("unexpected ") + FrameTypeName(fr.type) +
+                                " frame from the decoder");
+      }
+    }
+    {
+      std::lock_guard lk(mu_);
+      if (err && !relay_error_) relay_error_ = *err;
+    }
+    if (err || !source_eof_.load()) {
+      // Wake the forward thread: the session is over.
+      stopping_ = true;
+      qemu_.Abort();
+    }
+  }
+
+  Status AbortAll(const Error& e) {
+    stopping_ = true;
+    std::vector<uint8_t> out;
+    (void)AppendAbort(e.message(), out);
+    (void)writer_.Write(out);  // best effort: the decoder may be gone
+    qemu_.Abort();  // the source QEMU sees a failed migration; the VM keeps running
+    wan_.Abort();
+    if (relay_.joinable()) relay_.join();
+    spdlog::warn("encoder: migration of {} aborted: {}", opt_.vm, e.message());
+    return Fail(e);
+  }
+
+  Status FeedChunk(std::span<const uint8_t> chunk) {
+    if (end_sent_ || !InWindow(parser_.phase())) {
+      parser_.Feed(chunk, *this);
+      return Flush();
+    }
+    // END must reach the decoder before the first byte outside the rewriting
+    // window (the device state), so the decoder can refuse to hand the
+    // destination a complete stream whose pages do not check out. Probe a
+    // copy of the parser; if this chunk leaves the window, find the exact
+    // byte by bisection (parsing without hashing is cheap).
+    NullVisitor nv;
+    MigrationStreamParser probe = parser_;
+    probe.Feed(chunk, nv);
+    if (InWindow(probe.phase())) {
+      parser_.Feed(chunk, *this);
+      return Flush();
+    }
+    size_t lo = 0, hi = chunk.size();  // prefix lo stays in the window, hi leaves it
+    while (hi - lo > 1) {
+      size_t mid = lo + (hi - lo) / 2;
+      probe = parser_;
+      probe.Feed(chunk.first(mid), nv);
+      (InWindow(probe.phase()) ? lo : hi) = mid;
+    }
+    parser_.Feed(chunk.first(lo), *this);
+    if (visit_error_) return Fail(*visit_error_);
+    if (auto st = AppendEndFrame(); !st) return st;
+    parser_.Feed(chunk.subspan(lo), *this);
+    return Flush();
+  }
+
+  Status AppendEndFrame() {
+    auto fig = end_acc_.Figures();
+    {
+      std::lock_guard lk(mu_);
+      my_end_ = fig;
+    }
+    end_sent_ = true;
+    return AppendEnd(fig, out_);
+  }
+
+  Status Flush() {
+    if (visit_error_) return Fail(*visit_error_);
+    auto st = writer_.Write(out_);
+    out_.clear();
+    if (!st) return Fail(st.error().Context("sending to the decoder"));
+    return Ok();
+  }
+
+  // --- MigrationStreamVisitor ---
+  void OnPassthrough(std::span<const uint8_t> bytes) override {
+    end_acc_.Passthrough(bytes);
+    while (!bytes.empty()) {
+      size_t n = std::min(bytes.size(), kMaxPassthroughChunk);
+      Record(AppendPassthrough(bytes.first(n), out_));
+      bytes = bytes.subspan(n);
+    }
+  }
+
+  void OnPage(const PageRecord& rec) override {
+    ++stats_.pages;
+    PageHeader h{rec.continued, rec.block_id, rec.offset};
+    if (rec.zero) {
+      ++stats_.zero_pages;
+      end_acc_.Zero();
+      manifest_.Erase(rec.block_id, rec.offset);
+      Record(AppendZero(ZeroPage{h, rec.fill}, out_));
+      return;
+    }
+    if (!rec.rewritable) ++stats_.postcopy_pages;
+    PageDigest digest;
+    if (auto d = opt_.store->Put(rec.data)) {
+      digest = *d;
+    } else {
+      // Learning is best effort (a full disk must not fail a migration).
+      if (!put_warned_) spdlog::warn("encoder: page store: {}", d.error().message());
+      put_warned_ = true;
+      digest = hasher_->Hash(rec.data);
+    }
+    end_acc_.Page(digest);
+    manifest_.Set(rec.block_id, rec.offset, digest);
+    if (rec.rewritable && summary_.contains(DigestPrefix(digest))) {
+      ++stats_.ref_pages;
+      Record(AppendPageRef(PageRef{h, digest}, out_));
+      return;
+    }
+    ++stats_.literal_pages;
+    if (zstd_) {
+      size_t n = ZSTD_compressCCtx(cctx_, zbuf_.data(), zbuf_.size(), rec.data.data(),
+                                   rec.data.size(), 1);
+      if (!ZSTD_isError(n) && n < kPageBytes) {
+        ++stats_.zstd_pages;
+        Record(AppendLiteral(Literal{h, std::span<const uint8_t>(zbuf_.data(), n)}, true, out_));
+        return;
+      }
+    }
+    Record(AppendLiteral(Literal{h, rec.data}, false, out_));
+  }
+
+  void OnFallback(const Fallback& why) override {
+    stats_.fell_back = true;
+    stats_.fallback_reason = why.reason;
+    spdlog::info("encoder: forwarding the rest of the stream raw from byte {}: {}",
+                 why.stream_offset, why.reason);
+  }
+
+  void Record(const Status& st) {
+    if (!st && !visit_error_) visit_error_ = st.error();
+  }
+
+  ByteStream& qemu_;
+  ByteStream& wan_;
+  const EncoderOptions& opt_;
+  detail::WanWriter writer_;
+  FrameReader frames_;  // decoder -> encoder; the handshake, then the relay thread
+  MigrationStreamParser parser_;
+  std::vector<uint8_t> out_;
+  std::unordered_set<uint64_t> summary_;
+  bool zstd_ = false;
+  ZSTD_CCtx* cctx_ = nullptr;
+  std::vector<uint8_t> zbuf_;
+  std::optional<PageHasher> hasher_;
+  detail::EndAccumulator end_acc_;
+  detail::ManifestBuilder manifest_;
+  std::optional<Error> visit_error_;
+  bool end_sent_ = false;
+  bool put_warned_ = false;
+  ProxyStats stats_;
+  std::thread relay_;
+
+  std::atomic<uint64_t> return_bytes_{0};
+  std::atomic<uint64_t> wan_in_{0};
+  std::atomic<bool> stopping_{false};
+  std::atomic<bool> source_eof_{false};
+  std::mutex mu_;
+  std::optional<EndFigures> my_end_;     // GUARDED_BY(mu_)
+  bool peer_end_ok_ = false;             // GUARDED_BY(mu_)
+  std::optional<Error> relay_error_;     // GUARDED_BY(mu_)
+};
+
+}  // namespace
+
+Result<ProxyStats> RunEncoderSession(ByteStream& qemu, ByteStream& wan,
+                                     const EncoderOptions& options, ProxyStats* partial) {
+  EncoderSession s(qemu, wan, options);
+  return s.Run(partial);
+}
+
+}  // namespace kagemusha::memcache

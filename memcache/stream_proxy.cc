@@ -1,0 +1,340 @@
+// Transports for the stream proxies: TCP sockets and the in-memory fake.
+#include <arpa/inet.h>
+#include <fcntl.h>
+#include <netdb.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <poll.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <condition_variable>
+#include <cstring>
+#include <deque>
+#include <mutex>
+
+#include "kagemusha/memcache/stream_proxy.h"
+
+#include <openssl/evp.h>
+
+#include "stream_proxy_session.h"
+
+namespace kagemusha::memcache {
+
+double ProxyStats::ratio() const {
+  return qemu_bytes == 0 ? 1.0 : double(wan_bytes_out) / double(qemu_bytes);
+}
+
+Result<std::pair<std::string, uint16_t>> SplitHostPort(const std::string& hp) {
+  std::string host, port;
+  if (!hp.empty() && hp[0] == '[') {
+    auto close = hp.find(']');
+    if (close == std::string::npos || close + 1 >= hp.size() || hp[close + 1] != ':')
+      return Fail(Error::Invalid("'" + hp + "' is not [IPV6]:PORT"));
+    host = hp.substr(1, close - 1);
+    port = hp.substr(close + 2);
+  } else {
+    auto colon = hp.rfind(':');
+    if (colon == std::string::npos || colon == 0)
+      return Fail(Error::Invalid("'" + hp + "' is not HOST:PORT (e.g. 127.0.0.1:4444)"));
+    host = hp.substr(0, colon);
+    port = hp.substr(colon + 1);
+  }
+  if (port.empty() || port.size() > 5 || !std::all_of(port.begin(), port.end(), ::isdigit))
+    return Fail(Error::Invalid("'" + hp + "': port must be a number 0..65535"));
+  unsigned long p = std::stoul(port);
+  if (p > 65535) return Fail(Error::Invalid("'" + hp + "': port must be 0..65535"));
+  return std::make_pair(host, uint16_t(p));
+}
+
+namespace {
+
+Result<addrinfo*> Resolve(const std::string& host, uint16_t port, bool passive) {
+  addrinfo hints{};
+  hints.ai_family = AF_UNSPEC;
+  hints.ai_socktype = SOCK_STREAM;
+  hints.ai_flags = passive ? AI_PASSIVE : 0;
+  addrinfo* res = nullptr;
+  int rc = ::getaddrinfo(host.c_str(), std::to_string(port).c_str(), &hints, &res);
+  if (rc != 0)
+    return Fail(Error::Invalid("cannot resolve '" + host + "': " + ::gai_strerror(rc)));
+  return res;
+}
+
+}  // namespace
+
+// --- SocketStream -------------------------------------------------------------------
+
+SocketStream::SocketStream(int fd) : fd_(fd) {
+  int one = 1;
+  // Return-path messages (postcopy page requests) are small and urgent.
+  ::setsockopt(fd_, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+}
+
+SocketStream::~SocketStream() {
+  if (fd_ >= 0) ::close(fd_);
+}
+
+Result<std::unique_ptr<SocketStream>> SocketStream::Connect(const std::string& host_port,
+                                                            std::chrono::milliseconds timeout) {
+  auto hp = SplitHostPort(host_port);
+  if (!hp) return Fail(hp.error());
+  auto res = Resolve(hp->first, hp->second, false);
+  if (!res) return Fail(res.error());
+  Error last = Error::Io("no address for " + host_port);
+  for (addrinfo* ai = *res; ai; ai = ai->ai_next) {
+    int fd = ::socket(ai->ai_family, ai->ai_socktype | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+    if (fd < 0) {
+      last = Error::Errno(errno, "socket");
+      continue;
+    }
+    int rc = ::connect(fd, ai->ai_addr, ai->ai_addrlen);
+    if (rc != 0 && errno == EINPROGRESS) {
+      pollfd p{fd, POLLOUT, 0};
+      rc = ::poll(&p, 1, int(timeout.count()));
+      if (rc == 0) {
+        ::close(fd);
+        last = Error::Timeout("connecting to " + host_port + " timed out");
+        continue;
+      }
+      int err = 0;
+      socklen_t len = sizeof err;
+      ::getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &len);
+      if (err != 0) {
+        ::close(fd);
+        last = Error::Errno(err, "connecting to " + host_port);
+        continue;
+      }
+      rc = 0;
+    }
+    if (rc != 0) {
+      last = Error::Errno(errno, "connecting to " + host_port);
+      ::close(fd);
+      continue;
+    }
+    ::fcntl(fd, F_SETFL, ::fcntl(fd, F_GETFL) & ~O_NONBLOCK);
+    ::freeaddrinfo(*res);
+    return std::make_unique<SocketStream>(fd);
+  }
+  ::freeaddrinfo(*res);
+  return Fail(last);
+}
+
+Result<size_t> SocketStream::Read(std::span<uint8_t> buf) {
+  while (true) {
+    ssize_t n = ::recv(fd_, buf.data(), buf.size(), 0);
+    if (n >= 0) return size_t(n);
+    if (errno == EINTR) continue;
+    return Fail(Error::Errno(errno, "recv"));
+  }
+}
+
+Status SocketStream::WriteAll(std::span<const uint8_t> bytes) {
+  while (!bytes.empty()) {
+    ssize_t n = ::send(fd_, bytes.data(), bytes.size(), MSG_NOSIGNAL);
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      return Fail(Error::Errno(errno, "send"));
+    }
+    bytes = bytes.subspan(size_t(n));
+  }
+  return Ok();
+}
+
+void SocketStream::ShutdownWrite() { ::shutdown(fd_, SHUT_WR); }
+void SocketStream::Abort() { ::shutdown(fd_, SHUT_RDWR); }
+
+// --- TcpListener ----------------------------------------------------------------------
+
+Result<std::unique_ptr<TcpListener>> TcpListener::Listen(const std::string& host_port) {
+  auto hp = SplitHostPort(host_port);
+  if (!hp) return Fail(hp.error());
+  if (hp->first.empty()) return Fail(Error::Invalid("'" + host_port + "' has no host"));
+  auto res = Resolve(hp->first, hp->second, true);
+  if (!res) return Fail(res.error());
+  Error last = Error::Io("no address for " + host_port);
+  for (addrinfo* ai = *res; ai; ai = ai->ai_next) {
+    int fd = ::socket(ai->ai_family, ai->ai_socktype | SOCK_CLOEXEC, 0);
+    if (fd < 0) continue;
+    int one = 1;
+    ::setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+    if (::bind(fd, ai->ai_addr, ai->ai_addrlen) != 0 || ::listen(fd, 8) != 0) {
+      last = Error::Errno(errno, "listening on " + host_port);
+      ::close(fd);
+      continue;
+    }
+    sockaddr_storage ss{};
+    socklen_t len = sizeof ss;
+    ::getsockname(fd, reinterpret_cast<sockaddr*>(&ss), &len);
+    uint16_t port = ss.ss_family == AF_INET6
+                        ? ntohs(reinterpret_cast<sockaddr_in6*>(&ss)->sin6_port)
+                        : ntohs(reinterpret_cast<sockaddr_in*>(&ss)->sin_port);
+    ::freeaddrinfo(*res);
+    return std::unique_ptr<TcpListener>(new TcpListener(fd, hp->first, port));
+  }
+  ::freeaddrinfo(*res);
+  return Fail(last);
+}
+
+TcpListener::~TcpListener() {
+  if (fd_ >= 0) ::close(fd_);
+}
+
+std::string TcpListener::address() const {
+  bool v6 = host_.find(':') != std::string::npos;
+  return (v6 ? "[" + host_ + "]" : host_) + ":" + std::to_string(port_);
+}
+
+void TcpListener::Close() { ::shutdown(fd_, SHUT_RDWR); }
+
+Result<std::unique_ptr<SocketStream>> TcpListener::Accept() {
+  while (true) {
+    int fd = ::accept4(fd_, nullptr, nullptr, SOCK_CLOEXEC);
+    if (fd >= 0) return std::make_unique<SocketStream>(fd);
+    if (errno == EINTR || errno == ECONNABORTED) continue;
+    return Fail(Error::Errno(errno, "accept on " + address()));
+  }
+}
+
+// --- the in-memory fake ----------------------------------------------------------------
+
+namespace {
+
+// One direction of a pipe.
+struct Channel {
+  std::mutex mu;
+  std::condition_variable cv;
+  std::deque<uint8_t> data;
+  bool write_closed = false;  // EOF after the queued bytes
+  bool aborted = false;       // reset: reads and writes fail
+  size_t capacity;
+  explicit Channel(size_t cap) : capacity(cap) {}
+};
+
+class MemoryStream final : public ByteStream {
+ public:
+  MemoryStream(std::shared_ptr<Channel> in, std::shared_ptr<Channel> out)
+      : in_(std::move(in)), out_(std::move(out)) {}
+  ~MemoryStream() override { Abort(); }
+
+  Result<size_t> Read(std::span<uint8_t> buf) override {
+    std::unique_lock lk(in_->mu);
+    in_->cv.wait(lk, [&] { return in_->aborted || !in_->data.empty() || in_->write_closed; });
+    if (in_->aborted) return Fail(Error::Errno(ECONNRESET, "recv"));
+    if (in_->data.empty()) return size_t{0};
+    size_t n = std::min(buf.size(), in_->data.size());
+    std::copy_n(in_->data.begin(), n, buf.begin());
+    in_->data.erase(in_->data.begin(), in_->data.begin() + long(n));
+    in_->cv.notify_all();
+    return n;
+  }
+
+  Status WriteAll(std::span<const uint8_t> bytes) override {
+    std::unique_lock lk(out_->mu);
+    while (!bytes.empty()) {
+      out_->cv.wait(lk, [&] {
+        return out_->aborted || out_->write_closed || out_->data.size() < out_->capacity;
+      });
+      if (out_->aborted || out_->write_closed) return Fail(Error::Errno(EPIPE, "send"));
+      size_t n = std::min(bytes.size(), out_->capacity - out_->data.size());
+      out_->data.insert(out_->data.end(), bytes.begin(), bytes.begin() + long(n));
+      bytes = bytes.subspan(n);
+      out_->cv.notify_all();
+    }
+    return Ok();
+  }
+
+  void ShutdownWrite() override {
+    std::lock_guard lk(out_->mu);
+    out_->write_closed = true;
+    out_->cv.notify_all();
+  }
+
+  void Abort() override {
+    for (auto* c : {in_.get(), out_.get()}) {
+      std::lock_guard lk(c->mu);
+      c->aborted = true;
+      c->cv.notify_all();
+    }
+  }
+
+ private:
+  std::shared_ptr<Channel> in_, out_;
+};
+
+}  // namespace
+
+std::pair<std::unique_ptr<ByteStream>, std::unique_ptr<ByteStream>> MakeMemoryPipe(
+    size_t capacity) {
+  auto a_to_b = std::make_shared<Channel>(capacity);
+  auto b_to_a = std::make_shared<Channel>(capacity);
+  return {std::make_unique<MemoryStream>(b_to_a, a_to_b),
+          std::make_unique<MemoryStream>(a_to_b, b_to_a)};
+}
+
+// --- session helpers (stream_proxy_session.h) -----------------------------------------
+
+namespace detail {
+
+EndAccumulator::EndAccumulator() : ctx_(EVP_MD_CTX_new()) {
+  EVP_DigestInit_ex(static_cast<EVP_MD_CTX*>(ctx_), EVP_sha256(), nullptr);
+}
+
+EndAccumulator::~EndAccumulator() { EVP_MD_CTX_free(static_cast<EVP_MD_CTX*>(ctx_)); }
+
+void EndAccumulator::Page(const PageDigest& d) {
+  ++pages_;
+  EVP_DigestUpdate(static_cast<EVP_MD_CTX*>(ctx_), d.bytes.data(), d.bytes.size());
+}
+
+reuse::EndFigures EndAccumulator::Figures() const {
+  reuse::EndFigures f;
+  f.pages = pages_;
+  f.zero_pages = zero_pages_;
+  f.passthrough_bytes = passthrough_bytes_;
+  f.passthrough_crc = crc_;
+  EVP_MD_CTX* copy = EVP_MD_CTX_new();
+  EVP_MD_CTX_copy_ex(copy, static_cast<EVP_MD_CTX*>(ctx_));
+  unsigned len = 0;
+  EVP_DigestFinal_ex(copy, f.page_chain.bytes.data(), &len);
+  EVP_MD_CTX_free(copy);
+  return f;
+}
+
+void ManifestBuilder::Set(std::string_view block, uint64_t offset, const PageDigest& d) {
+  auto it = blocks_.find(block);
+  if (it == blocks_.end()) it = blocks_.emplace(std::string(block), std::map<uint64_t, PageDigest>{}).first;
+  it->second[offset] = d;
+}
+
+void ManifestBuilder::Erase(std::string_view block, uint64_t offset) {
+  auto it = blocks_.find(block);
+  if (it != blocks_.end()) it->second.erase(offset);
+}
+
+Manifest ManifestBuilder::Build() const {
+  Manifest m;
+  for (const auto& [block, pages] : blocks_) {
+    for (const auto& [offset, digest] : pages) m.entries.push_back({block, offset, digest});
+  }
+  return m;
+}
+
+std::string DescribeEndMismatch(const reuse::EndFigures& mine, const reuse::EndFigures& theirs) {
+  auto pair = [](uint64_t a, uint64_t b) {
+    return std::to_string(a) + " here vs " + std::to_string(b) + " at the peer";
+  };
+  if (mine.pages != theirs.pages) return "page count differs (" + pair(mine.pages, theirs.pages) + ")";
+  if (mine.zero_pages != theirs.zero_pages)
+    return "zero-page count differs (" + pair(mine.zero_pages, theirs.zero_pages) + ")";
+  if (mine.passthrough_bytes != theirs.passthrough_bytes)
+    return "passthrough byte count differs (" +
+           pair(mine.passthrough_bytes, theirs.passthrough_bytes) + ")";
+  if (mine.passthrough_crc != theirs.passthrough_crc) return "passthrough CRC-32C differs";
+  return "digest over the delivered pages differs";
+}
+
+}  // namespace detail
+
+}  // namespace kagemusha::memcache
