@@ -297,10 +297,16 @@ void MobilitySession::MaybeAnnounceHome() {
   home_announced_ = true;
   // RFC 6275 §11.5.4: neighbours must now reach the home addresses at the
   // guest's own MAC.
+  auto from = [this](std::vector<uint8_t> frame) {
+    if (config_.announce_from_mac && frame.size() >= 12)
+      std::copy(config_.announce_from_mac->begin(), config_.announce_from_mac->end(),
+                frame.begin() + 6);
+    return frame;
+  };
   for (const auto& hoa : config_.home_addresses)
-    SendGuest(BuildUnsolicitedNeighborAdvertisementFrame(config_.guest_mac, hoa));
+    SendGuest(from(BuildUnsolicitedNeighborAdvertisementFrame(config_.guest_mac, hoa)));
   if (config_.home_address4)
-    SendGuest(BuildGratuitousArpFrame(config_.guest_mac, *config_.home_address4));
+    SendGuest(from(BuildGratuitousArpFrame(config_.guest_mac, *config_.home_address4)));
   Emit(SessionEvent::Kind::kDeregistered, config_.home_addresses.front(), 0,
        "home addresses announced with the guest's MAC");
 }

@@ -87,6 +87,11 @@ struct SessionConfig {
   bool send_router_advertisements = false;
   uint32_t lifetime_seconds = 600;      // requested binding lifetime
   std::optional<MobilityAuthConfig> auth;  // nullopt: insecure
+  // Ethernet source of the at-home announcement (the NA's target link-layer
+  // option and the ARP sender are always the guest's MAC). The daemon uses
+  // its TAP's own MAC so the bridge does not learn the guest's MAC on the
+  // TAP port; nullopt: the guest's MAC.
+  std::optional<MacAddress> announce_from_mac;
   SessionTimers timers;
 };
 // Checks what a session cannot run without (one home address, unicast
