@@ -67,17 +67,19 @@ Result<Header> DecodeHeader(std::span<const uint8_t> data) {
   h.flags = LoadBe32(&data[28]);
   h.block_count = LoadBe64(&data[32]);
   if (h.header_size != kHeaderSize)
-    return Fail(Error::Invalid("bitmap header size " + std::to_string(h.header_size) +
-                               " is not " + std::to_string(kHeaderSize) + "." + kStartOver));
+    return Fail(Error::Invalid("bitmap header size " + std::to_string(h.header_size) + " is not " +
+                               std::to_string(kHeaderSize) + "." + kStartOver));
   if (!IsPowerOfTwo(h.block_size) || h.block_size < kMinBlockSize || h.block_size > kMaxBlockSize)
     return Fail(Error::Invalid("bitmap block size " + std::to_string(h.block_size) +
                                " is not a power of two between 4096 and 2^30." + kStartOver));
   if (h.flags != 0)
-    return Fail(Error::NotSupported("bitmap has unknown flags 0x" + [&] {
-      char b[16];
-      std::snprintf(b, sizeof b, "%x", h.flags);
-      return std::string(b);
-    }() + " (written by a newer version?)." + kStartOver));
+    return Fail(Error::NotSupported("bitmap has unknown flags 0x" +
+                                    [&] {
+                                      char b[16];
+                                      std::snprintf(b, sizeof b, "%x", h.flags);
+                                      return std::string(b);
+                                    }() +
+                                    " (written by a newer version?)." + kStartOver));
   if (h.block_count != BlockCount(h.image_size, h.block_size))
     return Fail(Error::Invalid("bitmap block count " + std::to_string(h.block_count) +
                                " does not match image size / block size." + kStartOver));
@@ -90,9 +92,8 @@ Status CheckMatchesImage(const Header& h, uint64_t image_size, uint32_t block_si
                                " bytes but the remote export has " + std::to_string(image_size) +
                                " bytes: the cache belongs to another image." + kStartOver));
   if (h.block_size != block_size)
-    return Fail(Error::Invalid("bitmap uses block size " + std::to_string(h.block_size) +
-                               " but " + std::to_string(block_size) +
-                               " was requested; pass --block-size " +
+    return Fail(Error::Invalid("bitmap uses block size " + std::to_string(h.block_size) + " but " +
+                               std::to_string(block_size) + " was requested; pass --block-size " +
                                std::to_string(h.block_size) + " to reuse this cache." +
                                kStartOver));
   return Ok();

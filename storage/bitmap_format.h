@@ -29,8 +29,8 @@ namespace kagemusha::storage::bitmap {
 
 inline constexpr std::array<uint8_t, 8> kMagic = {'K', 'G', 'M', 'S', 'B', 'M', 'A', 'P'};
 inline constexpr uint32_t kVersion = 1;
-inline constexpr uint32_t kHeaderSize = 4096;       // version 1 always writes this
-inline constexpr size_t kHeaderFieldsSize = 44;     // bytes with meaning; the rest is padding
+inline constexpr uint32_t kHeaderSize = 4096;    // version 1 always writes this
+inline constexpr size_t kHeaderFieldsSize = 44;  // bytes with meaning; the rest is padding
 inline constexpr size_t kCrcOffset = 40;
 inline constexpr uint32_t kMinBlockSize = 4096;
 inline constexpr uint32_t kMaxBlockSize = 1u << 30;

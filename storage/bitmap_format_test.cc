@@ -68,23 +68,59 @@ TEST(BitmapFormat, RejectsMalformedHeaders) {
       {"empty", [](auto&) {}, 0, EINVAL, "truncated"},
       {"truncated before crc", [](auto&) {}, 43, EINVAL, "truncated"},
       {"bad magic", [](auto& h) { h[0] = 'X'; }, kHeaderSize, EINVAL, "bad magic"},
-      {"image file instead of bitmap", [](auto& h) { std::fill(h.begin(), h.begin() + 44, 0); }, kHeaderSize,
-       EINVAL, "bad magic"},
-      {"newer version", [](auto& h) { StoreBe32(&h[8], 2); Reseal(h); }, kHeaderSize, ENOTSUP, "version 2"},
-      {"version zero", [](auto& h) { StoreBe32(&h[8], 0); Reseal(h); }, kHeaderSize, ENOTSUP, "version 0"},
-      {"flipped bit in image size", [](auto& h) { h[20] ^= 0x10; }, kHeaderSize, EINVAL, "checksum"},
+      {"image file instead of bitmap", [](auto& h) { std::fill(h.begin(), h.begin() + 44, 0); },
+       kHeaderSize, EINVAL, "bad magic"},
+      {"newer version",
+       [](auto& h) {
+         StoreBe32(&h[8], 2);
+         Reseal(h);
+       },
+       kHeaderSize, ENOTSUP, "version 2"},
+      {"version zero",
+       [](auto& h) {
+         StoreBe32(&h[8], 0);
+         Reseal(h);
+       },
+       kHeaderSize, ENOTSUP, "version 0"},
+      {"flipped bit in image size", [](auto& h) { h[20] ^= 0x10; }, kHeaderSize, EINVAL,
+       "checksum"},
       {"flipped crc", [](auto& h) { h[kCrcOffset] ^= 1; }, kHeaderSize, EINVAL, "checksum"},
-      {"header size changed", [](auto& h) { StoreBe32(&h[12], 512); Reseal(h); }, kHeaderSize, EINVAL,
-       "header size"},
-      {"block size not a power of two", [](auto& h) { StoreBe32(&h[24], 65537); Reseal(h); }, kHeaderSize,
-       EINVAL, "block size"},
-      {"block size too small", [](auto& h) { StoreBe32(&h[24], 512); Reseal(h); }, kHeaderSize, EINVAL,
-       "block size"},
-      {"block size zero", [](auto& h) { StoreBe32(&h[24], 0); Reseal(h); }, kHeaderSize, EINVAL,
-       "block size"},
-      {"unknown flags", [](auto& h) { StoreBe32(&h[28], 4); Reseal(h); }, kHeaderSize, ENOTSUP, "flags 0x4"},
-      {"block count disagrees", [](auto& h) { StoreBe64(&h[32], 5); Reseal(h); }, kHeaderSize, EINVAL,
-       "block count"},
+      {"header size changed",
+       [](auto& h) {
+         StoreBe32(&h[12], 512);
+         Reseal(h);
+       },
+       kHeaderSize, EINVAL, "header size"},
+      {"block size not a power of two",
+       [](auto& h) {
+         StoreBe32(&h[24], 65537);
+         Reseal(h);
+       },
+       kHeaderSize, EINVAL, "block size"},
+      {"block size too small",
+       [](auto& h) {
+         StoreBe32(&h[24], 512);
+         Reseal(h);
+       },
+       kHeaderSize, EINVAL, "block size"},
+      {"block size zero",
+       [](auto& h) {
+         StoreBe32(&h[24], 0);
+         Reseal(h);
+       },
+       kHeaderSize, EINVAL, "block size"},
+      {"unknown flags",
+       [](auto& h) {
+         StoreBe32(&h[28], 4);
+         Reseal(h);
+       },
+       kHeaderSize, ENOTSUP, "flags 0x4"},
+      {"block count disagrees",
+       [](auto& h) {
+         StoreBe64(&h[32], 5);
+         Reseal(h);
+       },
+       kHeaderSize, EINVAL, "block count"},
   };
   for (const auto& c : cases) {
     SCOPED_TRACE(c.name);

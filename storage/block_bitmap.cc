@@ -26,7 +26,8 @@ bool AtomicBitset::AllSet(uint64_t first, uint64_t last) const {
     uint64_t w = first / 64;
     uint64_t lo = first % 64;
     uint64_t hi = std::min<uint64_t>(64, lo + (last - first));
-    uint64_t mask = (hi == 64 ? ~uint64_t(0) : (uint64_t(1) << hi) - 1) & ~((uint64_t(1) << lo) - 1);
+    uint64_t mask =
+        (hi == 64 ? ~uint64_t(0) : (uint64_t(1) << hi) - 1) & ~((uint64_t(1) << lo) - 1);
     if ((words_[w].load(std::memory_order_acquire) & mask) != mask) return false;
     first += hi - lo;
   }
@@ -153,7 +154,11 @@ Result<std::unique_ptr<BlockBitmap>> BlockBitmap::Open(const std::string& path, 
 }
 
 BlockBitmap::BlockBitmap(std::string path, int fd, const bitmap::Header& header, bool created)
-    : path_(std::move(path)), fd_(fd), header_(header), created_(created), bits_(header.block_count) {}
+    : path_(std::move(path)),
+      fd_(fd),
+      header_(header),
+      created_(created),
+      bits_(header.block_count) {}
 
 BlockBitmap::~BlockBitmap() { ::close(fd_); }
 

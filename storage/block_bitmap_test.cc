@@ -62,10 +62,10 @@ TEST(BlockBitmap, CreatesAnEmptyBitmapAndPersistsBitsAcrossReopen) {
   // The raw file follows the documented layout: header then LSB-first bits.
   auto raw = ReadFileBytes(dir / "bm");
   ASSERT_EQ(raw.size(), 4096u + 13u);
-  EXPECT_EQ(raw[4096 + 0], std::byte{0x81});  // blocks 0 and 7
-  EXPECT_EQ(raw[4096 + 1], std::byte{0x01});  // block 8
-  EXPECT_EQ(raw[4096 + 7], std::byte{0x80});  // block 63
-  EXPECT_EQ(raw[4096 + 8], std::byte{0x01});  // block 64
+  EXPECT_EQ(raw[4096 + 0], std::byte{0x81});   // blocks 0 and 7
+  EXPECT_EQ(raw[4096 + 1], std::byte{0x01});   // block 8
+  EXPECT_EQ(raw[4096 + 7], std::byte{0x80});   // block 63
+  EXPECT_EQ(raw[4096 + 8], std::byte{0x01});   // block 64
   EXPECT_EQ(raw[4096 + 12], std::byte{0x10});  // block 100
   auto bm = BlockBitmap::Open(dir / "bm", image, 65536);
   ASSERT_TRUE(bm.has_value());

@@ -220,7 +220,7 @@ class CopyOnReadImpl final : public CopyOnReadBackend {
 
   std::mutex inflight_mu_;
   std::unordered_map<uint64_t, std::shared_ptr<Claim>> inflight_;  // GUARDED_BY(inflight_mu_)
-  uint64_t fill_cursor_ = 0;                                        // GUARDED_BY(inflight_mu_)
+  uint64_t fill_cursor_ = 0;                                       // GUARDED_BY(inflight_mu_)
 
   // Group commit.
   std::mutex commit_mu_;
@@ -237,14 +237,14 @@ class CopyOnReadImpl final : public CopyOnReadBackend {
   // Fill.
   std::mutex fill_mu_;
   std::condition_variable fill_cv_;
-  std::thread fill_thread_;                // GUARDED_BY(fill_mu_)
+  std::thread fill_thread_;  // GUARDED_BY(fill_mu_)
   std::atomic<bool> fill_stop_{false};
   std::atomic<bool> fill_running_{false};
   std::atomic<uint32_t> guest_misses_{0};  // guest fetches in flight
   RateLimiter limiter_;
   RateMeter meter_;
-  Clock::TimePoint backoff_until_{};       // GUARDED_BY(fill_mu_)
-  Clock::Duration backoff_{0};             // GUARDED_BY(fill_mu_)
+  Clock::TimePoint backoff_until_{};  // GUARDED_BY(fill_mu_)
+  Clock::Duration backoff_{0};        // GUARDED_BY(fill_mu_)
 
   std::atomic<uint64_t> bytes_fetched_{0};
   std::atomic<uint64_t> bytes_fetched_fill_{0};
@@ -752,7 +752,8 @@ void CopyOnReadImpl::FillWorker() {
       until = backoff_until_;
     }
     if (clock_.Now() < until) {  // remote failed recently: wait before retrying
-      clock_.SleepFor(std::min<Clock::Duration>(until - clock_.Now(), std::chrono::milliseconds(20)));
+      clock_.SleepFor(
+          std::min<Clock::Duration>(until - clock_.Now(), std::chrono::milliseconds(20)));
       continue;
     }
     if (present_count_.load() == blocks_) return;
@@ -831,8 +832,7 @@ St CopyOnReadImpl::SwitchToTarget() {
 St CopyOnReadImpl::DoSwitch() {
   std::lock_guard lk(switch_mu_);
   if (!proxy()) return Ok();
-  if (present_count_.load() != blocks_)
-    return Fail(Error(EAGAIN, "blocks are still missing"));
+  if (present_count_.load() != blocks_) return Fail(Error(EAGAIN, "blocks are still missing"));
   // Every bit must be durable first, so a restart opens in target mode.
   if (auto s = WaitDurable(0, blocks_); !s) return s;
   if (auto s = SyncAll(); !s) return s;
@@ -921,12 +921,13 @@ Result<std::shared_ptr<CopyOnReadBackend>> CopyOnReadBackend::Open(
     return Fail(Error::Invalid("the cache is incomplete (" + std::to_string((*bm)->Count()) +
                                " of " + std::to_string((*bm)->blocks()) +
                                " blocks); a remote is needed to serve it"));
-  spdlog::info("copy-on-read: cache {} ({} bytes, block size {}), bitmap {} {} with {} of {} "
-               "blocks present",
-               options.cache_path, image_size, options.block_size, options.bitmap_path,
-               (*bm)->created() ? "created" : "opened", (*bm)->Count(), (*bm)->blocks());
-  auto impl = std::make_shared<CopyOnReadImpl>(std::move(remote), options, clock,
-                                               std::move(*cache), std::move(*bm), image_size);
+  spdlog::info(
+      "copy-on-read: cache {} ({} bytes, block size {}), bitmap {} {} with {} of {} "
+      "blocks present",
+      options.cache_path, image_size, options.block_size, options.bitmap_path,
+      (*bm)->created() ? "created" : "opened", (*bm)->Count(), (*bm)->blocks());
+  auto impl = std::make_shared<CopyOnReadImpl>(std::move(remote), options, clock, std::move(*cache),
+                                               std::move(*bm), image_size);
   if (options.fill_on_start) impl->StartFill();
   return std::shared_ptr<CopyOnReadBackend>(std::move(impl));
 }

@@ -5,9 +5,8 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
-#include <csignal>
-
 #include <atomic>
+#include <csignal>
 #include <cstdio>
 #include <cstring>
 #include <functional>
@@ -128,7 +127,8 @@ TEST_F(CopyOnReadTest, ConcurrentReadsOfSameBlockFetchOnce) {
   FakeRemote::Hold(*remote_);
   std::vector<std::future<std::vector<std::byte>>> readers;
   for (int i = 0; i < 8; ++i)
-    readers.push_back(std::async(std::launch::async, [&, i] { return ReadAt(5 * 65536 + i, 4096); }));
+    readers.push_back(
+        std::async(std::launch::async, [&, i] { return ReadAt(5 * 65536 + i, 4096); }));
   ASSERT_TRUE(FakeRemote::WaitHeld(*remote_, 1, 2s));
   std::this_thread::sleep_for(20ms);  // let the other readers pile up on the claim
   {
@@ -234,7 +234,7 @@ TEST_F(CopyOnReadTest, CacheCommandFetchesTheRange) {
 TEST_F(CopyOnReadTest, ExtentsReportMissingBlocksAsDataAndPresentOnesFromTheCache) {
   Init(4 * kMiB, 65536);
   ASSERT_TRUE(cor_->Zero(0, 2 * 65536, /*may_trim=*/true, false, false));  // present, punched
-  ReadAt(2 * 65536, 65536);                                               // present, data
+  ReadAt(2 * 65536, 65536);                                                // present, data
   auto ext = cor_->Extents(0, 4 * kMiB);
   ASSERT_TRUE(ext.has_value());
   std::vector<Extent> want = {{2 * 65536, true, true}, {4 * kMiB - 2 * 65536, false, false}};
@@ -686,19 +686,21 @@ TEST_F(CopyOnReadTest, CrashSafetyAcknowledgedWritesSurviveAKillWithoutFlush) {
     uint64_t block;
   };
   std::vector<Op> ops = {
-      {"full-block write to a missing block", [&] { return cor_->Write(full, 3 * 65536, false); }, 3},
+      {"full-block write to a missing block", [&] { return cor_->Write(full, 3 * 65536, false); },
+       3},
       {"partial write to a missing block",
        [&] { return cor_->Write(part, 7 * 65536 + 1000, false); }, 7},
       {"write to a fetched, uncommitted block",
        [&] { return cor_->Write(part, 20 * 65536 + 5, false); }, 20},
-      {"zero of a missing block", [&] { return cor_->Zero(40 * 65536, 65536, false, false, false); },
-       40},
+      {"zero of a missing block",
+       [&] { return cor_->Zero(40 * 65536, 65536, false, false, false); }, 40},
   };
   Snapshot snap;
   for (const auto& op : ops) {
     ASSERT_TRUE(op.run()) << op.name;
     snap = TakeSnapshot(opts_);
-    EXPECT_TRUE(BitSet(snap, op.block)) << op.name << " was acknowledged before its bit was written";
+    EXPECT_TRUE(BitSet(snap, op.block))
+        << op.name << " was acknowledged before its bit was written";
   }
   ScratchDir crash_dir;
   CopyOnReadOptions o2 = opts_;

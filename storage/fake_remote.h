@@ -42,8 +42,8 @@ class FakeRemote final : public RemoteReader {
     bool held = false;     // reads wait while true
     uint32_t waiting = 0;  // reads currently held
     bool closed = false;
-    std::chrono::microseconds delay{0};         // fixed part of every reply
-    std::chrono::microseconds jitter{0};        // random extra, to reorder replies
+    std::chrono::microseconds delay{0};   // fixed part of every reply
+    std::chrono::microseconds jitter{0};  // random extra, to reorder replies
     std::mt19937 rng{12345};
   };
 
@@ -136,7 +136,8 @@ class FakeRemote final : public RemoteReader {
 
   Status Reconnect() override {
     std::lock_guard lk(s_->mu);
-    if (s_->failure == Failure::kDisconnected) return Fail(Error::Timeout("fake remote unreachable"));
+    if (s_->failure == Failure::kDisconnected)
+      return Fail(Error::Timeout("fake remote unreachable"));
     return Ok();
   }
   bool Connected() const override {

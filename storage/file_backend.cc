@@ -44,7 +44,8 @@ Result<std::unique_ptr<FileBackend>> FileBackend::Open(const std::string& path,
   uint64_t size = 0;
   bool block_device = S_ISBLK(st.st_mode);
   if (block_device) {
-    if (::ioctl(fd, BLKGETSIZE64, &size) != 0) return fail(Error::Errno(errno, "BLKGETSIZE64 " + path));
+    if (::ioctl(fd, BLKGETSIZE64, &size) != 0)
+      return fail(Error::Errno(errno, "BLKGETSIZE64 " + path));
   } else if (S_ISREG(st.st_mode)) {
     size = uint64_t(st.st_size);
     if (options.create && size == 0 && options.create_size > 0) {
@@ -61,7 +62,11 @@ Result<std::unique_ptr<FileBackend>> FileBackend::Open(const std::string& path,
 }
 
 FileBackend::FileBackend(std::string path, int fd, uint64_t size, bool read_only, bool block_device)
-    : path_(std::move(path)), fd_(fd), size_(size), read_only_(read_only), block_device_(block_device) {}
+    : path_(std::move(path)),
+      fd_(fd),
+      size_(size),
+      read_only_(read_only),
+      block_device_(block_device) {}
 
 FileBackend::~FileBackend() { ::close(fd_); }
 
@@ -121,7 +126,8 @@ Status FileBackend::Zero(uint64_t offset, uint64_t length, bool may_trim, bool f
   int err = Fallocate(fd_, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, offset, length);
   if (err == 0) return done();
   if (!FallocateUnsupported(err)) return failed(err);
-  if (fast) return Fail(Error::NotSupported("fast zero: " + path_ + " cannot zero without writing"));
+  if (fast)
+    return Fail(Error::NotSupported("fast zero: " + path_ + " cannot zero without writing"));
   if (auto s = WriteZeroes(offset, length); !s) return s;
   return done();
 }

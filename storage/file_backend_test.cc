@@ -19,7 +19,9 @@ using testing::ScratchDir;
 
 constexpr uint64_t kMiB = 1024 * 1024;
 
-std::vector<std::byte> Bytes(size_t n, uint8_t v) { return std::vector<std::byte>(n, std::byte(v)); }
+std::vector<std::byte> Bytes(size_t n, uint8_t v) {
+  return std::vector<std::byte>(n, std::byte(v));
+}
 
 std::unique_ptr<FileBackend> NewImage(const ScratchDir& dir, uint64_t size) {
   auto b = FileBackend::Open(dir / "img", {.create = true, .create_size = size});
@@ -80,8 +82,8 @@ TEST(FileBackend, ExtentsReportHolesAsHoleAndZeroAndDataAsData) {
   ASSERT_TRUE(b->Write(Bytes(64 * 1024, 7), 1 * kMiB, false));
   auto ext = b->Extents(0, 4 * kMiB);
   ASSERT_TRUE(ext.has_value());
-  std::vector<Extent> want = {{1 * kMiB, true, true}, {64 * 1024, false, false},
-                              {3 * kMiB - 64 * 1024, true, true}};
+  std::vector<Extent> want = {
+      {1 * kMiB, true, true}, {64 * 1024, false, false}, {3 * kMiB - 64 * 1024, true, true}};
   EXPECT_EQ(*ext, want);
   // A query that starts inside the data run.
   auto mid = b->Extents(1 * kMiB + 4096, 8192);
@@ -99,8 +101,8 @@ TEST(FileBackend, TrimPunchesAHoleThatReadsAsZeroes) {
   EXPECT_EQ(got, Bytes(256 * 1024, 0));
   auto ext = b->Extents(0, 2 * kMiB);
   ASSERT_TRUE(ext.has_value());
-  std::vector<Extent> want = {{512 * 1024, false, false}, {256 * 1024, true, true},
-                              {2 * kMiB - 768 * 1024, false, false}};
+  std::vector<Extent> want = {
+      {512 * 1024, false, false}, {256 * 1024, true, true}, {2 * kMiB - 768 * 1024, false, false}};
   EXPECT_EQ(*ext, want);
 }
 
@@ -154,8 +156,8 @@ TEST(FileBackend, ConcurrentWritersOnOneObjectDoNotInterfere) {
   for (int t = 0; t < 4; ++t)
     ts.emplace_back([&, t] {
       for (int i = 0; i < 64; ++i)
-        ASSERT_TRUE(b->Write(Bytes(4096, uint8_t(t + 1)), uint64_t(t) * kMiB + uint64_t(i) * 4096,
-                             false));
+        ASSERT_TRUE(
+            b->Write(Bytes(4096, uint8_t(t + 1)), uint64_t(t) * kMiB + uint64_t(i) * 4096, false));
     });
   for (auto& t : ts) t.join();
   ASSERT_TRUE(b->Flush());
