@@ -3,6 +3,9 @@
 #
 #   OUTDIR/vmlinuz     Debian's linux-image-6.1.*-amd64 kernel (not installed:
 #                      `apt-get download` + `dpkg -x` in a temp dir)
+#   OUTDIR/vmlinux     the same kernel as an ELF with a PVH entry, unpacked
+#                      from vmlinuz; QEMU boots it without decompression
+#                      (about 4x faster under TCG). Absent if unavailable.
 #   OUTDIR/initrd.img  uncompressed newc cpio: busybox-static, the virtio
 #                      modules of that kernel, /init (./init) and memtool
 #                      (./memtool.cc, compiled -static here)
@@ -174,6 +177,29 @@ mknod -m 600 "$work/devroot/dev/console" c 5 1
 (cd "$work/devroot" && printf 'dev/console\n' | cpio -o -H newc --owner 0:0 --quiet) >>"$work/initrd.img"
 
 cp "$kdir/vmlinuz" "$work/vmlinuz"
+# QEMU boots an ELF vmlinux with a PVH entry note directly: no real-mode
+# setup and no in-guest XZ decompression, which under TCG on a busy machine
+# is most of the boot (measured: 23 s to the boot marker with the bzImage,
+# 5.4 s with the ELF). The ELF is the bzImage's payload, unpacked here.
+pvh=no
+py=python3
+[[ ! -x /usr/bin/python3 ]] || py=/usr/bin/python3  # Debian's, with lzma
+if "$py" - "$work/vmlinuz" "$work/vmlinux" <<'PY'
+import lzma, sys
+data = open(sys.argv[1], "rb").read()
+start = data.find(b"\xfd7zXZ\x00")
+if start < 0:
+    sys.exit(1)
+elf = lzma.LZMADecompressor(format=lzma.FORMAT_XZ).decompress(data[start:])
+if elf[:4] != b"\x7fELF":
+    sys.exit(1)
+open(sys.argv[2], "wb").write(elf)
+PY
+then
+  # XEN_ELFNOTE_PHYS32_ENTRY (18) is the PVH entry point.
+  if LC_ALL=C readelf -n "$work/vmlinux" | grep -q 'Xen.*0x00000012'; then pvh=yes; else rm -f "$work/vmlinux"; fi
+fi
+[[ $pvh == yes ]] || say "no PVH ELF kernel could be extracted; guests boot the bzImage (slower)"
 {
   echo "format=1"
   echo "built_utc=$(date -u +%Y-%m-%dT%H:%M:%SZ)"
@@ -183,7 +209,9 @@ cp "$kdir/vmlinuz" "$work/vmlinuz"
   echo "busybox_static=$bb_ver"
   echo "gxx=$(g++ -dumpfullversion)"
   echo "modules=${MODULES[*]}"
+  echo "pvh_vmlinux=$pvh"
   echo "vmlinuz_bytes=$(stat -c %s "$work/vmlinuz")"
+  [[ $pvh == no ]] || echo "vmlinux_bytes=$(stat -c %s "$work/vmlinux")"
   echo "initrd_bytes=$(stat -c %s "$work/initrd.img")"
   echo "memtool_bytes=$(stat -c %s "$root/bin/memtool")"
   echo "vmlinuz_sha256=$(sha256sum "$work/vmlinuz" | awk '{print $1}')"
@@ -194,6 +222,8 @@ cp "$kdir/vmlinuz" "$work/vmlinuz"
 # point is not mistaken for an up-to-date one.
 rm -f "$outdir/manifest"
 mv "$work/vmlinuz" "$outdir/vmlinuz"
+rm -f "$outdir/vmlinux"
+[[ $pvh == no ]] || mv "$work/vmlinux" "$outdir/vmlinux"
 mv "$work/initrd.img" "$outdir/initrd.img"
 mv "$work/manifest" "$outdir/manifest"
 say "built $outdir: vmlinuz $(stat -c %s "$outdir/vmlinuz") bytes, initrd.img $(stat -c %s "$outdir/initrd.img") bytes ($kpkg $kver)"
