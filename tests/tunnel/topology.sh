@@ -66,6 +66,21 @@ _mob_vmbridge() {  # HOST MAC -> prints the bridge name
   printf '%s\n' "$br"
 }
 
+# A host on the home link whose own bridge holds its home-link veth (and its
+# addresses): hh, and the bench's VXLAN gateway. Sets MOB_BRIDGED_BR.
+mob_bridged_host() {  # NAME MAC ADDR6 ADDR4
+  tb_host "$1"
+  tb_bridge_attach home "$1"
+  local up=$TB_LINK_IF_A br
+  br=$(_mob_vmbridge "$1" "$2")
+  tb_exec "$1" ip link set "$up" master "$br"
+  tb_addr "$1" "$br" "$3/64"
+  tb_addr "$1" "$br" "$4/24"
+  tb_exec "$1" ip -6 route add default via "$MOB_ROUTER_GLOBAL" dev "$br"
+  tb_exec "$1" ip -4 route add default via "$MOB_ROUTER_V4" dev "$br"
+  MOB_BRIDGED_BR=$br
+}
+
 mob_topology() {
   local cn_rtt=20 foreign_rtt=10 rate=0
   while (($#)); do
@@ -88,22 +103,22 @@ mob_topology() {
   MOB_HA_IF=$(tb_if ha home)
 
   # Home host: its VM bridge is itself a port of the home link.
-  tb_host hh
-  tb_bridge_attach home hh
-  local hh_up=$TB_LINK_IF_A
-  MOB_VMBR[hh]=$(_mob_vmbridge hh 02:4b:4d:00:03:01)
-  tb_exec hh ip link set "$hh_up" master "${MOB_VMBR[hh]}"
-  tb_addr hh "${MOB_VMBR[hh]}" 2001:db8:1::3/64
-  tb_addr hh "${MOB_VMBR[hh]}" 192.0.2.3/24
-  tb_exec hh ip -6 route add default via "$MOB_ROUTER_GLOBAL" dev "${MOB_VMBR[hh]}"
-  tb_exec hh ip -4 route add default via "$MOB_ROUTER_V4" dev "${MOB_VMBR[hh]}"
+  mob_bridged_host hh 02:4b:4d:00:03:01 2001:db8:1::3 192.0.2.3
+  MOB_VMBR[hh]=$MOB_BRIDGED_BR
   MOB_COA[hh]=2001:db8:1::3
   MOB_UPLINK[hh]=${MOB_VMBR[hh]}
 
   # Correspondent behind the WAN emulator.
-  tb_site cnsite --v6 2001:db8:c::/64 --v4 203.0.113.0/25
-  tb_host cn cnsite --v6 "$MOB_CN6/64" --v4 "$MOB_CN4/25"
-  tb_wan home cnsite --rtt "$cn_rtt" --rate "$rate" --name wanC
+  if [[ "$cn_rtt" == direct ]]; then
+    tb_host cn
+    tb_link home cn --addr-a 2001:db8:c::1/64 --addr-a 203.0.113.1/25 --addr-b "$MOB_CN6/64" --addr-b "$MOB_CN4/25"
+    tb_exec cn ip -6 route add default via 2001:db8:c::1 dev "$TB_LINK_IF_B"
+    tb_exec cn ip -4 route add default via 203.0.113.1 dev "$TB_LINK_IF_B"
+  else
+    tb_site cnsite --v6 2001:db8:c::/64 --v4 203.0.113.0/25
+    tb_host cn cnsite --v6 "$MOB_CN6/64" --v4 "$MOB_CN4/25"
+    tb_wan home cnsite --rtt "$cn_rtt" --rate "$rate" --name wanC
+  fi
 
   # Foreign sites A and B.
   local h p n=0
