@@ -43,6 +43,7 @@ class DecoderSession {
     auto st = RunInner();
     stats_.return_bytes = return_bytes_.load();
     stats_.wan_bytes_out = writer_.bytes();
+    stats_.forward_wan_bytes = stats_.wan_bytes_in;
     if (partial) *partial = stats_;
     if (!st) return Fail(st.error());
     return stats_;

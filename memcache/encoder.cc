@@ -50,6 +50,7 @@ class EncoderSession final : public MigrationStreamVisitor {
     stats_.return_bytes = return_bytes_.load();
     stats_.wan_bytes_in = wan_in_.load();
     stats_.wan_bytes_out = writer_.bytes();
+    stats_.forward_wan_bytes = stats_.wan_bytes_out;
     if (partial) *partial = stats_;
     if (!st) return Fail(st.error());
     return stats_;

@@ -23,7 +23,7 @@
 namespace kagemusha::memcache {
 
 double ProxyStats::ratio() const {
-  return qemu_bytes == 0 ? 1.0 : double(wan_bytes_out) / double(qemu_bytes);
+  return qemu_bytes == 0 ? 1.0 : double(forward_wan_bytes) / double(qemu_bytes);
 }
 
 Result<std::pair<std::string, uint16_t>> SplitHostPort(const std::string& hp) {

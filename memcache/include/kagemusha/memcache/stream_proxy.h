@@ -122,7 +122,8 @@ struct ProxyStats {
   bool fell_back = false;         // the parser stopped understanding the stream
   std::string fallback_reason;
   bool learned = false;           // manifest written for the VM
-  // Forward WAN bytes / QEMU stream bytes (1.0 = no gain; < 1 is a saving).
+  uint64_t forward_wan_bytes = 0;  // reuse-protocol bytes source -> destination
+  // forward_wan_bytes / qemu_bytes (1.0 = no gain; < 1 is a saving).
   double ratio() const;
 };
 
