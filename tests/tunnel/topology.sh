@@ -399,13 +399,14 @@ print("bytes=%d sha256=%s" % (n, h.hexdigest()), flush=True)
 PY
 }
 
-# mob_stream_start NAME DST_ADDR PORT RATE_BYTES_S MIN_BYTES
-# Receiver in the guest, sender in the CN. Sets MOB_STREAM_* for the others.
+# mob_stream_start NAME DST_ADDR PORT RATE_BYTES_S MIN_BYTES [TX_NODE RX_NODE]
+# Receiver in RX_NODE (default the guest), sender in TX_NODE (default the
+# CN). Sets MOB_STREAM_* for the other helpers.
 mob_stream_start() {
-  local name=$1 dst=$2 port=$3 rate=$4 min=$5 bind=::
+  local name=$1 dst=$2 port=$3 rate=$4 min=$5 tx=${6:-cn} rx=${7:-guest} bind=::
   [[ "$dst" == *:* ]] || bind=0.0.0.0
   _mob_write_stream_tools
-  tb_spawn --name "$name-rx" guest python3 "$TB_DIR/stream_rx.py" "$bind" "$port"
+  tb_spawn --name "$name-rx" "$rx" python3 "$TB_DIR/stream_rx.py" "$bind" "$port"
   MOB_STREAM_RX_LOG=$TB_SPAWN_LOG
   MOB_STREAM_RX_PID=$TB_SPAWN_PID
   tb_wait_log "$MOB_STREAM_RX_LOG" '^listening' 10 || tb_fail "stream receiver did not start"
@@ -413,12 +414,12 @@ mob_stream_start() {
   MOB_STREAM_PROGRESS="$TB_DIR/$name.progress"
   rm -f "$MOB_STREAM_STOP"
   echo 0 >"$MOB_STREAM_PROGRESS"
-  tb_spawn --name "$name-tx" cn python3 "$TB_DIR/stream_tx.py" "$dst" "$port" "$rate" "$min" \
+  tb_spawn --name "$name-tx" "$tx" python3 "$TB_DIR/stream_tx.py" "$dst" "$port" "$rate" "$min" \
     "$MOB_STREAM_STOP" "$MOB_STREAM_PROGRESS"
   MOB_STREAM_TX_LOG=$TB_SPAWN_LOG
   MOB_STREAM_TX_PID=$TB_SPAWN_PID
   tb_wait_log "$MOB_STREAM_TX_LOG" '^connected' 15 || tb_fail "stream sender did not connect to [$dst]:$port"
-  tb_log "stream $name: cn -> [$dst]:$port at $rate B/s, at least $min bytes"
+  tb_log "stream $name: $tx -> $rx [$dst]:$port at $rate B/s, at least $min bytes"
 }
 
 mob_stream_bytes() { cat "$MOB_STREAM_PROGRESS" 2>/dev/null || echo 0; }
