@@ -211,7 +211,7 @@ for payload in (b"", b"\x60", b"\x60" + b"\x00" * 60, b"\x45" * 40):
     sendp(Ether(dst="02:00:00:00:00:01", type=0x86dd if payload[:1] != b"\x45" else 0x0800) / Raw(payload), iface=iface, verbose=False)
 PY
 sleep 0.5
-bad=$(status_json | jq_py '" ".join(f"{k}={v}" for k,v in d["sessions"][0]["counters"].items() if k in ("ba_wrong_source","ba_wrong_sequence","mh_malformed","guest_malformed"))')
+bad=$(status_json | jq_py '" ".join(f"{k}={v}" for k,v in d["sessions"][0]["counters"].items() if k in ("ba_wrong_source","ba_wrong_sequence","ba_unexpected","mh_malformed","guest_malformed","guest_frames"))')
 tb_log "bad-input counters: $bad"
 [[ $bad == *"ba_wrong_source=1"* ]] || tb_fail "spoofed BA not counted: $bad"
 [[ $bad == *"ba_wrong_sequence=0"* ]] || true  # registered: a late BA is 'unexpected', not wrong-seq
