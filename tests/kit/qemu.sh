@@ -354,7 +354,8 @@ kq_start() {
     echo "incoming=$incoming"
   } >>"$dir/config"
 
-  local -a cmd=("$KQ_QEMU" -name "$name" -machine pc,accel=tcg -nodefaults -no-user-config -display none
+  # shellcheck disable=SC2054  # commas inside QEMU option values
+  local -a qemu_argv=("$KQ_QEMU" -name "$name" -machine pc,accel=tcg -nodefaults -no-user-config -display none
     -m "$mem" -smp "$smp"
     -kernel "$KQ_KERNEL" -initrd "$KQ_INITRD"
     -append "console=ttyS0 panic=-1 $append"
@@ -362,9 +363,9 @@ kq_start() {
     -chardev "socket,id=cmd0,path=$dir/cmd.sock,server=on,wait=off" -serial chardev:cmd0
     -chardev "socket,id=qmp0,path=$dir/qmp.sock,server=on,wait=off" -mon chardev=qmp0,mode=control
     "${net[@]}" "${blk[@]}" "${inc[@]}" "${extra[@]}")
-  printf '%q ' "${cmd[@]}" >"$dir/cmdline"
+  printf '%q ' "${qemu_argv[@]}" >"$dir/cmdline"
   date +%s.%N >"$dir/started"
-  tb_spawn --name "qemu-$name" "${where[@]}" "${cmd[@]}"
+  tb_spawn --name "qemu-$name" "${where[@]}" "${qemu_argv[@]}"
   echo "$TB_SPAWN_PID" >"$dir/pid"
   echo "log=$TB_SPAWN_LOG" >>"$dir/config"
   tb_wait_unix "$dir/qmp.sock" 30 || tb_fail "kq_start: QEMU for '$name' did not open QMP (see $TB_SPAWN_LOG)"

@@ -28,7 +28,9 @@ tb_exec peer ip -6 addr add fe80::1/64 dev tap0 nodad
 tb_addr peer tap0 192.0.2.1/24
 tb_exec peer ip -6 addr add 2001:db8:99::1/128 dev lo
 tb_exec peer ip -4 addr add 203.0.113.1/32 dev lo
+# shellcheck disable=SC2016  # $l is for the server's shell
 tb_spawn --name echo6 peer socat TCP6-LISTEN:7007,reuseaddr,fork SYSTEM:'read l; echo "echo:$l"'
+# shellcheck disable=SC2016
 tb_spawn --name echo4 peer socat TCP4-LISTEN:7004,reuseaddr,fork SYSTEM:'read l; echo "echo4:$l"'
 boot=$(kq_wait_boot vm)
 tb_log "$boot"

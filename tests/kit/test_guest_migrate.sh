@@ -29,7 +29,7 @@ expect_ok() {  # NAME WHAT
   local out rc=0
   out=$(kq_guest "$1" memtool verify) || rc=$?
   tb_log "$1 ($2): $out"
-  ((rc == 0)) && [[ "$out" == "OK "* ]] || tb_fail "memory check on $1 ($2): exit $rc: $out"
+  [[ $rc == 0 && "$out" == "OK "* ]] || tb_fail "memory check on $1 ($2): exit $rc: $out"
   VERIFY_LINE=$out
 }
 
@@ -76,7 +76,7 @@ kq_guest c memtool selftest-corrupt 5 >/dev/null
 rc=0
 bad=$(kq_guest c memtool verify) || rc=$?
 tb_log "c after corrupting 5 pages: $bad"
-((rc == 1)) && [[ "$bad" == "BAD "* ]] || tb_fail "corrupted memory was not reported (exit $rc): $bad"
+[[ $rc == 1 && "$bad" == "BAD "* ]] || tb_fail "corrupted memory was not reported (exit $rc): $bad"
 [[ "$(tb_field bad "${bad#BAD }")" == 5 ]] || tb_fail "expected bad=5: $bad"
 kq_guest c memtool stop >/dev/null
 echo "PASS: precopy ($pre) and postcopy under dirtying ($post) kept 64 MiB intact; corruption detected"

@@ -69,9 +69,8 @@ pick_kernel_pkg() {
   local p
   if ((!refresh_kernel)); then
     # Newest cached kernel that is complete.
-    p=$(ls -1 "$outdir/kernels" 2>/dev/null | sort -V | while read -r d; do
-      [[ -f "$outdir/kernels/$d/complete" ]] && echo "$d"
-    done | tail -n 1)
+    p=$(find "$outdir/kernels" -mindepth 2 -maxdepth 2 -name complete -printf '%h\n' 2>/dev/null |
+      sed 's|.*/||' | sort -V | tail -n 1)
     if [[ -n "$p" ]]; then
       echo "${p%%_*}"
       return
