@@ -24,6 +24,7 @@
 #   kq_qmp NAME CMD [ARGS_JSON]         one QMP command; prints its "return" as JSON
 #   kq_wait_boot NAME [TIMEOUT_S]       until the boot marker and a working command channel
 #   kq_guest [--timeout S] NAME CMD...  run CMD in the guest; its output; returns its exit code
+#   kq_guest_at [--timeout S] SOCK CMD... the same on any command-channel socket (libvirt guests)
 #   kq_migrate SRC URI [--postcopy | --postcopy-manual] [--dst NAME] [--max-bandwidth MBYTE_S]
 #   kq_postcopy SRC                     migrate-start-postcopy (after --postcopy-manual)
 #   kq_wait_migration SRC [--timeout S] [--dst NAME]   prints "status=... key=value..."; 0 iff completed
@@ -438,6 +439,17 @@ kq_guest() {
   shift
   dir=$(kq_dir "$name")
   _kq_helper guest "$dir/cmd.sock" "$timeout" "$*"
+}
+
+# kq_guest_at [--timeout S] SOCK CMD...: kq_guest on a command-channel socket
+# that kq_start did not create, e.g. a libvirt domain's
+# <serial type='unix'><source mode='bind' path='SOCK'/><target port='1'/></serial>.
+kq_guest_at() {
+  local timeout=${KQ_GUEST_TIMEOUT:-120}
+  if [[ "$1" == --timeout ]]; then timeout=$2; shift 2; fi
+  local sock=$1
+  shift
+  _kq_helper guest "$sock" "$timeout" "$*"
 }
 
 # ---------------------------------------------------------------- migration
