@@ -163,6 +163,12 @@ elif mode == "wait-migration":
         if not states or states[-1] != st:
             states.append(st)
         if st in ("completed", "failed", "cancelled"):
+            # QEMU sets "completed" a moment before it fills in the totals.
+            for _ in range(40):
+                if st != "completed" or info.get("total-time", 0) > 0:
+                    break
+                time.sleep(0.05)
+                info = qmp_once(path, 10, "query-migrate", None)
             break
         if time.monotonic() > deadline:
             break
