@@ -63,6 +63,16 @@ _mob_vmbridge() {  # HOST MAC -> prints the bridge name
   tb_exec "$1" ip link add "$br" address "$2" type bridge forward_delay 0 mcast_snooping 0 ||
     tb_fail "VM bridge in $1"
   tb_exec "$1" ip link set "$br" up
+  # Bridged frames must not run the host's IP netfilter hooks (br_netfilter
+  # is active here, bridge-nf-call-* = 1 in every new namespace): a VM
+  # bridge forwards, it does not filter, as libvirt recommends. Without this
+  # kagemusha-tunneld's own prerouting rule (drop RH2 so the kernel sends no
+  # Parameter Problem) drops the BA on a bridged uplink before its packet
+  # socket on the bridge sees it (reported to the tunneld owner).
+  if [[ "${MOB_BRIDGE_NF:-0}" != 1 ]]; then
+    tb_exec "$1" sh -c 'for f in iptables ip6tables arptables; do
+      [ -e /proc/sys/net/bridge/bridge-nf-call-$f ] && echo 0 > /proc/sys/net/bridge/bridge-nf-call-$f; done; true'
+  fi
   printf '%s\n' "$br"
 }
 
@@ -155,7 +165,10 @@ mob_topology() {
   tb_exec hh ip link set "$MOB_GUEST_PEER" master "${MOB_VMBR[hh]}"
   MOB_GUEST_AT=hh
   MOB_KEY_FILE="$TB_DIR/mnha.key"
-  (umask 077; od -An -N32 -tx1 /dev/urandom | tr -d ' \n' >"$MOB_KEY_FILE"; echo >>"$MOB_KEY_FILE")
+  # Raw bytes, not hex text: kagemusha-ha decodes a hex-text key file while
+  # kagemusha-tunneld takes the file's bytes as they are, so a hex file
+  # gives two different keys (reported). A leading 0xff keeps it non-hex.
+  (umask 077; { printf '\377'; head -c 31 /dev/urandom; } >"$MOB_KEY_FILE")
   export MOB_HOA6 MOB_HOA4 MOB_GUEST_MAC MOB_ROUTER_MAC MOB_ROUTER_LL MOB_ROUTER_GLOBAL \
     MOB_ROUTER_V4 MOB_HOME_PREFIX MOB_HOME_PREFIX4 MOB_HA6 MOB_HA4 MOB_HA_IF MOB_CN6 MOB_CN4 \
     MOB_GUEST_IF MOB_GUEST_PEER MOB_GUEST_AT
