@@ -65,6 +65,17 @@ std::string GetString(const json& args, const char* key) {
   return it->dump();
 }
 
+// A non-negative integer option (signed or unsigned JSON number), bounded.
+Result<std::optional<uint64_t>> GetUint(const json& args, const char* key, uint64_t max) {
+  auto it = args.find(key);
+  if (it == args.end() || it->is_null()) return std::optional<uint64_t>();
+  if (!it->is_number_integer() || (it->is_number_integer() && !it->is_number_unsigned() &&
+                                   it->get<int64_t>() < 0) ||
+      it->get<uint64_t>() > max)
+    return Fail(Error::Invalid(std::string(key) + " must be an integer 0.." + std::to_string(max)));
+  return std::optional<uint64_t>(it->get<uint64_t>());
+}
+
 std::string TapName(const std::string& session) {
   std::string n = "kmh-" + session;
   for (auto& c : n)
@@ -100,6 +111,38 @@ Status MakeDir(const std::string& dir) {
 }
 
 }  // namespace
+
+// Collects the spans a session sends during one receive batch and hands them
+// to the real socket in one sendmmsg. The spans point into the daemon's
+// receive buffers, which stay untouched until Flush() (called before the next
+// Receive into them).
+class DeferredSink final : public PacketSink {
+ public:
+  explicit DeferredSink(PacketSink& target) : target_(target) { pending_.reserve(64); }
+  Status Send(std::span<const uint8_t> packet) override {
+    pending_.push_back(packet);
+    if (pending_.size() >= 64) Flush();
+    return Ok();
+  }
+  void Flush() {
+    size_t done = 0;
+    while (done < pending_.size()) {
+      auto r = target_.SendBatch(std::span(pending_).subspan(done));
+      if (!r) {
+        ++errors;  // drop the one that failed (e.g. ENOBUFS) and go on
+        ++done;
+        continue;
+      }
+      done += std::max<size_t>(*r, 1);
+    }
+    pending_.clear();
+  }
+  uint64_t errors = 0;
+
+ private:
+  PacketSink& target_;
+  std::vector<std::span<const uint8_t>> pending_;
+};
 
 // ---- Persistence -------------------------------------------------------------------
 
@@ -199,8 +242,9 @@ Result<HostSessionSpec> ParseHostSessionSpec(const json& args) {
     if (len < 1 || len > 128) return Fail(Error::Invalid("home_prefix length must be 1..128"));
     c.home_prefix_length = static_cast<uint8_t>(len);
   }
-  if (auto s = GetString(args, "home_prefix4_length"); !s.empty())
-    c.home_prefix4_length = static_cast<uint8_t>(std::atoi(s.c_str()));
+  auto v4len = GetUint(args, "home_prefix4_length", 32);
+  if (!v4len) return Fail(v4len.error());
+  if (*v4len) c.home_prefix4_length = static_cast<uint8_t>(**v4len);
   auto rmac = ParseMac(GetString(args, "router_mac"), "router_mac");
   if (!rmac) return Fail(rmac.error());
   c.router_mac = *rmac;
@@ -227,24 +271,25 @@ Result<HostSessionSpec> ParseHostSessionSpec(const json& args) {
   spec.bridge = GetString(args, "bridge");
   if (spec.uplink.empty() || spec.bridge.empty())
     return Fail(Error::Invalid("uplink and bridge are required"));
-  if (auto it = args.find("mtu"); it != args.end() && it->is_number_unsigned())
-    c.tunnel_mtu = it->get<uint32_t>();
-  if (auto it = args.find("lifetime"); it != args.end() && it->is_number_unsigned())
-    c.lifetime_seconds = it->get<uint32_t>();
+  auto mtu = GetUint(args, "mtu", 65535);
+  auto lifetime = GetUint(args, "lifetime", 262140);
+  auto dereg = GetUint(args, "dereg_attempts", 100);
+  auto spi = GetUint(args, "spi", 0xffffffff);
+  for (const auto* r : {&mtu, &lifetime, &dereg, &spi})
+    if (!*r) return Fail(r->error());
+  if (*mtu) c.tunnel_mtu = static_cast<uint32_t>(**mtu);
+  if (*lifetime) c.lifetime_seconds = static_cast<uint32_t>(**lifetime);
+  if (*dereg) c.timers.deregistration_attempts = static_cast<int>(**dereg);
   if (auto it = args.find("ra"); it != args.end() && it->is_boolean())
     c.send_router_advertisements = it->get<bool>();
-  if (auto it = args.find("dereg_attempts"); it != args.end() && it->is_number_unsigned())
-    c.timers.deregistration_attempts = it->get<int>();
   const bool insecure = args.value("insecure", false);
   spec.key_file = GetString(args, "key_file");
   if (insecure == !spec.key_file.empty())
     return Fail(Error::Invalid("give exactly one of key_file (with spi) or insecure"));
   if (!insecure) {
-    auto it = args.find("spi");
-    if (it == args.end() || !it->is_number_unsigned())
-      return Fail(Error::Invalid("spi is required with key_file"));
+    if (!*spi) return Fail(Error::Invalid("spi is required with key_file"));
     MobilityAuthConfig auth;
-    auth.spi = it->get<uint32_t>();
+    auth.spi = static_cast<uint32_t>(**spi);
     std::ifstream in(spec.key_file, std::ios::binary);
     if (!in) return Fail(Error::Errno(errno, "reading key file " + spec.key_file));
     auth.key.assign(std::istreambuf_iterator<char>(in), {});
@@ -295,6 +340,8 @@ struct HostDaemon::Live {
   std::unique_ptr<PacketSocket> uplink;
   std::unique_ptr<RawIpv6Socket> tunnel6;
   std::unique_ptr<RawIpv6Socket> tunnel4;
+  std::unique_ptr<DeferredSink> batch6;
+  std::unique_ptr<DeferredSink> batch4;
   std::unique_ptr<Ipv6RawSender> mobility;
   std::unique_ptr<FileSequenceStore> store;
   std::unique_ptr<MobilitySession> session;
@@ -383,6 +430,8 @@ Result<std::unique_ptr<HostDaemon::Live>> HostDaemon::Open(const HostSessionSpec
     if (!t4) return Fail(t4.error().Context("IPv4-in-IPv6 socket"));
     live->tunnel4 = std::move(*t4);
   }
+  live->batch6 = std::make_unique<DeferredSink>(*live->tunnel6);
+  if (live->tunnel4) live->batch4 = std::make_unique<DeferredSink>(*live->tunnel4);
   auto mob = Ipv6RawSender::Open();
   if (!mob) return Fail(mob.error().Context("BU sender"));
   live->mobility = std::move(*mob);
@@ -412,7 +461,7 @@ Result<std::unique_ptr<HostDaemon::Live>> HostDaemon::Open(const HostSessionSpec
   };
   live->session = std::make_unique<MobilitySession>(
       config,
-      SessionIo{live->tap.get(), live->tunnel6.get(), live->tunnel4.get(), live->mobility.get()},
+      SessionIo{live->tap.get(), live->batch6.get(), live->batch4.get(), live->mobility.get()},
       clock_, *live->store, on_event);
   return live;
 }
@@ -530,7 +579,9 @@ json HostDaemon::SessionJson(const Live& live) const {
                    {"mh_malformed", k.mh_malformed},
                    {"brr_received", k.brr_received},
                    {"send_errors", k.send_errors},
-                   {"truncated", live.truncated}};
+                   {"truncated", live.truncated},
+                   {"tunnel_send_errors",
+                    live.batch6->errors + (live.batch4 ? live.batch4->errors : 0)}};
   j["events"] = json(std::vector<json>(live.events.begin(), live.events.end()));
   return j;
 }
@@ -705,6 +756,8 @@ Status HostDaemon::Run() {
                 else
                   live->session->HandleUplinkFrame(frames[k].data());
               }
+              live->batch6->Flush();
+              if (live->batch4) live->batch4->Flush();
               break;
             }
             case Kind::kTunnel6:
