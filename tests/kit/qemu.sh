@@ -26,6 +26,7 @@
 #   kq_guest [--timeout S] NAME CMD...  run CMD in the guest; its output; returns its exit code
 #   kq_guest_at [--timeout S] SOCK CMD... the same on any command-channel socket (libvirt guests)
 #   kq_migrate SRC URI [--postcopy | --postcopy-manual] [--dst NAME] [--max-bandwidth MBYTE_S]
+#              [--max-postcopy-bandwidth MBYTE_S]
 #   kq_postcopy SRC                     migrate-start-postcopy (after --postcopy-manual)
 #   kq_wait_migration SRC [--timeout S] [--dst NAME]   prints "status=... key=value..."; 0 iff completed
 #   kq_status NAME                      running | paused | inmigrate | postmigrate | ... | dead
@@ -178,7 +179,9 @@ elif mode == "wait-migration":
               ("total_ms", info.get("total-time", -1)), ("downtime_ms", info.get("downtime", -1)),
               ("setup_ms", info.get("setup-time", -1)), ("transferred", ram.get("transferred", -1)),
               ("ram_total", ram.get("total", -1)), ("dirty_syncs", ram.get("dirty-sync-count", -1)),
-              ("postcopy_requests", ram.get("postcopy-requests", -1)), ("mbps", ram.get("mbps", -1))]
+              ("precopy_bytes", ram.get("precopy-bytes", -1)), ("downtime_bytes", ram.get("downtime-bytes", -1)),
+              ("postcopy_bytes", ram.get("postcopy-bytes", -1)),
+              ("postcopy_requests", ram.get("postcopy-requests", -1)), ("mbps", round(ram.get("mbps", -1), 1))]
     if "error-desc" in info:
         fields.append(("error", json.dumps(info["error-desc"]).replace(" ", "_")))
     print(" ".join("%s=%s" % kv for kv in fields))
@@ -419,14 +422,14 @@ kq_wait_boot() {
   local name=$1 timeout=${2:-240} dir deadline
   dir=$(kq_dir "$name")
   deadline=$((SECONDS + timeout))
-  while ! grep -q '^KGM-BOOTED' "$dir/console.log" 2>/dev/null; do
+  while ! grep -q 'KGM-BOOTED ' "$dir/console.log" 2>/dev/null; do
     _kq_alive "$name" || tb_fail "guest $name: QEMU died during boot (see $(_kq_cfg "$name" log))"
     ((SECONDS < deadline)) || { tail -n 20 "$dir/console.log" >&2; tb_fail "guest $name: no boot marker after ${timeout}s"; }
     sleep 0.2
   done
   local boot_s uptime
   boot_s=$(awk -v a="$(cat "$dir/started")" -v b="$(date +%s.%N)" 'BEGIN{printf "%.1f", b - a}')
-  uptime=$(sed -n 's/^KGM-BOOTED .*uptime=\([0-9.]*\).*/\1/p' "$dir/console.log" | head -n 1)
+  uptime=$(sed -n 's/.*KGM-BOOTED .*uptime=\([0-9.]*\).*/\1/p' "$dir/console.log" | head -n 1)
   local left=$((deadline - SECONDS))
   ((left > 10)) || left=10
   kq_guest --timeout "$left" "$name" true || tb_fail "guest $name: booted, but the command channel does not answer"
@@ -461,6 +464,7 @@ kq_guest_at() {
 # ---------------------------------------------------------------- migration
 
 # kq_migrate SRC URI [--postcopy | --postcopy-manual] [--dst NAME] [--max-bandwidth MBYTE_S]
+#            [--max-postcopy-bandwidth MBYTE_S]
 # Starts the migration of SRC to URI (the destination is a guest started with
 # kq_start --incoming URI). --postcopy enables postcopy-ram (on SRC, and on
 # --dst NAME too) and switches to postcopy at once; --postcopy-manual only
@@ -468,13 +472,14 @@ kq_guest_at() {
 kq_migrate() {
   local src=$1 uri=$2
   shift 2
-  local postcopy="" dst="" bw=""
+  local postcopy="" dst="" bw="" pbw=""
   while (($#)); do
     case "$1" in
       --postcopy) postcopy=auto; shift ;;
       --postcopy-manual) postcopy=manual; shift ;;
       --dst) dst=$2; shift 2 ;;
       --max-bandwidth) bw=$2; shift 2 ;;
+      --max-postcopy-bandwidth) pbw=$2; shift 2 ;;
       *) tb_fail "kq_migrate: unknown option '$1'" ;;
     esac
   done
@@ -487,6 +492,10 @@ kq_migrate() {
   if [[ -n "$bw" ]]; then
     kq_qmp "$src" migrate-set-parameters "{\"max-bandwidth\":$((bw * 1024 * 1024))}" >/dev/null ||
       tb_fail "kq_migrate: max-bandwidth on $src"
+  fi
+  if [[ -n "$pbw" ]]; then
+    kq_qmp "$src" migrate-set-parameters "{\"max-postcopy-bandwidth\":$((pbw * 1024 * 1024))}" >/dev/null ||
+      tb_fail "kq_migrate: max-postcopy-bandwidth on $src"
   fi
   kq_qmp "$src" migrate "$(printf '{"uri":"%s"}' "$uri")" >/dev/null || tb_fail "kq_migrate: migrate $src -> $uri refused"
   date +%s.%N >"$(kq_dir "$src")/migration-started"
@@ -501,7 +510,8 @@ kq_postcopy() {  # SRC
 # kq_wait_migration SRC [--timeout S] [--dst NAME]: waits until the migration
 # of SRC ends and prints one line: status= states= (every status seen, e.g.
 # active,postcopy-active,completed) total_ms= downtime_ms= setup_ms=
-# transferred= ram_total= dirty_syncs= postcopy_requests= mbps= [error=].
+# transferred= ram_total= dirty_syncs= precopy_bytes= downtime_bytes=
+# postcopy_bytes= postcopy_requests= mbps= [error=].
 # With --dst it also waits until NAME runs. Returns 0 only if completed
 # (and, with --dst, the destination runs).
 kq_wait_migration() {
