@@ -32,6 +32,9 @@
 #   kq_status NAME                      running | paused | inmigrate | postmigrate | ... | dead
 #   kq_console NAME                     path of the console log
 #   kq_stop NAME                        quit QEMU (QMP quit, then kill), remove its tap
+#   libvirt (hosts from tb_libvirtd):
+#   kq_libvirt_xml NAME [--mem MB] [--append ARGS] [--bridge BR] [--mac MAC] [--disk-nbd URI]
+#   kq_libvirt_wait_boot HOST NAME [T]  kq_libvirt_sock HOST NAME  kq_libvirt_console HOST NAME
 
 [[ -n "${_KQ_SOURCED:-}" ]] && return 0
 _KQ_SOURCED=1
@@ -459,6 +462,84 @@ kq_guest_at() {
   local sock=$1
   shift
   _kq_helper guest "$sock" "$timeout" "$*"
+}
+
+# ---------------------------------------------------------------- libvirt
+
+# kq_libvirt_xml NAME [--mem MB] [--append ARGS] [--bridge BR] [--mac MAC]
+#                [--disk-nbd nbd://HOST:PORT/EXPORT]
+# Prints a libvirt domain for the test guest, for hosts started with
+# tb_libvirtd: direct kernel boot of the kit's image, ttyS0 to the file
+# /var/log/libvirt/qemu/NAME.console.log and the command channel (ttyS1) on
+# the Unix socket /var/lib/libvirt/qemu/NAME.cmd.sock. Both paths are inside
+# the host's private libvirt directories, so each host of a migration has its
+# own; kq_libvirt_sock and kq_libvirt_console give their paths as seen from
+# the test. --bridge needs a bridge of that name on every host the domain
+# visits.
+kq_libvirt_xml() {
+  local name=$1 mem=256 append="" bridge="" mac="" disk=""
+  shift
+  while (($#)); do
+    case "$1" in
+      --mem) mem=$2; shift 2 ;;
+      --append) append=$2; shift 2 ;;
+      --bridge) bridge=$2; shift 2 ;;
+      --mac) mac=$2; shift 2 ;;
+      --disk-nbd) disk=$2; shift 2 ;;
+      *) tb_fail "kq_libvirt_xml: unknown option '$1'" ;;
+    esac
+  done
+  kq_guest_image
+  [[ -n "$mac" ]] || mac=$(_kq_default_mac "$name")
+  local iface="" diskxml=""
+  if [[ -n "$bridge" ]]; then
+    iface="<interface type='bridge'><source bridge='$bridge'/><mac address='$mac'/><model type='virtio'/></interface>"
+  fi
+  if [[ -n "$disk" ]]; then
+    [[ "$disk" =~ ^nbd://(\[([0-9a-fA-F:]+)\]|([^:/]+)):([0-9]+)/(.*)$ ]] ||
+      tb_fail "kq_libvirt_xml: --disk-nbd wants nbd://HOST:PORT/EXPORT, got '$disk'"
+    local host=${BASH_REMATCH[2]:-${BASH_REMATCH[3]}} port=${BASH_REMATCH[4]} exp_name=${BASH_REMATCH[5]}
+    diskxml="<disk type='network' device='disk'><driver name='qemu' type='raw'/><source protocol='nbd' name='$exp_name'><host name='$host' port='$port'/></source><target dev='vda' bus='virtio'/></disk>"
+  fi
+  cat <<XML
+<domain type='qemu'>
+  <name>$name</name>
+  <memory unit='MiB'>$mem</memory>
+  <vcpu>1</vcpu>
+  <os>
+    <type arch='x86_64' machine='pc'>hvm</type>
+    <kernel>$KQ_KERNEL</kernel>
+    <initrd>$KQ_INITRD</initrd>
+    <cmdline>console=ttyS0 panic=-1 $append</cmdline>
+  </os>
+  <on_poweroff>destroy</on_poweroff>
+  <on_reboot>destroy</on_reboot>
+  <on_crash>destroy</on_crash>
+  <devices>
+    <emulator>$(command -v "$KQ_QEMU")</emulator>
+    <serial type='file'><source path='/var/log/libvirt/qemu/$name.console.log'/><target port='0'/></serial>
+    <serial type='unix'><source mode='bind' path='/var/lib/libvirt/qemu/$name.cmd.sock'/><target port='1'/></serial>
+    $iface
+    $diskxml
+    <memballoon model='none'/>
+  </devices>
+</domain>
+XML
+}
+
+kq_libvirt_sock() { printf '%s/libvirt/%s/lib/qemu/%s.cmd.sock\n' "$TB_DIR" "$1" "$2"; }  # HOST NAME
+kq_libvirt_console() { printf '%s/libvirt/%s/log/qemu/%s.console.log\n' "$TB_DIR" "$1" "$2"; }  # HOST NAME
+
+# kq_libvirt_wait_boot HOST NAME [TIMEOUT_S=240]: as kq_wait_boot, for a
+# domain of kq_libvirt_xml running on HOST. Prints "boot_s=" (since the call).
+kq_libvirt_wait_boot() {
+  local host=$1 name=$2 timeout=${3:-240} con t0=$SECONDS
+  con=$(kq_libvirt_console "$host" "$name")
+  tb_wait_for "$timeout" grep -q 'KGM-BOOTED ' "$con" || tb_fail "domain $name on $host: no boot marker (see $con)"
+  kq_guest_at --timeout 60 "$(kq_libvirt_sock "$host" "$name")" true ||
+    tb_fail "domain $name on $host: booted, but the command channel does not answer"
+  tb_log "domain $name on $host: booted in $((SECONDS - t0))s"
+  echo "boot_s=$((SECONDS - t0))"
 }
 
 # ---------------------------------------------------------------- migration
