@@ -65,6 +65,33 @@ std::string GetString(const json& args, const char* key) {
   return it->dump();
 }
 
+int HexDigit(uint8_t c) {
+  if (c >= '0' && c <= '9') return c - '0';
+  if (c >= 'a' && c <= 'f') return c - 'a' + 10;
+  if (c >= 'A' && c <= 'F') return c - 'A' + 10;
+  return -1;
+}
+
+}  // namespace
+
+// The same rule as kagemusha-ha's key files, so one file gives one key to
+// both: hex text (even length, optionally ending in "\n" or "\r\n")
+// decodes; anything else is the key as raw bytes.
+std::vector<uint8_t> DecodeKeyFileBytes(const std::vector<uint8_t>& raw) {
+  size_t n = raw.size();
+  if (n > 0 && raw[n - 1] == '\n') --n;
+  if (n > 0 && raw[n - 1] == '\r') --n;
+  bool hex = n > 0 && n % 2 == 0;
+  for (size_t i = 0; hex && i < n; ++i) hex = HexDigit(raw[i]) >= 0;
+  if (!hex) return raw;
+  std::vector<uint8_t> out(n / 2);
+  for (size_t i = 0; i < n / 2; ++i)
+    out[i] = static_cast<uint8_t>(HexDigit(raw[2 * i]) << 4 | HexDigit(raw[2 * i + 1]));
+  return out;
+}
+
+namespace {
+
 // A non-negative integer option (signed or unsigned JSON number), bounded.
 Result<std::optional<uint64_t>> GetUint(const json& args, const char* key, uint64_t max) {
   auto it = args.find(key);
@@ -292,7 +319,8 @@ Result<HostSessionSpec> ParseHostSessionSpec(const json& args) {
     auth.spi = static_cast<uint32_t>(**spi);
     std::ifstream in(spec.key_file, std::ios::binary);
     if (!in) return Fail(Error::Errno(errno, "reading key file " + spec.key_file));
-    auth.key.assign(std::istreambuf_iterator<char>(in), {});
+    std::vector<uint8_t> raw(std::istreambuf_iterator<char>(in), {});
+    auth.key = DecodeKeyFileBytes(raw);
     c.auth = std::move(auth);
   }
   spec.mode = GetString(args, "mode") == "home" ? SessionMode::kHome : SessionMode::kForeign;

@@ -55,6 +55,11 @@ Result<HostSessionSpec> ParseHostSessionSpec(const nlohmann::json& args);
 // The inverse (without the key itself), as persisted in sessions/<name>.json.
 nlohmann::json HostSessionSpecToJson(const HostSessionSpec& spec);
 
+// Key file contents to key bytes, by kagemusha-ha's rule: hex text (even
+// length, optionally ending in one newline) is decoded, anything else is
+// taken as raw bytes.
+std::vector<uint8_t> DecodeKeyFileBytes(const std::vector<uint8_t>& raw);
+
 // Durable per-session sequence numbers in <dir>/<name>.json.
 class FileSequenceStore final : public SequenceStore {
  public:

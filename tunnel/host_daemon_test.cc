@@ -62,7 +62,16 @@ TEST(HostSessionSpec, ParsesCliArgumentsAndRoundTripsThroughJson) {
   EXPECT_EQ(HostSessionSpecToJson(*again), HostSessionSpecToJson(*spec));
 }
 
-TEST(HostSessionSpec, ReadsKeyFileBytesExactly) {
+TEST(HostSessionSpec, KeyFileHexTextDecodesElseRawBytesLikeTheHomeAgent) {
+  auto bytes = [](std::string t) { return std::vector<uint8_t>(t.begin(), t.end()); };
+  EXPECT_EQ(DecodeKeyFileBytes(bytes("0a1B\n")), (std::vector<uint8_t>{0x0a, 0x1b}));
+  EXPECT_EQ(DecodeKeyFileBytes(bytes("0a1b\r\n")), (std::vector<uint8_t>{0x0a, 0x1b}));
+  EXPECT_EQ(DecodeKeyFileBytes(bytes("0a1")), bytes("0a1")) << "odd length: raw";
+  EXPECT_EQ(DecodeKeyFileBytes(bytes("0a1g")), bytes("0a1g"));
+  EXPECT_EQ(DecodeKeyFileBytes(bytes("\xff\x01")), bytes("\xff\x01"));
+}
+
+TEST(HostSessionSpec, ReadsNonHexKeyFileAsRawBytes) {
   TempDir dir;
   const std::string key = dir.path() + "/key";
   std::ofstream(key) << "secret\n";

@@ -644,16 +644,18 @@ Status SuppressMobilityIcmpErrors(const std::string& table) {
   for (char c : table)
     if (!std::isalnum(static_cast<unsigned char>(c)) && c != '_')
       return Fail(Error::Invalid("nft table name must be [A-Za-z0-9_]"));
-  // Idempotent: add, flush, then define the chain contents. Priority -300 is
-  // before conntrack and before ip6_input's extension-header walk; the rules
-  // match the fixed header's Next Header: 43 followed by routing type 2, or
-  // 60 (Destination Options) directly carrying a Mobility Header (135), which
-  // is how BUs with a Home Address option look.
+  // Idempotent: add, flush, then define the chain contents. The input hook
+  // runs after AF_PACKET taps and before ip6_input's extension-header walk,
+  // and (unlike prerouting) is not run by br_netfilter for bridged frames,
+  // so a packet socket on a bridge still sees the BA. The rules match the
+  // fixed header's Next Header: 43 followed by routing type 2, or 60
+  // (Destination Options) directly carrying a Mobility Header (135), which is
+  // how BUs with a Home Address option look.
   std::string script = "add table inet " + table + "\n" + "flush table inet " + table + "\n" +
                        "table inet " + table +
                        " {\n"
-                       "  chain prerouting {\n"
-                       "    type filter hook prerouting priority -300; policy accept;\n"
+                       "  chain input {\n"
+                       "    type filter hook input priority -300; policy accept;\n"
                        "    ip6 nexthdr 43 @nh,336,8 2 counter drop\n"
                        "    ip6 nexthdr 60 @nh,320,8 135 counter drop\n"
                        "  }\n"

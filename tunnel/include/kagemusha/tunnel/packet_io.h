@@ -278,11 +278,13 @@ class Ipv6RawSender final : public PacketSink {
 // ---- nftables ------------------------------------------------------------------
 
 // Installs (replacing) table `inet <table>` in the current network namespace
-// that drops, before the kernel's extension-header processing, incoming IPv6
-// packets with a type 2 routing header or a Mobility Header behind a
-// Destination Options header (the HAO carrier), so the kernel neither
-// discards them noisily nor answers with ICMPv6 Parameter Problem. AF_PACKET
-// sockets still see them (they tap in before netfilter). Runs `nft -f -`.
+// that drops, in the input hook (before the kernel's extension-header
+// processing), locally delivered IPv6 packets with a type 2 routing header or
+// a Mobility Header behind a Destination Options header (the HAO carrier), so
+// the kernel neither discards them noisily nor answers with ICMPv6 Parameter
+// Problem. AF_PACKET sockets still see them (they tap in before netfilter),
+// also on a bridge with br_netfilter on (which runs prerouting, not input,
+// for bridged frames). Runs `nft -f -`.
 Status SuppressMobilityIcmpErrors(const std::string& table = "kagemusha_mip6");
 Status RemoveNftTable(const std::string& table = "kagemusha_mip6");
 
