@@ -712,7 +712,11 @@ void HomeAgent::HandleIpv6Frame(const EthernetFrame& eth) {
   if (ip->header.dst == config_.address) {
     // A BU reaches us here because the kernel drops it (Home Address option).
     auto ul = FindUpperLayer(*ip);
-    if (ul && ul->protocol == ipproto::kMobility) HandleMobilityPacket(whole);
+    if (!ul) {
+      ++counters_.link_malformed;  // e.g. a BU cut inside its Destination Options
+    } else if (ul->protocol == ipproto::kMobility) {
+      HandleMobilityPacket(whole);
+    }
     return;
   }
   if (ip->header.next_header == ipproto::kIcmpv6 && ip->payload.size() >= 1) {
