@@ -42,7 +42,8 @@ po::variables_map Parse(int argc, char** argv, const po::options_description& de
 
 json Call(const std::string& control, const std::string& command, const json& args) {
   auto reply = kagemusha::ControlCall(control, command, args, kCallTimeout);
-  if (!reply) throw std::runtime_error("control socket " + control + ": " + reply.error().message());
+  if (!reply)
+    throw std::runtime_error("control socket " + control + ": " + reply.error().message());
   if (!reply->ok) {
     std::string msg = reply->error_message;
     if (!reply->hint.empty()) msg += " (" + reply->hint + ")";
@@ -52,29 +53,28 @@ json Call(const std::string& control, const std::string& command, const json& ar
 }
 
 void AddSessionOptions(po::options_description& d) {
-  d.add_options()
-      ("name", po::value<std::string>()->required(), "session name")
-      ("guest-mac", po::value<std::string>(), "guest's MAC address")
-      ("hoa", po::value<std::vector<std::string>>()->composing(), "IPv6 home address (repeatable)")
-      ("hoa4", po::value<std::string>(), "IPv4 home address (DSMIPv6)")
-      ("hoa4-prefix-len", po::value<unsigned>(), "prefix length sent with the IPv4 HoA (32)")
-      ("home-prefix", po::value<std::string>(), "home prefix IPV6/LEN")
-      ("router-mac", po::value<std::string>(), "home router's MAC")
-      ("router-ll", po::value<std::string>(), "home router's link-local address")
-      ("router-global", po::value<std::string>(), "home router's global address")
-      ("router-v4", po::value<std::string>(), "home IPv4 gateway")
-      ("ha", po::value<std::string>(), "home agent address")
-      ("coa", po::value<std::string>(), "this host's care-of address")
-      ("uplink", po::value<std::string>(), "interface the care-of address is on")
-      ("bridge", po::value<std::string>(), "the VM's bridge")
-      ("mtu", po::value<unsigned>(), "tunnel MTU: largest inner packet (1460)")
-      ("ra", po::bool_switch(), "answer Router Solicitations as the home router")
-      ("lifetime", po::value<unsigned>(), "requested binding lifetime in seconds (600)")
-      ("dereg-attempts", po::value<unsigned>(), "deregistration BUs before giving up (3)")
-      ("spi", po::value<uint32_t>(), "MN-HA SPI")
-      ("key-file", po::value<std::string>(), "MN-HA key (the file's bytes, HMAC-SHA256)")
-      ("insecure", po::bool_switch(), "no MN-HA authentication")
-      ("wait", po::value<double>()->implicit_value(30), "wait up to S seconds for the outcome");
+  d.add_options()("name", po::value<std::string>()->required(), "session name")(
+      "guest-mac", po::value<std::string>(), "guest's MAC address")(
+      "hoa", po::value<std::vector<std::string>>()->composing(), "IPv6 home address (repeatable)")(
+      "hoa4", po::value<std::string>(), "IPv4 home address (DSMIPv6)")(
+      "hoa4-prefix-len", po::value<unsigned>(), "prefix length sent with the IPv4 HoA (32)")(
+      "home-prefix", po::value<std::string>(), "home prefix IPV6/LEN")(
+      "router-mac", po::value<std::string>(), "home router's MAC")(
+      "router-ll", po::value<std::string>(), "home router's link-local address")(
+      "router-global", po::value<std::string>(), "home router's global address")(
+      "router-v4", po::value<std::string>(), "home IPv4 gateway")(
+      "ha", po::value<std::string>(), "home agent address")("coa", po::value<std::string>(),
+                                                            "this host's care-of address")(
+      "uplink", po::value<std::string>(), "interface the care-of address is on")(
+      "bridge", po::value<std::string>(), "the VM's bridge")(
+      "mtu", po::value<unsigned>(), "tunnel MTU: largest inner packet (1460)")(
+      "ra", po::bool_switch(), "answer Router Solicitations as the home router")(
+      "lifetime", po::value<unsigned>(), "requested binding lifetime in seconds (600)")(
+      "dereg-attempts", po::value<unsigned>(), "deregistration BUs before giving up (3)")(
+      "spi", po::value<uint32_t>(), "MN-HA SPI")("key-file", po::value<std::string>(),
+                                                 "MN-HA key (the file's bytes, HMAC-SHA256)")(
+      "insecure", po::bool_switch(), "no MN-HA authentication")(
+      "wait", po::value<double>()->implicit_value(30), "wait up to S seconds for the outcome");
 }
 
 json SessionArgs(const po::variables_map& vm) {
@@ -157,13 +157,13 @@ void PrintSession(const json& s) {
 
 int Serve(int argc, char** argv) {
   po::options_description d("serve options");
-  d.add_options()("help,h", "help")
-      ("control", po::value<std::string>()->required(), "control socket path")
-      ("state-dir", po::value<std::string>()->required(), "state directory")
-      ("log-level", po::value<std::string>()->default_value("info"), "trace..critical")
-      ("json", po::bool_switch(), "log as JSON lines")
-      ("batch", po::value<size_t>()->default_value(32), "packets per receive call")
-      ("no-nft", po::bool_switch(), "do not install the nftables rule for BA/BU packets");
+  d.add_options()("help,h", "help")("control", po::value<std::string>()->required(),
+                                    "control socket path")(
+      "state-dir", po::value<std::string>()->required(), "state directory")(
+      "log-level", po::value<std::string>()->default_value("info"), "trace..critical")(
+      "json", po::bool_switch(), "log as JSON lines")(
+      "batch", po::value<size_t>()->default_value(32), "packets per receive call")(
+      "no-nft", po::bool_switch(), "do not install the nftables rule for BA/BU packets");
   auto vm = Parse(argc, argv, d, "kagemusha-tunneld serve --control PATH --state-dir DIR");
   spdlog::set_level(spdlog::level::from_str(vm["log-level"].as<std::string>()));
   if (vm["json"].as<bool>())
@@ -230,19 +230,19 @@ int Home(int argc, char** argv) {
 
 int Deactivate(int argc, char** argv) {
   po::options_description d("deactivate options");
-  d.add_options()("help,h", "help")("control", po::value<std::string>()->required(), "socket")
-      ("name", po::value<std::string>()->required(), "session name");
+  d.add_options()("help,h", "help")("control", po::value<std::string>()->required(), "socket")(
+      "name", po::value<std::string>()->required(), "session name");
   auto vm = Parse(argc, argv, d, "kagemusha-tunneld deactivate --control PATH --name NAME");
-  json r = Call(vm["control"].as<std::string>(), "deactivate",
-                {{"name", vm["name"].as<std::string>()}});
+  json r =
+      Call(vm["control"].as<std::string>(), "deactivate", {{"name", vm["name"].as<std::string>()}});
   std::printf("%s\n", r.dump().c_str());
   return 0;
 }
 
 int Status(int argc, char** argv) {
   po::options_description d("status options");
-  d.add_options()("help,h", "help")("control", po::value<std::string>()->required(), "socket")
-      ("json", po::bool_switch(), "print the raw JSON");
+  d.add_options()("help,h", "help")("control", po::value<std::string>()->required(), "socket")(
+      "json", po::bool_switch(), "print the raw JSON");
   auto vm = Parse(argc, argv, d, "kagemusha-tunneld status --control PATH [--json]");
   json r = Call(vm["control"].as<std::string>(), "status", json::object());
   if (vm["json"].as<bool>()) {

@@ -53,9 +53,12 @@ Result<MacAddress> ParseMac(const std::string& text, const char* what) {
 
 bool ValidName(const std::string& n) {
   if (n.empty() || n.size() > 64) return false;
-  return std::all_of(n.begin(), n.end(), [](char c) {
-    return std::isalnum(static_cast<unsigned char>(c)) || c == '-' || c == '_' || c == '.';
-  }) && n[0] != '.';
+  return std::all_of(n.begin(), n.end(),
+                     [](char c) {
+                       return std::isalnum(static_cast<unsigned char>(c)) || c == '-' || c == '_' ||
+                              c == '.';
+                     }) &&
+         n[0] != '.';
 }
 
 std::string GetString(const json& args, const char* key) {
@@ -96,8 +99,8 @@ namespace {
 Result<std::optional<uint64_t>> GetUint(const json& args, const char* key, uint64_t max) {
   auto it = args.find(key);
   if (it == args.end() || it->is_null()) return std::optional<uint64_t>();
-  if (!it->is_number_integer() || (it->is_number_integer() && !it->is_number_unsigned() &&
-                                   it->get<int64_t>() < 0) ||
+  if (!it->is_number_integer() ||
+      (it->is_number_integer() && !it->is_number_unsigned() && it->get<int64_t>() < 0) ||
       it->get<uint64_t>() > max)
     return Fail(Error::Invalid(std::string(key) + " must be an integer 0.." + std::to_string(max)));
   return std::optional<uint64_t>(it->get<uint64_t>());
@@ -203,8 +206,10 @@ FileSequenceStore::FileSequenceStore(std::string path) : path_(std::move(path)) 
   if (!in) return;
   auto j = json::parse(in, nullptr, false);
   if (!j.is_object()) {
-    spdlog::warn("sequence file {} is unreadable; starting without it (the home agent will "
-                 "resynchronise us with status 135)", path_);
+    spdlog::warn(
+        "sequence file {} is unreadable; starting without it (the home agent will "
+        "resynchronise us with status 135)",
+        path_);
     return;
   }
   for (auto& [k, v] : j.items()) {
@@ -260,8 +265,7 @@ Result<HostSessionSpec> ParseHostSessionSpec(const json& args) {
   {
     auto s = GetString(args, "home_prefix");
     auto slash = s.find('/');
-    if (slash == std::string::npos)
-      return Fail(Error::Invalid("home_prefix must be IPV6/LEN"));
+    if (slash == std::string::npos) return Fail(Error::Invalid("home_prefix must be IPV6/LEN"));
     auto a = ParseV6(s.substr(0, slash), "home_prefix");
     if (!a) return Fail(a.error());
     c.home_prefix = *a;
@@ -395,9 +399,10 @@ Result<std::unique_ptr<HostDaemon>> HostDaemon::Create(HostDaemonOptions options
   if (d->wake_fd_ < 0) return Fail(Error::Errno(errno, "eventfd"));
   if (d->options_.suppress_icmp_errors) {
     if (auto st = SuppressMobilityIcmpErrors("kagemusha_tunneld"); !st)
-      spdlog::warn("could not install the nftables rule for RH2/HAO packets ({}); the kernel "
-                   "will answer each BA with an ICMPv6 Parameter Problem",
-                   st.error().message());
+      spdlog::warn(
+          "could not install the nftables rule for RH2/HAO packets ({}); the kernel "
+          "will answer each BA with an ICMPv6 Parameter Problem",
+          st.error().message());
   }
   return d;
 }
@@ -463,7 +468,8 @@ Result<std::unique_ptr<HostDaemon::Live>> HostDaemon::Open(const HostSessionSpec
   auto mob = Ipv6RawSender::Open();
   if (!mob) return Fail(mob.error().Context("BU sender"));
   live->mobility = std::move(*mob);
-  live->store = std::make_unique<FileSequenceStore>(options_.state_dir + "/seq/" + c.name + ".json");
+  live->store =
+      std::make_unique<FileSequenceStore>(options_.state_dir + "/seq/" + c.name + ".json");
 
   SessionConfig config = c;
   if (auto mac = InterfaceMac(live->tap->name())) config.announce_from_mac = *mac;
@@ -577,39 +583,39 @@ json HostDaemon::SessionJson(const Live& live) const {
     j["bindings"].push_back(bj);
   }
   const auto& k = st.counters;
-  j["counters"] = {{"guest_frames", k.guest_frames},
-                   {"guest_malformed", k.guest_malformed},
-                   {"guest_foreign_mac", k.guest_foreign_mac},
-                   {"nd_answered", k.nd_answered},
-                   {"nd_ignored", k.nd_ignored},
-                   {"ra_sent", k.ra_sent},
-                   {"arp_answered", k.arp_answered},
-                   {"arp_ignored", k.arp_ignored},
-                   {"link_local_kept", k.link_local_kept},
-                   {"not_home_source", k.not_home_source},
-                   {"tunnelled6", k.tunnelled6},
-                   {"tunnelled4", k.tunnelled4},
-                   {"tunnelled_bytes", k.tunnelled_bytes},
-                   {"too_big", k.too_big},
-                   {"decap_delivered6", k.decap_delivered6},
-                   {"decap_delivered4", k.decap_delivered4},
-                   {"decap_bytes", k.decap_bytes},
-                   {"decap_spoofed", k.decap_spoofed},
-                   {"decap_not_ours", k.decap_not_ours},
-                   {"decap_malformed", k.decap_malformed},
-                   {"bu_sent", k.bu_sent},
-                   {"ba_accepted", k.ba_accepted},
-                   {"ba_rejected", k.ba_rejected},
-                   {"ba_wrong_source", k.ba_wrong_source},
-                   {"ba_wrong_sequence", k.ba_wrong_sequence},
-                   {"ba_auth_failed", k.ba_auth_failed},
-                   {"ba_unexpected", k.ba_unexpected},
-                   {"mh_malformed", k.mh_malformed},
-                   {"brr_received", k.brr_received},
-                   {"send_errors", k.send_errors},
-                   {"truncated", live.truncated},
-                   {"tunnel_send_errors",
-                    live.batch6->errors + (live.batch4 ? live.batch4->errors : 0)}};
+  j["counters"] = {
+      {"guest_frames", k.guest_frames},
+      {"guest_malformed", k.guest_malformed},
+      {"guest_foreign_mac", k.guest_foreign_mac},
+      {"nd_answered", k.nd_answered},
+      {"nd_ignored", k.nd_ignored},
+      {"ra_sent", k.ra_sent},
+      {"arp_answered", k.arp_answered},
+      {"arp_ignored", k.arp_ignored},
+      {"link_local_kept", k.link_local_kept},
+      {"not_home_source", k.not_home_source},
+      {"tunnelled6", k.tunnelled6},
+      {"tunnelled4", k.tunnelled4},
+      {"tunnelled_bytes", k.tunnelled_bytes},
+      {"too_big", k.too_big},
+      {"decap_delivered6", k.decap_delivered6},
+      {"decap_delivered4", k.decap_delivered4},
+      {"decap_bytes", k.decap_bytes},
+      {"decap_spoofed", k.decap_spoofed},
+      {"decap_not_ours", k.decap_not_ours},
+      {"decap_malformed", k.decap_malformed},
+      {"bu_sent", k.bu_sent},
+      {"ba_accepted", k.ba_accepted},
+      {"ba_rejected", k.ba_rejected},
+      {"ba_wrong_source", k.ba_wrong_source},
+      {"ba_wrong_sequence", k.ba_wrong_sequence},
+      {"ba_auth_failed", k.ba_auth_failed},
+      {"ba_unexpected", k.ba_unexpected},
+      {"mh_malformed", k.mh_malformed},
+      {"brr_received", k.brr_received},
+      {"send_errors", k.send_errors},
+      {"truncated", live.truncated},
+      {"tunnel_send_errors", live.batch6->errors + (live.batch4 ? live.batch4->errors : 0)}};
   j["events"] = json(std::vector<json>(live.events.begin(), live.events.end()));
   return j;
 }
@@ -790,8 +796,8 @@ Status HostDaemon::Run() {
             }
             case Kind::kTunnel6:
             case Kind::kTunnel4: {
-              auto* sock = slots[i].kind == Kind::kTunnel6 ? live->tunnel6.get()
-                                                           : live->tunnel4.get();
+              auto* sock =
+                  slots[i].kind == Kind::kTunnel6 ? live->tunnel6.get() : live->tunnel4.get();
               auto r = sock->Receive(tunnel);
               if (!r) break;
               got = *r;

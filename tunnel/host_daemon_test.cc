@@ -83,8 +83,7 @@ TEST(HostSessionSpec, ReadsNonHexKeyFileAsRawBytes) {
   ASSERT_TRUE(spec) << spec.error().message();
   ASSERT_TRUE(spec->config.auth);
   EXPECT_EQ(spec->config.auth->spi, 7u);
-  EXPECT_EQ(std::string(spec->config.auth->key.begin(), spec->config.auth->key.end()),
-            "secret\n");
+  EXPECT_EQ(std::string(spec->config.auth->key.begin(), spec->config.auth->key.end()), "secret\n");
 }
 
 TEST(HostSessionSpec, RejectsBadOrMissingFields) {
@@ -129,7 +128,7 @@ TEST(FileSequenceStore, PersistsAcrossInstancesWithMode0600) {
     ASSERT_TRUE(store.Record(hoa, 41));
     ASSERT_TRUE(store.Record(hoa, 42));
   }
-  struct stat st{};
+  struct stat st {};
   ASSERT_EQ(stat(path.c_str(), &st), 0);
   EXPECT_EQ(st.st_mode & 0777, 0600u);
   FileSequenceStore reopened(path);

@@ -27,39 +27,60 @@ bool IsIpv4Broadcast(const Ipv4Address& a) {
 
 const char* BindingStateName(BindingState s) {
   switch (s) {
-    case BindingState::kIdle: return "idle";
-    case BindingState::kRegistering: return "registering";
-    case BindingState::kRegistered: return "registered";
-    case BindingState::kRejected: return "rejected";
-    case BindingState::kDeregistering: return "deregistering";
-    case BindingState::kHome: return "home";
+    case BindingState::kIdle:
+      return "idle";
+    case BindingState::kRegistering:
+      return "registering";
+    case BindingState::kRegistered:
+      return "registered";
+    case BindingState::kRejected:
+      return "rejected";
+    case BindingState::kDeregistering:
+      return "deregistering";
+    case BindingState::kHome:
+      return "home";
   }
   return "?";
 }
 
 const char* SessionStateName(SessionState s) {
   switch (s) {
-    case SessionState::kIdle: return "idle";
-    case SessionState::kRegistering: return "registering";
-    case SessionState::kRegistered: return "registered";
-    case SessionState::kRejected: return "rejected";
-    case SessionState::kDeregistering: return "deregistering";
-    case SessionState::kHome: return "home";
-    case SessionState::kStopped: return "stopped";
+    case SessionState::kIdle:
+      return "idle";
+    case SessionState::kRegistering:
+      return "registering";
+    case SessionState::kRegistered:
+      return "registered";
+    case SessionState::kRejected:
+      return "rejected";
+    case SessionState::kDeregistering:
+      return "deregistering";
+    case SessionState::kHome:
+      return "home";
+    case SessionState::kStopped:
+      return "stopped";
   }
   return "?";
 }
 
 const char* SessionEventKindName(SessionEvent::Kind k) {
   switch (k) {
-    case SessionEvent::Kind::kRegistered: return "registered";
-    case SessionEvent::Kind::kRejected: return "rejected";
-    case SessionEvent::Kind::kResynchronised: return "resynchronised";
-    case SessionEvent::Kind::kIpv4Rejected: return "ipv4_rejected";
-    case SessionEvent::Kind::kDeregistered: return "deregistered";
-    case SessionEvent::Kind::kDeregistrationTimedOut: return "deregistration_timed_out";
-    case SessionEvent::Kind::kPersistFailed: return "persist_failed";
-    case SessionEvent::Kind::kSendFailed: return "send_failed";
+    case SessionEvent::Kind::kRegistered:
+      return "registered";
+    case SessionEvent::Kind::kRejected:
+      return "rejected";
+    case SessionEvent::Kind::kResynchronised:
+      return "resynchronised";
+    case SessionEvent::Kind::kIpv4Rejected:
+      return "ipv4_rejected";
+    case SessionEvent::Kind::kDeregistered:
+      return "deregistered";
+    case SessionEvent::Kind::kDeregistrationTimedOut:
+      return "deregistration_timed_out";
+    case SessionEvent::Kind::kPersistFailed:
+      return "persist_failed";
+    case SessionEvent::Kind::kSendFailed:
+      return "send_failed";
   }
   return "?";
 }
@@ -109,7 +130,10 @@ Status MemorySequenceStore::Record(const Ipv6Address& home_address, uint16_t seq
 
 MobilitySession::MobilitySession(SessionConfig config, SessionIo io, Clock& clock,
                                  SequenceStore& store, EventCallback on_event)
-    : config_(std::move(config)), io_(io), clock_(clock), store_(store),
+    : config_(std::move(config)),
+      io_(io),
+      clock_(clock),
+      store_(store),
       on_event_(std::move(on_event)) {
   for (const auto& hoa : config_.home_addresses) {
     Binding b;
@@ -157,8 +181,8 @@ void MobilitySession::AnnounceRouter() {
   SendGuest(BuildUnsolicitedNeighborAdvertisementFrame(config_.router_mac,
                                                        config_.router_link_local, true));
   if (config_.router_global)
-    SendGuest(BuildUnsolicitedNeighborAdvertisementFrame(config_.router_mac,
-                                                         *config_.router_global, true));
+    SendGuest(BuildUnsolicitedNeighborAdvertisementFrame(config_.router_mac, *config_.router_global,
+                                                         true));
   if (config_.router_v4) SendGuest(BuildGratuitousArpFrame(config_.router_mac, *config_.router_v4));
 }
 
@@ -224,8 +248,8 @@ void MobilitySession::SendBindingUpdate(Binding& b) {
       Emit(SessionEvent::Kind::kSendFailed, b.home_address, 0, mh.error().message());
       return;
     }
-    packet = BuildMobilityPacket(config_.care_of, config_.home_agent, b.home_address,
-                                 std::nullopt, *mh);
+    packet =
+        BuildMobilityPacket(config_.care_of, config_.home_agent, b.home_address, std::nullopt, *mh);
   } else {
     packet = BuildBindingUpdatePacket(config_.care_of, config_.home_agent, b.home_address, bu);
   }
@@ -286,8 +310,8 @@ void MobilitySession::FinishDeregistration(Binding& b, bool timed_out) {
   b.expires.reset();
   if (timed_out)
     Emit(SessionEvent::Kind::kDeregistrationTimedOut, b.home_address, 0,
-         "no Binding Acknowledgement for the deregistration after " +
-             std::to_string(b.attempts) + " attempts; announcing at home anyway");
+         "no Binding Acknowledgement for the deregistration after " + std::to_string(b.attempts) +
+             " attempts; announcing at home anyway");
 }
 
 void MobilitySession::MaybeAnnounceHome() {
@@ -346,8 +370,8 @@ void MobilitySession::HandleBindingAck(const MobilityPacket& packet) {
     return;
   }
   Binding* b = FindBinding(packet.ip.routing->home_address);
-  if (b == nullptr || (b->state != BindingState::kRegistering &&
-                       b->state != BindingState::kDeregistering)) {
+  if (b == nullptr ||
+      (b->state != BindingState::kRegistering && b->state != BindingState::kDeregistering)) {
     ++counters_.ba_unexpected;
     return;
   }
@@ -445,10 +469,17 @@ void MobilitySession::HandleGuestFrame(std::span<const uint8_t> frame) {
     return;
   }
   switch (eth->ether_type) {
-    case ethertype::kIpv6: HandleGuestIpv6(*eth, eth->payload); break;
-    case ethertype::kIpv4: HandleGuestIpv4(*eth, eth->payload); break;
-    case ethertype::kArp: HandleGuestArp(*eth); break;
-    default: break;  // not ours to route
+    case ethertype::kIpv6:
+      HandleGuestIpv6(*eth, eth->payload);
+      break;
+    case ethertype::kIpv4:
+      HandleGuestIpv4(*eth, eth->payload);
+      break;
+    case ethertype::kArp:
+      HandleGuestArp(*eth);
+      break;
+    default:
+      break;  // not ours to route
   }
 }
 
@@ -521,9 +552,8 @@ bool MobilitySession::AnswerNeighborDiscovery(const EthernetFrame& eth, const Ip
     return true;
   }
   // Other ND (NA, RA, redirects) and MLD stay on the link.
-  return type == icmpv6_type::kNeighborAdvertisement ||
-         type == icmpv6_type::kRouterAdvertisement || type == 137 || type == 143 ||
-         type == 130 || type == 131 || type == 132;
+  return type == icmpv6_type::kNeighborAdvertisement || type == icmpv6_type::kRouterAdvertisement ||
+         type == 137 || type == 143 || type == 130 || type == 131 || type == 132;
 }
 
 void MobilitySession::HandleGuestIpv6(const EthernetFrame& eth, std::span<const uint8_t> packet) {

@@ -109,8 +109,8 @@ BindingAcknowledgement Ba(uint16_t seq, uint8_t status = 0, uint16_t lifetime_un
   return ba;
 }
 
-std::vector<uint8_t> GuestIpv6Frame(const Ipv6Address& src, const Ipv6Address& dst,
-                                    size_t payload, const MacAddress& eth_src = kGuestMac,
+std::vector<uint8_t> GuestIpv6Frame(const Ipv6Address& src, const Ipv6Address& dst, size_t payload,
+                                    const MacAddress& eth_src = kGuestMac,
                                     const MacAddress& eth_dst = kRouterMac) {
   Ipv6Header h;
   h.next_header = ipproto::kUdp;
@@ -274,9 +274,9 @@ TEST(MobilitySession, BindingRefreshRequestTriggersBindingUpdate) {
   EXPECT_EQ(h.session.counters().brr_received, 1u);
   EXPECT_EQ(h.LastBuSequence(), static_cast<uint16_t>(seq + 1));
   // A BRR from someone else is ignored.
-  auto spoof = BuildMobilityPacket(kCorrespondent, kCoa, std::nullopt, std::nullopt,
-                                   *EncodeMobilityHeader(BindingRefreshRequest{},
-                                                         ChecksumAddresses{kCorrespondent, kCoa}));
+  auto spoof = BuildMobilityPacket(
+      kCorrespondent, kCoa, std::nullopt, std::nullopt,
+      *EncodeMobilityHeader(BindingRefreshRequest{}, ChecksumAddresses{kCorrespondent, kCoa}));
   h.session.HandleUplinkFrame(BuildEthernetFrame(kRouterMac, kOtherMac, ethertype::kIpv6, *spoof));
   EXPECT_EQ(h.session.counters().brr_received, 1u);
   EXPECT_EQ(h.session.counters().ba_wrong_source, 1u);

@@ -392,8 +392,7 @@ Status PacketSocket::Send(std::span<const uint8_t> frame) {
   sll.sll_ifindex = ifindex_;
   sll.sll_halen = 6;
   std::memcpy(sll.sll_addr, frame.data(), 6);
-  if (sendto(fd_, frame.data(), frame.size(), 0, reinterpret_cast<sockaddr*>(&sll), sizeof sll) <
-      0)
+  if (sendto(fd_, frame.data(), frame.size(), 0, reinterpret_cast<sockaddr*>(&sll), sizeof sll) < 0)
     return Fail(Error::Errno(errno, "AF_PACKET send"));
   return Ok();
 }
@@ -442,8 +441,7 @@ Result<size_t> PacketSocket::Receive(std::span<PacketBuffer> buffers) {
       msgs[i].msg_hdr.msg_name = &from[i];
       msgs[i].msg_hdr.msg_namelen = sizeof(sockaddr_ll);
     }
-    int r = recvmmsg(fd_, msgs.data(), static_cast<unsigned>(n), MSG_DONTWAIT | MSG_TRUNC,
-                     nullptr);
+    int r = recvmmsg(fd_, msgs.data(), static_cast<unsigned>(n), MSG_DONTWAIT | MSG_TRUNC, nullptr);
     if (r < 0) {
       if (errno == EAGAIN || errno == EINTR || done > 0) break;
       return Fail(Error::Errno(errno, "AF_PACKET recvmmsg"));
@@ -493,7 +491,8 @@ Result<std::unique_ptr<RawIpv6Socket>> RawIpv6Socket::Open(const RawIpv6SocketOp
   if (options.bind_address) {
     auto sa = MakeSockaddr(*options.bind_address);
     if (bind(fd, reinterpret_cast<sockaddr*>(&sa), sizeof sa) < 0)
-      return Fail(Error::Errno(errno, "binding raw socket to " + FormatIpv6(*options.bind_address)));
+      return Fail(
+          Error::Errno(errno, "binding raw socket to " + FormatIpv6(*options.bind_address)));
   }
   // Not connect(2): a connected raw socket would also filter receives by
   // source, which callers want to see (and count) themselves.
@@ -600,9 +599,8 @@ Result<std::unique_ptr<Ipv6RawSender>> Ipv6RawSender::Open(const std::string& bi
   int fd = socket(AF_INET6, SOCK_RAW | SOCK_CLOEXEC | SOCK_NONBLOCK, IPPROTO_RAW);
   if (fd < 0) return Fail(Error::Errno(errno, "IPPROTO_RAW socket"));
   std::unique_ptr<Ipv6RawSender> s(new Ipv6RawSender(fd));
-  if (!bind_device.empty() &&
-      setsockopt(fd, SOL_SOCKET, SO_BINDTODEVICE, bind_device.data(),
-                 static_cast<socklen_t>(bind_device.size())) < 0)
+  if (!bind_device.empty() && setsockopt(fd, SOL_SOCKET, SO_BINDTODEVICE, bind_device.data(),
+                                         static_cast<socklen_t>(bind_device.size())) < 0)
     return Fail(Error::Errno(errno, "SO_BINDTODEVICE " + bind_device));
   return s;
 }
@@ -619,8 +617,7 @@ Status Ipv6RawSender::Send(std::span<const uint8_t> packet) {
   auto sa = MakeSockaddr(dst);
   // IPPROTO_RAW implies IPV6_HDRINCL: the kernel sends our header as is. The
   // sockaddr port field must be 0 (it would be the protocol otherwise).
-  if (sendto(fd_, packet.data(), packet.size(), 0, reinterpret_cast<sockaddr*>(&sa), sizeof sa) <
-      0)
+  if (sendto(fd_, packet.data(), packet.size(), 0, reinterpret_cast<sockaddr*>(&sa), sizeof sa) < 0)
     return Fail(Error::Errno(errno, "raw IPv6 send to " + FormatIpv6(dst)));
   return Ok();
 }

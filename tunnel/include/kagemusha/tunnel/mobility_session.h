@@ -85,7 +85,7 @@ struct SessionConfig {
   // The largest inner packet the tunnel carries (uplink MTU minus 40).
   uint32_t tunnel_mtu = 1460;
   bool send_router_advertisements = false;
-  uint32_t lifetime_seconds = 600;      // requested binding lifetime
+  uint32_t lifetime_seconds = 600;         // requested binding lifetime
   std::optional<MobilityAuthConfig> auth;  // nullopt: insecure
   // Ethernet source of the at-home announcement (the NA's target link-layer
   // option and the ARP sender are always the guest's MAC). The daemon uses
@@ -128,20 +128,27 @@ class MemorySequenceStore final : public SequenceStore {
 enum class BindingState { kIdle, kRegistering, kRegistered, kRejected, kDeregistering, kHome };
 const char* BindingStateName(BindingState s);
 
-enum class SessionState { kIdle, kRegistering, kRegistered, kRejected, kDeregistering, kHome,
-                          kStopped };
+enum class SessionState {
+  kIdle,
+  kRegistering,
+  kRegistered,
+  kRejected,
+  kDeregistering,
+  kHome,
+  kStopped
+};
 const char* SessionStateName(SessionState s);
 
 // Things the operator must hear about.
 struct SessionEvent {
   enum class Kind {
-    kRegistered,        // a binding was accepted
-    kRejected,          // BA status >= 128 other than 135
-    kResynchronised,    // status 135: sequence number taken from the HA
-    kIpv4Rejected,      // IPv4 Address Acknowledgement status != 0
-    kDeregistered,      // home: announced with the guest's MAC
+    kRegistered,      // a binding was accepted
+    kRejected,        // BA status >= 128 other than 135
+    kResynchronised,  // status 135: sequence number taken from the HA
+    kIpv4Rejected,    // IPv4 Address Acknowledgement status != 0
+    kDeregistered,    // home: announced with the guest's MAC
     kDeregistrationTimedOut,
-    kPersistFailed,     // a sequence number could not be stored
+    kPersistFailed,  // a sequence number could not be stored
     kSendFailed,
   };
   Kind kind;
@@ -154,35 +161,35 @@ const char* SessionEventKindName(SessionEvent::Kind k);
 struct SessionCounters {
   // Guest side.
   uint64_t guest_frames = 0;
-  uint64_t guest_malformed = 0;     // unparseable Ethernet/IP/ND/ARP
-  uint64_t guest_foreign_mac = 0;   // routed frames not from the guest's MAC
+  uint64_t guest_malformed = 0;    // unparseable Ethernet/IP/ND/ARP
+  uint64_t guest_foreign_mac = 0;  // routed frames not from the guest's MAC
   uint64_t nd_answered = 0;
-  uint64_t nd_ignored = 0;          // NS for an address that is not the router's
+  uint64_t nd_ignored = 0;  // NS for an address that is not the router's
   uint64_t ra_sent = 0;
   uint64_t arp_answered = 0;
   uint64_t arp_ignored = 0;
-  uint64_t link_local_kept = 0;     // link-local/multicast: never tunnelled
-  uint64_t not_home_source = 0;     // routed packet whose source is not a home address
+  uint64_t link_local_kept = 0;  // link-local/multicast: never tunnelled
+  uint64_t not_home_source = 0;  // routed packet whose source is not a home address
   uint64_t tunnelled6 = 0;
   uint64_t tunnelled4 = 0;
   uint64_t tunnelled_bytes = 0;
-  uint64_t too_big = 0;             // PTB / frag-needed sent
+  uint64_t too_big = 0;  // PTB / frag-needed sent
   // Home agent side.
   uint64_t decap_delivered6 = 0;
   uint64_t decap_delivered4 = 0;
   uint64_t decap_bytes = 0;
-  uint64_t decap_spoofed = 0;       // tunnelled packet not from the HA
-  uint64_t decap_not_ours = 0;      // inner destination not a home address
+  uint64_t decap_spoofed = 0;   // tunnelled packet not from the HA
+  uint64_t decap_not_ours = 0;  // inner destination not a home address
   uint64_t decap_malformed = 0;
   // Mobility signalling.
   uint64_t bu_sent = 0;
   uint64_t ba_accepted = 0;
-  uint64_t ba_rejected = 0;         // status >= 128 (135 included)
+  uint64_t ba_rejected = 0;  // status >= 128 (135 included)
   uint64_t ba_wrong_source = 0;
   uint64_t ba_wrong_sequence = 0;
   uint64_t ba_auth_failed = 0;
-  uint64_t ba_unexpected = 0;       // for another home address, or none pending
-  uint64_t mh_malformed = 0;        // truncated, bad checksum, bad length ...
+  uint64_t ba_unexpected = 0;  // for another home address, or none pending
+  uint64_t mh_malformed = 0;   // truncated, bad checksum, bad length ...
   uint64_t brr_received = 0;
   uint64_t send_errors = 0;
 };

@@ -46,7 +46,7 @@ namespace kagemusha::tunnel {
 
 // GSO/checksum metadata of IFF_VNET_HDR (struct virtio_net_hdr, 10 bytes).
 struct VnetHeader {
-  uint8_t flags = 0;  // VIRTIO_NET_HDR_F_NEEDS_CSUM = 1
+  uint8_t flags = 0;     // VIRTIO_NET_HDR_F_NEEDS_CSUM = 1
   uint8_t gso_type = 0;  // 0 none, 1 TCPv4, 3 UDP, 4 TCPv6, 0x80 ECN
   uint16_t hdr_len = 0;
   uint16_t gso_size = 0;
@@ -190,9 +190,9 @@ uint32_t RunBpf(const BpfProgram& program, std::span<const uint8_t> frame);
 
 struct PacketSocketOptions {
   std::string interface;
-  uint16_t protocol = 0x0003;  // ETH_P_ALL; or e.g. ethertype::kIpv6
-  BpfProgram filter;           // empty: no filter
-  bool ignore_outgoing = true; // PACKET_IGNORE_OUTGOING: do not see our own sends
+  uint16_t protocol = 0x0003;    // ETH_P_ALL; or e.g. ethertype::kIpv6
+  BpfProgram filter;             // empty: no filter
+  bool ignore_outgoing = true;   // PACKET_IGNORE_OUTGOING: do not see our own sends
   int receive_buffer_bytes = 0;  // SO_RCVBUF if > 0
 };
 
@@ -219,7 +219,7 @@ class PacketSocket final : public PacketSink, public PacketSource {
 // ---- Raw IPv6 tunnel socket (kernel builds the outer header) -------------------
 
 struct RawIpv6SocketOptions {
-  uint8_t protocol = ipproto::kIpv6;  // 41 (IPv6 inner) or 4 (IPv4 inner)
+  uint8_t protocol = ipproto::kIpv6;        // 41 (IPv6 inner) or 4 (IPv4 inner)
   std::optional<Ipv6Address> bind_address;  // the outer source (care-of / HA address)
   std::optional<Ipv6Address> connect_to;    // fixes the destination for Send()
   std::string bind_device;                  // SO_BINDTODEVICE if not empty
