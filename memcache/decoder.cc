@@ -25,6 +25,8 @@ namespace {
 using namespace reuse;
 
 constexpr size_t kReadChunk = 256u << 10;
+// References expand 80-fold; bound what waits for the destination QEMU.
+constexpr size_t kFlushBytes = 1u << 20;
 // After DONE the decoder waits this long for the destination QEMU to close
 // its side (it does once it has loaded the state). Generous: postcopy keeps
 // the return path open until the last page arrived, but DONE comes after that.
@@ -87,6 +89,9 @@ class DecoderSession {
       auto done = Dispatch(fr);
       if (!done) return AbortAll(done.error());
       if (*done) break;
+      if (qemu_out_.size() >= kFlushBytes) {
+        if (auto st = FlushQemu(); !st) return AbortAll(st.error());
+      }
     }
     return Finish();
   }

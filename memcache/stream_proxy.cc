@@ -207,7 +207,8 @@ struct Channel {
   std::condition_variable cv;
   std::deque<uint8_t> data;
   bool write_closed = false;  // EOF after the queued bytes
-  bool aborted = false;       // reset: reads and writes fail
+  bool aborted = false;       // the reader aborted: reads and writes fail
+  bool reset_after_data = false;  // the writer aborted: queued data, then an error
   size_t capacity;
   explicit Channel(size_t cap) : capacity(cap) {}
 };
@@ -220,9 +221,15 @@ class MemoryStream final : public ByteStream {
 
   Result<size_t> Read(std::span<uint8_t> buf) override {
     std::unique_lock lk(in_->mu);
-    in_->cv.wait(lk, [&] { return in_->aborted || !in_->data.empty() || in_->write_closed; });
+    in_->cv.wait(lk, [&] {
+      return in_->aborted || !in_->data.empty() || in_->write_closed || in_->reset_after_data;
+    });
     if (in_->aborted) return Fail(Error::Errno(ECONNRESET, "recv"));
-    if (in_->data.empty()) return size_t{0};
+    if (in_->data.empty()) {
+      // The writer aborted: it is gone, and says so once its data is read.
+      if (in_->reset_after_data) return Fail(Error::Errno(ECONNRESET, "recv"));
+      return size_t{0};
+    }
     size_t n = std::min(buf.size(), in_->data.size());
     std::copy_n(in_->data.begin(), n, buf.begin());
     in_->data.erase(in_->data.begin(), in_->data.begin() + long(n));
@@ -234,9 +241,11 @@ class MemoryStream final : public ByteStream {
     std::unique_lock lk(out_->mu);
     while (!bytes.empty()) {
       out_->cv.wait(lk, [&] {
-        return out_->aborted || out_->write_closed || out_->data.size() < out_->capacity;
+        return out_->aborted || out_->write_closed || out_->reset_after_data ||
+               out_->data.size() < out_->capacity;
       });
-      if (out_->aborted || out_->write_closed) return Fail(Error::Errno(EPIPE, "send"));
+      if (out_->aborted || out_->write_closed || out_->reset_after_data)
+        return Fail(Error::Errno(EPIPE, "send"));
       size_t n = std::min(bytes.size(), out_->capacity - out_->data.size());
       out_->data.insert(out_->data.end(), bytes.begin(), bytes.begin() + long(n));
       bytes = bytes.subspan(n);
@@ -251,12 +260,18 @@ class MemoryStream final : public ByteStream {
     out_->cv.notify_all();
   }
 
+  // Like shutdown(SHUT_RDWR) on a socket: bytes already sent still reach
+  // the peer, which then sees an error rather than a clean EOF (so tests can
+  // tell an abort from a normal end); our own reads fail at once.
   void Abort() override {
-    for (auto* c : {in_.get(), out_.get()}) {
-      std::lock_guard lk(c->mu);
-      c->aborted = true;
-      c->cv.notify_all();
+    {
+      std::lock_guard lk(in_->mu);
+      in_->aborted = true;
+      in_->cv.notify_all();
     }
+    std::lock_guard lk(out_->mu);
+    out_->reset_after_data = true;
+    out_->cv.notify_all();
   }
 
  private:

@@ -1,0 +1,632 @@
+// Encoder and decoder sessions over the in-memory transport, with
+// hand-built QEMU 7.2 streams, fake QEMU peers and (where a test needs it) a
+// tampering relay on the WAN leg.
+#include "kagemusha/memcache/stream_proxy.h"
+
+#include <gtest/gtest.h>
+
+#include <atomic>
+#include <cstdlib>
+#include <filesystem>
+#include <functional>
+#include <random>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "kagemusha/common/coding.h"
+#include "kagemusha/memcache/migration_stream.h"
+#include "kagemusha/memcache/reuse_protocol.h"
+
+namespace kagemusha::memcache {
+namespace {
+
+using Bytes = std::vector<uint8_t>;
+namespace fs = std::filesystem;
+using namespace reuse;
+
+// --- hand-built QEMU streams -----------------------------------------------------------
+
+class QemuStream {
+ public:
+  Bytes b;
+  QemuStream& U8(uint8_t v) { ByteWriter(b).U8(v); return *this; }
+  QemuStream& U32(uint32_t v) { ByteWriter(b).U32(v); return *this; }
+  QemuStream& U64(uint64_t v) { ByteWriter(b).U64(v); return *this; }
+  QemuStream& Str(std::string_view s) { ByteWriter(b).Str(s); return *this; }
+  QemuStream& Head() {
+    U32(kQemuVmFileMagic).U32(kQemuVmFileVersion);
+    return U8(0x07).U32(13).Str("pc-i440fx-7.2");
+  }
+  // START "ram" (section 1) with the given blocks, then EOS and footer.
+  QemuStream& RamStart(const std::vector<std::pair<std::string, uint64_t>>& blocks) {
+    U8(0x01).U32(1).U8(3).Str("ram").U32(0).U32(4);
+    uint64_t total = 0;
+    for (auto& [n, l] : blocks) total += l;
+    U64(total | ram_flag::kMemSize);
+    for (auto& [n, l] : blocks) U8(uint8_t(n.size())).Str(n).U64(l);
+    return U64(ram_flag::kEos).U8(0x7e).U32(1);
+  }
+  QemuStream& Part() { return U8(0x02).U32(1); }
+  QemuStream& End() { return U8(0x03).U32(1); }
+  QemuStream& Eos() { return U64(ram_flag::kEos).U8(0x7e).U32(1); }
+  QemuStream& Page(std::string_view block, uint64_t off, const Bytes& data, bool cont = false) {
+    U64(off | ram_flag::kPage | (cont ? ram_flag::kContinue : 0));
+    if (!cont) U8(uint8_t(block.size())).Str(block);
+    b.insert(b.end(), data.begin(), data.end());
+    return *this;
+  }
+  QemuStream& Zero(std::string_view block, uint64_t off, bool cont = false) {
+    U64(off | ram_flag::kZero | (cont ? ram_flag::kContinue : 0));
+    if (!cont) U8(uint8_t(block.size())).Str(block);
+    return U8(0);
+  }
+  // Device state (FULL "timer") and EOF: passthrough for the proxies.
+  QemuStream& DeviceStateAndEof() {
+    U8(0x04).U32(2).U8(5).Str("timer").U32(0).U32(2);
+    for (int i = 0; i < 40; ++i) U8(uint8_t(0xd0 + i));
+    return U8(0x7e).U32(2).U8(0x00);
+  }
+};
+
+Bytes RandomPage(uint32_t seed) {
+  std::mt19937 rng(seed);
+  Bytes p(kPageBytes);
+  for (auto& x : p) x = uint8_t(rng());
+  return p;
+}
+
+// N random pages of "pc.ram" (every third one zero), two precopy rounds
+// (the second resends the first 4 pages changed), then device state.
+struct Guest {
+  Bytes stream;
+  std::vector<Bytes> pages;  // final content, index = page number (empty = zero)
+};
+Guest MakeGuest(int n, uint32_t seed = 1) {
+  Guest g;
+  QemuStream s;
+  s.Head().RamStart({{"pc.ram", uint64_t(n) * kPageBytes}, {"pc.bios", 2 * kPageBytes}});
+  s.Part();
+  for (int i = 0; i < n; ++i) {
+    if (i % 3 == 2) {
+      g.pages.emplace_back();
+      s.Zero("pc.ram", uint64_t(i) * kPageBytes, i > 0);
+    } else {
+      g.pages.push_back(RandomPage(seed * 1000 + uint32_t(i)));
+      s.Page("pc.ram", uint64_t(i) * kPageBytes, g.pages.back(), i > 0);
+    }
+  }
+  s.Page("pc.bios", 0, RandomPage(seed * 1000 + 999)).Zero("pc.bios", kPageBytes, true);
+  s.Eos();
+  s.End();
+  for (int i = 0; i < 4 && i < n; ++i) {
+    g.pages[size_t(i)] = RandomPage(seed * 7777 + uint32_t(i));
+    s.Page("pc.ram", uint64_t(i) * kPageBytes, g.pages[size_t(i)], i > 0);
+  }
+  s.Eos();
+  s.DeviceStateAndEof();
+  g.stream = std::move(s.b);
+  return g;
+}
+
+// --- harness ---------------------------------------------------------------------------
+
+class TempStore {
+ public:
+  TempStore() {
+    char tmpl[] = "/tmp/kgm-proxy-test-XXXXXX";
+    dir_ = ::mkdtemp(tmpl);
+    Open();
+  }
+  ~TempStore() {
+    store.reset();
+    fs::remove_all(dir_);
+  }
+  void Open() {
+    store.reset();
+    PageStoreOptions o;
+    o.dir = dir_ + "/store";
+    o.fsync = false;
+    auto s = PageStore::Open(o);
+    EXPECT_TRUE(s) << s.error().message();
+    store = std::move(*s);
+  }
+  void Wipe() {
+    store.reset();
+    fs::remove_all(dir_ + "/store");
+    Open();
+  }
+  std::unique_ptr<PageStore> store;
+
+ private:
+  std::string dir_;
+};
+
+// Rewrites or drops encoder->decoder frames; returns false to cut the WAN
+// there (both directions closed).
+using Tamper = std::function<bool(FrameType&, Bytes&)>;
+
+struct RunResult {
+  Result<ProxyStats> enc = Fail(Error::Io("not run"));
+  Result<ProxyStats> dec = Fail(Error::Io("not run"));
+  ProxyStats enc_partial, dec_partial;
+  Bytes delivered;           // what the destination QEMU received
+  bool dest_reset = false;   // its connection was reset (not a clean EOF)
+  Bytes source_got;          // return-path bytes the source QEMU received
+  bool source_reset = false;
+};
+
+struct RunOptions {
+  size_t chunk = 1460;
+  bool zstd = false;
+  Tamper tamper;
+  Bytes dest_reply;          // the destination QEMU sends this once it got 1 KiB
+  std::string decoder_vm = "vm1";
+};
+
+// Reads until EOF or reset.
+void Drain(ByteStream& s, Bytes& into, bool& reset) {
+  uint8_t buf[65536];
+  while (true) {
+    auto n = s.Read(buf);
+    if (!n) {
+      reset = true;
+      return;
+    }
+    if (*n == 0) return;
+    into.insert(into.end(), buf, buf + *n);
+  }
+}
+
+// A relay on the WAN leg that re-frames encoder->decoder traffic through `t`.
+void TamperRelay(ByteStream& from_enc, ByteStream& to_dec, const Tamper& t) {
+  FrameReader fr;
+  uint8_t buf[65536];
+  while (true) {
+    auto n = from_enc.Read(buf);
+    if (!n || *n == 0) break;
+    fr.Append(std::span<const uint8_t>(buf, *n));
+    while (true) {
+      auto f = fr.Next();
+      if (!f || !*f) break;
+      FrameType type = (*f)->type;
+      Bytes payload((*f)->payload.begin(), (*f)->payload.end());
+      if (!t(type, payload)) {
+        from_enc.Abort();
+        to_dec.Abort();
+        return;
+      }
+      Bytes out = {uint8_t(type), 0, 0, 0, 0};
+      StoreBe32(out.data() + 1, uint32_t(payload.size()));
+      out.insert(out.end(), payload.begin(), payload.end());
+      if (!to_dec.WriteAll(out)) return;
+    }
+  }
+  to_dec.ShutdownWrite();
+}
+
+void Copy(ByteStream& from, ByteStream& to) {
+  uint8_t buf[65536];
+  while (true) {
+    auto n = from.Read(buf);
+    if (!n || *n == 0) break;
+    if (!to.WriteAll(std::span<const uint8_t>(buf, *n))) break;
+  }
+  to.ShutdownWrite();
+}
+
+RunResult RunMigration(const Bytes& stream, PageStore& src, PageStore& dst,
+                       const RunOptions& opt = {}) {
+  RunResult r;
+  auto [src_qemu, enc_qemu] = MakeMemoryPipe();
+  auto [enc_wan, relay_in] = MakeMemoryPipe();
+  auto [relay_out, dec_wan] = MakeMemoryPipe();
+  auto [dec_qemu, dst_qemu] = MakeMemoryPipe();
+  std::unique_ptr<ByteStream> dec_qemu_owned = std::move(dec_qemu);
+
+  std::thread source([&, s = src_qemu.get()] {
+    for (size_t i = 0; i < stream.size(); i += opt.chunk) {
+      if (!s->WriteAll(std::span<const uint8_t>(stream).subspan(i, std::min(opt.chunk, stream.size() - i))))
+        break;
+    }
+    // Like QEMU with a return path: wait for the destination's reply
+    // before closing (postcopy's SHUT), then close.
+    if (!opt.dest_reply.empty()) {
+      uint8_t buf[4096];
+      while (r.source_got.size() < opt.dest_reply.size()) {
+        auto n = s->Read(buf);
+        if (!n || *n == 0) break;
+        r.source_got.insert(r.source_got.end(), buf, buf + *n);
+      }
+    }
+    s->ShutdownWrite();
+    Drain(*s, r.source_got, r.source_reset);
+  });
+  std::thread dest([&, d = dst_qemu.get()] {
+    uint8_t buf[65536];
+    bool replied = false;
+    while (true) {
+      auto n = d->Read(buf);
+      if (!n) {
+        r.dest_reset = true;
+        break;
+      }
+      if (*n == 0) break;
+      r.delivered.insert(r.delivered.end(), buf, buf + *n);
+      if (!replied && !opt.dest_reply.empty() && r.delivered.size() >= 1024) {
+        replied = true;
+        (void)d->WriteAll(opt.dest_reply);
+      }
+    }
+    d->ShutdownWrite();  // QEMU closes once it has loaded the state
+  });
+  std::thread fwd([&] {
+    if (opt.tamper) TamperRelay(*relay_in, *relay_out, opt.tamper);
+    else Copy(*relay_in, *relay_out);
+  });
+  std::thread back([&] { Copy(*relay_out, *relay_in); });
+  std::thread dec([&] {
+    DecoderOptions o{&dst, opt.decoder_vm};
+    QemuConnector connect = [&]() -> Result<std::unique_ptr<ByteStream>> {
+      return std::move(dec_qemu_owned);
+    };
+    r.dec = RunDecoderSession(*dec_wan, connect, o, &r.dec_partial);
+    dec_wan->Abort();
+  });
+  EncoderOptions eo;
+  eo.store = &src;
+  eo.vm = "vm1";
+  eo.zstd = opt.zstd;
+  r.enc = RunEncoderSession(*enc_qemu, *enc_wan, eo, &r.enc_partial);
+  enc_wan->Abort();
+  dec.join();
+  if (dec_qemu_owned) dec_qemu_owned->Abort();  // the decoder never connected
+  relay_in->Abort();
+  relay_out->Abort();
+  fwd.join();
+  back.join();
+  source.join();
+  dest.join();
+  return r;
+}
+
+// --- the tests ---------------------------------------------------------------------------
+
+TEST(StreamProxy, FirstHopSendsLiteralsAndRebuildsTheStreamByteForByte) {
+  TempStore a, b;
+  Guest g = MakeGuest(60);
+  auto r = RunMigration(g.stream, *a.store, *b.store);
+  ASSERT_TRUE(r.enc) << r.enc.error().message();
+  ASSERT_TRUE(r.dec) << r.dec.error().message();
+  EXPECT_EQ(r.delivered, g.stream);
+  EXPECT_FALSE(r.dest_reset);
+  EXPECT_EQ(r.enc->ref_pages, 0u);
+  EXPECT_EQ(r.enc->zero_pages, 21u);     // 20 in pc.ram, 1 in pc.bios
+  EXPECT_EQ(r.enc->literal_pages, 45u);  // 40 + 1 bios + 4 resent
+  EXPECT_EQ(r.enc->pages, 66u);
+  EXPECT_EQ(r.dec->literal_pages, 45u);
+  EXPECT_EQ(r.enc->qemu_bytes, g.stream.size());
+  EXPECT_TRUE(r.enc->learned);
+  EXPECT_TRUE(r.dec->learned);
+  // Both hosts now hold the image, and the manifests say where each page was.
+  auto ma = a.store->GetManifest("vm1");
+  auto mb = b.store->GetManifest("vm1");
+  ASSERT_TRUE(ma && mb);
+  EXPECT_EQ(*ma, *mb);
+  EXPECT_EQ(ma->entries.size(), 42u);  // non-zero pages (41 + bios), latest content only
+}
+
+TEST(StreamProxy, ReturnHopReferencesPagesTheDestinationStillHolds) {
+  TempStore a, b;
+  Guest g = MakeGuest(60);
+  auto hop1 = RunMigration(g.stream, *a.store, *b.store);
+  ASSERT_TRUE(hop1.enc && hop1.dec);
+  // B -> A: same memory. Every non-zero page is known at A.
+  auto hop2 = RunMigration(g.stream, *b.store, *a.store);
+  ASSERT_TRUE(hop2.enc) << hop2.enc.error().message();
+  ASSERT_TRUE(hop2.dec) << hop2.dec.error().message();
+  EXPECT_EQ(hop2.delivered, g.stream);
+  // First-round copies of pages 0, 1, 3 are stale (page 2 was zero then):
+  // only their final content is in A's manifest.
+  EXPECT_EQ(hop2.enc->literal_pages, 3u);
+  EXPECT_EQ(hop2.enc->ref_pages, 42u);
+  EXPECT_EQ(hop2.dec->ref_pages, 42u);
+  EXPECT_LT(hop2.enc->wan_bytes_out * 5, hop1.enc->wan_bytes_out);
+}
+
+TEST(StreamProxy, ChangedPagesTravelInFullUnchangedOnesAsReferences) {
+  TempStore a, b;
+  Guest g1 = MakeGuest(30, 1);
+  ASSERT_TRUE(RunMigration(g1.stream, *a.store, *b.store).enc);
+  Guest g2 = MakeGuest(30, 2);  // a different guest image: nothing in common
+  auto r = RunMigration(g2.stream, *b.store, *a.store);
+  ASSERT_TRUE(r.enc && r.dec);
+  EXPECT_EQ(r.delivered, g2.stream);
+  EXPECT_EQ(r.enc->ref_pages, 0u);
+  // And back with the first image: A's manifest now describes g2, but B
+  // learnt g1 on the first hop and A still stores g1's pages (no GC ran):
+  // the summary comes from A's manifest (g2), so g1's pages are literals.
+  auto r2 = RunMigration(g1.stream, *b.store, *a.store);
+  ASSERT_TRUE(r2.enc && r2.dec);
+  EXPECT_EQ(r2.delivered, g1.stream);
+}
+
+TEST(StreamProxy, ZstdLiteralsDecompressToTheSamePages) {
+  TempStore a, b;
+  QemuStream s;
+  s.Head().RamStart({{"pc.ram", 8 * kPageBytes}}).Part();
+  for (int i = 0; i < 8; ++i) {
+    Bytes p(kPageBytes, uint8_t(i + 1));  // compressible, non-zero
+    p[100] = 7;
+    s.Page("pc.ram", uint64_t(i) * kPageBytes, p, i > 0);
+  }
+  s.Eos().DeviceStateAndEof();
+  RunOptions o;
+  o.zstd = true;
+  auto r = RunMigration(s.b, *a.store, *b.store, o);
+  ASSERT_TRUE(r.enc && r.dec) << (r.enc ? r.dec.error().message() : r.enc.error().message());
+  EXPECT_EQ(r.delivered, s.b);
+  EXPECT_EQ(r.enc->zstd_pages, 8u);
+  EXPECT_EQ(r.dec->zstd_pages, 8u);
+  EXPECT_LT(r.enc->wan_bytes_out, s.b.size() / 4);
+}
+
+TEST(StreamProxy, UnknownRamFlagsFallBackToByteExactPassthrough) {
+  TempStore a, b;
+  Guest g = MakeGuest(12);
+  ASSERT_TRUE(RunMigration(g.stream, *a.store, *b.store).enc);
+  // Same pages, then an XBZRLE record: everything from there on is raw.
+  QemuStream s;
+  s.Head().RamStart({{"pc.ram", 12 * kPageBytes}, {"pc.bios", 2 * kPageBytes}}).Part();
+  for (int i = 0; i < 4; ++i) s.Page("pc.ram", uint64_t(i) * kPageBytes, g.pages[size_t(i)], i > 0);
+  s.U64(4 * kPageBytes | ram_flag::kXbzrle | ram_flag::kContinue);
+  for (int i = 0; i < 100; ++i) s.U8(uint8_t(i));
+  s.Page("pc.ram", 5 * kPageBytes, g.pages[5], true);  // never parsed any more
+  auto r = RunMigration(s.b, *b.store, *a.store);
+  ASSERT_TRUE(r.enc) << r.enc.error().message();
+  ASSERT_TRUE(r.dec) << r.dec.error().message();
+  EXPECT_EQ(r.delivered, s.b);
+  EXPECT_TRUE(r.enc->fell_back);
+  EXPECT_EQ(r.enc->ref_pages, 4u);  // the pages before the fallback were still reused
+  EXPECT_EQ(r.enc->pages, 4u);
+}
+
+TEST(StreamProxy, ReturnPathBytesReachTheSourceQemu) {
+  TempStore a, b;
+  Guest g = MakeGuest(20);
+  RunOptions o;
+  o.dest_reply = {'S', 'H', 'U', 'T', 0, 1, 2, 3};
+  auto r = RunMigration(g.stream, *a.store, *b.store, o);
+  ASSERT_TRUE(r.enc) << r.enc.error().message();
+  ASSERT_TRUE(r.dec) << r.dec.error().message();
+  EXPECT_EQ(r.source_got, o.dest_reply);
+  EXPECT_EQ(r.enc->return_bytes, o.dest_reply.size());
+  EXPECT_EQ(r.delivered, g.stream);
+}
+
+TEST(StreamProxy, CorruptedLiteralFailsTheEndCheckBeforeDeviceState) {
+  TempStore a, b;
+  Guest g = MakeGuest(30);
+  RunOptions o;
+  int literals = 0;
+  o.tamper = [&](FrameType& t, Bytes& p) {
+    if (t == FrameType::kLiteral && ++literals == 5) p[p.size() - 1] ^= 0x01;
+    return true;
+  };
+  auto r = RunMigration(g.stream, *a.store, *b.store, o);
+  ASSERT_FALSE(r.dec);
+  EXPECT_NE(r.dec.error().message().find("END mismatch"), std::string::npos)
+      << r.dec.error().message();
+  ASSERT_FALSE(r.enc);
+  EXPECT_EQ(r.enc.error().code(), ECONNABORTED) << r.enc.error().message();
+  EXPECT_TRUE(r.dest_reset);
+  EXPECT_TRUE(r.source_reset);
+  // The destination never saw the device state.
+  Bytes tail(g.stream.end() - 20, g.stream.end());
+  EXPECT_EQ(std::search(r.delivered.begin(), r.delivered.end(), tail.begin(), tail.end()),
+            r.delivered.end());
+  EXPECT_FALSE(r.dec_partial.learned);
+  EXPECT_FALSE(r.enc_partial.learned);
+}
+
+TEST(StreamProxy, ReferenceToAPageTheDecoderLacksAborts) {
+  TempStore a, b;
+  Guest g = MakeGuest(30);
+  ASSERT_TRUE(RunMigration(g.stream, *a.store, *b.store).enc);
+  // B's summary says it has the pages, but its store lost them between the
+  // SUMMARY and the references (eviction, wiped disk): simulate by keeping
+  // the manifest and pointing the references at a page nobody has.
+  RunOptions o;
+  o.tamper = [&](FrameType& t, Bytes& p) {
+    if (t == FrameType::kPageRef) p[p.size() - 1] ^= 0xff;  // another digest
+    return true;
+  };
+  auto r = RunMigration(g.stream, *a.store, *b.store, o);
+  ASSERT_FALSE(r.dec);
+  EXPECT_EQ(r.dec.error().code(), ENOENT) << r.dec.error().message();
+  ASSERT_FALSE(r.enc);
+  EXPECT_TRUE(r.dest_reset);
+  EXPECT_TRUE(r.source_reset);
+  EXPECT_LT(r.delivered.size(), g.stream.size());
+}
+
+TEST(StreamProxy, WipedDecoderStoreMeansLiteralsNotFailures) {
+  TempStore a, b;
+  Guest g = MakeGuest(30);
+  ASSERT_TRUE(RunMigration(g.stream, *a.store, *b.store).enc);
+  a.Wipe();
+  auto r = RunMigration(g.stream, *b.store, *a.store);
+  ASSERT_TRUE(r.enc && r.dec);
+  EXPECT_EQ(r.delivered, g.stream);
+  EXPECT_EQ(r.enc->ref_pages, 0u);
+  EXPECT_EQ(r.enc->summary_entries, 0u);
+}
+
+TEST(StreamProxy, WanCutMidStreamResetsBothQemus) {
+  TempStore a, b;
+  Guest g = MakeGuest(40);
+  RunOptions o;
+  int frames = 0;
+  o.tamper = [&](FrameType&, Bytes&) { return ++frames < 20; };
+  auto r = RunMigration(g.stream, *a.store, *b.store, o);
+  EXPECT_FALSE(r.enc);
+  EXPECT_FALSE(r.dec);
+  EXPECT_TRUE(r.dest_reset);
+  EXPECT_TRUE(r.source_reset);
+  EXPECT_LT(r.delivered.size(), g.stream.size());
+}
+
+TEST(StreamProxy, SourceStreamEndingMidRecordAbortsTheDestination) {
+  TempStore a, b;
+  Guest g = MakeGuest(20);
+  Bytes cut(g.stream.begin(), g.stream.begin() + 3000);  // inside a page record
+  auto r = RunMigration(cut, *a.store, *b.store);
+  ASSERT_FALSE(r.enc);
+  EXPECT_NE(r.enc.error().message().find("ended early"), std::string::npos);
+  ASSERT_FALSE(r.dec);
+  EXPECT_TRUE(r.dest_reset);
+}
+
+TEST(StreamProxy, DecoderRefusesAnotherVm) {
+  TempStore a, b;
+  Guest g = MakeGuest(5);
+  RunOptions o;
+  o.decoder_vm = "other";
+  auto r = RunMigration(g.stream, *a.store, *b.store, o);
+  ASSERT_FALSE(r.dec);
+  ASSERT_FALSE(r.enc);
+  EXPECT_NE(r.enc.error().message().find("refused"), std::string::npos) << r.enc.error().message();
+  EXPECT_TRUE(r.source_reset);
+  EXPECT_TRUE(r.delivered.empty());
+}
+
+// Drives the decoder by hand: raw frames in, and what it does with them.
+struct HandDriven {
+  TempStore store;
+  std::unique_ptr<ByteStream> enc_side, dec_side, dest_dec, dest_q;
+  Result<ProxyStats> result = Fail(Error::Io("not run"));
+  std::thread thread;
+  HandDriven() {
+    auto [e, d] = MakeMemoryPipe();
+    enc_side = std::move(e);
+    dec_side = std::move(d);
+    auto [x, y] = MakeMemoryPipe();
+    dest_dec = std::move(x);
+    dest_q = std::move(y);
+    thread = std::thread([this] {
+      QemuConnector c = [this]() -> Result<std::unique_ptr<ByteStream>> { return std::move(dest_dec); };
+      result = RunDecoderSession(*dec_side, c, DecoderOptions{store.store.get(), ""});
+      dec_side->Abort();
+    });
+  }
+  ~HandDriven() {
+    enc_side->Abort();
+    if (thread.joinable()) thread.join();
+  }
+  void Send(const Bytes& frames) { ASSERT_TRUE(enc_side->WriteAll(frames)); }
+  // Collects the decoder's frames until it closes.
+  std::vector<FrameType> Replies() {
+    FrameReader fr;
+    std::vector<FrameType> out;
+    Bytes all;
+    bool reset = false;
+    Drain(*enc_side, all, reset);
+    fr.Append(all);
+    while (true) {
+      auto f = fr.Next();
+      if (!f || !*f) break;
+      out.push_back((*f)->type);
+      if ((*f)->type == FrameType::kAbort) last_abort = *DecodeAbort((*f)->payload);
+    }
+    return out;
+  }
+  std::string last_abort;
+  Bytes Delivered(bool* reset) {
+    Bytes got;
+    bool r = false;
+    Drain(*dest_q, got, r);
+    if (reset) *reset = r;
+    return got;
+  }
+};
+
+Bytes HelloFrame(uint16_t version = kProtocolVersion) {
+  Bytes w;
+  Hello h;
+  h.version = version;
+  h.vm = "vm1";
+  EXPECT_TRUE(AppendHello(h, w));
+  return w;
+}
+
+TEST(StreamProxy, DecoderAbortsOnMalformedFramesAndClosesTheDestination) {
+  struct Case {
+    const char* name;
+    Bytes frames;
+  };
+  Bytes bad_type = {0x42, 0, 0, 0, 0};
+  Bytes bad_ref = {uint8_t(FrameType::kPageRef), 0, 0, 0, 3, 0, 0, 0};
+  Bytes early_done;
+  (void)AppendDone(DoneFigures{}, early_done);
+  Bytes summary_from_encoder;
+  (void)AppendSummary(SummaryChunk{true, {}}, summary_from_encoder);
+  Bytes huge = {uint8_t(FrameType::kPassthrough), 0x7f, 0xff, 0xff, 0xff};
+  std::vector<Case> cases = {
+      {"unknown frame type", bad_type},
+      {"truncated PAGE_REF", bad_ref},
+      {"DONE before END", early_done},
+      {"SUMMARY from the encoder", summary_from_encoder},
+      {"oversized frame", huge},
+  };
+  for (const auto& c : cases) {
+    HandDriven h;
+    Bytes in = HelloFrame();
+    Bytes pass;
+    (void)AppendPassthrough(Bytes{'Q', 'E', 'V', 'M'}, pass);
+    in.insert(in.end(), pass.begin(), pass.end());
+    in.insert(in.end(), c.frames.begin(), c.frames.end());
+    h.Send(in);
+    auto replies = h.Replies();
+    h.thread.join();
+    EXPECT_FALSE(h.result) << c.name;
+    ASSERT_FALSE(replies.empty()) << c.name;
+    EXPECT_EQ(replies.back(), FrameType::kAbort) << c.name;
+    bool reset = false;
+    Bytes got = h.Delivered(&reset);
+    EXPECT_TRUE(reset) << c.name << ": the destination QEMU must see a failure, not an EOF";
+  }
+}
+
+TEST(StreamProxy, DecoderRefusesAnotherProtocolVersion) {
+  HandDriven h;
+  h.Send(HelloFrame(kProtocolVersion + 1));
+  auto replies = h.Replies();
+  h.thread.join();
+  ASSERT_FALSE(h.result);
+  EXPECT_NE(h.last_abort.find("version"), std::string::npos) << h.last_abort;
+}
+
+TEST(StreamProxy, EndMismatchWithholdsEverythingAfterIt) {
+  HandDriven h;
+  Bytes in = HelloFrame();
+  (void)AppendPassthrough(Bytes{1, 2, 3}, in);
+  EndFigures wrong;
+  wrong.passthrough_bytes = 3;  // but the CRC and the page digest are wrong
+  (void)AppendEnd(wrong, in);
+  (void)AppendPassthrough(Bytes{'D', 'E', 'V'}, in);
+  h.Send(in);
+  auto replies = h.Replies();
+  h.thread.join();
+  ASSERT_FALSE(h.result);
+  EXPECT_NE(h.result.error().message().find("END mismatch"), std::string::npos);
+  bool reset = false;
+  Bytes got = h.Delivered(&reset);
+  EXPECT_TRUE(reset);
+  // What came before END may or may not have been delivered; what came after
+  // it never is.
+  EXPECT_LE(got.size(), 3u);
+  EXPECT_TRUE(std::equal(got.begin(), got.end(), Bytes{1, 2, 3}.begin()));
+}
+
+}  // namespace
+}  // namespace kagemusha::memcache
