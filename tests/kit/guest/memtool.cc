@@ -88,7 +88,8 @@ std::uint64_t PageChecksum(const std::uint64_t* words) {
   return h;
 }
 
-std::uint64_t FillPage(std::uint64_t* words, std::uint64_t seed, std::uint64_t page, std::uint32_t gen) {
+std::uint64_t FillPage(std::uint64_t* words, std::uint64_t seed, std::uint64_t page,
+                       std::uint32_t gen) {
   PagePattern pattern(seed, page, gen);
   for (std::size_t i = 0; i < kWordsPerPage; ++i) words[i] = pattern.Next();
   return PageChecksum(words);
@@ -134,10 +135,13 @@ class MemoryWitness {
     }
     char line[256];
     const bool ok = bad == 0 && table_bad == 0;
-    std::snprintf(line, sizeof line, "%s pages=%zu bad=%zu table_bad=%zu first_bad=%ld dirtied=%llu max_gen=%llu ms=%.0f",
-                  ok ? "OK" : "BAD", pages_, bad, table_bad, first_bad == pages_ ? -1L : static_cast<long>(first_bad),
-                  static_cast<unsigned long long>(dirtied_.load()), static_cast<unsigned long long>(max_gen),
-                  (NowSeconds() - start) * 1000);
+    std::snprintf(
+        line, sizeof line,
+        "%s pages=%zu bad=%zu table_bad=%zu first_bad=%ld dirtied=%llu max_gen=%llu ms=%.0f",
+        ok ? "OK" : "BAD", pages_, bad, table_bad,
+        first_bad == pages_ ? -1L : static_cast<long>(first_bad),
+        static_cast<unsigned long long>(dirtied_.load()), static_cast<unsigned long long>(max_gen),
+        (NowSeconds() - start) * 1000);
     return line;
   }
 
@@ -172,7 +176,9 @@ class MemoryWitness {
   std::uint64_t dirtied() const { return dirtied_.load(); }
 
  private:
-  std::uint64_t* Page(std::size_t p) { return reinterpret_cast<std::uint64_t*>(base_ + p * kPageSize); }
+  std::uint64_t* Page(std::size_t p) {
+    return reinterpret_cast<std::uint64_t*>(base_ + p * kPageSize);
+  }
 
   std::uint8_t* const base_;
   const std::size_t pages_;
@@ -224,15 +230,18 @@ class Dirtier {
 };
 
 int Usage() {
-  std::fprintf(stderr,
-               "usage: memtool fill SIZE_MB SEED      start the daemon: allocate, mlock, fill, keep checksums\n"
-               "       memtool verify                 recheck every page: OK (exit 0) or BAD (exit 1)\n"
-               "       memtool dirty PERCENT_PER_SEC  rewrite that share of the pages per second (0 stops)\n"
-               "       memtool status                 size, dirty rate, pages dirtied so far\n"
-               "       memtool stop                   end the daemon\n"
-               "       memtool selftest-corrupt [N]   (tests only) flip a byte in N pages behind the checksums\n"
-               "environment: MEMTOOL_SOCKET (default %s)\n",
-               kDefaultSocket);
+  std::fprintf(
+      stderr,
+      "usage: memtool fill SIZE_MB SEED      start the daemon: allocate, mlock, fill, keep "
+      "checksums\n"
+      "       memtool verify                 recheck every page: OK (exit 0) or BAD (exit 1)\n"
+      "       memtool dirty PERCENT_PER_SEC  rewrite that share of the pages per second (0 stops)\n"
+      "       memtool status                 size, dirty rate, pages dirtied so far\n"
+      "       memtool stop                   end the daemon\n"
+      "       memtool selftest-corrupt [N]   (tests only) flip a byte in N pages behind the "
+      "checksums\n"
+      "environment: MEMTOOL_SOCKET (default %s)\n",
+      kDefaultSocket);
   return 2;
 }
 
@@ -289,7 +298,8 @@ std::string ReadLine(int fd) {
 int Request(const std::string& request) {
   const int fd = ConnectDaemon();
   if (fd < 0) {
-    std::fprintf(stderr, "memtool: no daemon on %s (start one with: memtool fill SIZE_MB SEED)\n", SocketPath());
+    std::fprintf(stderr, "memtool: no daemon on %s (start one with: memtool fill SIZE_MB SEED)\n",
+                 SocketPath());
     return 2;
   }
   if (!WriteAll(fd, request + "\n")) {
@@ -347,9 +357,12 @@ void Serve(int listen_fd, MemoryWitness& witness, Dirtier& dirtier, std::uint64_
         reply = "ERR dirty wants a percentage per second (0..10000)";
       }
     } else if (req == "status") {
-      std::snprintf(buf, sizeof buf, "STATUS pages=%zu size_mb=%zu seed=%llu dirty_percent_per_sec=%g dirtied=%llu pid=%d",
-                    witness.pages(), witness.pages() * kPageSize >> 20, static_cast<unsigned long long>(seed),
-                    dirtier.rate(), static_cast<unsigned long long>(witness.dirtied()), static_cast<int>(getpid()));
+      std::snprintf(
+          buf, sizeof buf,
+          "STATUS pages=%zu size_mb=%zu seed=%llu dirty_percent_per_sec=%g dirtied=%llu pid=%d",
+          witness.pages(), witness.pages() * kPageSize >> 20, static_cast<unsigned long long>(seed),
+          dirtier.rate(), static_cast<unsigned long long>(witness.dirtied()),
+          static_cast<int>(getpid()));
       reply = buf;
     } else if (req.rfind("corrupt ", 0) == 0) {
       std::uint64_t n;
@@ -383,7 +396,8 @@ int Fill(std::uint64_t size_mb, std::uint64_t seed) {
   }
   if (const int fd = ConnectDaemon(); fd >= 0) {
     close(fd);
-    std::fprintf(stderr, "memtool: a daemon already serves %s (memtool stop first)\n", SocketPath());
+    std::fprintf(stderr, "memtool: a daemon already serves %s (memtool stop first)\n",
+                 SocketPath());
     return 2;
   }
   int pipefd[2];
@@ -401,7 +415,8 @@ int Fill(std::uint64_t size_mb, std::uint64_t seed) {
     const std::string report = ReadLine(pipefd[0]);
     close(pipefd[0]);
     if (report.rfind("READY", 0) != 0) {
-      std::fprintf(stderr, "memtool: daemon failed: %s\n", report.empty() ? "(died)" : report.c_str());
+      std::fprintf(stderr, "memtool: daemon failed: %s\n",
+                   report.empty() ? "(died)" : report.c_str());
       return 2;
     }
     std::printf("%s\n", report.c_str());
@@ -417,7 +432,8 @@ int Fill(std::uint64_t size_mb, std::uint64_t seed) {
   };
   const double start = NowSeconds();
   const std::size_t pages = size_mb * (1024 * 1024 / kPageSize);
-  void* base = mmap(nullptr, pages * kPageSize, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_POPULATE, -1, 0);
+  void* base = mmap(nullptr, pages * kPageSize, PROT_READ | PROT_WRITE,
+                    MAP_PRIVATE | MAP_ANONYMOUS | MAP_POPULATE, -1, 0);
   if (base == MAP_FAILED) fail("mmap");
   // Keeps the witness resident; the guest has no swap, so failure is harmless.
   const bool locked = mlock(base, pages * kPageSize) == 0;
@@ -438,9 +454,11 @@ int Fill(std::uint64_t size_mb, std::uint64_t seed) {
     if (devnull > 2) close(devnull);
   }
   char report[256];
-  std::snprintf(report, sizeof report, "READY size_mb=%llu pages=%zu seed=%llu mlocked=%s fill_ms=%.0f pid=%d\n",
-                static_cast<unsigned long long>(size_mb), pages, static_cast<unsigned long long>(seed),
-                locked ? "yes" : "no", (NowSeconds() - start) * 1000, static_cast<int>(getpid()));
+  std::snprintf(report, sizeof report,
+                "READY size_mb=%llu pages=%zu seed=%llu mlocked=%s fill_ms=%.0f pid=%d\n",
+                static_cast<unsigned long long>(size_mb), pages,
+                static_cast<unsigned long long>(seed), locked ? "yes" : "no",
+                (NowSeconds() - start) * 1000, static_cast<int>(getpid()));
   WriteAll(pipefd[1], report);
   close(pipefd[1]);
   {
@@ -459,7 +477,8 @@ int main(int argc, char** argv) {
   double pct = 0;
   if (cmd == "fill" && argc == 4 && ParseU64(argv[2], a) && ParseU64(argv[3], b)) return Fill(a, b);
   if (cmd == "verify" && argc == 2) return Request("verify");
-  if (cmd == "dirty" && argc == 3 && ParseDouble(argv[2], pct)) return Request(std::string("dirty ") + argv[2]);
+  if (cmd == "dirty" && argc == 3 && ParseDouble(argv[2], pct))
+    return Request(std::string("dirty ") + argv[2]);
   if (cmd == "status" && argc == 2) return Request("status");
   if (cmd == "stop" && argc == 2) return Request("stop");
   if (cmd == "selftest-corrupt" && (argc == 2 || (argc == 3 && ParseU64(argv[2], a)))) {
