@@ -35,6 +35,12 @@ tb_spawn --name echo4 peer socat TCP4-LISTEN:7004,reuseaddr,fork SYSTEM:'read l;
 boot=$(kq_wait_boot vm)
 tb_log "$boot"
 
+# 0. QMP: a bare command, a full JSON object, and an error.
+[[ "$(kq_status vm)" == running ]] || tb_fail "kq_status: '$(kq_status vm)', expected running"
+st=$(kq_qmp vm '{"execute":"query-status"}')
+[[ "$st" == *'"status": "running"'* ]] || tb_fail "kq_qmp with a JSON object returned '$st'"
+kq_qmp vm no-such-command >/dev/null 2>&1 && tb_fail "kq_qmp succeeded on an unknown command"
+
 # 1. The command channel: output and exit codes.
 rel=$(kq_guest vm uname -r)
 want=$(sed -n 's/^kernel_release=//p' "$KQ_MANIFEST")
@@ -78,4 +84,8 @@ nbdcopy "nbd+unix:///?socket=$TB_DIR/nbd.sock" "$TB_DIR/disk.img" || tb_fail "nb
 hsum=$(head -c $((64 * 4096)) "$TB_DIR/disk.img" | md5sum)
 [[ "${gsum%% *}" == "${hsum%% *}" ]] || tb_fail "disk contents differ: guest wrote ${gsum%% *}, NBD server holds ${hsum%% *}"
 tb_log "virtio-blk on NBD: 256 KiB written by the guest read back on the host"
+kq_stop vm
+kq_stop vm
+[[ "$(kq_status vm)" == dead ]] || tb_fail "guest still alive after kq_stop"
+tb_exec peer ip link show tap0 >/dev/null 2>&1 && tb_fail "kq_stop left the tap it created"
 echo "PASS: guest boot ($boot), command channel, IPv6+IPv4 network, NBD disk"
