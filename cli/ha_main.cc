@@ -352,6 +352,20 @@ int RunServe(int argc, char** argv) {
   if (!sender6) return RuntimeError("raw IPv6 sender: " + sender6.error().message());
   auto sender4 = kt::Ipv4RawSender::Open();
   if (!sender4) return RuntimeError("raw IPv4 sender: " + sender4.error().message());
+  // The kernel must not forward what we capture for bound home addresses
+  // (frames to our MAC for an address that is not ours).
+  for (const char* knob : {"/proc/sys/net/ipv6/conf/all/forwarding",
+                           "/proc/sys/net/ipv4/ip_forward"}) {
+    if (FILE* f = std::fopen(knob, "re")) {
+      int v = 0;
+      if (std::fscanf(f, "%d", &v) == 1 && v != 0) {
+        spdlog::warn("{} is {}: the kernel will also forward packets for bound home addresses; "
+                     "turn forwarding off in the home agent's namespace",
+                     knob, v);
+      }
+      std::fclose(f);
+    }
+  }
   bool nft = true;
   if (auto s = kt::SuppressMobilityIcmpErrors(kNftTable); !s) {
     nft = false;
@@ -404,6 +418,8 @@ int RunServe(int argc, char** argv) {
                    {(*tunnel4)->fd(), POLLIN, 0},
                    {sfd, POLLIN, 0}};
   bool running = true;
+  auto& steady = kagemusha::SteadyClock::Instance();
+  auto last_tick = steady.Now();
   while (running) {
     int timeout_ms = 1000;
     {
@@ -448,7 +464,13 @@ int RunServe(int argc, char** argv) {
         running = false;
       }
     }
-    ha.OnTimer();
+    // Timers run when one is due or once a second, not per packet batch.
+    auto now = steady.Now();
+    auto next = ha.NextDeadline();
+    if ((next && *next <= now) || now - last_tick >= 1s) {
+      ha.OnTimer();
+      last_tick = now;
+    }
   }
   (*control)->Stop();
   if (nft) (void)kt::RemoveNftTable(kNftTable);
