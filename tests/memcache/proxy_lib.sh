@@ -138,3 +138,46 @@ mp_quit() {  # NAME
   mp_qmp "$1" '{"execute":"quit"}' >/dev/null 2>&1 || true
   tb_wait_for 10 bash -c "! kill -0 ${!pid_var} 2>/dev/null" || tb_stop "${!pid_var}"
 }
+
+# A TCP relay for the WAN leg that damages the encoder->decoder direction:
+# flip: XOR one byte at OFFSET; cut: close both ways at OFFSET.
+mp_wan_damage() {  # LISTEN_PORT TO_PORT flip|cut OFFSET
+  cat >"$TB_DIR/damage.py" <<'PY'
+import socket, sys, threading
+lport, tport, mode, at = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+ls = socket.socket(); ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+ls.bind(("127.0.0.1", lport)); ls.listen(1)
+print("listening", flush=True)
+a, _ = ls.accept()
+b = socket.create_connection(("127.0.0.1", tport))
+def back():
+    while True:
+        d = b.recv(65536)
+        if not d: break
+        a.sendall(d)
+    a.shutdown(socket.SHUT_WR)
+threading.Thread(target=back, daemon=True).start()
+seen = 0
+while True:
+    d = a.recv(65536)
+    if not d: break
+    if seen <= at < seen + len(d):
+        if mode == "cut":
+            b.sendall(d[:at - seen]); print("cut at", at, flush=True)
+            a.close(); b.close(); sys.exit(0)
+        d = bytearray(d); d[at - seen] ^= 0x5a; d = bytes(d); print("flipped", at, flush=True)
+    seen += len(d)
+    b.sendall(d)
+b.shutdown(socket.SHUT_WR)
+threading.Event().wait(5)
+PY
+  tb_spawn --name "damage-$3" h python3 "$TB_DIR/damage.py" "$@"
+  MP_DAMAGE_LOG=$TB_SPAWN_LOG
+  tb_wait_log "$MP_DAMAGE_LOG" listening 10 || tb_fail "damage relay did not start"
+}
+
+# True once QEMU NAME's process has exited.
+mp_exited() {  # NAME
+  local pid_var="MP_PID_$1"
+  ! tb_pid_alive "${!pid_var}"
+}
