@@ -55,7 +55,7 @@ if [[ "$part" == all ]]; then
     BENCH_OUT="$out/$p.txt" bash "$0" "$p" || echo "part $p failed (exit $?)" >&2
   done
   cat "$out"/*.txt 2>/dev/null >"$out/all" || true
-  res() { awk -v k="$1" '$1 == k { $1 = ""; print substr($0, 2) }' "$out/all"; }
+  res() { awk -v k="$1 " 'index($0, k) == 1 { print substr($0, length(k) + 1) }' "$out/all"; }
   echo
   echo "tunnel benchmark: $(date -u +%FT%TZ), $(nproc) CPUs, kernel $(uname -r), runs=$RUNS (median), iperf3 ${SECS}s"
   echo
@@ -90,6 +90,9 @@ if [[ "$part" == all ]]; then
   printf 'kagemusha-tunneld VmRSS: 1 session %s KiB, %s sessions %s KiB -> %s KiB per extra session\n' "$r1" "$NSESS" "$rn" \
     "$(awk -v a="$r1" -v b="$rn" -v n="$NSESS" 'BEGIN { if (a == "n/a" || b == "n/a") print "n/a"; else printf "%.1f", (b - a) / (n - 1) }')"
   printf 'kagemusha-ha      VmRSS: 1 binding %s KiB, %s bindings %s KiB\n' "$h1" "$NSESS" "$hn"
+  echo
+  echo "Raw results (tput NAME DIR Mbit/s cpu_s/GB daemon_cpu_s/GB machine%; gap MODE MOVE ms; rss WHAT KiB):"
+  sed 's/^/  /' "$out/all"
   exit 0
 fi
 
