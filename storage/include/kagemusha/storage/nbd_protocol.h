@@ -1,7 +1,8 @@
 // NBD wire protocol constants and fixed-size layouts (fixed newstyle only),
 // after NetworkBlockDevice/nbd doc/proto.md. All values are big-endian on the
 // wire. This header is the single place these numbers live; the server and
-// client codecs (nbd_codec.h) and the sessions only refer to them.
+// client codecs (nbd_server_codec.h, nbd_client_codec.h) and the sessions only
+// refer to them. Limits we enforce are explained in docs/nbd-server.md.
 //
 // Thread-safety: constants only.
 #pragma once
@@ -125,7 +126,7 @@ inline constexpr size_t kStructuredReplyHeaderSize = 20;  // magic,flags,type,co
 inline constexpr size_t kOptionHeaderSize = 16;       // IHAVEOPT,option,length
 inline constexpr size_t kOptionReplyHeaderSize = 20;  // magic,option,type,length
 
-// Limits we enforce (documented in docs/storage.md).
+// Limits we enforce (documented in docs/nbd-server.md).
 inline constexpr uint32_t kMaxOptionLength = 64 * 1024;  // option payloads we accept
 inline constexpr uint32_t kMaxNameLength = 4096;         // export names (spec: 4096)
 inline constexpr uint32_t kMaxPayload = 32 * 1024 * 1024;  // read/write length (max block size)
