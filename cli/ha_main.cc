@@ -85,20 +85,34 @@ int ParseCommandLine(const std::string& command, const std::string& usage,
 
 json CountersJson(const kt::HomeAgentCounters& c) {
   return {
-      {"bu_received", c.bu_received},       {"bu_malformed", c.bu_malformed},
-      {"bu_bad_checksum", c.bu_bad_checksum}, {"bu_rate_limited", c.bu_rate_limited},
-      {"bu_auth_missing", c.bu_auth_missing}, {"bu_auth_failed", c.bu_auth_failed},
-      {"bu_during_dad", c.bu_during_dad},   {"ba_sent", c.ba_sent},
-      {"ba_send_errors", c.ba_send_errors}, {"accepted", c.accepted},
-      {"refreshed", c.refreshed},           {"deregistered", c.deregistered},
-      {"rejected", c.rejected},             {"expired", c.expired},
-      {"dad_probes", c.dad_probes},         {"dad_conflicts", c.dad_conflicts},
-      {"dad_revoked", c.dad_revoked},       {"proxy_na_sent", c.proxy_na_sent},
-      {"proxy_arp_sent", c.proxy_arp_sent}, {"encapsulated", c.encapsulated},
-      {"encap_errors", c.encap_errors},     {"decapsulated", c.decapsulated},
-      {"decap_spoofed", c.decap_spoofed},   {"decap_malformed", c.decap_malformed},
-      {"deliver_errors", c.deliver_errors}, {"hop_limit_exceeded", c.hop_limit_exceeded},
-      {"persist_errors", c.persist_errors}, {"link_frames", c.link_frames},
+      {"bu_received", c.bu_received},
+      {"bu_malformed", c.bu_malformed},
+      {"bu_bad_checksum", c.bu_bad_checksum},
+      {"bu_rate_limited", c.bu_rate_limited},
+      {"bu_auth_missing", c.bu_auth_missing},
+      {"bu_auth_failed", c.bu_auth_failed},
+      {"bu_during_dad", c.bu_during_dad},
+      {"ba_sent", c.ba_sent},
+      {"ba_send_errors", c.ba_send_errors},
+      {"accepted", c.accepted},
+      {"refreshed", c.refreshed},
+      {"deregistered", c.deregistered},
+      {"rejected", c.rejected},
+      {"expired", c.expired},
+      {"dad_probes", c.dad_probes},
+      {"dad_conflicts", c.dad_conflicts},
+      {"dad_revoked", c.dad_revoked},
+      {"proxy_na_sent", c.proxy_na_sent},
+      {"proxy_arp_sent", c.proxy_arp_sent},
+      {"encapsulated", c.encapsulated},
+      {"encap_errors", c.encap_errors},
+      {"decapsulated", c.decapsulated},
+      {"decap_spoofed", c.decap_spoofed},
+      {"decap_malformed", c.decap_malformed},
+      {"deliver_errors", c.deliver_errors},
+      {"hop_limit_exceeded", c.hop_limit_exceeded},
+      {"persist_errors", c.persist_errors},
+      {"link_frames", c.link_frames},
       {"link_malformed", c.link_malformed},
   };
 }
@@ -138,15 +152,15 @@ std::string StatusHuman(const json& s) {
                 s.value("binding_count", size_t{0}));
   out += line;
   if (!s["bindings"].empty()) {
-    std::snprintf(line, sizeof line, "  %-40s %-40s %-15s %6s %8s %s\n", "HOME ADDRESS",
-                  "CARE-OF", "IPV4 HOA", "SEQ", "LEFT(s)", "STATE");
+    std::snprintf(line, sizeof line, "  %-40s %-40s %-15s %6s %8s %s\n", "HOME ADDRESS", "CARE-OF",
+                  "IPV4 HOA", "SEQ", "LEFT(s)", "STATE");
     out += line;
   }
   for (const auto& b : s["bindings"]) {
     std::string v4 = b["home_address4"].is_string() ? b["home_address4"].get<std::string>() : "-";
     std::snprintf(line, sizeof line, "  %-40s %-40s %-15s %6d %8lld %s\n",
-                  b.value("home_address", "").c_str(), b.value("care_of", "").c_str(),
-                  v4.c_str(), b.value("sequence", 0),
+                  b.value("home_address", "").c_str(), b.value("care_of", "").c_str(), v4.c_str(),
+                  b.value("sequence", 0),
                   static_cast<long long>(b.value("lifetime_left_s", int64_t{0})),
                   b.value("state", "").c_str());
     out += line;
@@ -170,8 +184,8 @@ int RunStatus(int argc, char** argv) {
                   "control socket of the running home agent (serve --control)")(
       "json", "print the status as one JSON object")("help,h", "show this help");
   po::variables_map vm;
-  int rc = ParseCommandLine("status", "kagemusha-ha status --control PATH [--json]", d, argc,
-                            argv, vm);
+  int rc =
+      ParseCommandLine("status", "kagemusha-ha status --control PATH [--json]", d, argc, argv, vm);
   if (rc >= 0) return rc;
   std::string control = vm["control"].as<std::string>();
   auto reply = kagemusha::ControlCall(control, "status", json::object(), 10s);
@@ -197,7 +211,8 @@ kagemusha::Status SetupLogging(const std::string& level, bool json_lines) {
   static const std::vector<std::string> levels = {"trace", "debug",    "info", "warn",
                                                   "error", "critical", "off"};
   if (std::find(levels.begin(), levels.end(), level) == levels.end()) {
-    return kagemusha::Fail(Error::Invalid("--log-level '" + level + "' is not one of trace, "
+    return kagemusha::Fail(Error::Invalid("--log-level '" + level +
+                                          "' is not one of trace, "
                                           "debug, info, warn, error, critical, off"));
   }
   auto logger = std::make_shared<spdlog::logger>(
@@ -254,8 +269,8 @@ int RunServe(int argc, char** argv) {
       "control", po::value<std::string>()->required()->value_name("PATH"),
       "control socket (created 0600)")(
       "log-level", po::value<std::string>()->default_value("info")->value_name("L"),
-      "trace, debug, info, warn, error, critical or off")(
-      "json", "log JSON lines instead of text")("help,h", "show this help");
+      "trace, debug, info, warn, error, critical or off")("json", "log JSON lines instead of text")(
+      "help,h", "show this help");
   po::variables_map vm;
   int rc = ParseCommandLine(
       "serve",
@@ -354,14 +369,15 @@ int RunServe(int argc, char** argv) {
   if (!sender4) return RuntimeError("raw IPv4 sender: " + sender4.error().message());
   // The kernel must not forward what we capture for bound home addresses
   // (frames to our MAC for an address that is not ours).
-  for (const char* knob : {"/proc/sys/net/ipv6/conf/all/forwarding",
-                           "/proc/sys/net/ipv4/ip_forward"}) {
+  for (const char* knob :
+       {"/proc/sys/net/ipv6/conf/all/forwarding", "/proc/sys/net/ipv4/ip_forward"}) {
     if (FILE* f = std::fopen(knob, "re")) {
       int v = 0;
       if (std::fscanf(f, "%d", &v) == 1 && v != 0) {
-        spdlog::warn("{} is {}: the kernel will also forward packets for bound home addresses; "
-                     "turn forwarding off in the home agent's namespace",
-                     knob, v);
+        spdlog::warn(
+            "{} is {}: the kernel will also forward packets for bound home addresses; "
+            "turn forwarding off in the home agent's namespace",
+            knob, v);
       }
       std::fclose(f);
     }

@@ -36,8 +36,10 @@ bool SequenceNewer(uint16_t a, uint16_t b) {
 
 const char* CacheEntryStateName(CacheEntryState s) {
   switch (s) {
-    case CacheEntryState::kActive: return "active";
-    case CacheEntryState::kOptimistic: return "optimistic";
+    case CacheEntryState::kActive:
+      return "active";
+    case CacheEntryState::kOptimistic:
+      return "optimistic";
   }
   return "?";
 }
@@ -65,8 +67,8 @@ void BindingCache::Unindex(const CacheEntry& b) {
 Status BindingCache::Upsert(const CacheEntry& b) {
   auto it = by_home_.find(b.home_address);
   if (it == by_home_.end() && by_home_.size() >= max_bindings_) {
-    return Fail(Error::NoSpace("binding cache full (" + std::to_string(max_bindings_) +
-                               " bindings)"));
+    return Fail(
+        Error::NoSpace("binding cache full (" + std::to_string(max_bindings_) + " bindings)"));
   }
   if (b.home_address4) {
     auto v4 = by_home4_.find(Key4(*b.home_address4));

@@ -36,9 +36,12 @@ bool IsZero(const Ipv4Address& a) { return a == Ipv4Address{}; }
 
 const char* DadModeName(DadMode m) {
   switch (m) {
-    case DadMode::kRfc: return "rfc";
-    case DadMode::kOptimistic: return "optimistic";
-    case DadMode::kOff: return "off";
+    case DadMode::kRfc:
+      return "rfc";
+    case DadMode::kOptimistic:
+      return "optimistic";
+    case DadMode::kOff:
+      return "off";
   }
   return "?";
 }
@@ -79,7 +82,8 @@ Result<std::pair<std::string, int>> SplitPrefix(const std::string& text, int max
     return Fail(Error::Invalid("'" + text + "': bad prefix length"));
   }
   int n = std::stoi(len);
-  if (n > max) return Fail(Error::Invalid("'" + text + "': prefix length above " + std::to_string(max)));
+  if (n > max)
+    return Fail(Error::Invalid("'" + text + "': prefix length above " + std::to_string(max)));
   return std::pair{text.substr(0, slash), n};
 }
 }  // namespace
@@ -147,7 +151,9 @@ Status ValidateHomeAgentConfig(const HomeAgentConfig& c) {
 // ---- BuRateLimiter ----------------------------------------------------------------
 
 BuRateLimiter::BuRateLimiter(double rate_per_second, double burst, size_t max_sources)
-    : rate_(rate_per_second), burst_(std::max(1.0, burst)), max_sources_(std::max<size_t>(1, max_sources)) {}
+    : rate_(rate_per_second),
+      burst_(std::max(1.0, burst)),
+      max_sources_(std::max<size_t>(1, max_sources)) {}
 
 bool BuRateLimiter::Allow(const Ipv6Address& source, Clock::TimePoint now) {
   if (rate_ <= 0) return true;  // unlimited
@@ -191,7 +197,8 @@ HomeAgent::HomeAgent(HomeAgentConfig config, HomeAgentPorts ports, Clock& clock,
 
 bool HomeAgent::Allowed(const Ipv6Address& hoa) const {
   if (config_.allow.empty() && config_.keys.empty()) return true;
-  if (std::find(config_.allow.begin(), config_.allow.end(), hoa) != config_.allow.end()) return true;
+  if (std::find(config_.allow.begin(), config_.allow.end(), hoa) != config_.allow.end())
+    return true;
   return AnyKeyFor(hoa) != nullptr;
 }
 
@@ -462,15 +469,13 @@ void HomeAgent::Deregister(const BuContext& ctx) {
   spdlog::info("binding {} deregistered (seq {})", FormatIpv6(hoa), ctx.bu.sequence);
   // The proxy stops here; the mobile node at home announces itself.
   SendBa(ctx, ba_status::kAccepted, ctx.bu.sequence, 0,
-         ctx.home4 ? std::optional(Ipv4AddressAcknowledgement{ipv4_ack_status::kSuccess,
-                                                               ctx.home4->prefix_length,
-                                                               ctx.home4->address})
+         ctx.home4 ? std::optional(Ipv4AddressAcknowledgement{
+                         ipv4_ack_status::kSuccess, ctx.home4->prefix_length, ctx.home4->address})
                    : std::nullopt);
 }
 
 void HomeAgent::SendBa(const BuContext& ctx, uint8_t status, uint16_t sequence,
-                       uint16_t lifetime_units,
-                       std::optional<Ipv4AddressAcknowledgement> ack4) {
+                       uint16_t lifetime_units, std::optional<Ipv4AddressAcknowledgement> ack4) {
   if (status >= 128) ++counters_.rejected;
   BindingAcknowledgement ba;
   ba.status = status;
@@ -507,8 +512,8 @@ void HomeAgent::SendBa(const BuContext& ctx, uint8_t status, uint16_t sequence,
   }
   ++counters_.ba_sent;
   if (status >= 128) {
-    spdlog::info("BU for {} from {} rejected with status {} (seq {})",
-                 FormatIpv6(ctx.home_address), FormatIpv6(ctx.source), status, sequence);
+    spdlog::info("BU for {} from {} rejected with status {} (seq {})", FormatIpv6(ctx.home_address),
+                 FormatIpv6(ctx.source), status, sequence);
   }
 }
 
@@ -524,8 +529,7 @@ void HomeAgent::NoteDadConflict(const Ipv6Address& target) {
     ++counters_.dad_conflicts;
     BuContext ctx = it->second.ctx;
     pending_dad_.erase(it);
-    spdlog::warn("DAD for {} failed: the address is in use on the home link",
-                 FormatIpv6(target));
+    spdlog::warn("DAD for {} failed: the address is in use on the home link", FormatIpv6(target));
     SendBa(ctx, ba_status::kDuplicateAddressDetectionFailed, ctx.bu.sequence, 0, std::nullopt);
     return;
   }
@@ -629,8 +633,8 @@ void HomeAgent::Announce(const CacheEntry& b) {
   if (b.state != CacheEntryState::kActive) return;
   SendNeighborAdvertisement(b.home_address, kAllNodesMulticast, kAllNodesMac, false, true);
   if (b.flags & bu_flag::kLinkLocal) {
-    SendNeighborAdvertisement(LinkLocalOf(b.home_address), kAllNodesMulticast, kAllNodesMac,
-                              false, true);
+    SendNeighborAdvertisement(LinkLocalOf(b.home_address), kAllNodesMulticast, kAllNodesMac, false,
+                              true);
   }
   if (b.home_address4) {
     if (ports_.link->Send(BuildGratuitousArpFrame(config_.mac, *b.home_address4))) {
@@ -695,10 +699,17 @@ void HomeAgent::HandleLinkFrame(std::span<const uint8_t> frame) {
     return;
   }
   switch (eth->ether_type) {
-    case ethertype::kIpv6: HandleIpv6Frame(*eth); break;
-    case ethertype::kIpv4: HandleIpv4Frame(*eth); break;
-    case ethertype::kArp: HandleArp(*eth); break;
-    default: break;
+    case ethertype::kIpv6:
+      HandleIpv6Frame(*eth);
+      break;
+    case ethertype::kIpv4:
+      HandleIpv4Frame(*eth);
+      break;
+    case ethertype::kArp:
+      HandleArp(*eth);
+      break;
+    default:
+      break;
   }
 }
 
@@ -726,8 +737,8 @@ void HomeAgent::HandleIpv6Frame(const EthernetFrame& eth) {
       return;
     }
     if (type == icmpv6_type::kNeighborAdvertisement) {
-      auto na = DecodeNeighborAdvertisement(
-          ip->payload, {ip->header.src, ip->header.dst, ip->header.hop_limit});
+      auto na = DecodeNeighborAdvertisement(ip->payload,
+                                            {ip->header.src, ip->header.dst, ip->header.hop_limit});
       if (na) NoteDadConflict(na->target);
       return;
     }
@@ -862,7 +873,8 @@ void HomeAgent::Persist(const CacheEntry& e) {
   p.sequence = e.sequence;
   p.flags = e.flags;
   p.granted_seconds = uint32_t(e.granted_lifetime.count());
-  p.expires_unix_ms = UnixMs(wall_()) + duration_cast<milliseconds>(e.expires - clock_.Now()).count();
+  p.expires_unix_ms =
+      UnixMs(wall_()) + duration_cast<milliseconds>(e.expires - clock_.Now()).count();
   p.home_address4 = e.home_address4;
   p.spi = e.spi;
   if (auto s = journal_->AppendUpsert(p); !s) {
@@ -930,8 +942,7 @@ HomeAgentStatus HomeAgent::Status() const {
     b.care_of = FormatIpv6(e.care_of);
     if (e.home_address4) b.home_address4 = FormatIpv4(*e.home_address4);
     b.sequence = e.sequence;
-    b.lifetime_left_s =
-        std::max<int64_t>(0, duration_cast<seconds>(e.expires - now).count());
+    b.lifetime_left_s = std::max<int64_t>(0, duration_cast<seconds>(e.expires - now).count());
     b.granted_lifetime_s = e.granted_lifetime.count();
     b.state = CacheEntryStateName(e.state);
     b.spi = e.spi;

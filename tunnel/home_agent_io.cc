@@ -61,8 +61,7 @@ Result<HomeKey> LoadHomeKey(const std::string& spec) {
       found = ParseIpv6(hoa_text).has_value() && AllDigits(spi_text);
     }
   } else {
-    for (size_t i = spec.find(':'); i != std::string::npos && !found;
-         i = spec.find(':', i + 1)) {
+    for (size_t i = spec.find(':'); i != std::string::npos && !found; i = spec.find(':', i + 1)) {
       size_t j = spec.find(':', i + 1);
       if (j == std::string::npos) break;
       std::string h = spec.substr(0, i);
@@ -103,7 +102,8 @@ Result<HomeKey> LoadHomeKey(const std::string& spec) {
     std::snprintf(mode, sizeof mode, "%04o", unsigned(st.st_mode & 07777));
     return Fail(Error::Permission("--key: key file " + file + " has mode " + mode +
                                   "; it must not be accessible by group or others "
-                                  "(chmod 600 " + file + ")"));
+                                  "(chmod 600 " +
+                                  file + ")"));
   }
   if (st.st_size > 4096) {
     ::close(fd);

@@ -30,9 +30,7 @@ constexpr uint32_t kSpi = 1000;
 
 struct Ports {
   FakePacketPort link, mobility, tunnel6, tunnel4, deliver6, deliver4;
-  HomeAgentPorts view() {
-    return {&link, &mobility, &tunnel6, &tunnel4, &deliver6, &deliver4};
-  }
+  HomeAgentPorts view() { return {&link, &mobility, &tunnel6, &tunnel4, &deliver6, &deliver4}; }
 };
 
 HomeAgentConfig BaseConfig() {
@@ -524,8 +522,8 @@ TEST_F(HomeAgentTest, ProxiesTheLinkLocalAddressOnlyWhenTheLFlagIsSet) {
   h.hop_limit = 255;
   h.src = *ParseIpv6("fe80::1");
   h.dst = SolicitedNodeMulticast(ll);
-  ha_->HandleLinkFrame(
-      Frame(*BuildIpv6Packet(h, EncodeNeighborSolicitation(ns, h.src, h.dst)), MulticastMac(h.dst)));
+  ha_->HandleLinkFrame(Frame(*BuildIpv6Packet(h, EncodeNeighborSolicitation(ns, h.src, h.dst)),
+                             MulticastMac(h.dst)));
   EXPECT_TRUE(LinkFrames().empty());
 }
 

@@ -115,17 +115,17 @@ Status ValidateHomeAgentConfig(const HomeAgentConfig& config);
 // Where the home agent's output goes. Every pointer must be set (tests use
 // one FakePacketPort per role).
 struct HomeAgentPorts {
-  PacketSink* link = nullptr;          // Ethernet frames onto the home link
-  PacketSink* mobility = nullptr;      // complete IPv6 packets we built (BAs)
-  Ipv6DatagramSink* tunnel6 = nullptr; // inner IPv6 to a care-of address (proto 41)
-  Ipv6DatagramSink* tunnel4 = nullptr; // inner IPv4 to a care-of address (proto 4)
-  PacketSink* deliver6 = nullptr;      // decapsulated IPv6, routed by the kernel
-  PacketSink* deliver4 = nullptr;      // decapsulated IPv4, routed by the kernel
+  PacketSink* link = nullptr;           // Ethernet frames onto the home link
+  PacketSink* mobility = nullptr;       // complete IPv6 packets we built (BAs)
+  Ipv6DatagramSink* tunnel6 = nullptr;  // inner IPv6 to a care-of address (proto 41)
+  Ipv6DatagramSink* tunnel4 = nullptr;  // inner IPv4 to a care-of address (proto 4)
+  PacketSink* deliver6 = nullptr;       // decapsulated IPv6, routed by the kernel
+  PacketSink* deliver4 = nullptr;       // decapsulated IPv4, routed by the kernel
 };
 
 struct HomeAgentCounters {
   uint64_t bu_received = 0;
-  uint64_t bu_malformed = 0;     // undecodable IPv6/MH, wrong MH type for an HAO
+  uint64_t bu_malformed = 0;  // undecodable IPv6/MH, wrong MH type for an HAO
   uint64_t bu_bad_checksum = 0;
   uint64_t bu_rate_limited = 0;
   uint64_t bu_auth_missing = 0;  // dropped: no authentication option
@@ -229,9 +229,9 @@ class HomeAgent {
 
  private:
   struct BuContext {
-    Ipv6Address source{};        // IPv6 source (the care-of address, or HoA from home)
+    Ipv6Address source{};  // IPv6 source (the care-of address, or HoA from home)
     Ipv6Address home_address{};
-    Ipv6Address care_of{};       // after the Alternate Care-of Address option
+    Ipv6Address care_of{};  // after the Alternate Care-of Address option
     BindingUpdate bu;
     std::optional<Ipv4HomeAddress> home4;
     const HomeKey* key = nullptr;  // the SA that authenticated the BU
