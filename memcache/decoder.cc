@@ -179,7 +179,7 @@ class DecoderSession {
         if (!got) return Fail(got.error().Context("page store"));
         if (!*got)
           return Fail(Error(ENOENT, "referenced page " + r->digest.Hex().substr(0, 16) + " (" +
-                                        std::string(r->header.block) + " @ " +
+                                        std::string(r->header.continued ? std::string_view(last_block_) : r->header.block) + " @ " +
                                         std::to_string(r->header.offset) +
                                         ") is not in this host's page store"));
         // Never hand QEMU a page that is not the one referenced.
@@ -218,17 +218,25 @@ class DecoderSession {
       case FrameType::kZero: {
         auto z = DecodeZero(fr.payload);
         if (!z) return Fail(z.error());
-        ++stats_.pages;
-        ++stats_.zero_pages;
-        if (!end_seen_) end_acc_.Zero();
-        manifest_.Erase(z->header.block, z->header.offset);
+        auto block = ResolveBlock(z->header);
+        if (!block) return Fail(block.error());
         PageRecord rec;
-        rec.block_id = z->header.block;
-        rec.offset = z->header.offset;
-        rec.continued = z->header.continued;
+        rec.block_id = *block;
         rec.zero = true;
         rec.fill = z->fill;
-        return EncodeToQemu(rec);
+        for (uint32_t i = 0; i < z->count; ++i) {
+          rec.offset = z->header.offset + uint64_t(i) * kPageBytes;
+          rec.continued = i > 0 || z->header.continued;
+          ++stats_.pages;
+          ++stats_.zero_pages;
+          if (!end_seen_) end_acc_.Zero();
+          manifest_.Erase(*block, rec.offset);
+          if (auto e = EncodeToQemu(rec); !e) return e;
+          if (qemu_out_.size() >= kFlushBytes) {
+            if (auto st = FlushQemu(); !st) return Fail(st.error());
+          }
+        }
+        return false;
       }
       case FrameType::kEnd: {
         if (end_seen_) return Fail(Error::Protocol("a second END"));
@@ -265,13 +273,25 @@ class DecoderSession {
     }
   }
 
+  // The block a page frame names, or for CONTINUE the previous frame's.
+  Result<std::string_view> ResolveBlock(const PageHeader& h) {
+    if (!h.continued) {
+      last_block_.assign(h.block);
+    } else if (last_block_.empty()) {
+      return Fail(Error::Protocol("CONTINUE page frame with no previous block"));
+    }
+    return std::string_view(last_block_);
+  }
+
   Result<bool> EmitPage(const PageHeader& h, const PageDigest& d) {
+    auto block = ResolveBlock(h);
+    if (!block) return Fail(block.error());
     ++stats_.pages;
     if (!end_seen_) end_acc_.Page(d);
     else ++stats_.postcopy_pages;
-    manifest_.Set(h.block, h.offset, d);
+    manifest_.Set(*block, h.offset, d);
     PageRecord rec;
-    rec.block_id = h.block;
+    rec.block_id = *block;
     rec.offset = h.offset;
     rec.continued = h.continued;
     rec.data = page_;
@@ -357,6 +377,7 @@ class DecoderSession {
   std::vector<uint8_t> qemu_out_;
   std::vector<uint8_t> page_;
   std::string vm_;
+  std::string last_block_;  // for CONTINUE page frames
   bool zstd_ok_ = false;
   bool end_seen_ = false;
   bool put_warned_ = false;

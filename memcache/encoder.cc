@@ -95,6 +95,7 @@ class EncoderSession final : public MigrationStreamVisitor {
       return AbortAll(Error::Protocol("the source QEMU stream ended early (" +
                                       finished.error().message() + ")"));
     }
+    FlushZeroRun();
     if (auto st = AppendDone(DoneFigures{stats_.qemu_bytes, stats_.pages, stats_.zero_pages}, out_);
         !st)
       return AbortAll(st.error());
@@ -292,6 +293,7 @@ class EncoderSession final : public MigrationStreamVisitor {
   }
 
   Status AppendEndFrame() {
+    FlushZeroRun();
     auto fig = end_acc_.Figures();
     {
       std::lock_guard lk(mu_);
@@ -302,6 +304,7 @@ class EncoderSession final : public MigrationStreamVisitor {
   }
 
   Status Flush() {
+    FlushZeroRun();
     if (visit_error_) return Fail(*visit_error_);
     auto st = writer_.Write(out_);
     out_.clear();
@@ -311,6 +314,7 @@ class EncoderSession final : public MigrationStreamVisitor {
 
   // --- MigrationStreamVisitor ---
   void OnPassthrough(std::span<const uint8_t> bytes) override {
+    FlushZeroRun();
     end_acc_.Passthrough(bytes);
     while (!bytes.empty()) {
       size_t n = std::min(bytes.size(), kMaxPassthroughChunk);
@@ -326,9 +330,19 @@ class EncoderSession final : public MigrationStreamVisitor {
       ++stats_.zero_pages;
       end_acc_.Zero();
       manifest_.Erase(rec.block_id, rec.offset);
-      Record(AppendZero(ZeroPage{h, rec.fill}, out_));
+      // Runs of CONTINUE zero records at consecutive offsets become one frame.
+      if (run_ && rec.continued && rec.offset == run_->next && rec.fill == run_->fill &&
+          run_->count < kMaxZeroRun) {
+        ++run_->count;
+        run_->next += kPageBytes;
+        return;
+      }
+      FlushZeroRun();
+      run_ = ZeroRun{rec.continued, std::string(rec.continued ? "" : rec.block_id), rec.offset,
+                     rec.fill, 1, rec.offset + kPageBytes};
       return;
     }
+    FlushZeroRun();
     if (!rec.rewritable) ++stats_.postcopy_pages;
     PageDigest digest;
     if (auto d = opt_.store->Put(rec.data)) {
@@ -360,10 +374,18 @@ class EncoderSession final : public MigrationStreamVisitor {
   }
 
   void OnFallback(const Fallback& why) override {
+    FlushZeroRun();
     stats_.fell_back = true;
     stats_.fallback_reason = why.reason;
     spdlog::info("encoder: forwarding the rest of the stream raw from byte {}: {}",
                  why.stream_offset, why.reason);
+  }
+
+  void FlushZeroRun() {
+    if (!run_) return;
+    PageHeader h{run_->continued, run_->block, run_->offset};
+    Record(AppendZero(ZeroPage{h, run_->fill, run_->count}, out_));
+    run_.reset();
   }
 
   void Record(const Status& st) {
@@ -385,6 +407,15 @@ class EncoderSession final : public MigrationStreamVisitor {
   detail::EndAccumulator end_acc_;
   detail::ManifestBuilder manifest_;
   std::optional<Error> visit_error_;
+  struct ZeroRun {
+    bool continued;
+    std::string block;
+    uint64_t offset;
+    uint8_t fill;
+    uint32_t count;
+    uint64_t next;
+  };
+  std::optional<ZeroRun> run_;  // ZERO records not sent yet
   bool end_sent_ = false;
   bool put_warned_ = false;
   ProxyStats stats_;

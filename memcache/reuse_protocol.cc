@@ -33,7 +33,7 @@ Status EndFrame(size_t len_at, std::vector<uint8_t>& out) {
 }
 
 Status CheckHeader(const PageHeader& h) {
-  if (h.block.empty() || h.block.size() > 255)
+  if (!h.continued && (h.block.empty() || h.block.size() > 255))
     return Fail(Error::Invalid("RAMBlock id must be 1..255 bytes"));
   if (h.offset % kPageBytes != 0) return Fail(Error::Invalid("page offset not page-aligned"));
   return Ok();
@@ -41,24 +41,30 @@ Status CheckHeader(const PageHeader& h) {
 
 void PutHeader(const PageHeader& h, ByteWriter& w) {
   w.U8(h.continued ? 1 : 0);
-  w.U8(uint8_t(h.block.size()));
-  w.Str(h.block);
+  if (!h.continued) {
+    w.U8(uint8_t(h.block.size()));
+    w.Str(h.block);
+  }
   w.U64(h.offset);
 }
 
 Result<PageHeader> GetHeader(FrameType t, ByteReader& r) {
   auto flags = r.U8();
-  auto len = r.U8();
-  if (!flags || !len) return Fail(Bad(t, "truncated page header"));
+  if (!flags) return Fail(Bad(t, "truncated page header"));
   if (*flags & ~1u) return Fail(Bad(t, "unknown page flags"));
-  if (*len == 0) return Fail(Bad(t, "empty RAMBlock id"));
-  auto id = r.Bytes(*len);
-  auto off = r.U64();
-  if (!id || !off) return Fail(Bad(t, "truncated page header"));
-  if (*off % kPageBytes != 0) return Fail(Bad(t, "page offset not page-aligned"));
   PageHeader h;
   h.continued = (*flags & 1) != 0;
-  h.block = std::string_view(reinterpret_cast<const char*>(id->data()), id->size());
+  if (!h.continued) {
+    auto len = r.U8();
+    if (!len) return Fail(Bad(t, "truncated page header"));
+    if (*len == 0) return Fail(Bad(t, "empty RAMBlock id"));
+    auto id = r.Bytes(*len);
+    if (!id) return Fail(Bad(t, "truncated page header"));
+    h.block = std::string_view(reinterpret_cast<const char*>(id->data()), id->size());
+  }
+  auto off = r.U64();
+  if (!off) return Fail(Bad(t, "truncated page header"));
+  if (*off % kPageBytes != 0) return Fail(Bad(t, "page offset not page-aligned"));
   h.offset = *off;
   return h;
 }
@@ -190,10 +196,15 @@ Status AppendLiteral(const Literal& l, bool zstd, std::vector<uint8_t>& out) {
 
 Status AppendZero(const ZeroPage& z, std::vector<uint8_t>& out) {
   if (auto st = CheckHeader(z.header); !st) return st;
+  if (z.count == 0 || z.count > kMaxZeroRun)
+    return Fail(Error::Invalid("ZERO run must be 1.." + std::to_string(kMaxZeroRun) + " pages"));
+  if (z.header.offset + uint64_t(z.count - 1) * kPageBytes < z.header.offset)
+    return Fail(Error::Invalid("ZERO run wraps around"));
   size_t at = BeginFrame(FrameType::kZero, out);
   ByteWriter w(out);
   PutHeader(z.header, w);
   w.U8(z.fill);
+  w.U32(z.count);
   return EndFrame(at, out);
 }
 
@@ -297,9 +308,13 @@ Result<ZeroPage> DecodeZero(std::span<const uint8_t> payload) {
   auto h = GetHeader(t, r);
   if (!h) return Fail(h.error());
   auto fill = r.U8();
-  if (!fill) return Fail(Bad(t, "truncated"));
+  auto count = r.U32();
+  if (!fill || !count) return Fail(Bad(t, "truncated"));
   if (!r.empty()) return Fail(Bad(t, "trailing bytes"));
-  return ZeroPage{*h, *fill};
+  if (*count == 0 || *count > kMaxZeroRun) return Fail(Bad(t, "run length out of range"));
+  if (h->offset + uint64_t(*count - 1) * kPageBytes < h->offset)
+    return Fail(Bad(t, "run wraps around"));
+  return ZeroPage{*h, *fill, *count};
 }
 
 Result<EndFigures> DecodeEnd(std::span<const uint8_t> payload) {

@@ -53,7 +53,7 @@ TEST(ReuseProtocol, EveryMessageRoundTripsThroughTheFrameReaderInAnyChunking) {
   ASSERT_TRUE(AppendLiteral(Literal{{false, "pc.ram", 0x3000}, page}, false, wire));
   Bytes z = {9, 9, 9};
   ASSERT_TRUE(AppendLiteral(Literal{{false, "/rom@etc/acpi/tables", 0}, z}, true, wire));
-  ASSERT_TRUE(AppendZero(ZeroPage{{true, "pc.ram", 0x4000}, 0}, wire));
+  ASSERT_TRUE(AppendZero(ZeroPage{{true, "pc.ram", 0x4000}, 0, 77}, wire));
   EndFigures e{10, 20, 30, 0xdeadbeef, DigestOf(3)};
   ASSERT_TRUE(AppendEnd(e, wire));
   ASSERT_TRUE(AppendDone(DoneFigures{100, 200, 300}, wire));
@@ -70,7 +70,7 @@ TEST(ReuseProtocol, EveryMessageRoundTripsThroughTheFrameReaderInAnyChunking) {
     auto r = DecodePageRef(frames[3].second);
     ASSERT_TRUE(r);
     EXPECT_TRUE(r->header.continued);
-    EXPECT_EQ(r->header.block, "pc.ram");
+    EXPECT_EQ(r->header.block, "");  // CONTINUE: the block is not sent
     EXPECT_EQ(r->header.offset, 0x2000u);
     EXPECT_EQ(r->digest, DigestOf(7));
     auto l = DecodeLiteral(frames[4].second, false);
@@ -84,6 +84,7 @@ TEST(ReuseProtocol, EveryMessageRoundTripsThroughTheFrameReaderInAnyChunking) {
     auto zp = DecodeZero(frames[6].second);
     ASSERT_TRUE(zp);
     EXPECT_EQ(zp->header.offset, 0x4000u);
+    EXPECT_EQ(zp->count, 77u);
     EXPECT_EQ(*DecodeEnd(frames[7].second), e);
     EXPECT_EQ(*DecodeDone(frames[8].second), (DoneFigures{100, 200, 300}));
     EXPECT_EQ(frames[9].first, FrameType::kReturn);
@@ -211,7 +212,17 @@ TEST(ReuseProtocol, MalformedPayloadsAreRejected) {
       {"literal: one byte long", lit, l_long},
       {"literal: header only", lit, hdr_only},
       {"literal_zstd: no compressed data", litz, hdr_only},
-      {"zero: missing fill", zero, Bytes(z.begin(), z.end() - 1)},
+      {"zero: truncated count", zero, Bytes(z.begin(), z.end() - 1)},
+      {"zero: run of 0 pages", zero, [&] { Bytes x = z; x[x.size() - 1] = 0; return x; }()},
+      {"zero: run over the limit", zero, [&] { Bytes x = z; x[x.size() - 3] = 0x10; x[x.size() - 1] = 1; return x; }()},
+      {"zero: run past 2^64", zero, [&] {
+         Bytes x = z;
+         for (size_t i = 8; i < 16; ++i) x[i] = 0xff;  // offset
+         x[15] = 0xf0;
+         x[x.size() - 1] = 0x20;
+         return x;
+       }()},
+      {"continued header without offset", ref, {1, 0, 0, 0}},
       {"zero: trailing byte", zero, z_trail},
       {"end: truncated", end, Bytes(59, 0)},
       {"end: trailing", end, Bytes(61, 0)},

@@ -88,13 +88,15 @@ struct SummaryChunk {
 };
 uint64_t DigestPrefix(const PageDigest& d);
 
-// Page frames share a header: u8 flags (bit 0: CONTINUE) | u8 len | block |
-// be64 offset. The decoder rebuilds the QEMU record (EncodePageRecord) with
-// the same CONTINUE flag, so its output equals the source stream byte for
-// byte.
+// Page frames share a header: u8 flags (bit 0: CONTINUE) | [u8 len | block]
+// unless CONTINUE | be64 offset. As in QEMU's own records, CONTINUE means
+// "the block of the previous page frame" (the decoder tracks it). The
+// decoder rebuilds the QEMU record (EncodePageRecord) with the same CONTINUE
+// flag, so its output equals the source stream byte for byte.
 struct PageHeader {
   bool continued = false;
-  std::string_view block;  // 1..255 bytes; views the frame payload on decode
+  std::string_view block;  // 1..255 bytes unless continued (then not sent, and
+                           // empty on decode); views the frame payload
   uint64_t offset = 0;     // page-aligned
 };
 struct PageRef {  // PAGE_REF: header | digest[32]
@@ -105,9 +107,14 @@ struct Literal {  // LITERAL: header | page[4096]; LITERAL_ZSTD: header | zstd f
   PageHeader header;
   std::span<const uint8_t> data;
 };
-struct ZeroPage {  // ZERO: header | u8 fill
+// ZERO: header | u8 fill | be32 count. `count` consecutive ZERO records:
+// the first as in the header, the others CONTINUE records at the following
+// page offsets (a run of untouched guest memory costs one frame).
+inline constexpr uint32_t kMaxZeroRun = 1u << 20;
+struct ZeroPage {
   PageHeader header;
   uint8_t fill = 0;
+  uint32_t count = 1;  // 1..kMaxZeroRun
 };
 
 // END (both directions): the figures of everything delivered up to the end
