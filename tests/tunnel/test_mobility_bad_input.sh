@@ -158,6 +158,8 @@ binding_ok() {  # WHAT EXPECTED_SEQ
   [[ "$(mob_tunneld a status --json | mob_json session_state "$MOB_SESSION")" == registered ]] ||
     tb_fail "after $1 the session is not registered: $(mob_tunneld a status --json)"
 }
+# True once counter KEY (read by FN: ha_c or t_c) has grown by N over BASE.
+grown() { local v; v=$("$1" "$2") && [[ -n "$v" ]] && ((v - $3 >= $4)); }
 seq0=$(mob_ha_status | mob_json ha_field "$MOB_HOA6" sequence)
 attacker=${MOB_COA[b]}
 
@@ -166,7 +168,8 @@ before_mal=$(ha_c bu_malformed); before_ck=$(ha_c bu_bad_checksum); before_rx=$(
 before_miss=$(ha_c bu_auth_missing); before_rej=$(ha_c rejected)
 out=$(attack ha "$MOB_HA6" "$attacker" "$MOB_HOA6" "$(mob_key)") || tb_fail "scapy: $out"
 tb_log "to the HA: $out"
-sleep 1
+tb_wait_for 10 grown ha_c bu_received "$before_rx" 5 || true
+tb_wait_for 5 grown ha_c bu_malformed "$before_mal" 2 || true
 binding_ok "bad BUs" "$seq0"
 mal=$(($(ha_c bu_malformed) - before_mal)); ck=$(($(ha_c bu_bad_checksum) - before_ck))
 miss=$(($(ha_c bu_auth_missing) - before_miss)); rej=$(($(ha_c rejected) - before_rej))
@@ -179,7 +182,7 @@ mob_ping_ok cn "$MOB_HOA6" 3
 before_rl=$(ha_c bu_rate_limited)
 out=$(attack flood "$MOB_HA6" "$attacker" "$MOB_HOA6" 400) || tb_fail "scapy flood: $out"
 tb_log "flood: $out"
-sleep 1
+tb_wait_for 10 grown ha_c bu_rate_limited "$before_rl" 300 || true
 rl=$(($(ha_c bu_rate_limited) - before_rl))
 tb_log "HA rate-limited +$rl BUs; rate table $(mob_ha_status | python3 -c 'import json,sys; print(json.load(sys.stdin).get("rate_table_entries"))') entries"
 ((rl >= 300)) || tb_fail "a 400-BU burst from one source was not rate-limited (+$rl)"
@@ -191,7 +194,8 @@ b_src=$(t_c ba_wrong_source); b_mal=$(t_c mh_malformed)
 b_other=$(($(t_c ba_unexpected) + $(t_c ba_wrong_sequence) + $(t_c ba_auth_failed)))
 out=$(attack_a host "$MOB_HA6" "${MOB_COA[a]}" "$MOB_HOA6" 2001:db8:a::66) || tb_fail "scapy: $out"
 tb_log "to tunneld: $out"
-sleep 1
+tb_wait_for 10 grown t_c mh_malformed "$b_mal" 2 || true
+tb_wait_for 5 grown t_c ba_wrong_source "$b_src" 1 || true
 binding_ok "bad BAs" "$seq0"
 ws=$(($(t_c ba_wrong_source) - b_src)); mm=$(($(t_c mh_malformed) - b_mal))
 other=$(($(t_c ba_unexpected) + $(t_c ba_wrong_sequence) + $(t_c ba_auth_failed) - b_other))
@@ -214,7 +218,8 @@ wrong=$(((pending + 100) % 65536))
 w0=$(t_c ba_wrong_sequence); s0=$(t_c ba_wrong_source)
 attack_a authba "$MOB_HA6" "${MOB_COA[a]}" "$MOB_HOA6" "$(mob_key)" "$MOB_SPI" "$wrong" "$MOB_HA6" >/dev/null
 attack_a authba "$MOB_HA6" "${MOB_COA[a]}" "$MOB_HOA6" "$(mob_key)" "$MOB_SPI" "$pending" 2001:db8:a::66 >/dev/null
-sleep 1
+tb_wait_for 10 grown t_c ba_wrong_sequence "$w0" 1 || true
+tb_wait_for 5 grown t_c ba_wrong_source "$s0" 1 || true
 st=$(mob_tunneld a status --json | mob_json session_state "$MOB_SESSION")
 [[ "$st" == registering ]] || tb_fail "a forged BA changed the session to '$st' (pending seq $pending)"
 ((($(t_c ba_wrong_sequence) - w0) >= 1)) || tb_fail "authenticated BA with seq $wrong (pending $pending) not counted as wrong sequence: $(mob_tunneld a status --json)"

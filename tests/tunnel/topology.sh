@@ -1,4 +1,5 @@
 # shellcheck shell=bash
+# shellcheck disable=SC2034  # MOB_* variables are for the scripts that source this file
 # topology.sh: the issue-3 mobility topology, built with the test-bed kit
 # (tests/kit/testbed.sh), plus the tunnel-specific helpers the mobility tests
 # and bench/tunnel.sh share. Source it after the kit and after tb_init:
