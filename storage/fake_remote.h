@@ -41,6 +41,7 @@ class FakeRemote final : public RemoteReader {
     Failure failure = Failure::kNone;
     bool held = false;     // reads wait while true
     uint32_t waiting = 0;  // reads currently held
+    uint32_t max_waiting = 0;  // most reads ever held at once
     bool closed = false;
     std::chrono::microseconds delay{0};   // fixed part of every reply
     std::chrono::microseconds jitter{0};  // random extra, to reorder replies
@@ -107,6 +108,7 @@ class FakeRemote final : public RemoteReader {
       std::unique_lock lk(s_->mu);
       if (s_->closed) return Fail(Error::Shutdown("fake remote closed"));
       ++s_->waiting;
+      s_->max_waiting = std::max(s_->max_waiting, s_->waiting);
       s_->cv.notify_all();
       s_->cv.wait(lk, [&] { return !s_->held || s_->closed; });
       --s_->waiting;

@@ -22,6 +22,7 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <future>
 #include <mutex>
 #include <random>
 #include <thread>
@@ -323,40 +324,6 @@ TEST_F(NbdClientTest, RefusedConnectionSaysServerIsNotRunning) {
       << unix_client.error().message();
 }
 
-TEST_F(NbdClientTest, SixteenConcurrentReadersKeepSixteenRequestsInFlight) {
-  REQUIRE_TOOL("nbdkit");
-  auto data = MakeImage(8 << 20, 9);
-  // Every read takes 40 ms inside the server; 16 server threads finish them
-  // in whatever order, so replies arrive out of order.
-  auto server =
-      StartNbdkitAndWait({"-t", "16", "--filter=delay", "file", "file=" + image_, "rdelay=40ms"});
-  auto client = NbdClient::Connect(UnixUri(sock_), FastOptions());
-  ASSERT_TRUE(client) << client.error().message();
-  constexpr int kThreads = 16, kReadsEach = 5;
-  std::atomic<int> bad{0};
-  auto start = steady_clock::now();
-  std::vector<std::thread> threads;
-  for (int t = 0; t < kThreads; ++t) {
-    threads.emplace_back([&, t] {
-      std::mt19937_64 rng(100 + t);
-      std::vector<std::byte> buf(64 * 1024);
-      for (int i = 0; i < kReadsEach; ++i) {
-        uint64_t off = rng() % (data.size() - buf.size());
-        auto s = (*client)->Read(buf, off);
-        if (!s || std::memcmp(buf.data(), data.data() + off, buf.size()) != 0) ++bad;
-      }
-    });
-  }
-  for (auto& t : threads) t.join();
-  auto elapsed = steady_clock::now() - start;
-  EXPECT_EQ(bad.load(), 0);
-  // One request at a time would take 16 * 5 * 40 ms = 3.2 s; with all 16 in
-  // flight it is about 5 * 40 ms (measured ~0.27 s). Half the serial time is
-  // the bar, leaving room for a loaded CI machine.
-  EXPECT_LT(elapsed, 1600ms) << "requests were not pipelined: "
-                             << std::chrono::duration_cast<milliseconds>(elapsed).count() << " ms";
-}
-
 TEST_F(NbdClientTest, SplitsReadsAtServerMaximumAndAlignsToMinimumBlock) {
   REQUIRE_TOOL("nbdkit");
   auto data = MakeImage(2 << 20, 11);
@@ -409,24 +376,30 @@ TEST_F(NbdClientTest, ReadInFlightWhenServerIsKilledSucceedsAfterRestart) {
 TEST_F(NbdClientTest, ReconnectsInBackgroundWithinBackoffMaxOfServerReturn) {
   REQUIRE_TOOL("nbdkit");
   auto server = StartNbdkitAndWait({"memory", "1M"});
-  auto client = NbdClient::Connect(UnixUri(sock_), FastOptions());  // backoff 20..200 ms
+  auto o = FastOptions();  // backoff 20..200 ms
+  // Long enough that a Reconnect() waiting out connect timeouts (instead of
+  // returning the refused attempt) cannot pass the 10 s liveness bound below.
+  o.connect_timeout = 60s;
+  auto client = NbdClient::Connect(UnixUri(sock_), o);
   ASSERT_TRUE(client) << client.error().message();
   server->Kill();
-  ASSERT_TRUE(WaitFor([&] { return !(*client)->Connected(); }, 2000ms));
+  ASSERT_TRUE(WaitFor([&] { return !(*client)->Connected(); }, 10s));
   // While the server is down an operator reconnect reports why it failed.
-  auto t0 = steady_clock::now();
-  auto forced = (*client)->Reconnect();
-  EXPECT_LT(steady_clock::now() - t0, 1000ms) << "Reconnect() did not report the failed attempt";
+  auto reconnect = std::async(std::launch::async, [&] { return (*client)->Reconnect(); });
+  ASSERT_EQ(reconnect.wait_for(10s), std::future_status::ready)
+      << "Reconnect() did not report the failed attempt";
+  auto forced = reconnect.get();
   ASSERT_FALSE(forced);
   EXPECT_NE(forced.error().message().find("is the source storage server running?"),
             std::string::npos)
       << forced.error().message();
-  std::this_thread::sleep_for(600ms);  // back-off grows to its 200 ms cap
+  // 2.5 s down: an uncapped doubling back-off from 20 ms would next try at
+  // about 5.1 s, so reconnecting within 2 s (10x backoff_max) of the server's
+  // return shows the cap, without a tight timing bar.
+  std::this_thread::sleep_for(2500ms);
   server = StartNbdkitAndWait({"memory", "1M"});
-  auto back = steady_clock::now();
   ASSERT_TRUE(WaitFor([&] { return (*client)->Connected(); }, 2000ms))
-      << "no background reconnect without a read";
-  EXPECT_LT(steady_clock::now() - back, 400ms) << "back-off exceeded backoff_max";
+      << "no background reconnect without a read within 10x backoff_max";
 }
 
 TEST_F(NbdClientTest, ServerGoneLongerThanWaitBoundFailsWithEtimedout) {
@@ -445,8 +418,8 @@ TEST_F(NbdClientTest, ServerGoneLongerThanWaitBoundFailsWithEtimedout) {
   EXPECT_EQ(s.error().code(), ETIMEDOUT);
   EXPECT_NE(s.error().message().find("unreachable for 300 ms"), std::string::npos)
       << s.error().message();
-  EXPECT_GE(elapsed, 250ms);
-  EXPECT_LT(elapsed, 2000ms);
+  EXPECT_GE(elapsed, 250ms);   // the bound was honoured, not cut short
+  EXPECT_LT(elapsed, 3000ms);  // liveness: 10x the bound
 }
 
 TEST_F(NbdClientTest, RemoteBackWithDifferentSizeIsRefused) {
@@ -469,7 +442,7 @@ TEST_F(NbdClientTest, CloseFailsWaitingAndLaterReadsWithEshutdown) {
   REQUIRE_TOOL("nbdkit");
   auto server = StartNbdkitAndWait({"memory", "1M"});
   auto o = FastOptions();
-  o.wait_bound = 10000ms;
+  o.wait_bound = 60s;  // Close must end the wait long before this
   auto client = NbdClient::Connect(UnixUri(sock_), o);
   ASSERT_TRUE(client) << client.error().message();
   server->Kill();
@@ -480,7 +453,7 @@ TEST_F(NbdClientTest, CloseFailsWaitingAndLaterReadsWithEshutdown) {
   auto start = steady_clock::now();
   (*client)->Close();
   reader.join();
-  EXPECT_LT(steady_clock::now() - start, 3000ms);
+  EXPECT_LT(steady_clock::now() - start, 10s);  // liveness, far below wait_bound
   ASSERT_FALSE(waiting);
   EXPECT_EQ(waiting.error().code(), ESHUTDOWN);
   auto later = (*client)->Read(buf, 0);
@@ -539,6 +512,8 @@ class ScriptedServer {
   int connections() const { return connections_; }
   bool used_export_name() const { return used_export_name_; }
   bool saw_disconnect() const { return saw_disconnect_; }
+  // Most requests received and not yet answered at once (reverse_batch mode).
+  size_t peak_outstanding() const { return peak_outstanding_; }
 
  private:
   static bool RecvAll(int fd, void* p, size_t n) {
@@ -676,6 +651,7 @@ class ScriptedServer {
       }
       if (o_.reverse_batch > 1) {
         batch.push_back(r);
+        peak_outstanding_ = std::max<size_t>(peak_outstanding_, batch.size());
         if (batch.size() < o_.reverse_batch) continue;
         for (auto it = batch.rbegin(); it != batch.rend(); ++it) Reply(fd, *it);
         batch.clear();
@@ -692,6 +668,7 @@ class ScriptedServer {
   std::atomic<int> connections_{0};
   std::atomic<bool> used_export_name_{false};
   std::atomic<bool> saw_disconnect_{false};
+  std::atomic<size_t> peak_outstanding_{0};
   std::mutex mu_;
   std::vector<int> fds_;
   std::vector<std::thread> sessions_;
@@ -720,6 +697,41 @@ TEST_F(NbdClientTest, RepliesInReverseOrderAreMatchedByCookie) {
   ASSERT_TRUE(s) << s.error().message();
   ExpectPattern(buf, 100);
   EXPECT_EQ(server.connections(), 1);
+}
+
+TEST_F(NbdClientTest, SixteenConcurrentReadersKeepSixteenRequestsInFlight) {
+  // The scripted server answers nothing until 16 reads are outstanding on the
+  // connection, then answers them last-first. A client that serialised its
+  // callers would never get a reply; one that pipelines them has all 16 out.
+  ScriptedServer::Options so;
+  so.size = 8 << 20;
+  so.reverse_batch = 16;
+  ScriptedServer server(sock_, so);
+  auto client = NbdClient::Connect(UnixUri(sock_), FastOptions());
+  ASSERT_TRUE(client) << client.error().message();
+  constexpr int kThreads = 16, kReadsEach = 5;
+  std::atomic<int> bad{0}, finished{0};
+  std::vector<std::thread> threads;
+  for (int t = 0; t < kThreads; ++t) {
+    threads.emplace_back([&, t] {
+      std::mt19937_64 rng(100 + t);
+      std::vector<std::byte> buf(64 * 1024);
+      for (int i = 0; i < kReadsEach; ++i) {
+        uint64_t off = rng() % (so.size - buf.size());
+        auto s = (*client)->Read(buf, off);
+        bool ok = bool(s);
+        for (size_t j = 0; ok && j < buf.size(); ++j)
+          ok = uint8_t(buf[j]) == ScriptedServer::ByteAt(off + j);
+        if (!ok) ++bad;
+      }
+      ++finished;
+    });
+  }
+  for (auto& t : threads) t.join();  // request_timeout bounds each read
+  EXPECT_EQ(bad.load(), 0);
+  EXPECT_EQ(finished.load(), kThreads);
+  EXPECT_EQ(server.peak_outstanding(), 16u) << "requests were not pipelined";
+  EXPECT_EQ(server.connections(), 1) << "a read timed out and was retried";
 }
 
 TEST_F(NbdClientTest, FallsBackToExportNameWhenGoIsUnsupported) {
@@ -804,8 +816,8 @@ TEST_F(NbdClientTest, SilentServerFailsConnectWithinConnectTimeout) {
   EXPECT_EQ(client.error().code(), ETIMEDOUT);
   EXPECT_NE(client.error().message().find("did not finish in time"), std::string::npos)
       << client.error().message();
-  EXPECT_GE(elapsed, 190ms);
-  EXPECT_LT(elapsed, 1000ms);
+  EXPECT_GE(elapsed, 190ms);   // the timeout was honoured, not cut short
+  EXPECT_LT(elapsed, 2000ms);  // liveness: 10x the timeout
 }
 
 TEST_F(NbdClientTest, ReconnectForcesAFreshConnection) {
