@@ -176,18 +176,28 @@ class CopyOnReadImpl final : public CopyOnReadBackend {
     return offset <= BlockOffset(b) && offset + length >= BlockOffset(b) + BlockBytes(b);
   }
 
+  // A guest read's buffer: runs this request fetches that lie wholly inside
+  // it are read from the remote straight into it (and stored in the cache
+  // from there), so those bytes need no pread from the cache afterwards.
+  struct ReadTarget {
+    std::span<std::byte> buf;
+    uint64_t offset = 0;
+    std::vector<std::pair<uint64_t, uint64_t>> filled;  // (offset, length) already in buf
+  };
   // Makes the given blocks present: fetches missing ones (adjacent ones
   // merged, split at kMaxRemoteRequest, runs in parallel) and waits for
   // blocks others are fetching. Counts as guest I/O (the fill yields).
-  St EnsurePresent(std::span<const uint64_t> blocks);
-  St EnsurePresentRange(uint64_t first, uint64_t last);
+  St EnsurePresent(std::span<const uint64_t> blocks, ReadTarget* target = nullptr);
+  St EnsurePresentRange(uint64_t first, uint64_t last, ReadTarget* target = nullptr);
   // Claims every missing block of [first, last) for a local overwrite, all
   // or nothing: if any is claimed by someone else, waits for it and retries.
   std::vector<Run> ClaimForOverwrite(uint64_t first, uint64_t last);
   // Registers `b` in the run list (REQUIRES: inflight_mu_ held).
   void ClaimBlockLocked(std::vector<Run>& runs, uint64_t b, uint64_t max_blocks);
   void ReleaseRuns(std::span<const Run> runs);
-  St FetchRun(const Run& run, bool fill);
+  // Fetches a run into `into` (exactly RunBytes(run) long) or, if empty, a
+  // per-thread buffer, then stores it in the cache and marks it present.
+  St FetchRun(const Run& run, bool fill, std::span<std::byte> into = {});
   // Writes fetched data (starting at a block boundary) to the cache.
   St StoreFetched(std::span<const std::byte> data, uint64_t first_block);
   void MarkPresent(uint64_t first, uint64_t count);
@@ -329,13 +339,16 @@ void CopyOnReadImpl::ReleaseRuns(std::span<const Run> runs) {
   }
 }
 
-St CopyOnReadImpl::FetchRun(const Run& run, bool fill) {
+St CopyOnReadImpl::FetchRun(const Run& run, bool fill, std::span<std::byte> into) {
   if (!remote_) return Fail(Error::Shutdown("no remote (target mode)"));
   const uint64_t off = BlockOffset(run.first);
   const uint64_t len = RunBytes(run);
-  thread_local std::vector<std::byte> buf;
-  if (buf.size() < len) buf.resize(len);
-  std::span<std::byte> data(buf.data(), len);
+  std::span<std::byte> data = into;
+  if (data.empty()) {
+    thread_local std::vector<std::byte> buf;
+    if (buf.size() < len) buf.resize(len);
+    data = std::span<std::byte>(buf.data(), len);
+  }
   if (auto s = remote_->Read(data, off); !s) {
     Error e = s.error().Context("fetching " + std::to_string(len) + " bytes at " +
                                 std::to_string(off) + " from the remote");
@@ -387,15 +400,15 @@ void CopyOnReadImpl::MarkPresent(uint64_t first, uint64_t count) {
   if (wake) commit_cv_.notify_one();
 }
 
-St CopyOnReadImpl::EnsurePresentRange(uint64_t first, uint64_t last) {
+St CopyOnReadImpl::EnsurePresentRange(uint64_t first, uint64_t last, ReadTarget* target) {
   if (present_.AllSet(first, last)) return Ok();
   std::vector<uint64_t> blocks;
   blocks.reserve(last - first);
   for (uint64_t b = first; b < last; ++b) blocks.push_back(b);
-  return EnsurePresent(blocks);
+  return EnsurePresent(blocks, target);
 }
 
-St CopyOnReadImpl::EnsurePresent(std::span<const uint64_t> blocks) {
+St CopyOnReadImpl::EnsurePresent(std::span<const uint64_t> blocks, ReadTarget* target) {
   struct GuestMiss {  // the fill backs off while guest misses are in flight
     CopyOnReadImpl* self;
     explicit GuestMiss(CopyOnReadImpl* s) : self(s) { self->guest_misses_.fetch_add(1); }
@@ -425,18 +438,32 @@ St CopyOnReadImpl::EnsurePresent(std::span<const uint64_t> blocks) {
 
     St mine_status = Ok();
     if (!mine.empty()) {
+      // Where a run lies wholly inside the reader's buffer, fetch into it.
+      std::vector<std::span<std::byte>> into(mine.size());
+      if (target) {
+        const uint64_t end = target->offset + target->buf.size();
+        for (size_t i = 0; i < mine.size(); ++i) {
+          const uint64_t off = BlockOffset(mine[i].first), len = RunBytes(mine[i]);
+          if (off < target->offset || off + len > end) continue;
+          into[i] = target->buf.subspan(off - target->offset, len);
+        }
+      }
       TaskGroup group(mine.size());
       for (size_t i = 1; i < mine.size(); ++i) {
-        guest_pool_.Submit([this, &group, run = mine[i]] {
-          St s = FetchRun(run, false);
+        guest_pool_.Submit([this, &group, run = mine[i], dst = into[i]] {
+          St s = FetchRun(run, false, dst);
           ReleaseRuns(std::span(&run, 1));
           group.Done(s);
         });
       }
-      St s = FetchRun(mine[0], false);  // the first run on this thread
+      St s = FetchRun(mine[0], false, into[0]);  // the first run on this thread
       ReleaseRuns(std::span(&mine[0], 1));
       group.Done(s);
       mine_status = group.Wait();
+      if (mine_status && target)
+        for (size_t i = 0; i < mine.size(); ++i)
+          if (!into[i].empty())
+            target->filled.emplace_back(BlockOffset(mine[i].first), into[i].size());
     }
     if (!others.empty()) {
       std::unique_lock lk(inflight_mu_);
@@ -538,13 +565,26 @@ St CopyOnReadImpl::SyncAll() {
 
 St CopyOnReadImpl::Read(std::span<std::byte> buf, uint64_t offset) {
   if (buf.empty()) return Ok();
-  if (proxy()) {
-    uint64_t first = FirstBlock(offset), last = EndBlock(offset, buf.size());
-    if (!present_.AllSet(first, last)) {
-      if (auto s = EnsurePresentRange(first, last); !s) return s;
-    }
+  if (!proxy()) return cache_->Read(buf, offset);
+  const uint64_t first = FirstBlock(offset), last = EndBlock(offset, buf.size());
+  if (present_.AllSet(first, last)) return cache_->Read(buf, offset);  // a hit: no lock
+  // A miss. Runs this request fetches land in `buf` directly (one copy less
+  // than fetch, store, pread); the rest (blocks present before, fetched by
+  // someone else, partial edge blocks) is read from the cache after.
+  ReadTarget target{buf, offset, {}};
+  if (auto s = EnsurePresentRange(first, last, &target); !s) return s;
+  std::sort(target.filled.begin(), target.filled.end());
+  uint64_t pos = offset;
+  const uint64_t end = offset + buf.size();
+  auto read_gap = [&](uint64_t to) -> St {
+    if (to <= pos) return Ok();
+    return cache_->Read(buf.subspan(pos - offset, to - pos), pos);
+  };
+  for (auto [off, len] : target.filled) {
+    if (auto s = read_gap(off); !s) return s;
+    pos = std::max(pos, off + len);
   }
-  return cache_->Read(buf, offset);
+  return read_gap(end);
 }
 
 St CopyOnReadImpl::Write(std::span<const std::byte> buf, uint64_t offset, bool fua) {
