@@ -681,7 +681,8 @@ void HostDaemon::ReapFinished() {
   const auto now = clock_.Now();
   for (auto it = sessions_.begin(); it != sessions_.end();) {
     auto& live = *it->second;
-    if (live.session->state() == SessionState::kHome) {
+    // Home, and the repeated announcements are out (no timer left).
+    if (live.session->state() == SessionState::kHome && !live.session->NextDeadline()) {
       // Give the kernel a moment to push the announcement through the
       // bridge before the TAP disappears (unregistering drops queued skbs).
       if (!live.reap_at) live.reap_at = now + std::chrono::milliseconds(300);

@@ -190,17 +190,20 @@ void MobilitySession::Activate() {
   stopped_ = false;
   home_announced_ = false;
   AnnounceRouter();
+  ScheduleRepeats(Repeat::kRouter);
   for (auto& b : bindings_) StartExchange(b, BindingState::kRegistering);
 }
 
 void MobilitySession::ReturnHome() {
   stopped_ = false;
   home_announced_ = false;
+  ScheduleRepeats(Repeat::kNone);
   for (auto& b : bindings_) StartExchange(b, BindingState::kDeregistering);
 }
 
 void MobilitySession::Deactivate() {
   stopped_ = true;
+  repeat_at_.reset();
   for (auto& b : bindings_) {
     b.deadline.reset();
     b.state = BindingState::kIdle;
@@ -294,11 +297,12 @@ void MobilitySession::OnTimer() {
     }
   }
   MaybeAnnounceHome();
+  RunRepeats(now);
 }
 
 std::optional<Clock::TimePoint> MobilitySession::NextDeadline() const {
   if (stopped_) return std::nullopt;
-  std::optional<Clock::TimePoint> next;
+  std::optional<Clock::TimePoint> next = repeat_at_;
   for (const auto& b : bindings_)
     if (b.deadline && (!next || *b.deadline < *next)) next = b.deadline;
   return next;
@@ -314,11 +318,7 @@ void MobilitySession::FinishDeregistration(Binding& b, bool timed_out) {
              " attempts; announcing at home anyway");
 }
 
-void MobilitySession::MaybeAnnounceHome() {
-  if (home_announced_ || bindings_.empty()) return;
-  for (const auto& b : bindings_)
-    if (b.state != BindingState::kHome) return;
-  home_announced_ = true;
+void MobilitySession::SendHomeAnnouncement() {
   // RFC 6275 §11.5.4: neighbours must now reach the home addresses at the
   // guest's own MAC.
   auto from = [this](std::vector<uint8_t> frame) {
@@ -331,6 +331,35 @@ void MobilitySession::MaybeAnnounceHome() {
     SendGuest(from(BuildUnsolicitedNeighborAdvertisementFrame(config_.guest_mac, hoa)));
   if (config_.home_address4)
     SendGuest(from(BuildGratuitousArpFrame(config_.guest_mac, *config_.home_address4)));
+}
+
+void MobilitySession::ScheduleRepeats(Repeat kind) {
+  // RFC 4861 §7.2.6: up to MAX_NEIGHBOR_ADVERTISEMENT (3) unsolicited NAs,
+  // RetransTimer apart, in case one is lost (e.g. while a moved guest's link
+  // is still coming up).
+  repeat_ = kind;
+  repeats_left_ = kind == Repeat::kNone ? 0 : config_.timers.announcements - 1;
+  repeat_at_.reset();
+  if (repeats_left_ > 0) repeat_at_ = clock_.Now() + config_.timers.announcement_interval;
+}
+
+void MobilitySession::RunRepeats(Clock::TimePoint now) {
+  if (!repeat_at_ || *repeat_at_ > now) return;
+  if (repeat_ == Repeat::kRouter) AnnounceRouter();
+  if (repeat_ == Repeat::kHome) SendHomeAnnouncement();
+  if (--repeats_left_ > 0)
+    repeat_at_ = now + config_.timers.announcement_interval;
+  else
+    repeat_at_.reset();
+}
+
+void MobilitySession::MaybeAnnounceHome() {
+  if (home_announced_ || bindings_.empty()) return;
+  for (const auto& b : bindings_)
+    if (b.state != BindingState::kHome) return;
+  home_announced_ = true;
+  SendHomeAnnouncement();
+  ScheduleRepeats(Repeat::kHome);
   Emit(SessionEvent::Kind::kDeregistered, config_.home_addresses.front(), 0,
        "home addresses announced with the guest's MAC");
 }

@@ -177,6 +177,39 @@ TEST(MobilitySession, ActivateAnnouncesRouterAddressesWithRouterMac) {
   EXPECT_EQ(arp->sender_ip, kGateway4);
 }
 
+TEST(MobilitySession, AnnouncementsRepeatThreeTimesOneSecondApart) {
+  Harness h;
+  h.session.Activate();
+  EXPECT_EQ(h.guest.TakeSent().size(), 3u);  // NA ll, NA global, ARP
+  h.clock.Advance(999ms);
+  h.session.OnTimer();
+  EXPECT_EQ(h.guest.sent_count(), 0u);
+  h.clock.Advance(1ms);
+  h.session.OnTimer();
+  EXPECT_EQ(h.guest.TakeSent().size(), 3u);
+  h.clock.Advance(1s);
+  h.session.OnTimer();
+  EXPECT_EQ(h.guest.TakeSent().size(), 3u);
+  h.clock.Advance(1s);
+  h.session.OnTimer();
+  EXPECT_EQ(h.guest.TakeSent().size(), 0u) << "three in all";
+
+  // At home, likewise with the guest's MAC; then no timer is left, which is
+  // what lets the daemon remove the TAP.
+  h.session.ReturnHome();
+  auto bus = h.TakeBindingUpdates();
+  h.session.HandleUplinkFrame(
+      BaFrame(Ba(std::get<BindingUpdate>(bus.back().header.message).sequence, 0, 0)));
+  int frames = static_cast<int>(h.guest.TakeSent().size());
+  while (auto d = h.session.NextDeadline()) {
+    h.clock.Advance(*d - h.clock.Now());
+    h.session.OnTimer();
+  }
+  frames += static_cast<int>(h.guest.TakeSent().size());
+  EXPECT_EQ(frames, 6);  // (NA + ARP) x 3
+  EXPECT_EQ(h.session.state(), SessionState::kHome);
+}
+
 TEST(MobilitySession, AuthenticatedBindingUpdateVerifiesWithConfiguredKey) {
   auto cfg = BaseConfig();
   cfg.auth = MobilityAuthConfig{0x1234, {1, 2, 3, 4, 5, 6, 7, 8}, MhAuthAlgorithm::kHmacSha256_128};
@@ -193,7 +226,9 @@ TEST(MobilitySession, AuthenticatedBindingUpdateVerifiesWithConfiguredKey) {
 }
 
 TEST(MobilitySession, RetransmissionBacksOffOneTwoFourUpToThirtyTwoSeconds) {
-  Harness h;
+  auto cfg = BaseConfig();
+  cfg.timers.announcements = 1;  // only BU deadlines in NextDeadline()
+  Harness h(cfg);
   h.session.Activate();
   ASSERT_EQ(h.TakeBindingUpdates().size(), 1u);
   const std::vector<int> expected = {1, 2, 4, 8, 16, 32, 32, 32};

@@ -66,6 +66,11 @@ struct SessionTimers {
   // Consecutive status-135 answers acted on immediately; further ones wait
   // for the back-off timer (a confused HA cannot make us spin).
   int max_immediate_resyncs = 3;
+  // Unsolicited NA / gratuitous ARP announcements (of the router on
+  // activation, of the guest at home), this many in all, this far apart
+  // (RFC 4861 MAX_NEIGHBOR_ADVERTISEMENT, RetransTimer).
+  int announcements = 3;
+  std::chrono::milliseconds announcement_interval{1000};
 };
 
 struct SessionConfig {
@@ -232,7 +237,8 @@ class MobilitySession {
   // Stops everything without signalling (the VM is leaving this host).
   void Deactivate();
 
-  // Runs due timers (retransmission, refresh, deregistration give-up).
+  // Runs due timers (retransmission, refresh, deregistration give-up,
+  // repeated announcements).
   void OnTimer();
   std::optional<Clock::TimePoint> NextDeadline() const;
 
@@ -270,8 +276,12 @@ class MobilitySession {
   void HandleBindingAck(const MobilityPacket& packet);
   void HandleRefreshRequest();
   void FinishDeregistration(Binding& b, bool timed_out);
+  enum class Repeat { kNone, kRouter, kHome };
   void MaybeAnnounceHome();
   void AnnounceRouter();
+  void SendHomeAnnouncement();
+  void ScheduleRepeats(Repeat kind);
+  void RunRepeats(Clock::TimePoint now);
   void Emit(SessionEvent::Kind kind, const Ipv6Address& hoa, uint8_t status, std::string message);
   void SendGuest(std::span<const uint8_t> frame);
   void HandleGuestIpv6(const EthernetFrame& eth, std::span<const uint8_t> packet);
@@ -290,6 +300,9 @@ class MobilitySession {
   std::vector<Binding> bindings_;
   bool stopped_ = false;
   bool home_announced_ = false;
+  Repeat repeat_ = Repeat::kNone;
+  int repeats_left_ = 0;
+  std::optional<Clock::TimePoint> repeat_at_;
   std::optional<uint8_t> last_ba_status_;
   SessionCounters counters_;
 };
