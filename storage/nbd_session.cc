@@ -4,6 +4,10 @@
 #include <array>
 #include <cstring>
 
+#include <poll.h>
+#include <sys/socket.h>
+#include <sys/uio.h>
+
 #include <spdlog/spdlog.h>
 
 #include "kagemusha/common/coding.h"
@@ -30,6 +34,31 @@ constexpr size_t kReadBufferSize = 64 * 1024;
 // A hole probe asks the backend about this much beyond a read, so that the
 // following sequential reads can skip the probe.
 constexpr uint64_t kExtentsLookahead = 64ull << 20;
+// Reads up to this long run inline on the reader (no hand-off to the worker
+// pool and back) while the session's reads are fast: for a file in the page
+// cache the hand-off costs more than the pread.
+// Below kHoleProbeMinLength, so an inline read never asks for extents.
+constexpr uint32_t kInlineMaxLength = 32 * 1024;
+// Inline only after this many consecutive fast reads on the session; a read
+// slower than kSlowReadNs (a cache miss, a remote fetch) starts the count
+// again, so a backend that blocks keeps its reads on the pool.
+constexpr uint32_t kInlineWarmupReads = 32;
+constexpr int64_t kSlowReadNs = 200'000;
+// How long a worker that sends its own reply waits for socket space before
+// handing the rest to the strand writer. Bounded, so a client that stops
+// reading ties up a worker for at most this long per reply batch.
+constexpr int kWorkerSendBudgetMs = 10;
+// Unix sockets default to ~200 KiB of send buffer, less than one 256 KiB
+// read reply; a larger one lets a reply go out in one sendmsg. (Not for TCP,
+// where setting SO_SNDBUF would disable the kernel's autotuning.)
+constexpr int kUnixSendBuffer = 4 << 20;
+constexpr int kMaxIov = 256;
+
+int64_t NowNs() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(
+             std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
 
 auto Nothrow(error_code& ec) { return asio::redirect_error(asio::use_awaitable, ec); }
 
@@ -62,6 +91,8 @@ struct Session::Reply {
     uint32_t length;
   };
   std::vector<Piece> pieces;
+  size_t total = 0;  // bytes in pieces, fixed once executed
+  size_t sent = 0;   // bytes already written (a send cut short)
 
   std::byte* Data(size_t n) {
     if (data_capacity < n) {
@@ -76,6 +107,27 @@ struct Session::Reply {
   void HeadOnly() {
     pieces.clear();
     AddHead(0, head.size());
+  }
+  void Seal() {
+    total = 0;
+    for (const auto& p : pieces) total += p.length;
+    sent = 0;
+  }
+  // Calls f(ptr, len) for every byte range not yet sent, in order.
+  template <class F>
+  void ForEachUnsent(F&& f) const {
+    size_t skip = sent;
+    for (const auto& p : pieces) {
+      const uint8_t* base = (p.from_data ? reinterpret_cast<const uint8_t*>(data.get())
+                                         : head.data()) +
+                            p.offset;
+      if (skip >= p.length) {
+        skip -= p.length;
+        continue;
+      }
+      f(base + skip, p.length - skip);
+      skip = 0;
+    }
   }
 };
 
@@ -105,9 +157,12 @@ void Session::Close() {
 }
 
 void Session::CloseSocket() {
+  // shutdown, not close: a worker may be in sendmsg() on this descriptor,
+  // and a closed (and reused) descriptor number must never be written to.
+  // shutdown wakes every pending operation; ~Session closes.
   error_code ignored;
   socket_.shutdown(Socket::shutdown_both, ignored);
-  socket_.close(ignored);
+  socket_.cancel(ignored);
   reader_wake_.cancel();
   writer_wake_.cancel();
 }
@@ -276,32 +331,146 @@ awaitable<bool> Session::Handshake() {
 }
 
 std::unique_ptr<Session::Reply> Session::AcquireReply() {
-  if (free_replies_.empty()) return std::make_unique<Reply>();
-  auto r = std::move(free_replies_.back());
-  free_replies_.pop_back();
-  return r;
+  {
+    std::lock_guard lock(pool_mu_);
+    if (!free_replies_.empty()) {
+      auto r = std::move(free_replies_.back());
+      free_replies_.pop_back();
+      return r;
+    }
+  }
+  return std::make_unique<Reply>();
 }
 
 void Session::ReleaseReply(std::unique_ptr<Reply> r) {
-  if (free_replies_.size() >= kMaxFreeReplies) return;
   r->head.clear();
   r->pieces.clear();
+  r->total = r->sent = 0;
   if (r->data_capacity > kMaxCachedBuffer) {
     r->data.reset();
     r->data_capacity = 0;
   }
-  free_replies_.push_back(std::move(r));
+  std::lock_guard lock(pool_mu_);
+  if (free_replies_.size() < kMaxFreeReplies) free_replies_.push_back(std::move(r));
 }
 
-void Session::Enqueue(std::unique_ptr<Reply> r) {
-  if (writer_done_) {  // the client is gone; nobody to answer
-    --pending_;
-    reader_wake_.cancel();
+void Session::WakeStrandWaiter() {
+  if (strand_waiting_.load()) {
+    asio::post(strand_, [self = shared_from_this()] { self->reader_wake_.cancel(); });
+  }
+}
+
+void Session::Retire(uint32_t n) {
+  if (n == 0) return;
+  pending_.fetch_sub(n);
+  WakeStrandWaiter();
+}
+
+void Session::Enqueue(std::unique_ptr<Reply> r) { Complete(std::move(r), 0); }
+
+Session::SendResult Session::SendDirect(std::vector<std::unique_ptr<Reply>>& batch,
+                                        int wait_budget_ms, int& err) {
+  const int fd = socket_.native_handle();
+  size_t first = 0;  // first reply not completely sent
+  while (first < batch.size()) {
+    iovec iov[kMaxIov];
+    int n = 0;
+    for (size_t i = first; i < batch.size() && n < kMaxIov; ++i) {
+      batch[i]->ForEachUnsent([&](const uint8_t* p, size_t len) {
+        if (n < kMaxIov) iov[n++] = {const_cast<uint8_t*>(p), len};
+      });
+    }
+    msghdr m{};
+    m.msg_iov = iov;
+    m.msg_iovlen = size_t(n);
+    ssize_t k = ::sendmsg(fd, &m, MSG_NOSIGNAL | MSG_DONTWAIT);
+    if (k < 0) {
+      if (errno == EINTR) continue;
+      if (errno == EAGAIN || errno == EWOULDBLOCK) {
+        if (wait_budget_ms <= 0) return SendResult::kSlow;
+        pollfd pfd{fd, POLLOUT, 0};
+        int pr = ::poll(&pfd, 1, wait_budget_ms);
+        if (pr <= 0) return SendResult::kSlow;
+        continue;
+      }
+      err = errno;
+      return SendResult::kError;
+    }
+    size_t left = size_t(k);
+    while (first < batch.size()) {
+      Reply& r = *batch[first];
+      size_t take = std::min(left, r.total - r.sent);
+      r.sent += take;
+      left -= take;
+      if (r.sent < r.total) break;
+      ++first;
+    }
+  }
+  return SendResult::kDone;
+}
+
+void Session::Complete(std::unique_ptr<Reply> r, int wait_budget_ms) {
+  r->Seal();
+  std::unique_lock lock(send_mu_);
+  if (send_closed_) {  // the client is gone; nobody to answer
+    lock.unlock();
     ReleaseReply(std::move(r));
+    Retire(1);
     return;
   }
   queue_.push_back(std::move(r));
-  writer_wake_.cancel();
+  if (sender_ != Sender::kNone) return;  // the current sender will send it
+  sender_ = Sender::kThread;
+  // Not thread_local-free, but never re-entered: the sender role is held.
+  thread_local std::vector<std::unique_ptr<Reply>> batch;
+  while (!queue_.empty()) {
+    const size_t n = std::min(queue_.size(), kMaxRepliesPerWrite);
+    batch.assign(std::make_move_iterator(queue_.begin()),
+                 std::make_move_iterator(queue_.begin() + n));
+    queue_.erase(queue_.begin(), queue_.begin() + n);
+    lock.unlock();
+    int err = 0;
+    const SendResult res = SendDirect(batch, wait_budget_ms, err);
+    size_t done = batch.size();
+    if (res == SendResult::kSlow) {
+      done = 0;
+      while (done < batch.size() && batch[done]->sent == batch[done]->total) ++done;
+    }
+    for (size_t i = 0; i < done; ++i) ReleaseReply(std::move(batch[i]));
+    Retire(uint32_t(done));
+    lock.lock();
+    if (res == SendResult::kError) {
+      send_closed_ = true;
+      sender_ = Sender::kNone;
+      std::vector<std::unique_ptr<Reply>> dropped = std::move(queue_);
+      queue_.clear();
+      lock.unlock();
+      batch.clear();
+      for (auto& d : dropped) ReleaseReply(std::move(d));
+      Retire(uint32_t(n + dropped.size()));
+      asio::post(strand_, [self = shared_from_this(), err] {
+        if (err != EPIPE && err != ECONNRESET) {
+          spdlog::info("nbd: {}: write failed: {}", self->peer_, std::strerror(err));
+        }
+        self->write_failed_ = true;
+        self->CloseSocket();
+      });
+      return;
+    }
+    if (res == SendResult::kSlow) {
+      // The client is not reading fast enough: the strand writer waits for
+      // it asynchronously instead of this thread.
+      queue_.insert(queue_.begin(), std::make_move_iterator(batch.begin() + done),
+                    std::make_move_iterator(batch.end()));
+      batch.clear();
+      sender_ = Sender::kStrand;
+      lock.unlock();
+      asio::post(strand_, [self = shared_from_this()] { self->writer_wake_.cancel(); });
+      return;
+    }
+    batch.clear();
+  }
+  sender_ = Sender::kNone;
 }
 
 void Session::FillError(Reply& r, uint32_t error, const std::string& what) const {
@@ -317,46 +486,57 @@ void Session::FillError(Reply& r, uint32_t error, const std::string& what) const
 }
 
 awaitable<void> Session::Writer(std::shared_ptr<Session> self) {
+  // Sends only while it owns the send side (sender_ == kStrand), which a
+  // thread hands over when the socket stays full.
   std::vector<asio::const_buffer> bufs;
   std::vector<std::unique_ptr<Reply>> batch;
   for (;;) {
-    if (self->queue_.empty()) {
-      if (self->closing_) break;
-      error_code ec;
-      self->writer_wake_.expires_at(asio::steady_timer::time_point::max());
-      co_await self->writer_wake_.async_wait(Nothrow(ec));
-      continue;
-    }
-    size_t n = std::min(self->queue_.size(), kMaxRepliesPerWrite);
-    batch.assign(std::make_move_iterator(self->queue_.begin()),
-                 std::make_move_iterator(self->queue_.begin() + n));
-    self->queue_.erase(self->queue_.begin(), self->queue_.begin() + n);
-    bufs.clear();
-    for (auto& r : batch) {
-      for (const auto& p : r->pieces) {
-        const void* base = p.from_data ? static_cast<const void*>(r->data.get())
-                                       : static_cast<const void*>(r->head.data());
-        bufs.emplace_back(static_cast<const uint8_t*>(base) + p.offset, p.length);
+    std::unique_lock lock(self->send_mu_);
+    if (self->send_closed_) break;
+    if (self->sender_ == Sender::kStrand) {
+      if (!self->queue_.empty()) {
+        const size_t n = std::min(self->queue_.size(), kMaxRepliesPerWrite);
+        batch.assign(std::make_move_iterator(self->queue_.begin()),
+                     std::make_move_iterator(self->queue_.begin() + n));
+        self->queue_.erase(self->queue_.begin(), self->queue_.begin() + n);
+        lock.unlock();
+        bufs.clear();
+        for (auto& r : batch) {
+          r->ForEachUnsent([&](const uint8_t* p, size_t len) { bufs.emplace_back(p, len); });
+        }
+        error_code ec;
+        co_await asio::async_write(self->socket_, bufs, Nothrow(ec));
+        for (auto& r : batch) self->ReleaseReply(std::move(r));
+        batch.clear();
+        self->Retire(uint32_t(n));
+        if (ec) {
+          if (ec != asio::error::operation_aborted && ec != asio::error::broken_pipe &&
+              ec != asio::error::connection_reset) {
+            spdlog::info("nbd: {}: write failed: {}", self->peer_, ec.message());
+          }
+          self->write_failed_ = true;
+          break;
+        }
+        continue;
       }
+      self->sender_ = Sender::kNone;
     }
+    if (self->closing_ && self->sender_ == Sender::kNone) break;
+    lock.unlock();
     error_code ec;
-    co_await asio::async_write(self->socket_, bufs, Nothrow(ec));
-    for (auto& r : batch) self->ReleaseReply(std::move(r));
-    batch.clear();
-    self->pending_ -= uint32_t(n);
-    self->reader_wake_.cancel();
-    if (ec) {
-      if (ec != asio::error::operation_aborted) {
-        spdlog::info("nbd: {}: write failed: {}", self->peer_, ec.message());
-      }
-      self->write_failed_ = true;
-      break;
-    }
+    self->writer_wake_.expires_at(asio::steady_timer::time_point::max());
+    co_await self->writer_wake_.async_wait(Nothrow(ec));
   }
-  // Replies still queued can no longer be sent.
-  self->pending_ -= uint32_t(self->queue_.size());
-  for (auto& r : self->queue_) self->ReleaseReply(std::move(r));
-  self->queue_.clear();
+  // Replies still queued can no longer be sent; later ones are dropped.
+  std::vector<std::unique_ptr<Reply>> dropped;
+  {
+    std::lock_guard lock(self->send_mu_);
+    self->send_closed_ = true;
+    dropped = std::move(self->queue_);
+    self->queue_.clear();
+  }
+  for (auto& r : dropped) self->ReleaseReply(std::move(r));
+  self->Retire(uint32_t(dropped.size()));
   self->writer_done_ = true;
   if (self->write_failed_) self->CloseSocket();
   self->reader_wake_.cancel();
@@ -365,14 +545,26 @@ awaitable<void> Session::Writer(std::shared_ptr<Session> self) {
 awaitable<void> Session::Transmission() {
   auto self = shared_from_this();
   rbuf_.resize(kReadBufferSize);
+  {
+    int domain = 0;
+    socklen_t len = sizeof domain;
+    const int fd = socket_.native_handle();
+    if (::getsockopt(fd, SOL_SOCKET, SO_DOMAIN, &domain, &len) == 0 && domain == AF_UNIX) {
+      ::setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &kUnixSendBuffer, sizeof kUnixSendBuffer);
+    }
+  }
   asio::co_spawn(strand_, Writer(self), asio::detached);
   const uint32_t max_in_flight = std::max<uint32_t>(1, env_.options.max_requests_in_flight);
   for (;;) {
     error_code ec;
-    while (pending_ >= max_in_flight && !writer_done_) {
+    // strand_waiting_ before the re-check: see its comment in the header.
+    for (;;) {
+      strand_waiting_.store(true);
+      if (pending_.load() < max_in_flight || writer_done_) break;
       reader_wake_.expires_at(asio::steady_timer::time_point::max());
       co_await reader_wake_.async_wait(Nothrow(ec));
     }
+    strand_waiting_.store(false);
     if (writer_done_) break;
     uint8_t hdr[nbd::kRequestHeaderSize];
     bool got_header = co_await ReadExact(hdr, sizeof hdr);
@@ -416,25 +608,30 @@ awaitable<void> Session::Transmission() {
       }
     }
     ++pending_;
+    if (InlineAllowed(req)) {
+      Execute(*r);
+      Complete(std::move(r), 0);
+      continue;
+    }
     ++running_;
     asio::post(*env_.workers, [self, rp = r.release()]() mutable {
       std::unique_ptr<Reply> reply(rp);
       self->Execute(*reply);
-      asio::post(self->strand_, [self, rp2 = reply.release()]() mutable {
-        std::unique_ptr<Reply> done(rp2);
-        --self->running_;
-        self->reader_wake_.cancel();
-        self->Enqueue(std::move(done));
-      });
+      self->Complete(std::move(reply), kWorkerSendBudgetMs);
+      self->running_.fetch_sub(1);
+      self->WakeStrandWaiter();
     });
   }
   // Stop reading; let every started request finish and its reply go out
   // (NBD_CMD_DISC requires it), then close.
-  while (running_ > 0) {
+  for (;;) {
     error_code ec;
+    strand_waiting_.store(true);
+    if (running_.load() == 0) break;
     reader_wake_.expires_at(asio::steady_timer::time_point::max());
     co_await reader_wake_.async_wait(Nothrow(ec));
   }
+  strand_waiting_.store(false);
   closing_ = true;
   writer_wake_.cancel();
   while (!writer_done_) {
@@ -445,6 +642,11 @@ awaitable<void> Session::Transmission() {
 }
 
 // --- Worker side -------------------------------------------------------------
+
+bool Session::InlineAllowed(const nbd::RequestHeader& q) const {
+  if (q.type != nbd::kCmdRead || q.length > kInlineMaxLength) return false;
+  return fast_reads_.load(std::memory_order_relaxed) >= kInlineWarmupReads;
+}
 
 void Session::Execute(Reply& r) {
   const nbd::RequestHeader& q = r.req;
@@ -562,7 +764,14 @@ void Session::ExecuteRead(Reply& r) {
     }
     // No holes, or extents unavailable: an ordinary read below.
   }
+  const int64_t t0 = NowNs();
   auto st = backend_->Read(std::span<std::byte>(buf, q.length), q.offset);
+  const int64_t t1 = NowNs();
+  if (t1 - t0 > kSlowReadNs) {
+    fast_reads_.store(0, std::memory_order_relaxed);
+  } else if (fast_reads_.load(std::memory_order_relaxed) < kInlineWarmupReads) {
+    fast_reads_.fetch_add(1, std::memory_order_relaxed);
+  }
   if (!st) return fail(st.error());
   if (structured) {
     r.head.resize(nbd::kOffsetDataHeaderSize);

@@ -76,11 +76,29 @@ class Session : public std::enable_shared_from_this<Session> {
 
   std::unique_ptr<Reply> AcquireReply();
   void ReleaseReply(std::unique_ptr<Reply> r);
+  // Strand side: queue a reply for the strand writer.
   void Enqueue(std::unique_ptr<Reply> r);
+  // Any thread: a request finished. Sends its reply straight from this
+  // thread when nobody else is sending (see "send side" below), else queues
+  // it. `wait_budget_ms` bounds how long this thread waits for socket
+  // space before handing the rest to the strand writer.
+  void Complete(std::unique_ptr<Reply> r, int wait_budget_ms);
+  // Blocking-ish gather send of batch from the calling thread.
+  enum class SendResult { kDone, kSlow, kError };
+  SendResult SendDirect(std::vector<std::unique_ptr<Reply>>& batch, int wait_budget_ms,
+                        int& err);
+  // pending_ dropped by n (replies written or dropped): wake the reader if
+  // it waits for that.
+  void Retire(uint32_t n);
+  void WakeStrandWaiter();
   // Turns r into an error reply (structured ERROR chunk or simple reply).
   void FillError(Reply& r, uint32_t error, const std::string& what) const;
-  void Execute(Reply& r);  // on a worker thread
+  void Execute(Reply& r);  // on a worker thread (or inline on the reader)
   void ExecuteRead(Reply& r);
+  // Whether a small read may run inline on the reader: only while this
+  // session's reads have been fast (a cache miss to a remote must not stall
+  // the reader, or the io thread it runs on).
+  bool InlineAllowed(const nbd::RequestHeader& q) const;
   void ProtocolError(const std::string& what);
   void CloseSocket();
 
@@ -96,17 +114,36 @@ class Session : public std::enable_shared_from_this<Session> {
 
   boost::asio::steady_timer reader_wake_;  // flow control and drain
   boost::asio::steady_timer writer_wake_;  // replies queued or closing
-  std::vector<std::unique_ptr<Reply>> queue_;
-  std::vector<std::unique_ptr<Reply>> free_replies_;
-  uint32_t running_ = 0;  // requests on the worker pool
-  uint32_t pending_ = 0;  // running + queued, not yet written
+  // Counts shared with the threads that finish requests. The reader sets
+  // strand_waiting_ before it re-checks them and sleeps; a finisher changes
+  // them before it looks at strand_waiting_ (both seq_cst), so a wake-up is
+  // never lost and is only posted when somebody waits.
+  std::atomic<uint32_t> running_{0};  // requests executing
+  std::atomic<uint32_t> pending_{0};  // started, reply not yet written or dropped
+  std::atomic<bool> strand_waiting_{false};
   bool handshake_done_ = false;
-  bool closing_ = false;
-  bool writer_done_ = false;
-  bool write_failed_ = false;
+  bool closing_ = false;      // strand: no more requests will start
+  bool writer_done_ = false;  // strand
+  bool write_failed_ = false; // strand
   uint64_t requests_ = 0;
   std::vector<uint8_t> rbuf_;
   size_t rpos_ = 0, rend_ = 0;
+
+  // Send side. One sender at a time owns the socket's write direction: a
+  // thread that finished a request (and then sends whatever else got queued
+  // meanwhile, so replies coalesce), or the strand writer, which takes over
+  // when the socket stays full. queue_ non-empty implies an owner.
+  enum class Sender { kNone, kThread, kStrand };
+  std::mutex send_mu_;
+  std::vector<std::unique_ptr<Reply>> queue_;  // GUARDED_BY(send_mu_)
+  Sender sender_ = Sender::kNone;              // GUARDED_BY(send_mu_)
+  bool send_closed_ = false;                   // GUARDED_BY(send_mu_)
+
+  std::mutex pool_mu_;
+  std::vector<std::unique_ptr<Reply>> free_replies_;  // GUARDED_BY(pool_mu_)
+
+  // Consecutive fast reads (capped); see InlineAllowed.
+  std::atomic<uint32_t> fast_reads_{0};
 
   // A range the backend recently reported as allocated data, so sequential
   // large reads skip the hole probe. Only data is remembered, never holes:
