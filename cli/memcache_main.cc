@@ -62,13 +62,20 @@ int Parse(const std::string& command, const std::string& usage, const po::option
 }
 
 json StatsJson(const mc::ProxyStats& s) {
-  json j = {{"qemu_bytes", s.qemu_bytes},     {"wan_bytes_out", s.wan_bytes_out},
-            {"wan_bytes_in", s.wan_bytes_in}, {"return_bytes", s.return_bytes},
-            {"pages", s.pages},               {"ref_pages", s.ref_pages},
-            {"literal_pages", s.literal_pages}, {"zstd_pages", s.zstd_pages},
-            {"zero_pages", s.zero_pages},     {"postcopy_pages", s.postcopy_pages},
-            {"summary_entries", s.summary_entries}, {"ratio", s.ratio()},
-            {"learned", s.learned},           {"fell_back", s.fell_back}};
+  json j = {{"qemu_bytes", s.qemu_bytes},
+            {"wan_bytes_out", s.wan_bytes_out},
+            {"wan_bytes_in", s.wan_bytes_in},
+            {"return_bytes", s.return_bytes},
+            {"pages", s.pages},
+            {"ref_pages", s.ref_pages},
+            {"literal_pages", s.literal_pages},
+            {"zstd_pages", s.zstd_pages},
+            {"zero_pages", s.zero_pages},
+            {"postcopy_pages", s.postcopy_pages},
+            {"summary_entries", s.summary_entries},
+            {"ratio", s.ratio()},
+            {"learned", s.learned},
+            {"fell_back", s.fell_back}};
   if (s.fell_back) j["fallback_reason"] = s.fallback_reason;
   return j;
 }
@@ -109,10 +116,9 @@ int Serve(const std::string& command, int argc, char** argv) {
       "vm", po::value<std::string>()->required()->value_name("NAME"), "the VM (manifest name)")(
       "quota", po::value<uint64_t>()->value_name("MIB"), "page store quota in MiB (0: none)")(
       "once", "handle one migration, then exit with its status")(
-      "json", "one JSON event per line on stdout")("log-level",
-                                                   po::value<std::string>()->default_value("warn"),
-                                                   "trace|debug|info|warn|error")("help,h",
-                                                                                  "show this help");
+      "json", "one JSON event per line on stdout")(
+      "log-level", po::value<std::string>()->default_value("warn"), "trace|debug|info|warn|error")(
+      "help,h", "show this help");
   if (encode) d.add_options()("zstd", "compress literal pages with zstd (if the decoder can)");
   po::variables_map vm;
   std::string usage = std::string(kProg) + " " + command +
@@ -128,8 +134,8 @@ int Serve(const std::string& command, int argc, char** argv) {
   if (!listener) return RuntimeError(listener.error().message());
   const std::string to = vm["to"].as<std::string>();
   const std::string vm_name = vm["vm"].as<std::string>();
-  rep.Event("listening", {{"role", command}, {"address", (*listener)->address()},
-                          {"port", (*listener)->port()}},
+  rep.Event("listening",
+            {{"role", command}, {"address", (*listener)->address()}, {"port", (*listener)->port()}},
             command + "r listening on " + (*listener)->address());
   std::fflush(stdout);
   bool once = vm.count("once") > 0;
@@ -199,9 +205,9 @@ int StoreCommand(int argc, char** argv) {
   if (action == "stats") {
     auto s = (*store)->stats();
     auto vms = (*store)->ListVms();
-    out = {{"pages", s.pages}, {"bytes", s.bytes}, {"segments", s.segments},
-           {"corrupt_records", s.corrupt_records}, {"torn_bytes", s.torn_bytes},
-           {"vms", vms ? *vms : std::vector<std::string>{}}};
+    out = {{"pages", s.pages},           {"bytes", s.bytes},
+           {"segments", s.segments},     {"corrupt_records", s.corrupt_records},
+           {"torn_bytes", s.torn_bytes}, {"vms", vms ? *vms : std::vector<std::string>{}}};
     if (!as_json) {
       std::printf("pages %llu, %s in %llu segments; VMs:", (unsigned long long)s.pages,
                   ProgressReporter::HumanBytes(double(s.bytes)).c_str(),
@@ -212,8 +218,10 @@ int StoreCommand(int argc, char** argv) {
   } else if (action == "gc") {
     auto g = (*store)->CollectGarbage();
     if (!g) return RuntimeError("gc: " + g.error().message());
-    out = {{"referenced_pages", g->referenced_pages}, {"dropped_pages", g->dropped_pages},
-           {"moved_pages", g->moved_pages}, {"removed_segments", g->removed_segments}};
+    out = {{"referenced_pages", g->referenced_pages},
+           {"dropped_pages", g->dropped_pages},
+           {"moved_pages", g->moved_pages},
+           {"removed_segments", g->removed_segments}};
     if (!as_json)
       std::printf("gc: kept %llu pages, dropped %llu, removed %llu segments\n",
                   (unsigned long long)g->referenced_pages, (unsigned long long)g->dropped_pages,

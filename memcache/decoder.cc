@@ -80,8 +80,8 @@ class DecoderSession {
       const Frame fr = **f;
       if (!handshake_done) {
         if (fr.type != FrameType::kHello)
-          return AbortAll(Error::Protocol(std::string("expected HELLO, got ") +
-                                          FrameTypeName(fr.type)));
+          return AbortAll(
+              Error::Protocol(std::string("expected HELLO, got ") + FrameTypeName(fr.type)));
         if (auto st = Handshake(fr.payload); !st) return AbortAll(st.error());
         handshake_done = true;
         continue;
@@ -178,10 +178,12 @@ class DecoderSession {
         auto got = opt_.store->Get(r->digest, page_);
         if (!got) return Fail(got.error().Context("page store"));
         if (!*got)
-          return Fail(Error(ENOENT, "referenced page " + r->digest.Hex().substr(0, 16) + " (" +
-                                        std::string(r->header.continued ? std::string_view(last_block_) : r->header.block) + " @ " +
-                                        std::to_string(r->header.offset) +
-                                        ") is not in this host's page store"));
+          return Fail(
+              Error(ENOENT, "referenced page " + r->digest.Hex().substr(0, 16) + " (" +
+                                std::string(r->header.continued ? std::string_view(last_block_)
+                                                                : r->header.block) +
+                                " @ " + std::to_string(r->header.offset) +
+                                ") is not in this host's page store"));
         // Never hand QEMU a page that is not the one referenced.
         if (hasher_->Hash(page_) != r->digest)
           return Fail(Error::Io("stored page " + r->digest.Hex().substr(0, 16) +
@@ -244,7 +246,8 @@ class DecoderSession {
         if (!theirs) return Fail(theirs.error());
         auto mine = end_acc_.Figures();
         if (mine != *theirs)
-          return Fail(Error::Protocol("END mismatch: " + detail::DescribeEndMismatch(mine, *theirs)));
+          return Fail(
+              Error::Protocol("END mismatch: " + detail::DescribeEndMismatch(mine, *theirs)));
         end_seen_ = true;
         std::vector<uint8_t> out;
         (void)AppendEnd(mine, out);
@@ -265,7 +268,8 @@ class DecoderSession {
       }
       case FrameType::kAbort: {
         auto why = DecodeAbort(fr.payload);
-        return Fail(Error(ECONNABORTED, "the encoder aborted: " + (why ? *why : why.error().message())));
+        return Fail(
+            Error(ECONNABORTED, "the encoder aborted: " + (why ? *why : why.error().message())));
       }
       default:
         return Fail(Error::Protocol(std::string("unexpected ") + FrameTypeName(fr.type) +
@@ -287,8 +291,10 @@ class DecoderSession {
     auto block = ResolveBlock(h);
     if (!block) return Fail(block.error());
     ++stats_.pages;
-    if (!end_seen_) end_acc_.Page(d);
-    else ++stats_.postcopy_pages;
+    if (!end_seen_)
+      end_acc_.Page(d);
+    else
+      ++stats_.postcopy_pages;
     manifest_.Set(*block, h.offset, d);
     PageRecord rec;
     rec.block_id = *block;

@@ -79,8 +79,9 @@ class EncoderSession final : public MigrationStreamVisitor {
       relay_.join();
       std::lock_guard lk(mu_);
       if (relay_error_) return AbortAll(*relay_error_);
-      return AbortAll(Error::Protocol("the decoder closed the connection before the source "
-                                      "QEMU finished"));
+      return AbortAll(
+          Error::Protocol("the decoder closed the connection before the source "
+                          "QEMU finished"));
     }
     // The source QEMU closed: the stream is complete (or it gave up).
     source_eof_ = true;
@@ -171,8 +172,8 @@ class EncoderSession final : public MigrationStreamVisitor {
         }
         case FrameType::kAbort: {
           auto why = DecodeAbort((*f)->payload);
-          return Fail(Error(ECONNABORTED,
-                            "the decoder refused the migration: " + (why ? *why : "?")));
+          return Fail(
+              Error(ECONNABORTED, "the decoder refused the migration: " + (why ? *why : "?")));
         }
         default:
           return Fail(Error::Protocol(std::string("unexpected ") + FrameTypeName((*f)->type) +
@@ -222,7 +223,8 @@ class EncoderSession final : public MigrationStreamVisitor {
           if (!my_end_) {
             err = Error::Protocol("the decoder sent END before the encoder did");
           } else if (*my_end_ != *theirs) {
-            err = Error::Protocol("END mismatch: " + detail::DescribeEndMismatch(*my_end_, *theirs));
+            err =
+                Error::Protocol("END mismatch: " + detail::DescribeEndMismatch(*my_end_, *theirs));
           } else {
             peer_end_ok_ = true;
           }
@@ -254,7 +256,7 @@ class EncoderSession final : public MigrationStreamVisitor {
     std::vector<uint8_t> out;
     (void)AppendAbort(e.message(), out);
     (void)writer_.Write(out);  // best effort: the decoder may be gone
-    qemu_.Abort();  // the source QEMU sees a failed migration; the VM keeps running
+    qemu_.Abort();             // the source QEMU sees a failed migration; the VM keeps running
     wan_.Abort();
     if (relay_.joinable()) relay_.join();
     spdlog::warn("encoder: migration of {} aborted: {}", opt_.vm, e.message());
@@ -338,8 +340,12 @@ class EncoderSession final : public MigrationStreamVisitor {
         return;
       }
       FlushZeroRun();
-      run_ = ZeroRun{rec.continued, std::string(rec.continued ? "" : rec.block_id), rec.offset,
-                     rec.fill, 1, rec.offset + kPageBytes};
+      run_ = ZeroRun{rec.continued,
+                     std::string(rec.continued ? "" : rec.block_id),
+                     rec.offset,
+                     rec.fill,
+                     1,
+                     rec.offset + kPageBytes};
       return;
     }
     FlushZeroRun();
@@ -362,8 +368,8 @@ class EncoderSession final : public MigrationStreamVisitor {
     }
     ++stats_.literal_pages;
     if (zstd_) {
-      size_t n = ZSTD_compressCCtx(cctx_, zbuf_.data(), zbuf_.size(), rec.data.data(),
-                                   rec.data.size(), 1);
+      size_t n =
+          ZSTD_compressCCtx(cctx_, zbuf_.data(), zbuf_.size(), rec.data.data(), rec.data.size(), 1);
       if (!ZSTD_isError(n) && n < kPageBytes) {
         ++stats_.zstd_pages;
         Record(AppendLiteral(Literal{h, std::span<const uint8_t>(zbuf_.data(), n)}, true, out_));
@@ -426,9 +432,9 @@ class EncoderSession final : public MigrationStreamVisitor {
   std::atomic<bool> stopping_{false};
   std::atomic<bool> source_eof_{false};
   std::mutex mu_;
-  std::optional<EndFigures> my_end_;     // GUARDED_BY(mu_)
-  bool peer_end_ok_ = false;             // GUARDED_BY(mu_)
-  std::optional<Error> relay_error_;     // GUARDED_BY(mu_)
+  std::optional<EndFigures> my_end_;  // GUARDED_BY(mu_)
+  bool peer_end_ok_ = false;          // GUARDED_BY(mu_)
+  std::optional<Error> relay_error_;  // GUARDED_BY(mu_)
 };
 
 }  // namespace

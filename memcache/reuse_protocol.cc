@@ -81,17 +81,28 @@ Status AppendBytesFrame(FrameType t, std::span<const uint8_t> bytes, std::vector
 
 const char* FrameTypeName(FrameType t) {
   switch (t) {
-    case FrameType::kHello: return "HELLO";
-    case FrameType::kSummary: return "SUMMARY";
-    case FrameType::kPassthrough: return "PASSTHROUGH";
-    case FrameType::kPageRef: return "PAGE_REF";
-    case FrameType::kLiteral: return "LITERAL";
-    case FrameType::kLiteralZstd: return "LITERAL_ZSTD";
-    case FrameType::kZero: return "ZERO";
-    case FrameType::kEnd: return "END";
-    case FrameType::kDone: return "DONE";
-    case FrameType::kReturn: return "RETURN";
-    case FrameType::kAbort: return "ABORT";
+    case FrameType::kHello:
+      return "HELLO";
+    case FrameType::kSummary:
+      return "SUMMARY";
+    case FrameType::kPassthrough:
+      return "PASSTHROUGH";
+    case FrameType::kPageRef:
+      return "PAGE_REF";
+    case FrameType::kLiteral:
+      return "LITERAL";
+    case FrameType::kLiteralZstd:
+      return "LITERAL_ZSTD";
+    case FrameType::kZero:
+      return "ZERO";
+    case FrameType::kEnd:
+      return "END";
+    case FrameType::kDone:
+      return "DONE";
+    case FrameType::kReturn:
+      return "RETURN";
+    case FrameType::kAbort:
+      return "ABORT";
   }
   return "UNKNOWN";
 }

@@ -207,15 +207,32 @@ TEST(ReuseProtocol, MalformedPayloadsAreRejected) {
       {"ref: empty block id", ref, r_empty},
       {"ref: block id runs past the end", ref, r_long_id},
       {"ref: truncated digest", ref, Bytes(r.begin(), r.end() - 1)},
-      {"ref: trailing byte", ref, [&] { Bytes x = r; x.push_back(0); return x; }()},
+      {"ref: trailing byte", ref,
+       [&] {
+         Bytes x = r;
+         x.push_back(0);
+         return x;
+       }()},
       {"literal: one byte short", lit, l_short},
       {"literal: one byte long", lit, l_long},
       {"literal: header only", lit, hdr_only},
       {"literal_zstd: no compressed data", litz, hdr_only},
       {"zero: truncated count", zero, Bytes(z.begin(), z.end() - 1)},
-      {"zero: run of 0 pages", zero, [&] { Bytes x = z; x[x.size() - 1] = 0; return x; }()},
-      {"zero: run over the limit", zero, [&] { Bytes x = z; x[x.size() - 3] = 0x10; x[x.size() - 1] = 1; return x; }()},
-      {"zero: run past 2^64", zero, [&] {
+      {"zero: run of 0 pages", zero,
+       [&] {
+         Bytes x = z;
+         x[x.size() - 1] = 0;
+         return x;
+       }()},
+      {"zero: run over the limit", zero,
+       [&] {
+         Bytes x = z;
+         x[x.size() - 3] = 0x10;
+         x[x.size() - 1] = 1;
+         return x;
+       }()},
+      {"zero: run past 2^64", zero,
+       [&] {
          Bytes x = z;
          for (size_t i = 8; i < 16; ++i) x[i] = 0xff;  // offset
          x[15] = 0xf0;
@@ -229,7 +246,12 @@ TEST(ReuseProtocol, MalformedPayloadsAreRejected) {
       {"done: truncated", done, Bytes(23, 0)},
       {"done: trailing", done, Bytes(25, 0)},
       {"abort: length beyond payload", abort_, {0, 5, 'a'}},
-      {"abort: over the limit", abort_, [] { Bytes x = {0x04, 0x01}; x.resize(2 + 1025, 'x'); return x; }()},
+      {"abort: over the limit", abort_,
+       [] {
+         Bytes x = {0x04, 0x01};
+         x.resize(2 + 1025, 'x');
+         return x;
+       }()},
       {"abort: trailing", abort_, {0, 1, 'a', 'b'}},
   };
   for (const auto& c : cases) EXPECT_FALSE(c.decode_ok(c.payload)) << c.name;

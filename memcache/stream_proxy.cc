@@ -1,9 +1,12 @@
 // Transports for the stream proxies: TCP sockets and the in-memory fake.
+#include "kagemusha/memcache/stream_proxy.h"
+
 #include <arpa/inet.h>
 #include <fcntl.h>
 #include <netdb.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
+#include <openssl/evp.h>
 #include <poll.h>
 #include <sys/socket.h>
 #include <unistd.h>
@@ -13,10 +16,6 @@
 #include <cstring>
 #include <deque>
 #include <mutex>
-
-#include "kagemusha/memcache/stream_proxy.h"
-
-#include <openssl/evp.h>
 
 #include "stream_proxy_session.h"
 
@@ -57,8 +56,7 @@ Result<addrinfo*> Resolve(const std::string& host, uint16_t port, bool passive) 
   hints.ai_flags = passive ? AI_PASSIVE : 0;
   addrinfo* res = nullptr;
   int rc = ::getaddrinfo(host.c_str(), std::to_string(port).c_str(), &hints, &res);
-  if (rc != 0)
-    return Fail(Error::Invalid("cannot resolve '" + host + "': " + ::gai_strerror(rc)));
+  if (rc != 0) return Fail(Error::Invalid("cannot resolve '" + host + "': " + ::gai_strerror(rc)));
   return res;
 }
 
@@ -206,8 +204,8 @@ struct Channel {
   std::mutex mu;
   std::condition_variable cv;
   std::deque<uint8_t> data;
-  bool write_closed = false;  // EOF after the queued bytes
-  bool aborted = false;       // the reader aborted: reads and writes fail
+  bool write_closed = false;      // EOF after the queued bytes
+  bool aborted = false;           // the reader aborted: reads and writes fail
   bool reset_after_data = false;  // the writer aborted: queued data, then an error
   size_t capacity;
   explicit Channel(size_t cap) : capacity(cap) {}
@@ -319,7 +317,8 @@ reuse::EndFigures EndAccumulator::Figures() const {
 
 void ManifestBuilder::Set(std::string_view block, uint64_t offset, const PageDigest& d) {
   auto it = blocks_.find(block);
-  if (it == blocks_.end()) it = blocks_.emplace(std::string(block), std::map<uint64_t, PageDigest>{}).first;
+  if (it == blocks_.end())
+    it = blocks_.emplace(std::string(block), std::map<uint64_t, PageDigest>{}).first;
   it->second[offset] = d;
 }
 
@@ -340,7 +339,8 @@ std::string DescribeEndMismatch(const reuse::EndFigures& mine, const reuse::EndF
   auto pair = [](uint64_t a, uint64_t b) {
     return std::to_string(a) + " here vs " + std::to_string(b) + " at the peer";
   };
-  if (mine.pages != theirs.pages) return "page count differs (" + pair(mine.pages, theirs.pages) + ")";
+  if (mine.pages != theirs.pages)
+    return "page count differs (" + pair(mine.pages, theirs.pages) + ")";
   if (mine.zero_pages != theirs.zero_pages)
     return "zero-page count differs (" + pair(mine.zero_pages, theirs.zero_pages) + ")";
   if (mine.passthrough_bytes != theirs.passthrough_bytes)

@@ -30,10 +30,22 @@ using namespace reuse;
 class QemuStream {
  public:
   Bytes b;
-  QemuStream& U8(uint8_t v) { ByteWriter(b).U8(v); return *this; }
-  QemuStream& U32(uint32_t v) { ByteWriter(b).U32(v); return *this; }
-  QemuStream& U64(uint64_t v) { ByteWriter(b).U64(v); return *this; }
-  QemuStream& Str(std::string_view s) { ByteWriter(b).Str(s); return *this; }
+  QemuStream& U8(uint8_t v) {
+    ByteWriter(b).U8(v);
+    return *this;
+  }
+  QemuStream& U32(uint32_t v) {
+    ByteWriter(b).U32(v);
+    return *this;
+  }
+  QemuStream& U64(uint64_t v) {
+    ByteWriter(b).U64(v);
+    return *this;
+  }
+  QemuStream& Str(std::string_view s) {
+    ByteWriter(b).Str(s);
+    return *this;
+  }
   QemuStream& Head() {
     U32(kQemuVmFileMagic).U32(kQemuVmFileVersion);
     return U8(0x07).U32(13).Str("pc-i440fx-7.2");
@@ -150,9 +162,9 @@ struct RunResult {
   Result<ProxyStats> enc = Fail(Error::Io("not run"));
   Result<ProxyStats> dec = Fail(Error::Io("not run"));
   ProxyStats enc_partial, dec_partial;
-  Bytes delivered;           // what the destination QEMU received
-  bool dest_reset = false;   // its connection was reset (not a clean EOF)
-  Bytes source_got;          // return-path bytes the source QEMU received
+  Bytes delivered;          // what the destination QEMU received
+  bool dest_reset = false;  // its connection was reset (not a clean EOF)
+  Bytes source_got;         // return-path bytes the source QEMU received
   bool source_reset = false;
 };
 
@@ -160,7 +172,7 @@ struct RunOptions {
   size_t chunk = 1460;
   bool zstd = false;
   Tamper tamper;
-  Bytes dest_reply;          // the destination QEMU sends this once it got 1 KiB
+  Bytes dest_reply;  // the destination QEMU sends this once it got 1 KiB
   std::string decoder_vm = "vm1";
 };
 
@@ -226,7 +238,8 @@ RunResult RunMigration(const Bytes& stream, PageStore& src, PageStore& dst,
 
   std::thread source([&, s = src_qemu.get()] {
     for (size_t i = 0; i < stream.size(); i += opt.chunk) {
-      if (!s->WriteAll(std::span<const uint8_t>(stream).subspan(i, std::min(opt.chunk, stream.size() - i))))
+      if (!s->WriteAll(
+              std::span<const uint8_t>(stream).subspan(i, std::min(opt.chunk, stream.size() - i))))
         break;
     }
     // Like QEMU with a return path: wait for the destination's reply
@@ -261,8 +274,10 @@ RunResult RunMigration(const Bytes& stream, PageStore& src, PageStore& dst,
     d->ShutdownWrite();  // QEMU closes once it has loaded the state
   });
   std::thread fwd([&] {
-    if (opt.tamper) TamperRelay(*relay_in, *relay_out, opt.tamper);
-    else Copy(*relay_in, *relay_out);
+    if (opt.tamper)
+      TamperRelay(*relay_in, *relay_out, opt.tamper);
+    else
+      Copy(*relay_in, *relay_out);
   });
   std::thread back([&] { Copy(*relay_out, *relay_in); });
   std::thread dec([&] {
@@ -378,9 +393,9 @@ TEST(StreamProxy, RunsOfZeroPagesTravelAsOneFrameAndExpandExactly) {
   for (int i = 0; i < 1000; ++i) s.Zero("pc.ram", uint64_t(i) * kPageBytes, i > 0);
   s.Page("pc.ram", 1000 * kPageBytes, RandomPage(5), true);
   for (int i = 1001; i < 1500; ++i) s.Zero("pc.ram", uint64_t(i) * kPageBytes, true);
-  s.Zero("pc.ram", 1600 * kPageBytes, true);  // a gap: a new run
+  s.Zero("pc.ram", 1600 * kPageBytes, true);                 // a gap: a new run
   s.Zero("vga.vram", 0).Zero("vga.vram", kPageBytes, true);  // another block
-  s.Zero("pc.ram", 1601 * kPageBytes);  // not CONTINUE: a new run
+  s.Zero("pc.ram", 1601 * kPageBytes);                       // not CONTINUE: a new run
   s.Eos().DeviceStateAndEof();
   for (size_t chunk : {size_t{7}, size_t{1460}, s.b.size()}) {
     RunOptions o;
@@ -539,7 +554,9 @@ struct HandDriven {
     dest_dec = std::move(x);
     dest_q = std::move(y);
     thread = std::thread([this] {
-      QemuConnector c = [this]() -> Result<std::unique_ptr<ByteStream>> { return std::move(dest_dec); };
+      QemuConnector c = [this]() -> Result<std::unique_ptr<ByteStream>> {
+        return std::move(dest_dec);
+      };
       result = RunDecoderSession(*dec_side, c, DecoderOptions{store.store.get(), ""});
       dec_side->Abort();
     });
@@ -597,10 +614,8 @@ TEST(StreamProxy, DecoderAbortsOnMalformedFramesAndClosesTheDestination) {
   (void)AppendSummary(SummaryChunk{true, {}}, summary_from_encoder);
   Bytes huge = {uint8_t(FrameType::kPassthrough), 0x7f, 0xff, 0xff, 0xff};
   std::vector<Case> cases = {
-      {"unknown frame type", bad_type},
-      {"truncated PAGE_REF", bad_ref},
-      {"DONE before END", early_done},
-      {"SUMMARY from the encoder", summary_from_encoder},
+      {"unknown frame type", bad_type}, {"truncated PAGE_REF", bad_ref},
+      {"DONE before END", early_done},  {"SUMMARY from the encoder", summary_from_encoder},
       {"oversized frame", huge},
   };
   for (const auto& c : cases) {

@@ -88,10 +88,11 @@ class TcpListener {
   Result<std::unique_ptr<SocketStream>> Accept();
   uint16_t port() const { return port_; }
   std::string address() const;  // "host:port" as bound
-  void Close();                  // wakes a blocked Accept
+  void Close();                 // wakes a blocked Accept
 
  private:
-  TcpListener(int fd, std::string host, uint16_t port) : fd_(fd), host_(std::move(host)), port_(port) {}
+  TcpListener(int fd, std::string host, uint16_t port)
+      : fd_(fd), host_(std::move(host)), port_(port) {}
   int fd_;
   std::string host_;
   uint16_t port_;
@@ -108,20 +109,20 @@ std::pair<std::unique_ptr<ByteStream>, std::unique_ptr<ByteStream>> MakeMemoryPi
 // What one proxy session did. "in"/"out" are from this proxy's view of the
 // forward (source -> destination) direction.
 struct ProxyStats {
-  uint64_t qemu_bytes = 0;        // migration-stream bytes read (encoder) / written (decoder)
-  uint64_t wan_bytes_out = 0;     // bytes this proxy sent on the WAN leg
-  uint64_t wan_bytes_in = 0;      // bytes this proxy received on the WAN leg
-  uint64_t return_bytes = 0;      // return-path bytes relayed (dest -> source)
-  uint64_t pages = 0;             // page records (PAGE + ZERO), both phases
-  uint64_t ref_pages = 0;         // sent / resolved as PAGE_REF
-  uint64_t literal_pages = 0;     // sent / received as LITERAL(_ZSTD)
-  uint64_t zstd_pages = 0;        // ... of which compressed
-  uint64_t zero_pages = 0;        // ZERO records
-  uint64_t postcopy_pages = 0;    // pages outside the rewriting window
-  uint64_t summary_entries = 0;   // digest prefixes in the decoder's SUMMARY
-  bool fell_back = false;         // the parser stopped understanding the stream
+  uint64_t qemu_bytes = 0;       // migration-stream bytes read (encoder) / written (decoder)
+  uint64_t wan_bytes_out = 0;    // bytes this proxy sent on the WAN leg
+  uint64_t wan_bytes_in = 0;     // bytes this proxy received on the WAN leg
+  uint64_t return_bytes = 0;     // return-path bytes relayed (dest -> source)
+  uint64_t pages = 0;            // page records (PAGE + ZERO), both phases
+  uint64_t ref_pages = 0;        // sent / resolved as PAGE_REF
+  uint64_t literal_pages = 0;    // sent / received as LITERAL(_ZSTD)
+  uint64_t zstd_pages = 0;       // ... of which compressed
+  uint64_t zero_pages = 0;       // ZERO records
+  uint64_t postcopy_pages = 0;   // pages outside the rewriting window
+  uint64_t summary_entries = 0;  // digest prefixes in the decoder's SUMMARY
+  bool fell_back = false;        // the parser stopped understanding the stream
   std::string fallback_reason;
-  bool learned = false;           // manifest written for the VM
+  bool learned = false;            // manifest written for the VM
   uint64_t forward_wan_bytes = 0;  // reuse-protocol bytes source -> destination
   // forward_wan_bytes / qemu_bytes (1.0 = no gain; < 1 is a saving).
   double ratio() const;
@@ -140,8 +141,7 @@ struct EncoderOptions {
 // was aborted (reason in the message); the stats are then in *partial if
 // given.
 Result<ProxyStats> RunEncoderSession(ByteStream& qemu, ByteStream& wan,
-                                     const EncoderOptions& options,
-                                     ProxyStats* partial = nullptr);
+                                     const EncoderOptions& options, ProxyStats* partial = nullptr);
 
 struct DecoderOptions {
   PageStore* store = nullptr;  // required
@@ -152,7 +152,6 @@ struct DecoderOptions {
 using QemuConnector = std::function<Result<std::unique_ptr<ByteStream>>()>;
 
 Result<ProxyStats> RunDecoderSession(ByteStream& wan, const QemuConnector& connect_qemu,
-                                     const DecoderOptions& options,
-                                     ProxyStats* partial = nullptr);
+                                     const DecoderOptions& options, ProxyStats* partial = nullptr);
 
 }  // namespace kagemusha::memcache
