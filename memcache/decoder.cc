@@ -62,6 +62,7 @@ class DecoderSession {
 
     std::vector<uint8_t> buf(kReadChunk);
     bool handshake_done = false;
+    wan_.SetReadTimeout(opt_.handshake_timeout);  // until HELLO
     while (true) {
       auto f = frames_.Next();
       if (!f) return AbortAll(f.error());
@@ -83,6 +84,7 @@ class DecoderSession {
           return AbortAll(
               Error::Protocol(std::string("expected HELLO, got ") + FrameTypeName(fr.type)));
         if (auto st = Handshake(fr.payload); !st) return AbortAll(st.error());
+        wan_.SetReadTimeout(std::chrono::milliseconds(0));
         handshake_done = true;
         continue;
       }

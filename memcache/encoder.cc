@@ -62,7 +62,9 @@ class EncoderSession final : public MigrationStreamVisitor {
     auto hasher = PageHasher::Create();
     if (!hasher) return Fail(hasher.error());
     hasher_.emplace(std::move(*hasher));
+    wan_.SetReadTimeout(opt_.handshake_timeout);
     if (auto st = Handshake(); !st) return AbortAll(st.error());
+    wan_.SetReadTimeout(std::chrono::milliseconds(0));
     relay_ = std::thread([this] { RelayLoop(); });
 
     std::vector<uint8_t> buf(kReadChunk);

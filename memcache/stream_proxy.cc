@@ -124,8 +124,17 @@ Result<size_t> SocketStream::Read(std::span<uint8_t> buf) {
     ssize_t n = ::recv(fd_, buf.data(), buf.size(), 0);
     if (n >= 0) return size_t(n);
     if (errno == EINTR) continue;
+    if (errno == EAGAIN || errno == EWOULDBLOCK)
+      return Fail(Error::Timeout("no data from the peer within the time limit"));
     return Fail(Error::Errno(errno, "recv"));
   }
+}
+
+void SocketStream::SetReadTimeout(std::chrono::milliseconds timeout) {
+  timeval tv{};
+  tv.tv_sec = timeout.count() / 1000;
+  tv.tv_usec = (timeout.count() % 1000) * 1000;
+  ::setsockopt(fd_, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
 }
 
 Status SocketStream::WriteAll(std::span<const uint8_t> bytes) {
@@ -219,9 +228,15 @@ class MemoryStream final : public ByteStream {
 
   Result<size_t> Read(std::span<uint8_t> buf) override {
     std::unique_lock lk(in_->mu);
-    in_->cv.wait(lk, [&] {
+    auto ready = [&] {
       return in_->aborted || !in_->data.empty() || in_->write_closed || in_->reset_after_data;
-    });
+    };
+    if (timeout_.count() > 0) {
+      if (!in_->cv.wait_for(lk, timeout_, ready))
+        return Fail(Error::Timeout("no data from the peer within the time limit"));
+    } else {
+      in_->cv.wait(lk, ready);
+    }
     if (in_->aborted) return Fail(Error::Errno(ECONNRESET, "recv"));
     if (in_->data.empty()) {
       // The writer aborted: it is gone, and says so once its data is read.
@@ -261,6 +276,8 @@ class MemoryStream final : public ByteStream {
   // Like shutdown(SHUT_RDWR) on a socket: bytes already sent still reach
   // the peer, which then sees an error rather than a clean EOF (so tests can
   // tell an abort from a normal end); our own reads fail at once.
+  void SetReadTimeout(std::chrono::milliseconds timeout) override { timeout_ = timeout; }
+
   void Abort() override {
     {
       std::lock_guard lk(in_->mu);
@@ -274,6 +291,7 @@ class MemoryStream final : public ByteStream {
 
  private:
   std::shared_ptr<Channel> in_, out_;
+  std::chrono::milliseconds timeout_{0};  // set before the reader thread starts
 };
 
 }  // namespace

@@ -637,6 +637,40 @@ TEST(StreamProxy, DecoderAbortsOnMalformedFramesAndClosesTheDestination) {
   }
 }
 
+TEST(StreamProxy, SilentPeersTimeOutInTheHandshake) {
+  TempStore a;
+  {  // an encoder whose decoder never answers
+    auto [src, enc_q] = MakeMemoryPipe();
+    auto [enc_w, dec_w] = MakeMemoryPipe();
+    EncoderOptions o;
+    o.store = a.store.get();
+    o.vm = "vm1";
+    o.handshake_timeout = std::chrono::milliseconds(200);
+    auto r = RunEncoderSession(*enc_q, *enc_w, o);
+    ASSERT_FALSE(r);
+    EXPECT_EQ(r.error().code(), ETIMEDOUT) << r.error().message();
+    Bytes got;
+    bool reset = false;
+    src->ShutdownWrite();
+    Drain(*src, got, reset);
+    EXPECT_TRUE(reset) << "the source QEMU must see its migration fail";
+  }
+  {  // a decoder whose encoder never says HELLO
+    auto [enc_w, dec_w] = MakeMemoryPipe();
+    bool connected = false;
+    QemuConnector c = [&]() -> Result<std::unique_ptr<ByteStream>> {
+      connected = true;
+      return Fail(Error::Io("unused"));
+    };
+    DecoderOptions o{a.store.get(), ""};
+    o.handshake_timeout = std::chrono::milliseconds(200);
+    auto r = RunDecoderSession(*dec_w, c, o);
+    ASSERT_FALSE(r);
+    EXPECT_EQ(r.error().code(), ETIMEDOUT) << r.error().message();
+    EXPECT_FALSE(connected);
+  }
+}
+
 TEST(StreamProxy, DecoderRefusesAnotherProtocolVersion) {
   HandDriven h;
   h.Send(HelloFrame(kProtocolVersion + 1));

@@ -28,6 +28,7 @@
 // thread at any time. The Run* functions are self-contained.
 #pragma once
 
+#include <array>
 #include <chrono>
 #include <cstddef>
 #include <cstdint>
@@ -53,6 +54,10 @@ class ByteStream {
   // Both directions, now; wakes a blocked Read or WriteAll (which then fail
   // or see EOF). Idempotent.
   virtual void Abort() = 0;
+  // Later Reads fail with ETIMEDOUT after `timeout` without data; 0: wait
+  // forever (the default). Used for the handshake only: during a migration
+  // either direction may legitimately be idle for long.
+  virtual void SetReadTimeout(std::chrono::milliseconds timeout) = 0;
 };
 
 // A connected TCP socket (owned; closed on destruction).
@@ -71,6 +76,7 @@ class SocketStream final : public ByteStream {
   Status WriteAll(std::span<const uint8_t> bytes) override;
   void ShutdownWrite() override;
   void Abort() override;
+  void SetReadTimeout(std::chrono::milliseconds timeout) override;
   int fd() const { return fd_; }
 
  private:
@@ -133,6 +139,8 @@ struct EncoderOptions {
   std::string vm;              // manifest name; must match the decoder's
   bool zstd = false;           // compress literal pages when the decoder can
   std::array<uint8_t, 16> uuid{};
+  // Limit for the decoder's HELLO and SUMMARY to arrive.
+  std::chrono::milliseconds handshake_timeout{30000};
 };
 
 // Runs one migration through the encoder. `qemu` is the connection the
@@ -146,6 +154,7 @@ Result<ProxyStats> RunEncoderSession(ByteStream& qemu, ByteStream& wan,
 struct DecoderOptions {
   PageStore* store = nullptr;  // required
   std::string vm;              // expected VM name (HELLO must match); empty: any
+  std::chrono::milliseconds handshake_timeout{30000};  // for the encoder's HELLO
 };
 
 // Connects to the destination QEMU's incoming port (called once, after HELLO).
