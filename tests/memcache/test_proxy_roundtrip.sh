@@ -51,7 +51,17 @@ refs=$(mp_json_field "$ENC2" migration-done ref_pages)
 tb_log "hop 2 (return): QEMU stream (= plain) $q2 B, WAN $w2 B, $refs pages by reference"
 ((refs >= 4000)) || tb_fail "hop 2: only $refs pages by reference (the 16 MiB blob is 4096 pages)"
 ((w2 * 10 < q2)) || tb_fail "hop 2: WAN bytes $w2 not under 10% of the stream's $q2"
-# A third hop needs nothing new either way: store stats see the VM.
+# The store tools: stats see the VM; after delete-vm, gc drops its pages
+# (4 207 pages by reference, some with equal content: >= 4000 distinct).
 "$MP_BIN" store stats --store "$TB_DIR/store-A" --json | grep -q '"guest1"' ||
   tb_fail "store-A has no manifest for guest1"
+"$MP_BIN" store delete-vm --store "$TB_DIR/store-B" --vm guest1 >/dev/null || tb_fail "delete-vm"
+gc=$("$MP_BIN" store gc --store "$TB_DIR/store-B" --json) || tb_fail "gc: $gc"
+dropped=$(python3 -c 'import json,sys; print(json.loads(sys.argv[1])["dropped_pages"])' "$gc")
+((dropped >= 4000)) || tb_fail "gc after delete-vm dropped only $dropped pages: $gc"
+"$MP_BIN" store stats --store "$TB_DIR/store-B" --json | grep -q '"vms":\[\]' ||
+  tb_fail "store-B still lists a VM: $("$MP_BIN" store stats --store "$TB_DIR/store-B" --json)"
+rc=0
+"$MP_BIN" store frobnicate --store "$TB_DIR/store-B" 2>/dev/null || rc=$?
+((rc == 2)) || tb_fail "an unknown store action exits $rc, expected 2"
 echo "PASS: A->B->A through the proxies, memory identical; return hop WAN $w2 B vs plain $q2 B"
