@@ -4,7 +4,7 @@
 # page; the guest migrates A -> B (precopy), back B -> A (precopy: the return
 # hop of an idle guest, measured), then A -> B again in postcopy while
 # memtool dirties 25 % of its pages per second (page requests relayed over
-# the return path). After every hop `memtool verify` must find every page
+# the return path). A plain migration first gives the baseline figures. After every hop `memtool verify` must find every page
 # intact on the destination, and the guest keeps running.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -53,10 +53,19 @@ kq_wait_boot a >/dev/null
 kq_guest a memtool fill 64 4242 >/dev/null || tb_fail "memtool fill"
 verify a "after fill"
 
-hop_start a b B A 5001
+# Baseline in the same run: a plain migration (no proxies), A -> A0.
+kq_start a0 --ns h --like a --incoming "tcp:127.0.0.1:4003"
+kq_migrate a "tcp:127.0.0.1:4003"
+plain=$(kq_wait_migration a --dst a0 --timeout 90) || tb_fail "plain migration: $plain"
+kq_stop a
+tb_log "plain a -> a0: $plain"
+verify a0 "after a plain migration"
+
+hop_start a0 b B A 5001
 hop_end
 verify b "after A->B"
 q1=$HOP_Q w1=$HOP_W
+tb_log "time, nothing cached: plain total_ms=$(tb_field total_ms "$plain") downtime_ms=$(tb_field downtime_ms "$plain"); proxied total_ms=$(tb_field total_ms "$HOP_LINE") downtime_ms=$(tb_field downtime_ms "$HOP_LINE")"
 
 sleep 2  # idle
 hop_start b a2 A B 6001
