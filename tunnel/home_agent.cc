@@ -22,6 +22,11 @@ constexpr uint16_t kMaxLifetimeUnits = 0xffff;  // 4-second units in a BU/BA
 
 const MacAddress kAllNodesMac = {0x33, 0x33, 0, 0, 0, 1};
 
+// How long a DAD revocation (optimistic mode) waits for the home address's
+// next BU, at least; and how many such marks are kept.
+constexpr std::chrono::seconds kRevocationMemory{600};
+constexpr size_t kMaxRevocations = 4096;
+
 template <class T>
 const T* FindOption(const MobilityOptions& options) {
   for (const auto& o : options) {
@@ -540,6 +545,7 @@ void HomeAgent::NoteDadConflict(const Ipv6Address& target) {
     cache_.Remove(target);
     link_local_.erase(LinkLocalOf(target));
     PersistRemove(target);
+    if (revoked_.size() >= kMaxRevocations) revoked_.erase(revoked_.begin());
     revoked_[target] = clock_.Now();
     spdlog::warn(
         "optimistic binding for {} revoked: DAD found the address in use on the home link; its "
@@ -588,9 +594,11 @@ void HomeAgent::OnTimer() {
     optimistic_probe_.erase(hoa);
     if (cache_.SetState(hoa, CacheEntryState::kActive)) Announce(*cache_.Find(hoa));
   }
-  // Forget revocations nobody asked about within a maximum lifetime.
+  // Forget revocations nobody asked about for a while (the MN retries on
+  // its own schedule, so the mark outlives short lifetimes).
+  auto keep = std::max<Clock::Duration>(config_.max_lifetime, kRevocationMemory);
   for (auto it = revoked_.begin(); it != revoked_.end();) {
-    it = now - it->second > config_.max_lifetime ? revoked_.erase(it) : std::next(it);
+    it = now - it->second > keep ? revoked_.erase(it) : std::next(it);
   }
 }
 

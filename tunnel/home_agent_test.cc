@@ -426,6 +426,25 @@ TEST_F(HomeAgentTest, OptimisticDadAcceptsAtOnceThenRevokesOnConflict) {
   EXPECT_EQ(Send(s).ba.status, ba_status::kAccepted);
 }
 
+TEST_F(HomeAgentTest, OptimisticDadRevocationOutlivesAShortMaxLifetime) {
+  auto c = BaseConfig();
+  c.dad = DadMode::kOptimistic;
+  c.max_lifetime = 8s;
+  Make(c);
+  Send({});
+  ha_->HandleLinkFrame(NaFrameFrom(kHoa, kNeighborMac));
+  clock_.Advance(60s);  // the MN retries long after the lifetime it asked for
+  ha_->OnTimer();
+  EXPECT_EQ(Send(WithSeq(2)).ba.status, ba_status::kDuplicateAddressDetectionFailed);
+  clock_.Advance(601s);
+  ha_->OnTimer();
+  Send(WithSeq(3));                                       // accepted optimistically again...
+  ha_->HandleLinkFrame(NaFrameFrom(kHoa, kNeighborMac));  // ...and revoked again
+  clock_.Advance(601s);
+  ha_->OnTimer();  // a mark nobody asked about for 10 minutes is forgotten
+  EXPECT_EQ(Send(WithSeq(4)).ba.status, ba_status::kAccepted);
+}
+
 TEST_F(HomeAgentTest, OptimisticDadPromotesAndAnnouncesAfterAQuietProbe) {
   auto c = BaseConfig();
   c.dad = DadMode::kOptimistic;

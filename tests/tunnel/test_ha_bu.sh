@@ -18,6 +18,9 @@
 # Phase 2 (--key, --dad rfc): an authenticated BU is accepted after the DAD
 #   wait (>= 1 s) with an authenticated BA; wrong key -> 146; no
 #   authentication -> dropped; a home address in use on the link (cn's) -> 134.
+# Phase 3 (--dad optimistic, --max-lifetime 4): an address in use is accepted
+#   at once, then revoked by the background probe (next BU: 134); a free one
+#   is promoted to active and expires after its lifetime.
 set -euo pipefail
 
 : "${KAGEMUSHA_SOURCE:=$(cd "$(dirname "$0")/../.." && pwd)}"
@@ -170,6 +173,11 @@ elif a.cmd == "tunnel":   # 6in6 from the CoA to the HA with a chosen inner sour
     inner = IPv6(src=a.inner_src, dst=a.inner_dst, hlim=64) / ICMPv6EchoRequest(id=0x4b4d, seq=a.seq, data=b"kagemusha")
     outer = IPv6(src=a.coa, dst=a.ha, nh=41) / inner
     send_raw(raw(outer), a.ha)
+elif a.cmd == "tunnel4":  # 4in6 from the CoA to the HA
+    from scapy.layers.inet import IP, ICMP
+    inner = IP(src=a.inner_src, dst=a.inner_dst, ttl=64) / ICMP(id=0x4b4d, seq=a.seq) / b"kagemusha"
+    outer = IPv6(src=a.coa, dst=a.ha, nh=4) / inner
+    send_raw(raw(outer), a.ha)
 elif a.cmd == "sniff41":  # counts 6in6 packets from the HA whose inner destination is --hoa
     sn = AsyncSniffer(iface=a.iface, store=True,
                       lfilter=lambda p: IPv6 in p and p[IPv6].nh == 41 and p[IPv6].src == a.ha
@@ -202,7 +210,7 @@ counter() { status | $py -c 'import json,sys; print(json.load(sys.stdin)["counte
 start_ha() {
   tb_spawn --name "ha$1" ha "$ha_bin" serve --home-link "$ha_if" --address "$HA" \
     --home-prefix 2001:db8:a::/64 --home-prefix4 192.0.2.0/24 --address4 192.0.2.2 \
-    --state-dir "$TB_DIR/ha-state" --control "$TB_DIR/ha.sock" --max-lifetime 120 "${@:2}"
+    --state-dir "$TB_DIR/ha-state" --control "$TB_DIR/ha.sock" --max-lifetime "${MAX_LIFETIME:-120}" "${@:2}"
   ha_pid=$TB_SPAWN_PID
   tb_wait_log "$TB_SPAWN_LOG" 'ready: home agent' 10 || tb_fail "kagemusha-ha did not start"
 }
@@ -281,19 +289,26 @@ cat >"$TB_DIR/cn_sniff.py" <<'PY'
 import sys, time
 from scapy.all import AsyncSniffer
 from scapy.layers.inet6 import IPv6, ICMPv6EchoRequest
-sn = AsyncSniffer(iface=sys.argv[1], store=True, lfilter=lambda p: ICMPv6EchoRequest in p and p[ICMPv6EchoRequest].id == 0x4b4d)
+from scapy.layers.inet import IP, ICMP
+def ours(p):
+    return ((ICMPv6EchoRequest in p and p[ICMPv6EchoRequest].id == 0x4b4d) or
+            (IP in p and ICMP in p and p[ICMP].type == 8 and p[ICMP].id == 0x4b4d))
+sn = AsyncSniffer(iface=sys.argv[1], store=True, lfilter=ours)
 sn.start(); time.sleep(float(sys.argv[2])); sn.stop()
-print(" ".join(p[IPv6].src for p in sn.results))
+print(" ".join(p[IPv6].src if IPv6 in p else p[IP].src for p in sn.results))
 PY
-tb_exec cn "$py" "$TB_DIR/cn_sniff.py" "$cn_if" 5 >"$TB_DIR/cn_sniff" &
+tb_exec cn "$py" "$TB_DIR/cn_sniff.py" "$cn_if" 10 >"$TB_DIR/cn_sniff" &  # 4 scapy runs below
 sniff_pid=$!
 sleep 2.5
 spoofed_before=$(counter decap_spoofed)
 mn tunnel --inner-src "$HOA" --inner-dst "$CN" --seq 1
 mn tunnel --inner-src "$HOA2" --inner-dst "$CN" --seq 2
+mn tunnel4 --inner-src 192.0.2.20 --inner-dst 192.0.2.30 --seq 3
+mn tunnel4 --inner-src 192.0.2.21 --inner-dst 192.0.2.30 --seq 4
 wait $sniff_pid || true
 srcs=$(cat "$TB_DIR/cn_sniff")
-check "decapsulated echo from the HoA reaches cn (saw: '$srcs')" [ "$srcs" = "$HOA" ]
+check "decapsulated echoes from the HoA and IPv4 HoA (6in6, 4in6) reach cn, spoofed ones do not (saw: '$srcs')" \
+  [ "$srcs" = "$HOA 192.0.2.20" ]
 check "spoofed inner source dropped and counted" [ "$(counter decap_spoofed)" -gt "$spoofed_before" ]
 
 # -- malformed BUs and a flood leave the daemon up and the binding unchanged
@@ -367,6 +382,28 @@ out=$(mn bu --hoa "$CN" --seq 1 --spi 1001 --key "$key" --timeout 4)
 check "home address in use on the home link: 134 (DAD failed)" [ "$(ba_field "$out" status)" = 134 ]
 check "no binding for the address in use" [ "$(binding_field "$CN" care_of)" = none ]
 "$ha_bin" status --control "$TB_DIR/ha.sock" >&2
+tb_stop "$ha_pid"
+
+# ============================== phase 3 =========================================
+# --dad optimistic: accepted at once, revoked on a conflict (next BU 134);
+# expiry at --max-lifetime.
+rm -rf "$TB_DIR/ha-state"
+MAX_LIFETIME=4 start_ha 4 --insecure --dad optimistic --allow "$HOA" --allow "$CN"
+out=$(mn bu --hoa "$CN" --seq 1 --lifetime 1)
+check "optimistic: BU for an address in use is accepted at once (0)" [ "$(ba_field "$out" status)" = 0 ]
+tb_wait_for 5 bash -c "[ \"\$('$ha_bin' status --control '$TB_DIR/ha.sock' --json | $py -c 'import json,sys; print(json.load(sys.stdin)[\"counters\"][\"dad_revoked\"])')\" = 1 ]" ||
+  true
+check "optimistic: the background probe revoked it" [ "$(counter dad_revoked)" = 1 ]
+check "optimistic: no binding left for the address in use" [ "$(binding_field "$CN" care_of)" = none ]
+out=$(mn bu --hoa "$CN" --seq 2 --lifetime 1)
+check "optimistic: the next BU for it gets 134" [ "$(ba_field "$out" status)" = 134 ]
+out=$(mn bu --hoa "$HOA" --seq 1 --lifetime 1)
+check "optimistic: a free address is accepted (0, lifetime 1 unit)" [ "$(ba_field "$out" status)/$(ba_field "$out" lifetime)" = 0/1 ]
+tb_wait_for 3 bash -c "'$ha_bin' status --control '$TB_DIR/ha.sock' --json | grep -q '\"state\": *\"active\"'" || true
+check "optimistic: promoted to active after the quiet probe" [ "$(binding_field "$HOA" state)" = active ]
+tb_wait_for 8 bash -c "'$ha_bin' status --control '$TB_DIR/ha.sock' --json | grep -q '\"binding_count\": *0'" || true
+check "the binding expired after its 4 s lifetime" [ "$(binding_field "$HOA" care_of)" = none ]
+check "expiry counted" [ "$(counter expired)" = 1 ]
 
 ((failures == 0)) || tb_fail "$failures check(s) failed"
 tb_log "all kagemusha-ha checks passed"
