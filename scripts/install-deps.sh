@@ -14,7 +14,7 @@ PKGS=(
   qemu-system-x86 qemu-utils libnbd-bin python3-libnbd nbdkit
   python3 python3-scapy tshark iperf3 fio socat busybox-static cpio ndisc6
   libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients
-  iproute2 nftables procps psmisc kmod hyperfine time
+  iproute2 nftables procps psmisc kmod hyperfine time bc
 )
 
 missing=()

@@ -12,7 +12,7 @@
 # does not wait for the BA).
 set -euo pipefail
 
-: "${KAGEMUSHA_SOURCE:=$(cd "$(dirname "$0")/../.." && pwd)}"
+: "${KAGEMUSHA_SOURCE:=$(cd "$(dirname "$0")/.." && pwd)}"
 : "${KAGEMUSHA_BUILD:=$KAGEMUSHA_SOURCE/build}"
 daemon=$KAGEMUSHA_BUILD/cli/kagemusha-tunneld
 # shellcheck source=../kit/testbed.sh

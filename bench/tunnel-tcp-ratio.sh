@@ -5,7 +5,7 @@
 # and their ratio; fails only if the tunnelled transfer moves nothing.
 # iperf3, SECS seconds (default 5) each.
 set -euo pipefail
-SRC="${KAGEMUSHA_SOURCE:-$(cd "$(dirname "$0")/../.." && pwd)}"
+SRC="${KAGEMUSHA_SOURCE:-$(cd "$(dirname "$0")/.." && pwd)}"
 # shellcheck source=tests/kit/testbed.sh
 source "$SRC/tests/kit/testbed.sh"
 # shellcheck source=tests/tunnel/topology.sh
