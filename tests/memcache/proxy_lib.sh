@@ -14,6 +14,7 @@
 #   mp_dump NAME FILE            pmemsave all 64 MiB of guest RAM
 #   mp_json_field FILE EVENT KEY  last EVENT's KEY from a proxy's JSON log
 
+# shellcheck source=../kit/testbed.sh
 source "${KAGEMUSHA_SOURCE:?}/tests/kit/testbed.sh"
 
 MP_BIN=${KAGEMUSHA_BUILD:?}/cli/kagemusha-memcache
@@ -33,7 +34,7 @@ mp_init() {
 mp_qemu() {  # NAME [ARGS...]
   local name=$1
   shift
-  tb_spawn --name "qemu-$name" h qemu-system-x86_64 -machine pc -m $MP_RAM_MB -nographic \
+  tb_spawn --name "qemu-$name" h qemu-system-x86_64 -machine pc -m "$MP_RAM_MB" -nographic \
     -nodefaults -display none -serial none \
     -device loader,file="$TB_DIR/blob",addr=0x1000000,force-raw=on \
     -qmp unix:"$TB_DIR/$name.qmp",server=on,wait=off "$@"
@@ -76,6 +77,7 @@ mp_proxy() {  # encode|decode HOST LISTEN_PORT TO_PORT [ARGS...]
   shift 4
   tb_spawn --name "$role-$host" h "$MP_BIN" "$role" --listen 127.0.0.1:"$lport" \
     --to 127.0.0.1:"$tport" --store "$TB_DIR/store-$host" --vm guest1 --json "$@"
+  # shellcheck disable=SC2034  # read by the tests (kill mid-stream)
   MP_PROXY_PID=$TB_SPAWN_PID
   MP_PROXY_LOG=$TB_SPAWN_LOG
   tb_wait_log "$MP_PROXY_LOG" '"event":"listening"' 10 || tb_fail "$role proxy did not start: $(cat "$MP_PROXY_LOG")"

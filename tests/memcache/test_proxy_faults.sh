@@ -4,12 +4,14 @@
 #     literally, the migration still completes with identical memory;
 #  2. the encoder is killed (SIGKILL) mid-stream: the source migration
 #     fails, the source VM keeps running, the destination QEMU gives up, and
-#     a retried migration through fresh proxies succeeds;
+#     a retried migration through fresh proxies succeeds; the same for the
+#     decoder (2b);
 #  3. one byte flipped on the WAN leg (inside the RAM phase), and
 #  4. the WAN leg cut mid-stream: each a clean failure (the destination
 #     QEMU's incoming migration fails, it never runs), the source keeps
 #     running, and the decoder reports why.
 set -euo pipefail
+# shellcheck source=proxy_lib.sh
 source "$(dirname "$0")/proxy_lib.sh"
 mp_init
 
@@ -75,6 +77,20 @@ cmp -s "$TB_DIR/a2.bin" "$TB_DIR/c2.bin" || tb_fail "case 2: memory differs afte
 tb_log "case 2 ok: retry completed, memory identical"
 mp_quit C2
 mp_qmp A '{"execute":"cont"}' >/dev/null
+
+# --- 2b. the decoder killed mid-stream --------------------------------------------------
+port=7201
+mp_qemu E -S -incoming tcp:127.0.0.1:7203
+mp_proxy decode E 7202 7203
+DEC_PID=$MP_PROXY_PID
+mp_proxy encode A 7201 7202 --once
+slow A
+mp_qmp A '{"execute":"migrate","arguments":{"uri":"tcp:127.0.0.1:7201"}}' >/dev/null
+sleep 1.5
+kill -KILL "$DEC_PID"
+expect_source_ok_dest_failed "case 2b (decoder killed)" E
+tb_log "case 2b ok: decoder killed, source still running, destination failed"
+fast A
 
 # --- 3. one byte flipped on the WAN leg, 4. WAN cut ----------------------------------------
 # With a flipped page byte the decoder refuses at END, after the last RAM

@@ -8,7 +8,9 @@
 # intact on the destination, and the guest keeps running.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
+# shellcheck source=proxy_lib.sh
 source "$here/proxy_lib.sh"
+# shellcheck source=../kit/qemu.sh
 source "$KAGEMUSHA_SOURCE/tests/kit/qemu.sh"
 tb_require_cmd qemu-system-x86_64 python3
 [[ -x "$MP_BIN" ]] || tb_skip "kagemusha-memcache is not built ($MP_BIN)"

@@ -9,6 +9,7 @@
 # identical. Then the return hop B -> A, also postcopy, reuses A's pages in
 # its precopy phase.
 set -euo pipefail
+# shellcheck source=proxy_lib.sh
 source "$(dirname "$0")/proxy_lib.sh"
 mp_init
 

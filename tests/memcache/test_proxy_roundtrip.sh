@@ -8,6 +8,7 @@
 # byte for byte). The first hop also measures the proxies' overhead when
 # nothing is cached.
 set -euo pipefail
+# shellcheck source=proxy_lib.sh
 source "$(dirname "$0")/proxy_lib.sh"
 mp_init
 
