@@ -99,6 +99,25 @@ TEST_F(CopyOnReadTest, AdjacentMissingBlocksAreMergedIntoOneRemoteRequest) {
   EXPECT_EQ(remote_->request_log[0], std::make_pair(uint64_t(65536), uint64_t(9 * 65536)));
 }
 
+TEST_F(CopyOnReadTest, AlignedMissesFilledInPlaceAlsoReachTheCache) {
+  // A block-aligned read has its missing runs fetched straight into the
+  // reply buffer; the bytes returned, and those stored in the cache, must
+  // both be the remote's, around blocks that were present already.
+  Init(4 * kMiB, 65536);
+  ReadAt(0, 65536);
+  ReadAt(3 * 65536, 65536);
+  EXPECT_TRUE(SameBytes(ReadAt(0, 6 * 65536), Slice(image_, 0, 6 * 65536)));
+  {
+    std::lock_guard lk(remote_->mu);
+    ASSERT_EQ(remote_->request_log.size(), 4u);  // 0, 3, then runs 1-2 and 4-5
+  }
+  ASSERT_TRUE(cor_->Flush());
+  auto cache = ReadFileBytes(opts_.cache_path);
+  EXPECT_TRUE(SameBytes(Slice(cache, 0, 6 * 65536), Slice(image_, 0, 6 * 65536)));
+  EXPECT_TRUE(SameBytes(ReadAt(0, 6 * 65536), Slice(image_, 0, 6 * 65536)));
+  EXPECT_EQ(Requests(), 4u);  // the second read was served by the cache
+}
+
 TEST_F(CopyOnReadTest, LargeMissingRunsAreSplitAtFourMiB) {
   Init(16 * kMiB, 65536);
   EXPECT_TRUE(SameBytes(ReadAt(0, 12 * kMiB), Slice(image_, 0, 12 * kMiB)));
@@ -358,8 +377,8 @@ TEST_F(CopyOnReadTest, FillRateLimitHoldsWithAFullWindowOnASteppedClock) {
   for (uint64_t k = 0; k < kChunks; ++k) {
     // At k/64 s chunks 0..k have started, and no more: every other worker
     // sleeps on a later reservation.
-    ASSERT_TRUE(WaitUntil([&] { return cor_->Status().bytes_fetched_fill == (k + 1) * kChunk; },
-                          10s))
+    ASSERT_TRUE(
+        WaitUntil([&] { return cor_->Status().bytes_fetched_fill == (k + 1) * kChunk; }, 10s))
         << "at " << k << "/64 s: " << cor_->Status().bytes_fetched_fill << " bytes fetched";
     if (k + 1 < kChunks) {
       ASSERT_TRUE(clock.WaitAsleep(opts_.fill_window, 10s));

@@ -39,8 +39,8 @@ class FakeRemote final : public RemoteReader {
     uint32_t max_in_flight = 0;
     std::vector<std::pair<uint64_t, uint64_t>> request_log;  // offset, length
     Failure failure = Failure::kNone;
-    bool held = false;     // reads wait while true
-    uint32_t waiting = 0;  // reads currently held
+    bool held = false;         // reads wait while true
+    uint32_t waiting = 0;      // reads currently held
     uint32_t max_waiting = 0;  // most reads ever held at once
     bool closed = false;
     std::chrono::microseconds delay{0};   // fixed part of every reply
