@@ -7,8 +7,9 @@
 # its own host's loopback, the encoder crosses the WAN to the decoder, and
 # the decoder feeds the destination QEMU, which libvirt made listen on
 # 127.0.0.1:PORT of its host. src -> dst, then back dst -> src (the return
-# hop must put far fewer bytes on the WAN leg); memtool verifies the guest's
-# memory after each hop.
+# hop must put far fewer bytes on the WAN leg), then src -> dst again in
+# postcopy (`virsh migrate --postcopy` + `migrate-postcopy`) while memtool
+# dirties pages; memtool verifies the guest's memory after each hop.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 # shellcheck source=proxy_lib.sh
@@ -38,8 +39,8 @@ verify_on() {  # HOST WHAT
 }
 
 port=49152
-proxied_migrate() {  # FROM TO FROM_ADDR TO_ADDR
-  local from=$1 to=$2 to_addr=$4
+proxies_start() {  # FROM TO TO_ADDR
+  local from=$1 to=$2 to_addr=$3
   tb_spawn --name "decode-$to" "$to" "$MP_BIN" decode --listen "[$to_addr]:$((port + 1))" \
     --to "127.0.0.1:$port" --store "$TB_DIR/store-$to" --vm "$name" --json --once
   DEC=$TB_SPAWN_LOG
@@ -48,17 +49,25 @@ proxied_migrate() {  # FROM TO FROM_ADDR TO_ADDR
   ENC=$TB_SPAWN_LOG
   tb_wait_log "$DEC" '"event":"listening"' 10 || tb_fail "decoder: $(cat "$DEC")"
   tb_wait_log "$ENC" '"event":"listening"' 10 || tb_fail "encoder: $(cat "$ENC")"
-  timeout 180 virsh -c "$(tb_libvirt_uri "$from")" migrate --live --p2p "$name" \
-    "qemu+tcp://$to.$TB_ID.test/system" --migrateuri "tcp://127.0.0.1:$port" \
-    --listen-address 127.0.0.1 >"$TB_DIR/migrate-$from.log" 2>&1 ||
-    tb_fail "virsh migrate $from -> $to: $(cat "$TB_DIR/migrate-$from.log"); encoder: $(cat "$ENC"); decoder: $(cat "$DEC")"
-  [[ "$(tb_virsh "$to" domstate "$name")" == running ]] || tb_fail "domain not running on $to"
+}
+proxies_end() {  # FROM TO
+  [[ "$(tb_virsh "$2" domstate "$name")" == running ]] || tb_fail "domain not running on $2"
   tb_wait_log "$ENC" '"event":"migration-done"' 20 || tb_fail "encoder: $(cat "$ENC")"
   tb_wait_log "$DEC" '"event":"migration-done"' 20 || tb_fail "decoder: $(cat "$DEC")"
   Q=$(mp_json_field "$ENC" migration-done qemu_bytes)
   W=$(mp_json_field "$ENC" migration-done wan_bytes_out)
   R=$(mp_json_field "$ENC" migration-done ref_pages)
-  tb_log "$from -> $to via libvirt + proxies: QEMU stream $Q B, WAN $W B, $R pages by reference"
+  RP=$(mp_json_field "$ENC" migration-done return_bytes)
+  tb_log "$1 -> $2 via libvirt + proxies: QEMU stream $Q B, WAN $W B, $R pages by reference, $RP return-path bytes"
+}
+proxied_migrate() {  # FROM TO FROM_ADDR TO_ADDR
+  local from=$1 to=$2
+  proxies_start "$from" "$to" "$4"
+  timeout 180 virsh -c "$(tb_libvirt_uri "$from")" migrate --live --p2p "$name" \
+    "qemu+tcp://$to.$TB_ID.test/system" --migrateuri "tcp://127.0.0.1:$port" \
+    --listen-address 127.0.0.1 >"$TB_DIR/migrate-$from.log" 2>&1 ||
+    tb_fail "virsh migrate $from -> $to: $(cat "$TB_DIR/migrate-$from.log"); encoder: $(cat "$ENC"); decoder: $(cat "$DEC")"
+  proxies_end "$from" "$to"
 }
 
 proxied_migrate src dst "$TB_SRC_V6" "$TB_DST_V6"
@@ -67,4 +76,23 @@ q1=$Q w1=$W
 proxied_migrate dst src "$TB_DST_V6" "$TB_SRC_V6"
 verify_on src "after dst -> src"
 ((W * 4 < Q)) || tb_fail "return hop: WAN $W B is not well under the stream's $Q B"
-echo "PASS: libvirt p2p migrations through the proxies (URI on loopback, fixed listen address); return hop WAN $W B vs $Q B plain (first hop $w1 B for $q1 B)"
+q2=$Q w2=$W
+
+# Postcopy src -> dst through the proxies while memtool dirties pages.
+on src memtool dirty 25 >/dev/null
+proxies_start src dst "$TB_DST_V6"
+(
+  rc=0
+  timeout 180 virsh -c "$(tb_libvirt_uri src)" migrate --live --p2p --postcopy --bandwidth 32 \
+    --postcopy-bandwidth 64 "$name" "qemu+tcp://dst.$TB_ID.test/system" \
+    --migrateuri "tcp://127.0.0.1:$port" --listen-address 127.0.0.1 >"$TB_DIR/migrate3.log" 2>&1 || rc=$?
+  echo "$rc" >"$TB_DIR/migrate3.rc"
+) &
+mig=$!
+tb_wait_for 60 tb_virsh src migrate-postcopy "$name" || tb_fail "virsh migrate-postcopy was refused"
+wait "$mig"
+[[ "$(cat "$TB_DIR/migrate3.rc")" == 0 ]] || tb_fail "p2p postcopy src -> dst failed: $(cat "$TB_DIR/migrate3.log"); $(cat "$ENC" "$DEC")"
+proxies_end src dst
+((RP > 0)) || tb_fail "no return-path bytes went through the proxies in postcopy"
+verify_on dst "after postcopy src -> dst, dirtying"
+echo "PASS: libvirt p2p migrations through the proxies (URI on loopback, fixed listen address): precopy there and back (return hop WAN $w2 B vs $q2 B plain; first hop $w1 B for $q1 B), then postcopy with dirtying ($RP return-path bytes)"
