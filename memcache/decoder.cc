@@ -233,7 +233,7 @@ class DecoderSession {
           rec.continued = i > 0 || z->header.continued;
           ++stats_.pages;
           ++stats_.zero_pages;
-          if (!end_seen_) end_acc_.Zero();
+          if (!end_seen_) end_acc_.Zero(*block, rec.offset, rec.fill);
           manifest_.Erase(*block, rec.offset);
           if (auto e = EncodeToQemu(rec); !e) return e;
           if (qemu_out_.size() >= kFlushBytes) {
@@ -294,7 +294,7 @@ class DecoderSession {
     if (!block) return Fail(block.error());
     ++stats_.pages;
     if (!end_seen_)
-      end_acc_.Page(d);
+      end_acc_.Page(*block, h.offset, d);
     else
       ++stats_.postcopy_pages;
     manifest_.Set(*block, h.offset, d);

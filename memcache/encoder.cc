@@ -332,7 +332,7 @@ class EncoderSession final : public MigrationStreamVisitor {
     PageHeader h{rec.continued, rec.block_id, rec.offset};
     if (rec.zero) {
       ++stats_.zero_pages;
-      end_acc_.Zero();
+      end_acc_.Zero(rec.block_id, rec.offset, rec.fill);
       manifest_.Erase(rec.block_id, rec.offset);
       // Runs of CONTINUE zero records at consecutive offsets become one frame.
       if (run_ && rec.continued && rec.offset == run_->next && rec.fill == run_->fill &&
@@ -361,7 +361,7 @@ class EncoderSession final : public MigrationStreamVisitor {
       put_warned_ = true;
       digest = hasher_->Hash(rec.data);
     }
-    end_acc_.Page(digest);
+    end_acc_.Page(rec.block_id, rec.offset, digest);
     manifest_.Set(rec.block_id, rec.offset, digest);
     if (rec.rewritable && summary_.contains(DigestPrefix(digest))) {
       ++stats_.ref_pages;

@@ -17,6 +17,7 @@
 #include <deque>
 #include <mutex>
 
+#include "kagemusha/common/coding.h"
 #include "stream_proxy_session.h"
 
 namespace kagemusha::memcache {
@@ -314,9 +315,26 @@ EndAccumulator::EndAccumulator() : ctx_(EVP_MD_CTX_new()) {
 
 EndAccumulator::~EndAccumulator() { EVP_MD_CTX_free(static_cast<EVP_MD_CTX*>(ctx_)); }
 
-void EndAccumulator::Page(const PageDigest& d) {
+void EndAccumulator::Place(char kind, std::string_view block, uint64_t offset) {
+  uint8_t head[2] = {uint8_t(kind), uint8_t(block.size())};
+  uint8_t off[8];
+  StoreBe64(off, offset);
+  auto* ctx = static_cast<EVP_MD_CTX*>(ctx_);
+  EVP_DigestUpdate(ctx, head, sizeof head);
+  EVP_DigestUpdate(ctx, block.data(), block.size());
+  EVP_DigestUpdate(ctx, off, sizeof off);
+}
+
+void EndAccumulator::Page(std::string_view block, uint64_t offset, const PageDigest& d) {
   ++pages_;
+  Place('P', block, offset);
   EVP_DigestUpdate(static_cast<EVP_MD_CTX*>(ctx_), d.bytes.data(), d.bytes.size());
+}
+
+void EndAccumulator::Zero(std::string_view block, uint64_t offset, uint8_t fill) {
+  ++zero_pages_;
+  Place('Z', block, offset);
+  EVP_DigestUpdate(static_cast<EVP_MD_CTX*>(ctx_), &fill, 1);
 }
 
 reuse::EndFigures EndAccumulator::Figures() const {
@@ -365,7 +383,7 @@ std::string DescribeEndMismatch(const reuse::EndFigures& mine, const reuse::EndF
     return "passthrough byte count differs (" +
            pair(mine.passthrough_bytes, theirs.passthrough_bytes) + ")";
   if (mine.passthrough_crc != theirs.passthrough_crc) return "passthrough CRC-32C differs";
-  return "digest over the delivered pages differs";
+  return "digest over the delivered pages (content, place, fill) differs";
 }
 
 }  // namespace detail

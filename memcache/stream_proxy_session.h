@@ -16,16 +16,19 @@
 
 namespace kagemusha::memcache::detail {
 
-// SHA-256 over the digests of the pages delivered, plus counters and a
-// CRC-32C over passthrough bytes: what END carries.
+// What END carries: counters, a CRC-32C over passthrough bytes, and a
+// SHA-256 over every page record delivered, in order, naming where it goes:
+//   'P' | u8 len | block | be64 offset | digest[32]   (PAGE)
+//   'Z' | u8 len | block | be64 offset | u8 fill      (ZERO)
+// so a page's content, its place and a zero page's fill are all covered.
 class EndAccumulator {
  public:
   EndAccumulator();
   ~EndAccumulator();
   EndAccumulator(const EndAccumulator&) = delete;
   EndAccumulator& operator=(const EndAccumulator&) = delete;
-  void Page(const PageDigest& d);
-  void Zero() { ++zero_pages_; }
+  void Page(std::string_view block, uint64_t offset, const PageDigest& d);
+  void Zero(std::string_view block, uint64_t offset, uint8_t fill);
   void Passthrough(std::span<const uint8_t> b) {
     passthrough_bytes_ += b.size();
     crc_ = Crc32c(b, crc_);
@@ -34,6 +37,7 @@ class EndAccumulator {
   reuse::EndFigures Figures() const;
 
  private:
+  void Place(char kind, std::string_view block, uint64_t offset);
   void* ctx_;  // EVP_MD_CTX*
   uint64_t pages_ = 0, zero_pages_ = 0, passthrough_bytes_ = 0;
   uint32_t crc_ = 0;

@@ -469,6 +469,40 @@ TEST(StreamProxy, CorruptedLiteralFailsTheEndCheckBeforeDeviceState) {
   EXPECT_FALSE(r.enc_partial.learned);
 }
 
+// A page delivered to the wrong place, or a zero page with the wrong fill,
+// has a correct digest: END must cover places and fills too.
+TEST(StreamProxy, MisplacedPageOrWrongZeroFillFailsTheEndCheck) {
+  struct Case {
+    const char* name;
+    Tamper tamper;
+  };
+  std::vector<Case> cases = {
+      {"literal moved one page",
+       [](FrameType& t, Bytes& p) {
+         if (t == FrameType::kLiteral && p[0] == 1 && p[7] == 0x20)
+           p[7] ^= 0x10;  // 0x20000 -> 0x30000
+         return true;
+       }},
+      {"zero fill changed",
+       [](FrameType& t, Bytes& p) {
+         if (t == FrameType::kZero) p[p.size() - 5] = 0x01;
+         return true;
+       }},
+  };
+  for (const auto& c : cases) {
+    TempStore a, b;
+    Guest g = MakeGuest(30);
+    RunOptions o;
+    o.tamper = c.tamper;
+    auto r = RunMigration(g.stream, *a.store, *b.store, o);
+    ASSERT_FALSE(r.dec) << c.name;
+    EXPECT_NE(r.dec.error().message().find("END mismatch"), std::string::npos)
+        << c.name << ": " << r.dec.error().message();
+    EXPECT_TRUE(r.dest_reset) << c.name;
+    EXPECT_TRUE(r.source_reset) << c.name;
+  }
+}
+
 TEST(StreamProxy, ReferenceToAPageTheDecoderLacksAborts) {
   TempStore a, b;
   Guest g = MakeGuest(30);
