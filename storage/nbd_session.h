@@ -3,13 +3,17 @@
 // A Session runs on its own strand: the handshake coroutine drives the pure
 // HandshakeMachine (nbd_server_codec.h) under a deadline, then a reader
 // coroutine parses requests and hands them to the worker pool, where the
-// backend is called; finished replies are posted back to the strand and a
-// writer coroutine sends them, several at a time, with gather writes. Reply
-// objects and their data buffers are recycled per session, so a steady
-// stream of requests does not allocate.
+// backend is called (small reads of a fast backend run inline on the
+// reader). The thread that finished a small reply sends it itself when no
+// one else is sending; large replies, and whatever a full socket leaves
+// over, go to a writer coroutine on the strand that sends several at a time
+// with gather writes. Reply objects and their data buffers are recycled per
+// session, so a steady stream of requests does not allocate.
 //
-// Thread-safety: all members are touched on the session strand only, except
-// Reply objects, which a worker owns while it executes the request.
+// Thread-safety: the coroutines' state is touched on the session strand
+// only; the send side (queue_, sender_) is GUARDED_BY(send_mu_), the reply
+// pool by pool_mu_, the in-flight counts are atomics. A worker owns a Reply
+// while it executes the request, the current sender while it sends it.
 #pragma once
 
 #include <atomic>
