@@ -32,6 +32,7 @@
 #include <vector>
 
 #include "kagemusha/common/clock.h"
+#include "cli_app.h"
 #include "kagemusha/common/control_socket.h"
 #include "kagemusha/tunnel/binding_cache.h"
 #include "kagemusha/tunnel/home_agent.h"
@@ -53,33 +54,9 @@ using namespace std::chrono_literals;
 constexpr const char* kProg = "kagemusha-ha";
 constexpr const char* kNftTable = "kagemusha_ha";
 
-int UsageError(const std::string& command, const std::string& message) {
-  std::fprintf(stderr, "%s %s: %s\nRun `%s %s --help` for usage.\n", kProg, command.c_str(),
-               message.c_str(), kProg, command.c_str());
-  return 2;
-}
-
-int RuntimeError(const std::string& message, const std::string& hint = {}) {
-  std::fprintf(stderr, "%s: error: %s\n", kProg, message.c_str());
-  if (!hint.empty()) std::fprintf(stderr, "hint: %s\n", hint.c_str());
-  return 1;
-}
-
-int ParseCommandLine(const std::string& command, const std::string& usage,
-                     const po::options_description& d, int argc, char** argv,
-                     po::variables_map& vm) {
-  try {
-    po::store(po::command_line_parser(argc, argv).options(d).run(), vm);
-    if (vm.count("help")) {
-      std::cout << "Usage: " << usage << "\n\n" << d << "\n";
-      return 0;
-    }
-    po::notify(vm);
-  } catch (const po::error& e) {
-    return UsageError(command, e.what());
-  }
-  return -1;
-}
+using kagemusha::cli::ParseCommandLine;
+using kagemusha::cli::RuntimeError;
+using kagemusha::cli::UsageError;
 
 // ---- status JSON (shared by the control handler and the CLI) -----------------------
 
@@ -494,59 +471,21 @@ int RunServe(int argc, char** argv) {
   return 0;
 }
 
-struct Subcommand {
-  const char* name;
-  const char* description;
-  std::function<int(int, char**)> run;
-};
-
-const std::vector<Subcommand>& Subcommands() {
-  static const std::vector<Subcommand> table = {
+const std::vector<kagemusha::cli::Subcommand>& Subcommands() {
+  static const std::vector<kagemusha::cli::Subcommand> table = {
       {"serve", "run the home agent on a home link", RunServe},
       {"status", "show bindings and counters of a running home agent", RunStatus},
   };
   return table;
 }
 
-std::string TopLevelUsage() {
-  std::string s =
-      "Usage: kagemusha-ha COMMAND [OPTIONS]\n\nA user-space Mobile IPv6 home agent "
-      "(RFC 6275, RFC 5555 IPv4 home addresses, RFC 4285 authentication).\n\nCommands:\n";
-  for (const auto& c : Subcommands()) {
-    char line[160];
-    std::snprintf(line, sizeof line, "  %-8s %s\n", c.name, c.description);
-    s += line;
-  }
-  s += "\nRun `kagemusha-ha COMMAND --help` for a command's options.\n";
-  return s;
-}
-
 }  // namespace
 
 int main(int argc, char** argv) {
-  if (argc < 2) {
-    std::fprintf(stderr, "%s", TopLevelUsage().c_str());
-    return 2;
-  }
-  const std::string first = argv[1];
-  if (first == "--help" || first == "-h" || first == "help") {
-    std::printf("%s", TopLevelUsage().c_str());
-    return 0;
-  }
-  if (first == "--version" || first == "-V") {
-    std::printf("kagemusha-ha %s\n", KAGEMUSHA_VERSION);
-    return 0;
-  }
-  for (const auto& command : Subcommands()) {
-    if (first != command.name) continue;
-    try {
-      return command.run(argc - 1, argv + 1);
-    } catch (const std::exception& e) {  // the CLI boundary: report, never crash
-      std::fprintf(stderr, "kagemusha-ha %s: error: %s\n", command.name, e.what());
-      return 1;
-    }
-  }
-  std::fprintf(stderr, "kagemusha-ha: unknown command '%s'; run `kagemusha-ha --help`\n",
-               first.c_str());
-  return 2;
+  static const kagemusha::cli::Program program{
+      kProg,
+      "A user-space Mobile IPv6 home agent (RFC 6275, RFC 5555 IPv4 home addresses, RFC 4285 "
+      "authentication).",
+      KAGEMUSHA_VERSION, Subcommands()};
+  return kagemusha::cli::RunProgram(program, argc, argv);
 }

@@ -20,6 +20,7 @@
 #include "kagemusha/common/progress.h"
 #include "kagemusha/memcache/page_store.h"
 #include "kagemusha/memcache/stream_proxy.h"
+#include "cli_app.h"
 
 namespace {
 
@@ -31,34 +32,16 @@ using kagemusha::ProgressReporter;
 constexpr const char* kProg = "kagemusha-memcache";
 constexpr auto kConnectTimeout = std::chrono::seconds(10);
 
-int UsageError(const std::string& command, const std::string& message) {
-  std::fprintf(stderr, "%s %s: %s\nRun `%s %s --help` for usage.\n", kProg, command.c_str(),
-               message.c_str(), kProg, command.c_str());
-  return 2;
-}
-
-int RuntimeError(const std::string& message) {
-  std::fprintf(stderr, "%s: error: %s\n", kProg, message.c_str());
-  return 1;
-}
+using kagemusha::cli::RuntimeError;
+using kagemusha::cli::UsageError;
 
 // -1: parsed; otherwise the exit code.
 int Parse(const std::string& command, const std::string& usage, const po::options_description& d,
           int argc, char** argv, po::variables_map& vm,
           const po::positional_options_description* pos = nullptr) {
-  try {
-    auto parser = po::command_line_parser(argc, argv).options(d);
-    if (pos) parser.positional(*pos);
-    po::store(parser.run(), vm);
-    if (vm.count("help")) {
-      std::cout << "Usage: " << usage << "\n\n" << d << "\n";
-      return 0;
-    }
-    po::notify(vm);
-  } catch (const po::error& e) {
-    return UsageError(command, e.what());
-  }
-  return -1;
+  return kagemusha::cli::ParseCommandLine(command, usage, d, d,
+                                          pos ? *pos : po::positional_options_description(), argc,
+                                          argv, vm);
 }
 
 json StatsJson(const mc::ProxyStats& s) {
@@ -236,14 +219,8 @@ int StoreCommand(int argc, char** argv) {
   return 0;
 }
 
-struct Subcommand {
-  const char* name;
-  const char* description;
-  int (*run)(int argc, char** argv);
-};
-
-const std::vector<Subcommand>& Subcommands() {
-  static const std::vector<Subcommand> table = {
+const std::vector<kagemusha::cli::Subcommand>& Subcommands() {
+  static const std::vector<kagemusha::cli::Subcommand> table = {
       {"encode", "source-side proxy: QEMU migration stream -> reuse protocol",
        [](int c, char** v) { return Serve("encode", c, v); }},
       {"decode", "destination-side proxy: reuse protocol -> QEMU incoming",
@@ -253,35 +230,13 @@ const std::vector<Subcommand>& Subcommands() {
   return table;
 }
 
-std::string TopLevelUsage() {
-  std::string s = std::string("Usage: ") + kProg + " COMMAND [options]\n\nCommands:\n";
-  for (const auto& c : Subcommands()) s += "  " + std::string(c.name) + "\t" + c.description + "\n";
-  s += "\nRun `" + std::string(kProg) + " COMMAND --help` for a command's options.\n";
-  return s;
-}
-
 }  // namespace
 
 int main(int argc, char** argv) {
-  ::signal(SIGPIPE, SIG_IGN);
-  if (argc < 2) {
-    std::fprintf(stderr, "%s", TopLevelUsage().c_str());
-    return 2;
-  }
-  const std::string first = argv[1];
-  if (first == "--help" || first == "-h" || first == "help") {
-    std::printf("%s", TopLevelUsage().c_str());
-    return 0;
-  }
-  for (const auto& c : Subcommands()) {
-    if (first != c.name) continue;
-    try {
-      return c.run(argc - 1, argv + 1);
-    } catch (const std::exception& e) {  // the CLI boundary
-      std::fprintf(stderr, "%s %s: error: %s\n", kProg, c.name, e.what());
-      return 1;
-    }
-  }
-  std::fprintf(stderr, "%s: unknown command '%s'; run `%s --help`\n", kProg, first.c_str(), kProg);
-  return 2;
+  static const kagemusha::cli::Program program{
+      kProg,
+      "MiyakoDori memory reuse for unmodified QEMU: migration-stream proxies that send a "
+      "reference\ninstead of a page the destination host already holds, and its page store.",
+      KAGEMUSHA_VERSION, Subcommands(), "See docs/memcache-proxies.md for the full reference."};
+  return kagemusha::cli::RunProgram(program, argc, argv);
 }

@@ -55,37 +55,9 @@ std::string WithSubject(const std::string& message, const std::string& subject) 
 
 // --- usage helpers ------------------------------------------------------------
 
-int UsageError(const std::string& command, const std::string& message) {
-  std::fprintf(stderr, "%s %s: %s\nRun `%s %s --help` for usage.\n", kProg, command.c_str(),
-               message.c_str(), kProg, command.c_str());
-  return 2;
-}
-
-int RuntimeError(const std::string& message, const std::string& hint = {}) {
-  std::fprintf(stderr, "%s: error: %s\n", kProg, message.c_str());
-  if (!hint.empty()) std::fprintf(stderr, "hint: %s\n", hint.c_str());
-  return 1;
-}
-
-// Parses argv[1..] into vm. Returns -1 on success, else the exit code (help
-// printed: 0, bad options: 2).
-int ParseCommandLine(const std::string& command, const std::string& usage,
-                     const po::options_description& visible, const po::options_description& all,
-                     const po::positional_options_description& positional, int argc, char** argv,
-                     po::variables_map& vm) {
-  try {
-    // The (argc, argv) form skips argv[0], which is the subcommand name here.
-    po::store(po::command_line_parser(argc, argv).options(all).positional(positional).run(), vm);
-    if (vm.count("help")) {
-      std::cout << "Usage: " << usage << "\n\n" << visible << "\n";
-      return 0;
-    }
-    po::notify(vm);
-  } catch (const po::error& e) {
-    return UsageError(command, e.what());
-  }
-  return -1;
-}
+using cli::ParseCommandLine;
+using cli::RuntimeError;
+using cli::UsageError;
 
 // --- client side ---------------------------------------------------------------
 
@@ -1086,20 +1058,14 @@ const std::vector<Subcommand>& NbdSubcommands() {
   return table;
 }
 
-std::string TopLevelUsage() {
-  std::ostringstream out;
-  out << "Usage: kagemusha-nbd COMMAND [OPTIONS]\n"
-         "       kagemusha-nbd COMMAND --help\n"
-         "       kagemusha-nbd --version\n\n"
-         "An NBD server with a copy-on-read proxy mode for moving disks between sites.\n\n"
-         "Commands:\n";
-  for (const auto& c : NbdSubcommands()) {
-    char line[256];
-    std::snprintf(line, sizeof line, "  %-10s %s\n", c.name, c.description);
-    out << line;
-  }
-  out << "\nSee docs/cli.md for the full reference.\n";
-  return out.str();
+const cli::Program& NbdProgram() {
+  static const cli::Program program{
+      "kagemusha-nbd",
+      "An NBD server with a copy-on-read proxy mode for moving disks between sites.",
+      KAGEMUSHA_VERSION, NbdSubcommands(), "See docs/cli.md for the full reference."};
+  return program;
 }
+
+std::string TopLevelUsage() { return cli::TopLevelUsage(NbdProgram()); }
 
 }  // namespace kagemusha::nbdcli

@@ -13,6 +13,8 @@
 // the control server's single thread and call thread-safe backend methods.
 #pragma once
 
+#include "cli_app.h"
+
 #include <cstdint>
 #include <memory>
 #include <nlohmann/json.hpp>
@@ -104,15 +106,13 @@ std::string FormatStatusHuman(const nlohmann::json& status);
 
 // --- subcommands ----------------------------------------------------------------
 
-struct Subcommand {
-  const char* name;
-  const char* description;
-  int (*run)(int argc, char** argv);  // argv[0] is the subcommand name
-};
+using Subcommand = cli::Subcommand;
 
 const std::vector<Subcommand>& NbdSubcommands();
 
 // `kagemusha-nbd --help`.
 std::string TopLevelUsage();
+// The program description RunProgram dispatches from (main).
+const cli::Program& NbdProgram();
 
 }  // namespace kagemusha::nbdcli

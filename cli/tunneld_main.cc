@@ -19,6 +19,7 @@
 
 #include "host_daemon.h"
 #include "kagemusha/common/clock.h"
+#include "cli_app.h"
 #include "kagemusha/common/control_socket.h"
 
 namespace po = boost::program_options;
@@ -258,14 +259,8 @@ int Status(int argc, char** argv) {
   return 0;
 }
 
-struct Subcommand {
-  const char* name;
-  const char* description;
-  std::function<int(int, char**)> run;
-};
-
-const std::vector<Subcommand>& Subcommands() {
-  static const std::vector<Subcommand> table = {
+const std::vector<kagemusha::cli::Subcommand>& Subcommands() {
+  static const std::vector<kagemusha::cli::Subcommand> table = {
       {"serve", "run the host daemon", Serve},
       {"activate", "start a guest's session on this (foreign) host", Activate},
       {"home", "deregister and announce the guest at home", Home},
@@ -275,34 +270,13 @@ const std::vector<Subcommand>& Subcommands() {
   return table;
 }
 
-std::string Usage() {
-  std::string u = "usage: kagemusha-tunneld COMMAND [options]  (COMMAND --help for options)\n";
-  for (const auto& c : Subcommands()) u += std::string("  ") + c.name + "\t" + c.description + "\n";
-  return u;
-}
-
 }  // namespace
 
 int main(int argc, char** argv) {
-  if (argc < 2) {
-    std::fprintf(stderr, "%s", Usage().c_str());
-    return 2;
-  }
-  const std::string first = argv[1];
-  if (first == "--help" || first == "-h" || first == "help") {
-    std::printf("%s", Usage().c_str());
-    return 0;
-  }
-  for (const auto& c : Subcommands()) {
-    if (first != c.name) continue;
-    try {
-      return c.run(argc - 1, argv + 1);
-    } catch (const std::exception& e) {  // the CLI boundary
-      std::fprintf(stderr, "kagemusha-tunneld %s: error: %s\n", c.name, e.what());
-      return 1;
-    }
-  }
-  std::fprintf(stderr, "kagemusha-tunneld: unknown command '%s'\n%s", first.c_str(),
-               Usage().c_str());
-  return 2;
+  static const kagemusha::cli::Program program{
+      "kagemusha-tunneld",
+      "Host daemon for guest-transparent Mobile IPv6: answers ND/ARP as the home router on a "
+      "TAP,\nregisters the guest's home addresses with the home agent and tunnels its traffic.",
+      KAGEMUSHA_VERSION, Subcommands(), "See docs/tunnel-host.md for the full reference."};
+  return kagemusha::cli::RunProgram(program, argc, argv);
 }
