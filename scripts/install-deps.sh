@@ -28,4 +28,7 @@ if ((${#missing[@]})); then
   apt-get install -y -q --no-install-recommends "${missing[@]}"
 else
   echo "install-deps: all packages present"
+  # The guest image builder downloads Debian's kernel package; make sure apt
+  # knows it even where nothing had to be installed.
+  apt-cache show linux-image-amd64 >/dev/null 2>&1 || apt-get update -q
 fi
