@@ -14,6 +14,27 @@
 namespace kagemusha::tunnel {
 namespace {
 
+// One step of duplicate address detection for every probe in `probes` (a map
+// from home address to something with `deadline` and `probes_left`): sends
+// the probes that are due and returns the addresses whose probing ended
+// without a conflict. Shared by RFC-mode and optimistic-mode DAD.
+template <class ProbeMap, class SendProbe>
+std::vector<Ipv6Address> AdvanceDadProbes(ProbeMap& probes, Clock::TimePoint now,
+                                          Clock::Duration retrans_timer, SendProbe send) {
+  std::vector<Ipv6Address> done;
+  for (auto& [hoa, p] : probes) {
+    if (p.deadline > now) continue;
+    if (p.probes_left > 0) {
+      --p.probes_left;
+      p.deadline = now + retrans_timer;
+      send(hoa);
+      continue;
+    }
+    done.push_back(hoa);
+  }
+  return done;
+}
+
 using std::chrono::duration_cast;
 using std::chrono::milliseconds;
 using std::chrono::seconds;
@@ -563,34 +584,14 @@ void HomeAgent::OnTimer() {
     PersistRemove(b.home_address);
     spdlog::info("binding {} -> {} expired", FormatIpv6(b.home_address), FormatIpv6(b.care_of));
   }
-  std::vector<Ipv6Address> done;
-  for (auto& [hoa, p] : pending_dad_) {
-    if (p.deadline > now) continue;
-    if (p.probes_left > 0) {
-      --p.probes_left;
-      p.deadline = now + config_.retrans_timer;
-      SendDadProbe(hoa);
-      continue;
-    }
-    done.push_back(hoa);
-  }
-  for (const auto& hoa : done) {
+  auto send_probe = [this](const Ipv6Address& hoa) { SendDadProbe(hoa); };
+  for (const auto& hoa : AdvanceDadProbes(pending_dad_, now, config_.retrans_timer, send_probe)) {
     BuContext ctx = pending_dad_[hoa].ctx;
     pending_dad_.erase(hoa);
     Accept(ctx, true, CacheEntryState::kActive);
   }
-  done.clear();
-  for (auto& [hoa, p] : optimistic_probe_) {
-    if (p.deadline > now) continue;
-    if (p.probes_left > 0) {
-      --p.probes_left;
-      p.deadline = now + config_.retrans_timer;
-      SendDadProbe(hoa);
-      continue;
-    }
-    done.push_back(hoa);
-  }
-  for (const auto& hoa : done) {
+  for (const auto& hoa :
+       AdvanceDadProbes(optimistic_probe_, now, config_.retrans_timer, send_probe)) {
     optimistic_probe_.erase(hoa);
     if (cache_.SetState(hoa, CacheEntryState::kActive)) Announce(*cache_.Find(hoa));
   }
