@@ -13,7 +13,15 @@
 #            through kagemusha-wanem at BENCH_WAN_RTT ms / BENCH_WAN_RATE
 #            Mbit/s (vs nbdcopy of the remote over the same WAN)
 #
-# Every figure is the median of BENCH_RUNS runs. Environment:
+# Usage: bench/storage.sh [target] [proxy] [fill] [wan]  (no argument: all)
+# Sections not named are skipped (fill and wan are the two halves of "fill").
+#
+# For the target section it also reports each server's CPU time (user +
+# system, all threads, from /proc/PID/stat) per GiB moved, the median over
+# the runs.
+#
+# Every figure is the median of BENCH_RUNS runs (at least 5 by default).
+# Environment:
 #   BENCH_RUNS=5 BENCH_SIZE=1024 (MiB) BENCH_FIO_SECONDS=3
 #   BENCH_WAN=1 BENCH_WAN_SIZE=256 (MiB) BENCH_WAN_RTT=20 BENCH_WAN_RATE=200
 #   BENCH_WAN_RUNS=$BENCH_RUNS
@@ -31,6 +39,18 @@ WAN_RTT=${BENCH_WAN_RTT:-20}
 WAN_RATE=${BENCH_WAN_RATE:-200}
 WAN_RUNS=${BENCH_WAN_RUNS:-$RUNS}
 
+declare -A SECTION=()
+if (($# == 0)); then set -- target proxy fill wan; fi
+for a in "$@"; do
+  case $a in
+    target | proxy | fill | wan) SECTION[$a]=1 ;;
+    all) SECTION=([target]=1 [proxy]=1 [fill]=1 [wan]=1) ;;
+    *) echo "usage: $0 [target] [proxy] [fill] [wan] | all" >&2; exit 2 ;;
+  esac
+done
+[[ $WAN == 1 ]] || unset 'SECTION[wan]'
+want() { [[ -n ${SECTION[$1]:-} ]]; }
+
 st_init nbdcopy nbdkit qemu-nbd fio
 results=$ST_DIR/results.tsv   # metric \t subject \t value
 : >"$results"
@@ -46,6 +66,25 @@ timed() {
   "$@" >"$ST_DIR/timed.out" 2>&1 || { cat "$ST_DIR/timed.out" >&2; tb_fail "$metric/$subject: $* failed"; }
   t1=$(now)
   record "$metric" "$subject" "$(elapsed "$t0" "$t1")"
+}
+# cpu_ticks PID : user + system clock ticks of PID so far, all threads.
+cpu_ticks() {
+  local stat
+  stat=$(<"/proc/$1/stat")
+  stat=${stat##*) }  # fields after the command name, starting at field 3
+  local -a f=($stat)
+  echo $((f[11] + f[12]))
+}
+CLK_TCK=$(getconf CLK_TCK)
+# timed_cpu METRIC SUBJECT PID MIB CMD... : timed, plus the CPU seconds PID
+# spent per GiB during CMD, recorded as METRIC_cpu.
+timed_cpu() {
+  local metric=$1 subject=$2 pid=$3 mib=$4; shift 4
+  local c0 c1
+  c0=$(cpu_ticks "$pid")
+  timed "$metric" "$subject" "$@"
+  c1=$(cpu_ticks "$pid")
+  record "${metric}_cpu" "$subject" "$("$ST_PY" -c "import sys; print((int(sys.argv[2]) - int(sys.argv[1])) / int(sys.argv[3]) / (int(sys.argv[4]) / 1024))" "$c0" "$c1" "$CLK_TCK" "$mib")"
 }
 progress() { printf '  %-44s run %d/%d\n' "$1" "$2" "$3" >&2; }
 
@@ -75,12 +114,15 @@ for s in "${SUBJECTS[@]}"; do
   [[ $got == "$data_md5" ]] || tb_fail "$s serves wrong data ($got)"
 done
 
+declare -A RPID=([kagemusha]=${ST_PID[k-target]} [nbdkit]=${ST_PID[nbdkit-r]} [qemu-nbd]=${ST_PID[qnbd-r]})
+declare -A WPID=([kagemusha]=${ST_PID[k-target]} [nbdkit]=${ST_PID[nbdkit-w]} [qemu-nbd]=${ST_PID[qnbd-w]})
+
 # Interleave subjects inside each run so drift hits all of them alike.
-for ((r = 1; r <= RUNS; r++)); do
+want target && for ((r = 1; r <= RUNS; r++)); do
   progress "target: sequential read/write, random read" "$r" "$RUNS"
   for s in "${SUBJECTS[@]}"; do
-    timed seq_read "$s" nbdcopy -C 4 "${RURI[$s]}" null:
-    timed seq_write "$s" nbdcopy -C 4 "$data" "${WURI[$s]}"
+    timed_cpu seq_read "$s" "${RPID[$s]}" "$SIZE" nbdcopy -C 4 "${RURI[$s]}" null:
+    timed_cpu seq_write "$s" "${WPID[$s]}" "$SIZE" nbdcopy -C 4 "$data" "${WURI[$s]}"
     fio --name=rr --ioengine=nbd --uri="${RURI[$s]}" --rw=randread --bs=4k --iodepth=16 \
       --runtime="$FIO_SECONDS" --time_based --output-format=json --output="$ST_DIR/fio.json" \
       >"$ST_DIR/fio.out" 2>&1 || { cat "$ST_DIR/fio.out" >&2; tb_fail "fio against $s failed"; }
@@ -92,7 +134,9 @@ print(j["read"]["iops"])' "$ST_DIR/fio.json")"
   done
 done
 # The write path must have written the data, not only been fast.
-[[ $(st_md5_file "$wimg") == "$data_md5" ]] || tb_fail "write image differs after the write runs"
+if want target; then
+  [[ $(st_md5_file "$wimg") == "$data_md5" ]] || tb_fail "write image differs after the write runs"
+fi
 st_stop nbdkit-w; st_stop qnbd-r; st_stop qnbd-w
 
 # --- proxy: cold and warm read vs the remote alone and our target ---------------
@@ -101,7 +145,7 @@ st_stop nbdkit-w; st_stop qnbd-r; st_stop qnbd-w
 # (every block in the cache). Cold is judged against the remote alone, warm
 # against our target: the same server code over a plain file.
 remote_uri=$(st_uri_unix "$nks")
-for ((r = 1; r <= RUNS; r++)); do
+want proxy && for ((r = 1; r <= RUNS; r++)); do
   progress "proxy: cold / warm read" "$r" "$RUNS"
   d=$ST_DIR/p$r; mkdir -p "$d"
   st_nbd_serve proxy-rd --unix "$d/p.sock" --control "$d/c.sock" \
@@ -135,7 +179,7 @@ fill_once() {  # NAME METRIC SUBJECT REMOTE_URI DIR NODE
   t1=$(now)
   record "$metric" "$subject" "$(elapsed "$t0" "$t1")"
 }
-for ((r = 1; r <= RUNS; r++)); do
+want fill && for ((r = 1; r <= RUNS; r++)); do
   progress "fill on loopback" "$r" "$RUNS"
   d=$ST_DIR/f$r; mkdir -p "$d"
   fill_once fill-lo fill_loopback kagemusha "$remote_uri" "$d" -
@@ -148,7 +192,7 @@ done
 st_stop nbdkit-r
 
 # --- fill through the WAN emulator ----------------------------------------------
-if [[ $WAN == 1 ]]; then
+if want wan; then
   st_log "WAN: ${WAN_RTT} ms RTT, ${WAN_RATE} Mbit/s, ${WAN_SIZE} MiB"
   wdata=$ST_DIR/wan.img
   st_make_dense "$wdata" "$WAN_SIZE"
@@ -196,6 +240,10 @@ for metric, label in (("seq_read", f"seq read {size} MiB (nbdcopy -C 4), MiB/s")
     table.append((label, k, "nbdkit", n, "qemu-nbd", q))
 k, n, q = (med.get(("randread_4k_qd16", s)) for s in ("kagemusha", "nbdkit", "qemu-nbd"))
 table.append(("4 KiB random read QD16 (fio nbd), IOPS", k, "nbdkit", n, "qemu-nbd", q))
+for metric, label in (("seq_read_cpu", "server CPU s/GiB, seq read (lower is better)"),
+                      ("seq_write_cpu", "server CPU s/GiB, seq write (lower is better)")):
+    k, n, q = (med.get((metric, s)) for s in ("kagemusha", "nbdkit", "qemu-nbd"))
+    table.append((label, k, "nbdkit", n, "qemu-nbd", q))
 table.append((f"proxy cold read {size} MiB, MiB/s", mbps("proxy_cold_read", "kagemusha", size),
               "remote alone", mbps("remote_read", "nbdkit", size), None, None))
 table.append((f"proxy warm read {size} MiB, MiB/s", mbps("proxy_warm_read", "kagemusha", size),
@@ -206,6 +254,7 @@ table.append((f"fill {size} MiB on loopback, MiB/s", mbps("fill_loopback", "kage
 if ("fill_wan", "kagemusha") in med:
     table.append((f"fill {wan_size} MiB over WAN, MiB/s", mbps("fill_wan", "kagemusha", wan_size),
                   "nbdcopy over WAN", mbps("fill_wan", "nbdcopy", wan_size), None, None))
+table = [t for t in table if t[1] is not None or t[3] is not None]
 w = max(len(t[0]) for t in table)
 print(f"{'metric':<{w}}  {'kagemusha':>10}  {'peer':>22} {'value':>10}  {'ratio':>6}  {'2nd peer':>9} {'value':>10}  {'ratio':>6}")
 for label, k, p1, v1, p2, v2 in table:
@@ -216,7 +265,8 @@ print("|---|---:|---|---:|---:|---|---:|---:|")
 for label, k, p1, v1, p2, v2 in table:
     print(f"| {label} | {fmt(k)} | {p1} | {fmt(v1)} | {ratio(k, v1)} | {p2 or ''} | {fmt(v2) if p2 else ''} | {ratio(k, v2) if p2 else ''} |")
 print()
-print("Ratios above 1 mean kagemusha is faster (all figures are rates: higher is better).")
+print("Ratios above 1 mean kagemusha is faster (rates: higher is better), except CPU s/GiB where lower is better.")
 print("Raw seconds (median): " + ", ".join(f"{m}/{s}={v:.3f}" for (m, s), v in sorted(med.items()) if m != "randread_4k_qd16"))
+print("Every run (seq_read seconds): " + "; ".join(f"{s}=" + ",".join(f"{v:.3f}" for v in vals[("seq_read", s)]) for s in ("kagemusha", "nbdkit", "qemu-nbd") if ("seq_read", s) in vals))
 PY
 st_pass
