@@ -23,6 +23,7 @@
 
 #include "kagemusha/common/coding.h"
 #include "page_store_format.h"
+#include "sha256_pages.h"
 
 namespace kagemusha::memcache {
 
@@ -83,102 +84,7 @@ PageDigest PageHasher::Hash(std::span<const uint8_t> page) {
 
 namespace {
 
-// ---- SHA-256 of two 4 KiB pages at once with the SHA-NI instructions. ----
-// Written from FIPS 180-4 and the Intel SHA extensions reference; the state
-// is kept as the instructions want it (ABEF, CDGH). A 4096-byte message is 64
-// blocks plus one constant padding block (0x80, zeros, bit length 32768).
-
-constexpr uint32_t kSha256K[64] = {
-    0x428a2f98, 0x71374491, 0xb5c0fbcf, 0xe9b5dba5, 0x3956c25b, 0x59f111f1, 0x923f82a4, 0xab1c5ed5,
-    0xd807aa98, 0x12835b01, 0x243185be, 0x550c7dc3, 0x72be5d74, 0x80deb1fe, 0x9bdc06a7, 0xc19bf174,
-    0xe49b69c1, 0xefbe4786, 0x0fc19dc6, 0x240ca1cc, 0x2de92c6f, 0x4a7484aa, 0x5cb0a9dc, 0x76f988da,
-    0x983e5152, 0xa831c66d, 0xb00327c8, 0xbf597fc7, 0xc6e00bf3, 0xd5a79147, 0x06ca6351, 0x14292967,
-    0x27b70a85, 0x2e1b2138, 0x4d2c6dfc, 0x53380d13, 0x650a7354, 0x766a0abb, 0x81c2c92e, 0x92722c85,
-    0xa2bfe8a1, 0xa81a664b, 0xc24b8b70, 0xc76c51a3, 0xd192e819, 0xd6990624, 0xf40e3585, 0x106aa070,
-    0x19a4c116, 0x1e376c08, 0x2748774c, 0x34b0bcb5, 0x391c0cb3, 0x4ed8aa4a, 0x5b9cca4f, 0x682e6ff3,
-    0x748f82ee, 0x78a5636f, 0x84c87814, 0x8cc70208, 0x90befffa, 0xa4506ceb, 0xbef9a3f7, 0xc67178f2};
-constexpr uint32_t kSha256Iv[8] = {0x6a09e667, 0xbb67ae85, 0x3c6ef372, 0xa54ff53a,
-                                   0x510e527f, 0x9b05688c, 0x1f83d9ab, 0x5be0cd19};
-
-struct PagePaddingBlock {
-  uint8_t b[64] = {};
-  constexpr PagePaddingBlock() {
-    b[0] = 0x80;
-    uint64_t bits = uint64_t{kStorePageSize} * 8;
-    for (int i = 0; i < 8; ++i) b[63 - i] = uint8_t(bits >> (8 * i));
-  }
-};
-constexpr PagePaddingBlock kPagePadding;
-
-constexpr int kLanes = 2;
-
-__attribute__((target("sha,sse4.1,ssse3"))) void Sha256TwoPages(const uint8_t* const in[kLanes],
-                                                                PageDigest* const out[kLanes]) {
-  const __m128i bswap = _mm_set_epi64x(0x0c0d0e0f08090a0bLL, 0x0405060700010203LL);
-  __m128i abef[kLanes], cdgh[kLanes];
-  {
-    __m128i dcba = _mm_loadu_si128(reinterpret_cast<const __m128i*>(kSha256Iv));
-    __m128i hgfe = _mm_loadu_si128(reinterpret_cast<const __m128i*>(kSha256Iv + 4));
-    __m128i cdab = _mm_shuffle_epi32(dcba, 0xB1);
-    __m128i efgh = _mm_shuffle_epi32(hgfe, 0x1B);
-    for (int l = 0; l < kLanes; ++l) {
-      abef[l] = _mm_alignr_epi8(cdab, efgh, 8);
-      cdgh[l] = _mm_blend_epi16(efgh, cdab, 0xF0);
-    }
-  }
-  for (size_t blk = 0; blk <= kStorePageSize / 64; ++blk) {
-    __m128i w[kLanes][4], save_abef[kLanes], save_cdgh[kLanes];
-    for (int l = 0; l < kLanes; ++l) {
-      const uint8_t* d = blk < kStorePageSize / 64 ? in[l] + 64 * blk : kPagePadding.b;
-      for (int g = 0; g < 4; ++g)
-        w[l][g] =
-            _mm_shuffle_epi8(_mm_loadu_si128(reinterpret_cast<const __m128i*>(d + 16 * g)), bswap);
-      save_abef[l] = abef[l];
-      save_cdgh[l] = cdgh[l];
-    }
-#pragma GCC unroll 16
-    for (int g = 0; g < 16; ++g) {
-      const __m128i k = _mm_loadu_si128(reinterpret_cast<const __m128i*>(kSha256K + 4 * g));
-      for (int l = 0; l < kLanes; ++l) {
-        __m128i& wg = w[l][g & 3];
-        if (g >= 4) {
-          // W[t] = s1(W[t-2]) + W[t-7] + s0(W[t-15]) + W[t-16], four at a time.
-          __m128i t = _mm_sha256msg1_epu32(wg, w[l][(g + 1) & 3]);
-          t = _mm_add_epi32(t, _mm_alignr_epi8(w[l][(g + 3) & 3], w[l][(g + 2) & 3], 4));
-          wg = _mm_sha256msg2_epu32(t, w[l][(g + 3) & 3]);
-        }
-        __m128i msg = _mm_add_epi32(wg, k);
-        cdgh[l] = _mm_sha256rnds2_epu32(cdgh[l], abef[l], msg);
-        abef[l] = _mm_sha256rnds2_epu32(abef[l], cdgh[l], _mm_shuffle_epi32(msg, 0x0E));
-      }
-    }
-    for (int l = 0; l < kLanes; ++l) {
-      abef[l] = _mm_add_epi32(abef[l], save_abef[l]);
-      cdgh[l] = _mm_add_epi32(cdgh[l], save_cdgh[l]);
-    }
-  }
-  for (int l = 0; l < kLanes; ++l) {
-    __m128i feba = _mm_shuffle_epi32(abef[l], 0x1B);
-    __m128i dchg = _mm_shuffle_epi32(cdgh[l], 0xB1);
-    __m128i dcba = _mm_blend_epi16(feba, dchg, 0xF0);
-    __m128i hgfe = _mm_alignr_epi8(dchg, feba, 8);
-    // Words are host-order; the digest is their big-endian concatenation.
-    __m128i out_lo = _mm_shuffle_epi8(dcba, bswap);
-    __m128i out_hi = _mm_shuffle_epi8(hgfe, bswap);
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(out[l]->bytes.data()), out_lo);
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(out[l]->bytes.data() + 16), out_hi);
-  }
-}
-
-// Function-local statics: __builtin_cpu_supports needs __builtin_cpu_init
-// when it might run before libgcc's own constructor.
-bool HaveShaNi() {
-  static const bool v = [] {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("sha") && __builtin_cpu_supports("sse4.1");
-  }();
-  return v;
-}
+namespace mb = sha256_pages;
 
 __attribute__((target("sse4.2"))) uint32_t Crc32cSse42(std::span<const uint8_t> data) {
   uint64_t c = 0xffffffffu;
@@ -193,6 +99,8 @@ __attribute__((target("sse4.2"))) uint32_t Crc32cSse42(std::span<const uint8_t> 
   return ~c32;
 }
 
+// Function-local static: __builtin_cpu_supports needs __builtin_cpu_init
+// when it might run before libgcc's own constructor.
 bool HaveSse42() {
   static const bool v = [] {
     __builtin_cpu_init();
@@ -201,21 +109,147 @@ bool HaveSse42() {
   return v;
 }
 
+// Runs an n-lane kernel over `count` pages starting at page `first`; lanes
+// beyond `count` repeat the last page and their digests are discarded (a
+// partly filled wide kernel can still beat narrower ones, see HashTail).
+template <size_t kLanes>
+void RunKernel(void (*kernel)(const uint8_t* const*, uint8_t* const*),
+               std::span<const uint8_t> pages, std::span<PageDigest> out, size_t first,
+               size_t count) {
+  const uint8_t* in[kLanes];
+  uint8_t* dst[kLanes];
+  PageDigest scratch;
+  for (size_t l = 0; l < kLanes; ++l) {
+    const size_t i = first + std::min(l, count - 1);
+    in[l] = pages.data() + i * kStorePageSize;
+    dst[l] = l < count ? out[first + l].bytes.data() : scratch.bytes.data();
+  }
+  kernel(in, dst);
+}
+
 }  // namespace
 
-bool PageHasher::HasShaExtensions() { return HaveShaNi(); }
+bool PageHasher::HasShaExtensions() { return mb::CpuHasShaNi(); }
+
+bool PageHasher::Supports(Path path) {
+  switch (path) {
+    case Path::kEvp:
+      return true;
+    case Path::kShaNi2:
+      return mb::CpuHasShaNi();
+    case Path::kAvx2x8:
+      return mb::CpuHasAvx2();
+    case Path::kAvx512x8:
+    case Path::kAvx512x16:
+      return mb::CpuHasAvx512();
+    case Path::kAvx512x16ShaNi2:
+      return mb::CpuHasAvx512() && mb::CpuHasShaNi();
+  }
+  return false;
+}
+
+// Order measured with kagemusha_memcache_bench_hash on a Xeon with SHA-NI
+// and AVX-512 (docs/memcache.md): AVX-512 x16 ~2x EVP, SHA-NI x2 ~1.07x,
+// AVX2 x8 ~0.8x. Without SHA-NI, OpenSSL's one-page code is slower than the
+// AVX2 lanes, hence AVX2 before EVP.
+PageHasher::Path PageHasher::FastestPath() {
+  static const Path best = [] {
+    for (Path p : {Path::kAvx512x16, Path::kShaNi2, Path::kAvx2x8})
+      if (Supports(p)) return p;
+    return Path::kEvp;
+  }();
+  return best;
+}
+
+const char* PageHasher::PathName(Path path) {
+  switch (path) {
+    case Path::kEvp:
+      return "EVP";
+    case Path::kShaNi2:
+      return "SHA-NI x2";
+    case Path::kAvx2x8:
+      return "AVX2 x8";
+    case Path::kAvx512x8:
+      return "AVX-512VL x8";
+    case Path::kAvx512x16:
+      return "AVX-512 x16";
+    case Path::kAvx512x16ShaNi2:
+      return "AVX-512 x16 + SHA-NI x2";
+  }
+  return "?";
+}
 
 void PageHasher::HashMany(std::span<const uint8_t> pages, std::span<PageDigest> out) {
-  size_t n = out.size(), i = 0;
-  if (HaveShaNi()) {
-    for (; i + kLanes <= n; i += kLanes) {
-      const uint8_t* in[kLanes] = {pages.data() + i * kStorePageSize,
-                                   pages.data() + (i + 1) * kStorePageSize};
-      PageDigest* o[kLanes] = {&out[i], &out[i + 1]};
-      Sha256TwoPages(in, o);
+  HashManyWith(FastestPath(), pages, out);
+}
+
+// Fewer pages than the widest kernel takes. Relative costs measured on the
+// bench machine (time per call, in single-page EVP hashes): AVX-512 x16
+// ~8, AVX-512VL x8 ~6, SHA-NI x2 ~1.9, EVP 1. So 10+ pages go through a
+// partly filled x16, 7+ through a partly filled x8, the rest in SHA-NI pairs.
+void PageHasher::HashTail(std::span<const uint8_t> pages, std::span<PageDigest> out) {
+  size_t i = 0, n = out.size();
+  const bool avx512 = mb::CpuHasAvx512(), sha_ni = mb::CpuHasShaNi();
+  while (i < n) {
+    const size_t left = n - i;
+    if (avx512 && left >= 10) {
+      RunKernel<16>(mb::Avx512X16, pages, out, i, std::min<size_t>(left, 16));
+      i += std::min<size_t>(left, 16);
+    } else if (avx512 && left >= 7) {
+      RunKernel<8>(mb::Avx512VlX8, pages, out, i, std::min<size_t>(left, 8));
+      i += std::min<size_t>(left, 8);
+    } else if (sha_ni && left >= 2) {
+      RunKernel<2>(mb::ShaNiX2, pages, out, i, 2);
+      i += 2;
+    } else {
+      out[i] = Hash(pages.subspan(i * kStorePageSize, kStorePageSize));
+      ++i;
     }
   }
-  for (; i < n; ++i) out[i] = Hash(pages.subspan(i * kStorePageSize, kStorePageSize));
+}
+
+void PageHasher::HashManyWith(Path path, std::span<const uint8_t> pages,
+                              std::span<PageDigest> out) {
+  const size_t n = out.size();
+  size_t i = 0;
+  auto full_batches = [&](size_t lanes, void (*kernel)(const uint8_t* const*, uint8_t* const*)) {
+    for (; i + lanes <= n; i += lanes) {
+      const uint8_t* in[18];
+      uint8_t* dst[18];
+      for (size_t l = 0; l < lanes; ++l) {
+        in[l] = pages.data() + (i + l) * kStorePageSize;
+        dst[l] = out[i + l].bytes.data();
+      }
+      kernel(in, dst);
+    }
+  };
+  switch (path) {
+    case Path::kEvp:
+      break;
+    case Path::kShaNi2:
+      full_batches(2, mb::ShaNiX2);
+      break;
+    case Path::kAvx2x8:
+      full_batches(8, mb::Avx2X8);
+      break;
+    case Path::kAvx512x8:
+      full_batches(8, mb::Avx512VlX8);
+      break;
+    case Path::kAvx512x16:
+      full_batches(16, mb::Avx512X16);
+      break;
+    case Path::kAvx512x16ShaNi2:
+      full_batches(18, mb::Avx512X16ShaNiX2);
+      break;
+  }
+  const auto rest_pages = pages.subspan(i * kStorePageSize);
+  const auto rest_out = out.subspan(i);
+  if (path == Path::kEvp) {
+    for (size_t k = 0; k < rest_out.size(); ++k)
+      rest_out[k] = Hash(rest_pages.subspan(k * kStorePageSize, kStorePageSize));
+  } else {
+    HashTail(rest_pages, rest_out);
+  }
 }
 
 uint32_t PageCrc32c(std::span<const uint8_t> data) {

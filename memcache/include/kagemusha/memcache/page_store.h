@@ -56,10 +56,32 @@ struct PageDigestHash {
   }
 };
 
-// SHA-256 of one page through OpenSSL EVP (SHA-NI where the CPU has it).
-// Single-owner; create one per thread.
+// SHA-256 of 4 KiB pages. Hash() goes through OpenSSL EVP (SHA-NI where the
+// CPU has it); HashMany() hashes a batch with the fastest multi-page kernel
+// this CPU supports (chosen at run time from CPUID; AVX-512 puts 16 pages in
+// the lanes of zmm registers, about twice OpenSSL's rate on a Xeon with
+// SHA-NI, see docs/memcache.md "Digest choice"). Every path gives exactly the
+// SHA-256 digest. Single-owner; create one per thread.
 class PageHasher {
  public:
+  // How HashManyWith computes the digests; all give the same bytes.
+  enum class Path : uint8_t {
+    kEvp,              // OpenSSL EVP, one page at a time
+    kShaNi2,           // SHA-NI, two pages' rounds interleaved
+    kAvx2x8,           // AVX2, 8 pages in the lanes of ymm registers
+    kAvx512x8,         // AVX-512VL (rotate, ternary logic), 8 pages in ymm
+    kAvx512x16,        // AVX-512, 16 pages in zmm; tails via x8 / SHA-NI / EVP
+    kAvx512x16ShaNi2,  // 16 zmm lanes and 2 SHA-NI pages in one loop. Measured
+                       // only: SHA-NI has no VEX form, and mixing its legacy
+                       // SSE code with live zmm state is ~40x slower here.
+  };
+  static constexpr Path kAllPaths[] = {Path::kEvp,      Path::kShaNi2,    Path::kAvx2x8,
+                                       Path::kAvx512x8, Path::kAvx512x16, Path::kAvx512x16ShaNi2};
+
+  // Batches of a multiple of this many pages use the widest kernel fully;
+  // callers that can should pass at least this many pages to HashMany.
+  static constexpr size_t kPreferredBatchPages = 16;
+
   static Result<PageHasher> Create();
   PageHasher(PageHasher&&) noexcept;
   PageHasher& operator=(PageHasher&&) noexcept;
@@ -70,16 +92,23 @@ class PageHasher {
   // REQUIRES: page.size() == kStorePageSize.
   PageDigest Hash(std::span<const uint8_t> page);
 
-  // SHA-256 of pages.size() / kStorePageSize consecutive pages into `out`.
-  // With the x86 SHA extensions, two pages go through the SHA-NI rounds
-  // interleaved (the instructions' throughput exceeds their latency), which
-  // single-stream OpenSSL cannot exploit; otherwise one by one via Hash().
-  // Same digests either way. REQUIRES: pages.size() == out.size() * 4096.
+  // SHA-256 of pages.size() / kStorePageSize consecutive pages into `out`,
+  // through FastestPath(). Pages need no alignment.
+  // REQUIRES: pages.size() == out.size() * kStorePageSize.
   void HashMany(std::span<const uint8_t> pages, std::span<PageDigest> out);
+
+  // HashMany through one given path (tests and the bench force each one).
+  // REQUIRES: Supports(path), and the sizes as for HashMany.
+  void HashManyWith(Path path, std::span<const uint8_t> pages, std::span<PageDigest> out);
+
+  static bool Supports(Path path);  // the CPU has the path's instructions
+  static Path FastestPath();        // the fastest supported path, by measurement
+  static const char* PathName(Path path);
   static bool HasShaExtensions();
 
  private:
   PageHasher() = default;
+  void HashTail(std::span<const uint8_t> pages, std::span<PageDigest> out);
   void* md_ = nullptr;   // EVP_MD*
   void* ctx_ = nullptr;  // EVP_MD_CTX*
 };
