@@ -17,10 +17,10 @@
 #include <string>
 #include <vector>
 
+#include "cli_app.h"
 #include "kagemusha/common/progress.h"
 #include "kagemusha/memcache/page_store.h"
 #include "kagemusha/memcache/stream_proxy.h"
-#include "cli_app.h"
 
 namespace {
 
@@ -39,9 +39,8 @@ using kagemusha::cli::UsageError;
 int Parse(const std::string& command, const std::string& usage, const po::options_description& d,
           int argc, char** argv, po::variables_map& vm,
           const po::positional_options_description* pos = nullptr) {
-  return kagemusha::cli::ParseCommandLine(command, usage, d, d,
-                                          pos ? *pos : po::positional_options_description(), argc,
-                                          argv, vm);
+  return kagemusha::cli::ParseCommandLine(
+      command, usage, d, d, pos ? *pos : po::positional_options_description(), argc, argv, vm);
 }
 
 json StatsJson(const mc::ProxyStats& s) {
@@ -58,6 +57,8 @@ json StatsJson(const mc::ProxyStats& s) {
             {"summary_entries", s.summary_entries},
             {"ratio", s.ratio()},
             {"learned", s.learned},
+            {"learned_pages", s.learned_pages},
+            {"learn_skipped_pages", s.learn_skipped_pages},
             {"fell_back", s.fell_back}};
   if (s.fell_back) j["fallback_reason"] = s.fallback_reason;
   return j;
@@ -98,6 +99,8 @@ int Serve(const std::string& command, int argc, char** argv) {
       "store", po::value<std::string>()->required()->value_name("DIR"), "this host's page store")(
       "vm", po::value<std::string>()->required()->value_name("NAME"), "the VM (manifest name)")(
       "quota", po::value<uint64_t>()->value_name("MIB"), "page store quota in MiB (0: none)")(
+      "idle-timeout", po::value<double>()->default_value(60)->value_name("SEC"),
+      "fail the migration if the forward stream stalls this long after the handshake (0: never)")(
       "once", "handle one migration, then exit with its status")(
       "json", "one JSON event per line on stdout")(
       "log-level", po::value<std::string>()->default_value("warn"), "trace|debug|info|warn|error")(
@@ -122,6 +125,10 @@ int Serve(const std::string& command, int argc, char** argv) {
             command + "r listening on " + (*listener)->address());
   std::fflush(stdout);
   bool once = vm.count("once") > 0;
+  const double idle_s = vm["idle-timeout"].as<double>();
+  if (idle_s < 0) return UsageError(command, "--idle-timeout must be >= 0");
+  const auto idle = std::chrono::milliseconds(static_cast<int64_t>(idle_s * 1000));
+  const uint64_t quota = vm.count("quota") ? vm["quota"].as<uint64_t>() << 20 : 0;
   while (true) {
     auto conn = (*listener)->Accept();
     if (!conn) return RuntimeError(conn.error().message());
@@ -138,12 +145,15 @@ int Serve(const std::string& command, int argc, char** argv) {
         o.store = store->get();
         o.vm = vm_name;
         o.zstd = vm.count("zstd") > 0;
+        o.idle_timeout = idle;
         r = mc::RunEncoderSession(**conn, **wan, o, &stats);
       }
     } else {
       mc::DecoderOptions o;
       o.store = store->get();
       o.vm = vm_name;
+      o.idle_timeout = idle;
+      o.store_quota_bytes = quota;
       mc::QemuConnector connect = [&]() -> kagemusha::Result<std::unique_ptr<mc::ByteStream>> {
         auto s = mc::SocketStream::Connect(to, kConnectTimeout);
         if (!s) return std::unexpected(s.error());

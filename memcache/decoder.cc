@@ -4,7 +4,13 @@
 //
 // Threads: the caller's thread reads frames from the encoder and writes the
 // rebuilt stream to the destination QEMU (the forward path); a relay thread
-// reads the destination QEMU's return path and sends it as RETURN frames.
+// reads the destination QEMU's return path and sends it as RETURN frames;
+// the PageLearner's worker hashes and learns literal pages behind the
+// forward path (they go to QEMU first). At END the forward thread waits for
+// the learner, so every page digest is known before the comparison, and
+// nothing after END (device state) reaches QEMU unless it matched.
+// Referenced pages are verified in line, all those of one flush together
+// (PageHasher::HashMany), before any byte of that flush goes to QEMU.
 #include <spdlog/spdlog.h>
 #include <zstd.h>
 
@@ -35,7 +41,12 @@ constexpr auto kCloseWait = std::chrono::seconds(30);
 class DecoderSession {
  public:
   DecoderSession(ByteStream& wan, const QemuConnector& connect, const DecoderOptions& o)
-      : wan_(wan), connect_(connect), opt_(o), writer_(wan) {}
+      : wan_(wan),
+        connect_(connect),
+        opt_(o),
+        writer_(wan),
+        learner_(detail::PageLearner::Options{o.store, o.learn_queue_bytes, o.store_quota_bytes,
+                                              "decoder"}) {}
   ~DecoderSession() {
     if (relay_.joinable()) relay_.join();
     if (dctx_) ZSTD_freeDCtx(dctx_);
@@ -69,7 +80,13 @@ class DecoderSession {
       if (!*f) {
         if (auto st = FlushQemu(); !st) return AbortAll(st.error());
         auto n = wan_.Read(buf);
-        if (!n) return AbortAll(n.error().Context("reading from the encoder"));
+        if (!n) {
+          if (n.error().code() == ETIMEDOUT && handshake_done)
+            return AbortAll(Error::Timeout("the encoder sent nothing for " +
+                                           std::to_string(opt_.idle_timeout.count()) +
+                                           " ms (idle timeout)"));
+          return AbortAll(n.error().Context("reading from the encoder"));
+        }
         if (*n == 0)
           return AbortAll(Error::Protocol(handshake_done
                                               ? "the encoder's stream ended before DONE"
@@ -84,7 +101,11 @@ class DecoderSession {
           return AbortAll(
               Error::Protocol(std::string("expected HELLO, got ") + FrameTypeName(fr.type)));
         if (auto st = Handshake(fr.payload); !st) return AbortAll(st.error());
-        wan_.SetReadTimeout(std::chrono::milliseconds(0));
+        // A silent encoder, or a destination QEMU that stops taking bytes,
+        // fails the migration after the idle timeout.
+        wan_.SetReadTimeout(opt_.idle_timeout);
+        wan_.SetWriteTimeout(opt_.idle_timeout);
+        qemu_->SetWriteTimeout(opt_.idle_timeout);
         handshake_done = true;
         continue;
       }
@@ -125,6 +146,8 @@ class DecoderSession {
                    m.error().message());
     }
     stats_.summary_entries = prefixes.size();
+    // Pin what the SUMMARY offers until END (after it no reference comes).
+    learner_.SetPinned(!prefixes.empty());
     std::vector<uint8_t> out;
     Hello mine;
     mine.capabilities = cap::kZstd;
@@ -171,13 +194,16 @@ class DecoderSession {
   Result<bool> Dispatch(const Frame& fr) {
     switch (fr.type) {
       case FrameType::kPassthrough:
-        end_acc_.Passthrough(fr.payload);
+        pass_acc_.Passthrough(fr.payload);
         ToQemu(fr.payload);
         return false;
       case FrameType::kPageRef: {
         auto r = DecodePageRef(fr.payload);
         if (!r) return Fail(r.error());
-        auto got = opt_.store->Get(r->digest, page_);
+        size_t slot = ref_data_.size();
+        ref_data_.resize(slot + kPageBytes);
+        auto page = std::span<uint8_t>(ref_data_).subspan(slot, kPageBytes);
+        auto got = opt_.store->Get(r->digest, page);
         if (!got) return Fail(got.error().Context("page store"));
         if (!*got)
           return Fail(
@@ -186,12 +212,11 @@ class DecoderSession {
                                                                 : r->header.block) +
                                 " @ " + std::to_string(r->header.offset) +
                                 ") is not in this host's page store"));
-        // Never hand QEMU a page that is not the one referenced.
-        if (hasher_->Hash(page_) != r->digest)
-          return Fail(Error::Io("stored page " + r->digest.Hex().substr(0, 16) +
-                                " does not match its digest"));
+        // Never hand QEMU a page that is not the one referenced: checked
+        // (with the others of this flush) in VerifyRefs before any write.
+        ref_digests_.push_back(r->digest);
         ++stats_.ref_pages;
-        return EmitPage(r->header, r->digest);
+        return EmitPage(r->header, page, &r->digest);
       }
       case FrameType::kLiteral:
       case FrameType::kLiteralZstd: {
@@ -205,19 +230,10 @@ class DecoderSession {
           if (ZSTD_isError(n) || n != kPageBytes)
             return Fail(Error::Protocol("LITERAL_ZSTD does not decompress to one page"));
           ++stats_.zstd_pages;
-        } else {
-          std::copy(l->data.begin(), l->data.end(), page_.begin());
-        }
-        PageDigest d;
-        if (auto put = opt_.store->Put(page_)) {
-          d = *put;
-        } else {
-          if (!put_warned_) spdlog::warn("decoder: page store: {}", put.error().message());
-          put_warned_ = true;
-          d = hasher_->Hash(page_);
         }
         ++stats_.literal_pages;
-        return EmitPage(l->header, d);
+        // To QEMU now; hashed (for END) and learned behind.
+        return EmitPage(l->header, z ? std::span<const uint8_t>(page_) : l->data, nullptr);
       }
       case FrameType::kZero: {
         auto z = DecodeZero(fr.payload);
@@ -233,8 +249,7 @@ class DecoderSession {
           rec.continued = i > 0 || z->header.continued;
           ++stats_.pages;
           ++stats_.zero_pages;
-          if (!end_seen_) end_acc_.Zero(*block, rec.offset, rec.fill);
-          manifest_.Erase(*block, rec.offset);
+          learner_.AddZero(*block, rec.offset, rec.fill, !end_seen_);
           if (auto e = EncodeToQemu(rec); !e) return e;
           if (qemu_out_.size() >= kFlushBytes) {
             if (auto st = FlushQemu(); !st) return Fail(st.error());
@@ -246,11 +261,18 @@ class DecoderSession {
         if (end_seen_) return Fail(Error::Protocol("a second END"));
         auto theirs = DecodeEnd(fr.payload);
         if (!theirs) return Fail(theirs.error());
-        auto mine = end_acc_.Figures();
+        if (auto st = VerifyRefs(); !st) return Fail(st.error());
+        learner_.Submit();
+        learner_.Drain();  // every digest before END is known now
+        auto mine = learner_.PageFigures();
+        auto pass = pass_acc_.Figures();
+        mine.passthrough_bytes = pass.passthrough_bytes;
+        mine.passthrough_crc = pass.passthrough_crc;
         if (mine != *theirs)
           return Fail(
               Error::Protocol("END mismatch: " + detail::DescribeEndMismatch(mine, *theirs)));
         end_seen_ = true;
+        learner_.SetPinned(false);  // no reference comes after END
         std::vector<uint8_t> out;
         (void)AppendEnd(mine, out);
         if (auto st = writer_.Write(out); !st) return Fail(st.error().Context("sending END"));
@@ -289,21 +311,39 @@ class DecoderSession {
     return std::string_view(last_block_);
   }
 
-  Result<bool> EmitPage(const PageHeader& h, const PageDigest& d) {
+  // `known`: the digest of a referenced page (already in the store).
+  Result<bool> EmitPage(const PageHeader& h, std::span<const uint8_t> data,
+                        const PageDigest* known) {
     auto block = ResolveBlock(h);
     if (!block) return Fail(block.error());
     ++stats_.pages;
-    if (!end_seen_)
-      end_acc_.Page(*block, h.offset, d);
+    if (end_seen_) ++stats_.postcopy_pages;
+    if (known)
+      learner_.AddKnownPage(*block, h.offset, *known, !end_seen_);
     else
-      ++stats_.postcopy_pages;
-    manifest_.Set(*block, h.offset, d);
+      learner_.AddPage(*block, h.offset, data, !end_seen_);
     PageRecord rec;
     rec.block_id = *block;
     rec.offset = h.offset;
     rec.continued = h.continued;
-    rec.data = page_;
+    rec.data = data;
     return EncodeToQemu(rec);
+  }
+
+  // Checks every referenced page fetched since the last call against its
+  // digest, all in one batch.
+  Status VerifyRefs() {
+    if (ref_digests_.empty()) return Ok();
+    ref_check_.resize(ref_digests_.size());
+    hasher_->HashMany(ref_data_, ref_check_);
+    for (size_t i = 0; i < ref_digests_.size(); ++i) {
+      if (ref_check_[i] != ref_digests_[i])
+        return Fail(Error::Io("stored page " + ref_digests_[i].Hex().substr(0, 16) +
+                              " does not match its digest"));
+    }
+    ref_digests_.clear();
+    ref_data_.clear();
+    return Ok();
   }
 
   Result<bool> EncodeToQemu(const PageRecord& rec) {
@@ -319,9 +359,14 @@ class DecoderSession {
   }
 
   Status FlushQemu() {
+    if (auto v = VerifyRefs(); !v) return v;
     if (qemu_out_.empty() || !qemu_) return Ok();
     auto st = qemu_->WriteAll(qemu_out_);
     qemu_out_.clear();
+    learner_.Submit();  // delivered first, learned behind
+    if (!st && st.error().code() == ETIMEDOUT)
+      return Fail(Error::Timeout("the destination QEMU took no data for " +
+                                 std::to_string(opt_.idle_timeout.count()) + " ms (idle timeout)"));
     if (!st) {
       // The destination QEMU closed before the stream ended: its incoming
       // migration failed. Let its last return-path bytes through first (a
@@ -341,8 +386,13 @@ class DecoderSession {
     if (auto st = FlushQemu(); !st) return AbortAll(st.error());
     qemu_->ShutdownWrite();
     // Learn the image as it arrived (content-addressed: a stale manifest
-    // costs hits, never correctness).
-    if (auto st = opt_.store->PutManifest(vm_, manifest_.Build()); !st) {
+    // costs hits, never correctness). The destination QEMU is loading
+    // meanwhile; the learner finishes before the session reports done.
+    learner_.Submit();
+    learner_.Drain();
+    stats_.learned_pages = learner_.stored_pages();
+    stats_.learn_skipped_pages = learner_.skipped_pages();
+    if (auto st = opt_.store->PutManifest(vm_, learner_.BuildManifest()); !st) {
       spdlog::warn("decoder: cannot write the manifest for {}: {}", vm_, st.error().message());
     } else {
       (void)opt_.store->Sync();
@@ -388,11 +438,12 @@ class DecoderSession {
   std::string last_block_;  // for CONTINUE page frames
   bool zstd_ok_ = false;
   bool end_seen_ = false;
-  bool put_warned_ = false;
   ZSTD_DCtx* dctx_ = nullptr;
-  std::optional<PageHasher> hasher_;
-  detail::EndAccumulator end_acc_;
-  detail::ManifestBuilder manifest_;
+  std::optional<PageHasher> hasher_;  // forward thread: referenced pages
+  std::vector<uint8_t> ref_data_;     // referenced pages not verified yet
+  std::vector<PageDigest> ref_digests_, ref_check_;
+  detail::EndAccumulator pass_acc_;  // passthrough part of END (pages: the learner)
+  detail::PageLearner learner_;
   ProxyStats stats_;
   std::thread relay_;
   std::atomic<uint64_t> return_bytes_{0};

@@ -3,9 +3,16 @@
 //
 // Threads: the caller's thread reads the source QEMU, parses and sends frames
 // (the forward path); a relay thread reads the decoder's frames (RETURN,
-// END, ABORT) and writes return-path bytes to the source QEMU. Frames to the
-// WAN go through one WanWriter (the relay never writes there except to
-// abort, which the forward thread also may do).
+// END, ABORT) and writes return-path bytes to the source QEMU; the
+// PageLearner's worker hashes and learns pages behind the forward path.
+// Frames to the WAN go through one WanWriter (the relay never writes there
+// except to abort, which the forward thread also may do).
+//
+// Hashing in line only where the decision needs it: with an empty SUMMARY
+// (always on a first hop) no page can become a reference, so every page is
+// sent as a literal at once and hashed later by the learner (END waits for
+// it). With a non-empty SUMMARY the rewritable pages of one read are hashed
+// together (PageHasher::HashMany) before that read's frames are sent.
 #include <spdlog/spdlog.h>
 #include <zstd.h>
 
@@ -39,7 +46,11 @@ class NullVisitor final : public MigrationStreamVisitor {
 class EncoderSession final : public MigrationStreamVisitor {
  public:
   EncoderSession(ByteStream& qemu, ByteStream& wan, const EncoderOptions& o)
-      : qemu_(qemu), wan_(wan), opt_(o), writer_(wan) {}
+      : qemu_(qemu),
+        wan_(wan),
+        opt_(o),
+        writer_(wan),
+        learner_(detail::PageLearner::Options{o.store, o.learn_queue_bytes, 0, "encoder"}) {}
   ~EncoderSession() override {
     if (relay_.joinable()) relay_.join();
     if (cctx_) ZSTD_freeCCtx(cctx_);
@@ -65,13 +76,25 @@ class EncoderSession final : public MigrationStreamVisitor {
     wan_.SetReadTimeout(opt_.handshake_timeout);
     if (auto st = Handshake(); !st) return AbortAll(st.error());
     wan_.SetReadTimeout(std::chrono::milliseconds(0));
+    // A silent source QEMU, or a decoder that stops taking bytes, fails the
+    // migration after the idle timeout. Not the WAN's read side: the return
+    // path may be silent for a whole precopy migration.
+    qemu_.SetReadTimeout(opt_.idle_timeout);
+    qemu_.SetWriteTimeout(opt_.idle_timeout);
+    wan_.SetWriteTimeout(opt_.idle_timeout);
     relay_ = std::thread([this] { RelayLoop(); });
 
     std::vector<uint8_t> buf(kReadChunk);
     while (true) {
       auto n = qemu_.Read(buf);
       if (stopping_.load()) break;  // the relay ended the session
-      if (!n) return AbortAll(n.error().Context("reading the source QEMU"));
+      if (!n) {
+        if (n.error().code() == ETIMEDOUT)
+          return AbortAll(Error::Timeout("the source QEMU sent nothing for " +
+                                         std::to_string(opt_.idle_timeout.count()) +
+                                         " ms (idle timeout)"));
+        return AbortAll(n.error().Context("reading the source QEMU"));
+      }
       if (*n == 0) break;
       stats_.qemu_bytes += *n;
       if (auto st = FeedChunk(std::span<const uint8_t>(buf.data(), *n)); !st)
@@ -104,6 +127,9 @@ class EncoderSession final : public MigrationStreamVisitor {
       return AbortAll(st.error());
     if (auto st = Flush(); !st) return AbortAll(st.error().Context("sending to the decoder"));
     wan_.ShutdownWrite();
+    // The decoder closes its side once its QEMU has loaded the state; do not
+    // wait forever for a decoder that went silent.
+    wan_.SetReadTimeout(opt_.idle_timeout);
     relay_.join();  // until the decoder closes its side
     {
       std::lock_guard lk(mu_);
@@ -114,8 +140,13 @@ class EncoderSession final : public MigrationStreamVisitor {
     qemu_.Abort();
     wan_.Abort();
     // Learn: the image of the VM that left. Pages are content-addressed, so
-    // a manifest can only ever cost hits, never correctness.
-    if (auto st = opt_.store->PutManifest(opt_.vm, manifest_.Build()); !st) {
+    // a manifest can only ever cost hits, never correctness. The learner
+    // finishes before the session reports the migration done.
+    learner_.Submit();
+    learner_.Drain();
+    stats_.learned_pages = learner_.stored_pages();
+    stats_.learn_skipped_pages = learner_.skipped_pages();
+    if (auto st = opt_.store->PutManifest(opt_.vm, learner_.BuildManifest()); !st) {
       spdlog::warn("encoder: cannot write the manifest for {}: {}", opt_.vm, st.error().message());
     } else {
       (void)opt_.store->Sync();
@@ -197,7 +228,10 @@ class EncoderSession final : public MigrationStreamVisitor {
       if (!*f) {
         auto n = wan_.Read(buf);
         if (!n) {
-          err = n.error().Context("reading from the decoder");
+          err = n.error().code() == ETIMEDOUT
+                    ? Error::Timeout("the decoder did not close within the idle timeout (" +
+                                     std::to_string(opt_.idle_timeout.count()) + " ms)")
+                    : n.error().Context("reading from the decoder");
           break;
         }
         if (*n == 0) break;  // the decoder is done
@@ -298,7 +332,14 @@ class EncoderSession final : public MigrationStreamVisitor {
 
   Status AppendEndFrame() {
     FlushZeroRun();
-    auto fig = end_acc_.Figures();
+    ResolvePending();
+    // END needs the digest of every page before it: let the learner catch up.
+    learner_.Submit();
+    learner_.Drain();
+    auto fig = learner_.PageFigures();
+    auto pass = pass_acc_.Figures();
+    fig.passthrough_bytes = pass.passthrough_bytes;
+    fig.passthrough_crc = pass.passthrough_crc;
     {
       std::lock_guard lk(mu_);
       my_end_ = fig;
@@ -309,17 +350,68 @@ class EncoderSession final : public MigrationStreamVisitor {
 
   Status Flush() {
     FlushZeroRun();
+    ResolvePending();
     if (visit_error_) return Fail(*visit_error_);
     auto st = writer_.Write(out_);
     out_.clear();
-    if (!st) return Fail(st.error().Context("sending to the decoder"));
+    if (!st) {
+      if (st.error().code() == ETIMEDOUT)
+        return Fail(Error::Timeout("the decoder took no data for " +
+                                   std::to_string(opt_.idle_timeout.count()) +
+                                   " ms (idle timeout)"));
+      return Fail(st.error().Context("sending to the decoder"));
+    }
+    learner_.Submit();  // forwarded first, learned behind
     return Ok();
+  }
+
+  // Hashes the pages waiting for a decision (all at once) and puts their
+  // frames, reference or literal, in their places in out_.
+  void ResolvePending() {
+    if (pending_.empty()) return;
+    digests_.resize(pending_.size());
+    hasher_->HashMany(pending_data_, digests_);
+    std::vector<uint8_t> merged;
+    merged.reserve(out_.size() + pending_.size() * (kPageBytes + 32));
+    size_t pos = 0;
+    for (size_t i = 0; i < pending_.size(); ++i) {
+      const Pending& p = pending_[i];
+      merged.insert(merged.end(), out_.begin() + long(pos), out_.begin() + long(p.out_pos));
+      pos = p.out_pos;
+      const PageDigest& d = digests_[i];
+      learner_.SetDigest(p.event, d);
+      PageHeader h{p.continued, p.block, p.offset};
+      if (summary_.contains(DigestPrefix(d))) {
+        ++stats_.ref_pages;
+        Record(AppendPageRef(PageRef{h, d}, merged));
+      } else {
+        EmitLiteral(h, std::span<const uint8_t>(pending_data_).subspan(i * kPageBytes, kPageBytes),
+                    merged);
+      }
+    }
+    merged.insert(merged.end(), out_.begin() + long(pos), out_.end());
+    out_.swap(merged);
+    pending_.clear();
+    pending_data_.clear();
+  }
+
+  void EmitLiteral(const PageHeader& h, std::span<const uint8_t> data, std::vector<uint8_t>& out) {
+    ++stats_.literal_pages;
+    if (zstd_) {
+      size_t n = ZSTD_compressCCtx(cctx_, zbuf_.data(), zbuf_.size(), data.data(), data.size(), 1);
+      if (!ZSTD_isError(n) && n < kPageBytes) {
+        ++stats_.zstd_pages;
+        Record(AppendLiteral(Literal{h, std::span<const uint8_t>(zbuf_.data(), n)}, true, out));
+        return;
+      }
+    }
+    Record(AppendLiteral(Literal{h, data}, false, out));
   }
 
   // --- MigrationStreamVisitor ---
   void OnPassthrough(std::span<const uint8_t> bytes) override {
     FlushZeroRun();
-    end_acc_.Passthrough(bytes);
+    pass_acc_.Passthrough(bytes);
     while (!bytes.empty()) {
       size_t n = std::min(bytes.size(), kMaxPassthroughChunk);
       Record(AppendPassthrough(bytes.first(n), out_));
@@ -330,10 +422,10 @@ class EncoderSession final : public MigrationStreamVisitor {
   void OnPage(const PageRecord& rec) override {
     ++stats_.pages;
     PageHeader h{rec.continued, rec.block_id, rec.offset};
+    const bool in_window = !end_sent_;
     if (rec.zero) {
       ++stats_.zero_pages;
-      end_acc_.Zero(rec.block_id, rec.offset, rec.fill);
-      manifest_.Erase(rec.block_id, rec.offset);
+      learner_.AddZero(rec.block_id, rec.offset, rec.fill, in_window);
       // Runs of CONTINUE zero records at consecutive offsets become one frame.
       if (run_ && rec.continued && rec.offset == run_->next && rec.fill == run_->fill &&
           run_->count < kMaxZeroRun) {
@@ -352,33 +444,16 @@ class EncoderSession final : public MigrationStreamVisitor {
     }
     FlushZeroRun();
     if (!rec.rewritable) ++stats_.postcopy_pages;
-    PageDigest digest;
-    if (auto d = opt_.store->Put(rec.data)) {
-      digest = *d;
-    } else {
-      // Learning is best effort (a full disk must not fail a migration).
-      if (!put_warned_) spdlog::warn("encoder: page store: {}", d.error().message());
-      put_warned_ = true;
-      digest = hasher_->Hash(rec.data);
-    }
-    end_acc_.Page(rec.block_id, rec.offset, digest);
-    manifest_.Set(rec.block_id, rec.offset, digest);
-    if (rec.rewritable && summary_.contains(DigestPrefix(digest))) {
-      ++stats_.ref_pages;
-      Record(AppendPageRef(PageRef{h, digest}, out_));
+    size_t ev = learner_.AddPage(rec.block_id, rec.offset, rec.data, in_window);
+    if (rec.rewritable && !summary_.empty()) {
+      // The decision needs the digest: hash with the rest of this read.
+      pending_.push_back(Pending{ev, out_.size(), rec.continued,
+                                 std::string(rec.continued ? "" : rec.block_id), rec.offset});
+      pending_data_.insert(pending_data_.end(), rec.data.begin(), rec.data.end());
       return;
     }
-    ++stats_.literal_pages;
-    if (zstd_) {
-      size_t n =
-          ZSTD_compressCCtx(cctx_, zbuf_.data(), zbuf_.size(), rec.data.data(), rec.data.size(), 1);
-      if (!ZSTD_isError(n) && n < kPageBytes) {
-        ++stats_.zstd_pages;
-        Record(AppendLiteral(Literal{h, std::span<const uint8_t>(zbuf_.data(), n)}, true, out_));
-        return;
-      }
-    }
-    Record(AppendLiteral(Literal{h, rec.data}, false, out_));
+    // Nothing the destination holds can match: a literal, now.
+    EmitLiteral(h, rec.data, out_);
   }
 
   void OnFallback(const Fallback& why) override {
@@ -411,9 +486,19 @@ class EncoderSession final : public MigrationStreamVisitor {
   bool zstd_ = false;
   ZSTD_CCtx* cctx_ = nullptr;
   std::vector<uint8_t> zbuf_;
-  std::optional<PageHasher> hasher_;
-  detail::EndAccumulator end_acc_;
-  detail::ManifestBuilder manifest_;
+  std::optional<PageHasher> hasher_;  // forward thread: pages awaiting a decision
+  detail::EndAccumulator pass_acc_;   // passthrough part of END (pages: the learner)
+  detail::PageLearner learner_;
+  struct Pending {
+    size_t event;    // in the learner's batch
+    size_t out_pos;  // where its frame goes in out_
+    bool continued;
+    std::string block;
+    uint64_t offset;
+  };
+  std::vector<Pending> pending_;
+  std::vector<uint8_t> pending_data_;
+  std::vector<PageDigest> digests_;
   std::optional<Error> visit_error_;
   struct ZeroRun {
     bool continued;
@@ -425,7 +510,6 @@ class EncoderSession final : public MigrationStreamVisitor {
   };
   std::optional<ZeroRun> run_;  // ZERO records not sent yet
   bool end_sent_ = false;
-  bool put_warned_ = false;
   ProxyStats stats_;
   std::thread relay_;
 

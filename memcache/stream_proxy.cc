@@ -8,6 +8,7 @@
 #include <netinet/tcp.h>
 #include <openssl/evp.h>
 #include <poll.h>
+#include <spdlog/spdlog.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -18,6 +19,7 @@
 #include <mutex>
 
 #include "kagemusha/common/coding.h"
+#include "page_store_format.h"
 #include "stream_proxy_session.h"
 
 namespace kagemusha::memcache {
@@ -138,11 +140,20 @@ void SocketStream::SetReadTimeout(std::chrono::milliseconds timeout) {
   ::setsockopt(fd_, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
 }
 
+void SocketStream::SetWriteTimeout(std::chrono::milliseconds timeout) {
+  timeval tv{};
+  tv.tv_sec = timeout.count() / 1000;
+  tv.tv_usec = (timeout.count() % 1000) * 1000;
+  ::setsockopt(fd_, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
+}
+
 Status SocketStream::WriteAll(std::span<const uint8_t> bytes) {
   while (!bytes.empty()) {
     ssize_t n = ::send(fd_, bytes.data(), bytes.size(), MSG_NOSIGNAL);
     if (n < 0) {
       if (errno == EINTR) continue;
+      if (errno == EAGAIN || errno == EWOULDBLOCK)
+        return Fail(Error::Timeout("the peer took no data within the time limit"));
       return Fail(Error::Errno(errno, "send"));
     }
     bytes = bytes.subspan(size_t(n));
@@ -254,10 +265,16 @@ class MemoryStream final : public ByteStream {
   Status WriteAll(std::span<const uint8_t> bytes) override {
     std::unique_lock lk(out_->mu);
     while (!bytes.empty()) {
-      out_->cv.wait(lk, [&] {
+      auto ready = [&] {
         return out_->aborted || out_->write_closed || out_->reset_after_data ||
                out_->data.size() < out_->capacity;
-      });
+      };
+      if (write_timeout_.count() > 0) {
+        if (!out_->cv.wait_for(lk, write_timeout_, ready))
+          return Fail(Error::Timeout("the peer took no data within the time limit"));
+      } else {
+        out_->cv.wait(lk, ready);
+      }
       if (out_->aborted || out_->write_closed || out_->reset_after_data)
         return Fail(Error::Errno(EPIPE, "send"));
       size_t n = std::min(bytes.size(), out_->capacity - out_->data.size());
@@ -278,6 +295,7 @@ class MemoryStream final : public ByteStream {
   // the peer, which then sees an error rather than a clean EOF (so tests can
   // tell an abort from a normal end); our own reads fail at once.
   void SetReadTimeout(std::chrono::milliseconds timeout) override { timeout_ = timeout; }
+  void SetWriteTimeout(std::chrono::milliseconds timeout) override { write_timeout_ = timeout; }
 
   void Abort() override {
     {
@@ -292,7 +310,8 @@ class MemoryStream final : public ByteStream {
 
  private:
   std::shared_ptr<Channel> in_, out_;
-  std::chrono::milliseconds timeout_{0};  // set before the reader thread starts
+  std::chrono::milliseconds timeout_{0};        // set before the reader thread starts
+  std::chrono::milliseconds write_timeout_{0};  // set before the writer thread starts
 };
 
 }  // namespace
@@ -369,6 +388,220 @@ Manifest ManifestBuilder::Build() const {
     for (const auto& [offset, digest] : pages) m.entries.push_back({block, offset, digest});
   }
   return m;
+}
+
+// --- PageLearner ---------------------------------------------------------------------
+
+namespace {
+PageHasher MustCreateHasher() {
+  auto h = PageHasher::Create();
+  if (!h) {
+    spdlog::critical("cannot create a SHA-256 hasher: {}", h.error().message());
+    std::abort();
+  }
+  return std::move(*h);
+}
+}  // namespace
+
+PageLearner::PageLearner(const Options& o) : opt_(o) {
+  inline_hasher_.emplace(MustCreateHasher());
+  worker_hasher_.emplace(MustCreateHasher());
+  worker_ = std::thread([this] { WorkerLoop(); });
+}
+
+PageLearner::~PageLearner() {
+  {
+    std::lock_guard lk(mu_);
+    stop_ = true;
+  }
+  cv_.notify_all();
+  worker_.join();
+}
+
+size_t PageLearner::AddPage(std::string_view block, uint64_t offset, std::span<const uint8_t> data,
+                            bool in_window) {
+  Event e;
+  e.block.assign(block);
+  e.offset = offset;
+  e.in_window = in_window;
+  e.data = uint32_t(batch_.data.size() / kStorePageSize);
+  batch_.data.insert(batch_.data.end(), data.begin(), data.end());
+  batch_.events.push_back(std::move(e));
+  return batch_.events.size() - 1;
+}
+
+void PageLearner::AddKnownPage(std::string_view block, uint64_t offset, const PageDigest& d,
+                               bool in_window) {
+  Event e;
+  e.block.assign(block);
+  e.offset = offset;
+  e.in_window = in_window;
+  e.digest = d;
+  e.has_digest = true;
+  batch_.events.push_back(std::move(e));
+}
+
+void PageLearner::AddZero(std::string_view block, uint64_t offset, uint8_t fill, bool in_window) {
+  Event e;
+  e.block.assign(block);
+  e.offset = offset;
+  e.in_window = in_window;
+  e.zero = true;
+  e.fill = fill;
+  batch_.events.push_back(std::move(e));
+}
+
+void PageLearner::SetDigest(size_t event, const PageDigest& d) {
+  batch_.events[event].digest = d;
+  batch_.events[event].has_digest = true;
+}
+
+void PageLearner::Submit() {
+  if (batch_.events.empty()) return;
+  batch_.pinned = pinned_;
+  bool overloaded;
+  {
+    std::lock_guard lk(mu_);
+    overloaded = !batch_.data.empty() && queued_bytes_ > 0 &&
+                 queued_bytes_ + batch_.data.size() > opt_.max_queued_bytes;
+  }
+  if (overloaded) {
+    // The worker is too far behind: never hold the stream for the store.
+    // Hash here (END needs every digest) and hand over digests only.
+    std::vector<uint32_t> need;
+    for (uint32_t i = 0; i < batch_.events.size(); ++i)
+      if (!batch_.events[i].zero && !batch_.events[i].has_digest) need.push_back(i);
+    std::vector<uint8_t> pages;
+    pages.reserve(need.size() * kStorePageSize);
+    for (uint32_t i : need) {
+      auto p = std::span<const uint8_t>(batch_.data)
+                   .subspan(size_t(batch_.events[i].data) * kStorePageSize, kStorePageSize);
+      pages.insert(pages.end(), p.begin(), p.end());
+    }
+    std::vector<PageDigest> d(need.size());
+    inline_hasher_->HashMany(pages, d);
+    for (size_t k = 0; k < need.size(); ++k) {
+      batch_.events[need[k]].digest = d[k];
+      batch_.events[need[k]].has_digest = true;
+    }
+    for (auto& e : batch_.events) e.data = kNoData;
+    skipped_inline_ += batch_.data.size() / kStorePageSize;
+    batch_.data.clear();
+  }
+  {
+    std::lock_guard lk(mu_);
+    queued_bytes_ += batch_.data.size();
+    queue_.push_back(std::move(batch_));
+  }
+  cv_.notify_all();
+  batch_ = Batch{};
+}
+
+void PageLearner::Drain() {
+  std::unique_lock lk(mu_);
+  cv_.wait(lk, [&] { return queue_.empty() && !busy_; });
+}
+
+void PageLearner::WorkerLoop() {
+  std::unique_lock lk(mu_);
+  while (true) {
+    cv_.wait(lk, [&] { return stop_ || !queue_.empty(); });
+    if (stop_) return;
+    Batch b = std::move(queue_.front());
+    queue_.pop_front();
+    busy_ = true;
+    lk.unlock();
+    Process(b);
+    lk.lock();
+    queued_bytes_ -= b.data.size();
+    busy_ = false;
+    if (queue_.empty()) cv_.notify_all();
+  }
+}
+
+size_t PageLearner::StoreBudget(size_t n, bool pinned) {
+  if (!opt_.store || store_failed_) return 0;
+  if (!pinned || opt_.quota_bytes == 0) return n;
+  // Never grow past the quota (which would evict) while pinned. Conservative:
+  // every page counted as new, plus room for a new segment's header.
+  uint64_t bytes = opt_.store->stats().bytes + store_format::kRecordSize;
+  if (bytes >= opt_.quota_bytes) return 0;
+  return std::min<size_t>(n, (opt_.quota_bytes - bytes) / store_format::kRecordSize);
+}
+
+void PageLearner::HashAndLearn(std::span<const uint8_t> pages, std::span<PageDigest> out,
+                               bool pinned) {
+  size_t n = out.size();
+  size_t k = StoreBudget(n, pinned);
+  if (k > 0) {
+    auto r = opt_.store->PutMany(pages.first(k * kStorePageSize));
+    if (r) {
+      std::copy(r->begin(), r->end(), out.begin());
+      stored_ += k;
+    } else {
+      // Learning is best effort (a full disk must not fail a migration).
+      spdlog::warn("{}: page store: {}; learning stops for this migration", opt_.who,
+                   r.error().message());
+      store_failed_ = true;
+      k = 0;
+    }
+  }
+  if (k < n) {
+    worker_hasher_->HashMany(pages.subspan(k * kStorePageSize), out.subspan(k));
+    if (opt_.store) skipped_ += n - k;
+  }
+}
+
+void PageLearner::Process(Batch& b) {
+  // 1. Digests for the pages that have none, in runs of consecutive data.
+  const size_t np = b.data.size() / kStorePageSize;
+  std::vector<PageDigest> digests(np);
+  std::vector<bool> needs(np, false);
+  std::vector<uint8_t> known;  // pages with a digest whose data the store may lack
+  for (const auto& e : b.events) {
+    if (e.zero || e.data == kNoData) continue;
+    if (!e.has_digest) {
+      needs[e.data] = true;
+    } else if (opt_.store && !store_failed_ && !opt_.store->Contains(e.digest)) {
+      auto p =
+          std::span<const uint8_t>(b.data).subspan(size_t(e.data) * kStorePageSize, kStorePageSize);
+      known.insert(known.end(), p.begin(), p.end());
+    }
+  }
+  for (size_t i = 0; i < np;) {
+    if (!needs[i]) {
+      ++i;
+      continue;
+    }
+    size_t j = i;
+    while (j < np && needs[j]) ++j;
+    HashAndLearn(
+        std::span<const uint8_t>(b.data).subspan(i * kStorePageSize, (j - i) * kStorePageSize),
+        std::span<PageDigest>(digests).subspan(i, j - i), b.pinned);
+    i = j;
+  }
+  if (!known.empty()) {
+    size_t n = known.size() / kStorePageSize;
+    size_t k = StoreBudget(n, b.pinned);
+    if (k > 0) {
+      if (auto r = opt_.store->PutMany(std::span<const uint8_t>(known).first(k * kStorePageSize)))
+        stored_ += k;
+      else
+        store_failed_ = true;
+    }
+    skipped_ += n - k;
+  }
+  // 2. The END page chain and the manifest, in stream order.
+  for (const auto& e : b.events) {
+    if (e.zero) {
+      if (e.in_window) end_acc_.Zero(e.block, e.offset, e.fill);
+      manifest_.Erase(e.block, e.offset);
+      continue;
+    }
+    const PageDigest& d = e.has_digest ? e.digest : digests[e.data];
+    if (e.in_window) end_acc_.Page(e.block, e.offset, d);
+    manifest_.Set(e.block, e.offset, d);
+  }
 }
 
 std::string DescribeEndMismatch(const reuse::EndFigures& mine, const reuse::EndFigures& theirs) {

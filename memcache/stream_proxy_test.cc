@@ -125,7 +125,8 @@ Guest MakeGuest(int n, uint32_t seed = 1) {
 
 class TempStore {
  public:
-  TempStore() {
+  explicit TempStore(uint64_t quota_bytes = 0, uint64_t segment_bytes = 64ull << 20)
+      : quota_(quota_bytes), segment_bytes_(segment_bytes) {
     char tmpl[] = "/tmp/kgm-proxy-test-XXXXXX";
     dir_ = ::mkdtemp(tmpl);
     Open();
@@ -139,9 +140,15 @@ class TempStore {
     PageStoreOptions o;
     o.dir = dir_ + "/store";
     o.fsync = false;
+    o.quota_bytes = quota_;
+    o.segment_bytes = segment_bytes_;
     auto s = PageStore::Open(o);
     EXPECT_TRUE(s) << s.error().message();
     store = std::move(*s);
+  }
+  void SetQuota(uint64_t quota_bytes) {
+    quota_ = quota_bytes;
+    Open();
   }
   void Wipe() {
     store.reset();
@@ -152,6 +159,7 @@ class TempStore {
 
  private:
   std::string dir_;
+  uint64_t quota_, segment_bytes_;
 };
 
 // Rewrites or drops encoder->decoder frames; returns false to cut the WAN
@@ -174,6 +182,14 @@ struct RunOptions {
   Tamper tamper;
   Bytes dest_reply;  // the destination QEMU sends this once it got 1 KiB
   std::string decoder_vm = "vm1";
+  // Stalls: the source QEMU goes silent after this many bytes (connection
+  // kept open); the WAN relay stops reading after this many frames; the
+  // destination QEMU stops reading after this many bytes.
+  size_t source_stall_after = SIZE_MAX;
+  size_t wan_stall_after_frames = SIZE_MAX;
+  size_t dest_stall_after = SIZE_MAX;
+  std::chrono::milliseconds enc_idle{60000}, dec_idle{60000};
+  uint64_t dec_quota = 0;  // DecoderOptions::store_quota_bytes
 };
 
 // Reads until EOF or reset.
@@ -190,11 +206,25 @@ void Drain(ByteStream& s, Bytes& into, bool& reset) {
   }
 }
 
-// A relay on the WAN leg that re-frames encoder->decoder traffic through `t`.
-void TamperRelay(ByteStream& from_enc, ByteStream& to_dec, const Tamper& t) {
+// Waits (without touching any stream) until the harness says stop.
+void StallUntil(const std::atomic<bool>& stop) {
+  while (!stop.load()) std::this_thread::sleep_for(std::chrono::milliseconds(5));
+}
+
+// A relay on the WAN leg that re-frames encoder->decoder traffic through `t`;
+// after `stall_after` frames it stops reading (a stalled WAN peer).
+void TamperRelay(ByteStream& from_enc, ByteStream& to_dec, const Tamper& t,
+                 size_t stall_after = SIZE_MAX, const std::atomic<bool>* stop = nullptr) {
   FrameReader fr;
   uint8_t buf[65536];
+  size_t frames = 0;
   while (true) {
+    if (frames >= stall_after) {
+      StallUntil(*stop);
+      from_enc.Abort();
+      to_dec.Abort();
+      return;
+    }
     auto n = from_enc.Read(buf);
     if (!n || *n == 0) break;
     fr.Append(std::span<const uint8_t>(buf, *n));
@@ -203,7 +233,8 @@ void TamperRelay(ByteStream& from_enc, ByteStream& to_dec, const Tamper& t) {
       if (!f || !*f) break;
       FrameType type = (*f)->type;
       Bytes payload((*f)->payload.begin(), (*f)->payload.end());
-      if (!t(type, payload)) {
+      ++frames;
+      if (t && !t(type, payload)) {
         from_enc.Abort();
         to_dec.Abort();
         return;
@@ -222,7 +253,10 @@ void Copy(ByteStream& from, ByteStream& to) {
   while (true) {
     auto n = from.Read(buf);
     if (!n || *n == 0) break;
-    if (!to.WriteAll(std::span<const uint8_t>(buf, *n))) break;
+    if (!to.WriteAll(std::span<const uint8_t>(buf, *n))) {
+      from.Abort();  // like a TCP reset travelling back
+      break;
+    }
   }
   to.ShutdownWrite();
 }
@@ -235,12 +269,17 @@ RunResult RunMigration(const Bytes& stream, PageStore& src, PageStore& dst,
   auto [relay_out, dec_wan] = MakeMemoryPipe();
   auto [dec_qemu, dst_qemu] = MakeMemoryPipe();
   std::unique_ptr<ByteStream> dec_qemu_owned = std::move(dec_qemu);
+  std::atomic<bool> stop{false};
 
   std::thread source([&, s = src_qemu.get()] {
-    for (size_t i = 0; i < stream.size(); i += opt.chunk) {
-      if (!s->WriteAll(
-              std::span<const uint8_t>(stream).subspan(i, std::min(opt.chunk, stream.size() - i))))
+    const size_t len = std::min(stream.size(), opt.source_stall_after);
+    for (size_t i = 0; i < len; i += opt.chunk) {
+      if (!s->WriteAll(std::span<const uint8_t>(stream).subspan(i, std::min(opt.chunk, len - i))))
         break;
+    }
+    if (len < stream.size()) {  // silent, connection open, until the session ends
+      Drain(*s, r.source_got, r.source_reset);
+      return;
     }
     // Like QEMU with a return path: wait for the destination's reply
     // before closing (postcopy's SHUT), then close.
@@ -259,7 +298,17 @@ RunResult RunMigration(const Bytes& stream, PageStore& src, PageStore& dst,
     uint8_t buf[65536];
     bool replied = false;
     while (true) {
-      auto n = d->Read(buf);
+      if (r.delivered.size() >= opt.dest_stall_after) {
+        StallUntil(stop);
+        bool ignored = false;
+        Bytes rest;
+        Drain(*d, rest, ignored);
+        r.dest_reset = ignored;
+        break;
+      }
+      auto n = d->Read(std::span<uint8_t>(
+          buf, std::min(sizeof buf, opt.dest_stall_after -
+                                        std::min(opt.dest_stall_after, r.delivered.size()))));
       if (!n) {
         r.dest_reset = true;
         break;
@@ -274,14 +323,16 @@ RunResult RunMigration(const Bytes& stream, PageStore& src, PageStore& dst,
     d->ShutdownWrite();  // QEMU closes once it has loaded the state
   });
   std::thread fwd([&] {
-    if (opt.tamper)
-      TamperRelay(*relay_in, *relay_out, opt.tamper);
+    if (opt.tamper || opt.wan_stall_after_frames != SIZE_MAX)
+      TamperRelay(*relay_in, *relay_out, opt.tamper, opt.wan_stall_after_frames, &stop);
     else
       Copy(*relay_in, *relay_out);
   });
   std::thread back([&] { Copy(*relay_out, *relay_in); });
   std::thread dec([&] {
     DecoderOptions o{&dst, opt.decoder_vm};
+    o.idle_timeout = opt.dec_idle;
+    o.store_quota_bytes = opt.dec_quota;
     QemuConnector connect = [&]() -> Result<std::unique_ptr<ByteStream>> {
       return std::move(dec_qemu_owned);
     };
@@ -292,8 +343,10 @@ RunResult RunMigration(const Bytes& stream, PageStore& src, PageStore& dst,
   eo.store = &src;
   eo.vm = "vm1";
   eo.zstd = opt.zstd;
+  eo.idle_timeout = opt.enc_idle;
   r.enc = RunEncoderSession(*enc_qemu, *enc_wan, eo, &r.enc_partial);
   enc_wan->Abort();
+  stop = true;
   dec.join();
   if (dec_qemu_owned) dec_qemu_owned->Abort();  // the decoder never connected
   relay_in->Abort();
@@ -734,6 +787,131 @@ TEST(StreamProxy, EndMismatchWithholdsEverythingAfterIt) {
   // it never is.
   EXPECT_LE(got.size(), 3u);
   EXPECT_TRUE(std::equal(got.begin(), got.end(), Bytes{1, 2, 3}.begin()));
+}
+
+// --- deadlines on silent peers after the handshake ---------------------------------------
+
+TEST(StreamProxy, SourceQemuStallingMidStreamFailsTheMigrationCleanly) {
+  TempStore a, b;
+  Guest g = MakeGuest(200);
+  RunOptions o;
+  o.source_stall_after = g.stream.size() / 2;
+  o.enc_idle = std::chrono::milliseconds(200);
+  auto r = RunMigration(g.stream, *a.store, *b.store, o);
+  ASSERT_FALSE(r.enc);
+  EXPECT_EQ(r.enc.error().code(), ETIMEDOUT) << r.enc.error().message();
+  EXPECT_NE(r.enc.error().message().find("source QEMU sent nothing"), std::string::npos)
+      << r.enc.error().message();
+  EXPECT_FALSE(r.dec);
+  EXPECT_TRUE(r.source_reset) << "the source QEMU must see its migration fail";
+  EXPECT_TRUE(r.dest_reset) << "the destination QEMU must see a failed stream, not an EOF";
+  EXPECT_LT(r.delivered.size(), g.stream.size());
+}
+
+TEST(StreamProxy, SilentEncoderMidStreamFailsTheDecoderCleanly) {
+  TempStore a, b;
+  Guest g = MakeGuest(200);
+  RunOptions o;
+  o.source_stall_after = g.stream.size() / 2;  // so the encoder goes quiet too
+  o.dec_idle = std::chrono::milliseconds(200);
+  auto r = RunMigration(g.stream, *a.store, *b.store, o);
+  ASSERT_FALSE(r.dec);
+  EXPECT_EQ(r.dec.error().code(), ETIMEDOUT) << r.dec.error().message();
+  EXPECT_NE(r.dec.error().message().find("encoder sent nothing"), std::string::npos)
+      << r.dec.error().message();
+  ASSERT_FALSE(r.enc);  // the decoder's ABORT reached it
+  EXPECT_NE(r.enc.error().message().find("idle timeout"), std::string::npos)
+      << r.enc.error().message();
+  EXPECT_TRUE(r.source_reset);
+  EXPECT_TRUE(r.dest_reset);
+}
+
+TEST(StreamProxy, StalledWanPeerFailsTheEncoderCleanly) {
+  TempStore a, b;
+  Guest g = MakeGuest(900);  // more than the WAN pipe holds
+  RunOptions o;
+  o.wan_stall_after_frames = 50;
+  o.enc_idle = std::chrono::milliseconds(200);
+  auto r = RunMigration(g.stream, *a.store, *b.store, o);
+  ASSERT_FALSE(r.enc);
+  EXPECT_EQ(r.enc.error().code(), ETIMEDOUT) << r.enc.error().message();
+  EXPECT_NE(r.enc.error().message().find("decoder took no data"), std::string::npos)
+      << r.enc.error().message();
+  EXPECT_FALSE(r.dec);
+  EXPECT_TRUE(r.source_reset);
+  EXPECT_TRUE(r.dest_reset);
+  EXPECT_LT(r.delivered.size(), g.stream.size());
+}
+
+TEST(StreamProxy, StalledDestinationQemuFailsTheDecoderCleanly) {
+  TempStore a, b;
+  Guest g = MakeGuest(900);
+  RunOptions o;
+  o.dest_stall_after = 100 << 10;
+  o.dec_idle = std::chrono::milliseconds(200);
+  auto r = RunMigration(g.stream, *a.store, *b.store, o);
+  ASSERT_FALSE(r.dec);
+  EXPECT_EQ(r.dec.error().code(), ETIMEDOUT) << r.dec.error().message();
+  EXPECT_NE(r.dec.error().message().find("destination QEMU took no data"), std::string::npos)
+      << r.dec.error().message();
+  EXPECT_FALSE(r.enc);
+  EXPECT_TRUE(r.source_reset);
+  EXPECT_TRUE(r.dest_reset);
+}
+
+// --- SUMMARY pages are pinned against quota eviction ---------------------------------------
+
+// A stream whose first `fresh` pages are new and whose next ones carry the
+// non-zero pages of `old` (which the decoder's SUMMARY offers): the decoder
+// learns the new literals before it meets the references.
+Bytes FreshThenOld(int fresh, const Guest& old, int* old_pages) {
+  QemuStream s;
+  uint64_t total = uint64_t(fresh + int(old.pages.size())) * kPageBytes;
+  s.Head().RamStart({{"pc.ram", total}});
+  s.Part();
+  for (int i = 0; i < fresh; ++i)
+    s.Page("pc.ram", uint64_t(i) * kPageBytes, RandomPage(900000 + uint32_t(i)), i > 0);
+  *old_pages = 0;
+  for (size_t i = 0; i < old.pages.size(); ++i) {
+    if (old.pages[i].empty()) continue;
+    s.Page("pc.ram", uint64_t(fresh + int(i)) * kPageBytes, old.pages[i], true);
+    ++*old_pages;
+  }
+  s.Eos();
+  s.End();
+  s.Eos();
+  s.DeviceStateAndEof();
+  return s.b;
+}
+
+TEST(StreamProxy, QuotaEvictionCannotDropPagesTheSummaryOffered) {
+  // B's store: small segments, and a quota that holds the first image plus
+  // a little, far less than the next migration's new pages.
+  constexpr uint64_t kSeg = 16 + 8 * (40 + 4096);  // 8 records a segment
+  TempStore a;
+  TempStore b(/*quota_bytes=*/0, kSeg);
+  Guest g = MakeGuest(60);
+  ASSERT_TRUE(RunMigration(g.stream, *a.store, *b.store).dec);  // B learns g
+  const uint64_t held = b.store->stats().bytes;
+  const uint64_t quota = held + 2 * kSeg;
+  TempStore& bq = b;
+  bq.SetQuota(quota);  // reopens B's store with the quota
+  ASSERT_EQ(bq.store->stats().evicted_pages, 0u);
+
+  int old_pages = 0;
+  Bytes stream = FreshThenOld(200, g, &old_pages);
+  RunOptions o;
+  o.dec_quota = quota;
+  o.chunk = 64 << 10;
+  auto r = RunMigration(stream, *a.store, *bq.store, o);
+  ASSERT_TRUE(r.dec) << r.dec.error().message();
+  ASSERT_TRUE(r.enc) << r.enc.error().message();
+  EXPECT_EQ(r.delivered, stream);
+  EXPECT_EQ(r.dec->ref_pages, uint64_t(old_pages));
+  EXPECT_GT(r.dec->learn_skipped_pages, 0u);  // what did not fit was not learned
+  auto st = bq.store->stats();
+  EXPECT_LE(st.bytes, quota);
+  EXPECT_EQ(st.evicted_pages, 0u);
 }
 
 }  // namespace

@@ -55,9 +55,13 @@ class ByteStream {
   // or see EOF). Idempotent.
   virtual void Abort() = 0;
   // Later Reads fail with ETIMEDOUT after `timeout` without data; 0: wait
-  // forever (the default). Used for the handshake only: during a migration
-  // either direction may legitimately be idle for long.
+  // forever (the default). The sessions use it for the handshake and, after
+  // it, for the forward direction only (the idle timeout): the return path
+  // may legitimately be silent for a whole precopy migration.
   virtual void SetReadTimeout(std::chrono::milliseconds timeout) = 0;
+  // Later WriteAlls fail with ETIMEDOUT once the peer has taken no byte for
+  // `timeout` (it stopped reading); 0: wait forever (the default).
+  virtual void SetWriteTimeout(std::chrono::milliseconds timeout) = 0;
 };
 
 // A connected TCP socket (owned; closed on destruction).
@@ -77,6 +81,7 @@ class SocketStream final : public ByteStream {
   void ShutdownWrite() override;
   void Abort() override;
   void SetReadTimeout(std::chrono::milliseconds timeout) override;
+  void SetWriteTimeout(std::chrono::milliseconds timeout) override;
   int fd() const { return fd_; }
 
  private:
@@ -128,8 +133,11 @@ struct ProxyStats {
   uint64_t summary_entries = 0;  // digest prefixes in the decoder's SUMMARY
   bool fell_back = false;        // the parser stopped understanding the stream
   std::string fallback_reason;
-  bool learned = false;            // manifest written for the VM
-  uint64_t forward_wan_bytes = 0;  // reuse-protocol bytes source -> destination
+  bool learned = false;              // manifest written for the VM
+  uint64_t learned_pages = 0;        // pages handed to the page store (new or already there)
+  uint64_t learn_skipped_pages = 0;  // hashed but not stored: worker overloaded, store
+                                     // error, or (decoder) SUMMARY pages pinned at quota
+  uint64_t forward_wan_bytes = 0;    // reuse-protocol bytes source -> destination
   // forward_wan_bytes / qemu_bytes (1.0 = no gain; < 1 is a saving).
   double ratio() const;
 };
@@ -141,6 +149,12 @@ struct EncoderOptions {
   std::array<uint8_t, 16> uuid{};
   // Limit for the decoder's HELLO and SUMMARY to arrive.
   std::chrono::milliseconds handshake_timeout{30000};
+  // After the handshake: the migration fails (ETIMEDOUT) if the source QEMU
+  // sends nothing, or the decoder takes no byte, for this long. 0: no limit.
+  std::chrono::milliseconds idle_timeout{60000};
+  // Page data waiting to be hashed and learned behind the forward path;
+  // beyond it pages are hashed in line and not learned (learn_skipped_pages).
+  size_t learn_queue_bytes = 64u << 20;
 };
 
 // Runs one migration through the encoder. `qemu` is the connection the
@@ -155,6 +169,14 @@ struct DecoderOptions {
   PageStore* store = nullptr;  // required
   std::string vm;              // expected VM name (HELLO must match); empty: any
   std::chrono::milliseconds handshake_timeout{30000};  // for the encoder's HELLO
+  // After the handshake: the migration fails (ETIMEDOUT) if the encoder sends
+  // nothing, or the destination QEMU takes no byte, for this long. 0: no limit.
+  std::chrono::milliseconds idle_timeout{60000};
+  size_t learn_queue_bytes = 64u << 20;  // as for the encoder
+  // The store's quota (PageStoreOptions::quota_bytes; 0: none). While
+  // references may still arrive, learning never grows the store past it, so
+  // a quota eviction cannot drop a page the SUMMARY offered.
+  uint64_t store_quota_bytes = 0;
 };
 
 // Connects to the destination QEMU's incoming port (called once, after HELLO).
