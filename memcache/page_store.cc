@@ -183,10 +183,10 @@ void PageHasher::HashMany(std::span<const uint8_t> pages, std::span<PageDigest> 
   HashManyWith(FastestPath(), pages, out);
 }
 
-// Fewer pages than the widest kernel takes. Relative costs measured on the
-// bench machine (time per call, in single-page EVP hashes): AVX-512 x16
-// ~8, AVX-512VL x8 ~6, SHA-NI x2 ~1.9, EVP 1. So 10+ pages go through a
-// partly filled x16, 7+ through a partly filled x8, the rest in SHA-NI pairs.
+// Fewer pages than the widest kernel takes. Cost of one call on the bench
+// machine, in single-page EVP hashes: AVX-512 x16 ~6.6, AVX-512VL x8 ~5.2,
+// SHA-NI x2 ~1.4, EVP 1. So 10+ pages go through a partly filled x16, 8-9
+// through x8, the rest in SHA-NI pairs and a last one through EVP.
 void PageHasher::HashTail(std::span<const uint8_t> pages, std::span<PageDigest> out) {
   size_t i = 0, n = out.size();
   const bool avx512 = mb::CpuHasAvx512(), sha_ni = mb::CpuHasShaNi();
@@ -195,7 +195,7 @@ void PageHasher::HashTail(std::span<const uint8_t> pages, std::span<PageDigest> 
     if (avx512 && left >= 10) {
       RunKernel<16>(mb::Avx512X16, pages, out, i, std::min<size_t>(left, 16));
       i += std::min<size_t>(left, 16);
-    } else if (avx512 && left >= 7) {
+    } else if (avx512 && left >= 8) {
       RunKernel<8>(mb::Avx512VlX8, pages, out, i, std::min<size_t>(left, 8));
       i += std::min<size_t>(left, 8);
     } else if (sha_ni && left >= 2) {

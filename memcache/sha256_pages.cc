@@ -10,6 +10,7 @@
 #pragma GCC diagnostic ignored "-Wuninitialized"
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #endif
+#include <cpuid.h>
 #include <immintrin.h>
 
 #include <cstring>
@@ -101,6 +102,7 @@ KM_SHANI_INLINE void ShaNiInit(ShaNiLane& l) {
 
 KM_SHANI_INLINE void ShaNiBeginBlock(ShaNiLane& l, const uint8_t* block) {
   const __m128i bswap = ByteSwapMask();
+#pragma GCC unroll 16
   for (int g = 0; g < 4; ++g)
     l.w[g] = _mm_shuffle_epi8(_mm_loadu_si128(reinterpret_cast<const __m128i*>(block + 16 * g)),
                               bswap);
@@ -169,22 +171,27 @@ KM_INLINE V Maj(V a, V b, V c) {
 // 8x8 transpose of 32-bit words, twice (words 0-7 and 8-15 of the block).
 KM_INLINE void LoadBlock(const uint8_t* const in[kLanes], size_t off, V w[16]) {
   const V bswap = _mm256_broadcastsi128_si256(ByteSwapMask());
+#pragma GCC unroll 2
   for (int half = 0; half < 2; ++half) {
     V r[8], t[8], u[8];
+#pragma GCC unroll 16
     for (int i = 0; i < 8; ++i)
       r[i] = _mm256_shuffle_epi8(
           _mm256_loadu_si256(reinterpret_cast<const V*>(in[i] + off + 32 * half)), bswap);
+#pragma GCC unroll 16
     for (int k = 0; k < 4; ++k) {
       t[2 * k] = _mm256_unpacklo_epi32(r[2 * k], r[2 * k + 1]);
       t[2 * k + 1] = _mm256_unpackhi_epi32(r[2 * k], r[2 * k + 1]);
     }
     // u[4g + j], 128-bit lane L: word 8*half + 4L + j of pages 4g..4g+3.
+#pragma GCC unroll 16
     for (int g = 0; g < 2; ++g) {
       u[4 * g + 0] = _mm256_unpacklo_epi64(t[4 * g], t[4 * g + 2]);
       u[4 * g + 1] = _mm256_unpackhi_epi64(t[4 * g], t[4 * g + 2]);
       u[4 * g + 2] = _mm256_unpacklo_epi64(t[4 * g + 1], t[4 * g + 3]);
       u[4 * g + 3] = _mm256_unpackhi_epi64(t[4 * g + 1], t[4 * g + 3]);
     }
+#pragma GCC unroll 16
     for (int j = 0; j < 4; ++j) {
       w[8 * half + j] = _mm256_permute2x128_si256(u[j], u[4 + j], 0x20);
       w[8 * half + 4 + j] = _mm256_permute2x128_si256(u[j], u[4 + j], 0x31);
@@ -269,13 +276,16 @@ KM_INLINE V Maj(V a, V b, V c) { return _mm512_ternarylogic_epi32(a, b, c, 0xE8)
 KM_INLINE void LoadBlock(const uint8_t* const in[kLanes], size_t off, V w[16]) {
   const V bswap = _mm512_broadcast_i32x4(ByteSwapMask());
   V r[16], t[16], u[16];
+#pragma GCC unroll 16
   for (int i = 0; i < 16; ++i)
     r[i] = _mm512_shuffle_epi8(_mm512_loadu_si512(in[i] + off), bswap);
+#pragma GCC unroll 16
   for (int k = 0; k < 8; ++k) {
     t[2 * k] = _mm512_unpacklo_epi32(r[2 * k], r[2 * k + 1]);
     t[2 * k + 1] = _mm512_unpackhi_epi32(r[2 * k], r[2 * k + 1]);
   }
   // u[4g + j], 128-bit lane L: word 4L + j of pages 4g..4g+3.
+#pragma GCC unroll 16
   for (int g = 0; g < 4; ++g) {
     u[4 * g + 0] = _mm512_unpacklo_epi64(t[4 * g], t[4 * g + 2]);
     u[4 * g + 1] = _mm512_unpackhi_epi64(t[4 * g], t[4 * g + 2]);
@@ -283,6 +293,7 @@ KM_INLINE void LoadBlock(const uint8_t* const in[kLanes], size_t off, V w[16]) {
     u[4 * g + 3] = _mm512_unpackhi_epi64(t[4 * g + 1], t[4 * g + 3]);
   }
   // w[4L + j] = lane L of u[j], u[4 + j], u[8 + j], u[12 + j].
+#pragma GCC unroll 16
   for (int j = 0; j < 4; ++j) {
     const V x0 = _mm512_shuffle_i32x4(u[j], u[4 + j], 0x44);       // A0 A1 B0 B1
     const V x1 = _mm512_shuffle_i32x4(u[j], u[4 + j], 0xEE);       // A2 A3 B2 B3
@@ -313,6 +324,7 @@ __attribute__((target("avx2,avx512f,avx512bw,avx512vl,sha,sse4.1,ssse3"))) void 
       LoadBlock(in, off, w);
       Expand(w);
     }
+#pragma GCC unroll 16
     for (int i = 0; i < 8; ++i) saved[i] = s[i];
     for (int p = 0; p < 2; ++p) ShaNiBeginBlock(ni[p], data ? in[kLanes + p] + off : kPadding.bytes);
 #pragma GCC unroll 8
@@ -321,15 +333,18 @@ __attribute__((target("avx2,avx512f,avx512bw,avx512vl,sha,sse4.1,ssse3"))) void 
         DataRounds8(s, w, r);
       else
         PaddingRounds8(s, r);
+#pragma GCC unroll 16
       for (int p = 0; p < 2; ++p) {
         ShaNiQuad(ni[p], 2 * r);
         ShaNiQuad(ni[p], 2 * r + 1);
       }
     }
     AddState(s, saved);
+#pragma GCC unroll 16
     for (int p = 0; p < 2; ++p) ShaNiEndBlock(ni[p]);
   }
   StoreDigests(s, out);
+#pragma GCC unroll 16
   for (int p = 0; p < 2; ++p) ShaNiStore(ni[p], out[kLanes + p]);
 }
 
@@ -342,13 +357,17 @@ KM_SHANI_TARGET void ShaNiPages2(const uint8_t* const in[2], uint8_t* const out[
   ShaNiInit(l[0]);
   ShaNiInit(l[1]);
   for (size_t off = 0; off <= kPageBytes; off += 64) {
+#pragma GCC unroll 16
     for (int p = 0; p < 2; ++p)
       ShaNiBeginBlock(l[p], off < kPageBytes ? in[p] + off : kPadding.bytes);
 #pragma GCC unroll 16
     for (int g = 0; g < 16; ++g)
+#pragma GCC unroll 16
       for (int p = 0; p < 2; ++p) ShaNiQuad(l[p], g);
+#pragma GCC unroll 16
     for (int p = 0; p < 2; ++p) ShaNiEndBlock(l[p]);
   }
+#pragma GCC unroll 16
   for (int p = 0; p < 2; ++p) ShaNiStore(l[p], out[p]);
 }
 
@@ -366,33 +385,48 @@ void Avx512X16ShaNiX2(const uint8_t* const in[18], uint8_t* const out[18]) {
   avx512::HashPagesWithShaNi(in, out);
 }
 
-// Function-local statics: __builtin_cpu_supports needs __builtin_cpu_init
-// when it might run before libgcc's own constructor. The runtime's checks
-// include the OS saving the vector state (XGETBV).
-bool CpuHasShaNi() {
-  static const bool v = [] {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("sha") && __builtin_cpu_supports("sse4.1") &&
-           __builtin_cpu_supports("ssse3");
-  }();
-  return v;
+namespace {
+
+// CPUID and XGETBV directly (Intel SDM vol. 2, CPUID leaves 1 and 7): clang
+// 14's __builtin_cpu_supports knows no "sha". The vector kernels also need
+// the OS to save the ymm/zmm state (XCR0), not only the CPU to have them.
+struct CpuFeatures {
+  bool sha_ni = false, avx2 = false, avx512 = false;
+};
+
+CpuFeatures DetectCpu() {
+  CpuFeatures f;
+  unsigned a, b, c, d;
+  if (!__get_cpuid(1, &a, &b, &c, &d)) return f;
+  const bool ssse3 = c & (1u << 9), sse41 = c & (1u << 19), osxsave = c & (1u << 27),
+             avx = c & (1u << 28);
+  if (__get_cpuid_max(0, nullptr) < 7) return f;
+  __cpuid_count(7, 0, a, b, c, d);
+  const bool avx2 = b & (1u << 5), avx512f = b & (1u << 16), sha = b & (1u << 29),
+             avx512bw = b & (1u << 30), avx512vl = b & (1u << 31);
+  uint64_t xcr0 = 0;
+  if (osxsave) {
+    uint32_t lo, hi;
+    asm volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+    xcr0 = uint64_t{hi} << 32 | lo;
+  }
+  const bool os_ymm = (xcr0 & 0x6) == 0x6;    // SSE and AVX state
+  const bool os_zmm = (xcr0 & 0xE6) == 0xE6;  // and opmask, ZMM_Hi256, Hi16_ZMM
+  f.sha_ni = sha && sse41 && ssse3;
+  f.avx2 = avx && avx2 && os_ymm;
+  f.avx512 = f.avx2 && avx512f && avx512bw && avx512vl && os_zmm;
+  return f;
 }
 
-bool CpuHasAvx2() {
-  static const bool v = [] {
-    __builtin_cpu_init();
-    return bool(__builtin_cpu_supports("avx2"));
-  }();
-  return v;
+const CpuFeatures& Cpu() {
+  static const CpuFeatures f = DetectCpu();
+  return f;
 }
 
-bool CpuHasAvx512() {
-  static const bool v = [] {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("avx512f") &&
-           __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl");
-  }();
-  return v;
-}
+}  // namespace
+
+bool CpuHasShaNi() { return Cpu().sha_ni; }
+bool CpuHasAvx2() { return Cpu().avx2; }
+bool CpuHasAvx512() { return Cpu().avx512; }
 
 }  // namespace kagemusha::memcache::sha256_pages
