@@ -371,7 +371,8 @@ class EncoderSession final : public MigrationStreamVisitor {
     if (pending_.empty()) return;
     digests_.resize(pending_.size());
     hasher_->HashMany(pending_data_, digests_);
-    std::vector<uint8_t> merged;
+    std::vector<uint8_t>& merged = merged_;  // kept between calls (no fresh mmap each time)
+    merged.clear();
     merged.reserve(out_.size() + pending_.size() * (kPageBytes + 32));
     size_t pos = 0;
     for (size_t i = 0; i < pending_.size(); ++i) {
@@ -498,6 +499,7 @@ class EncoderSession final : public MigrationStreamVisitor {
   };
   std::vector<Pending> pending_;
   std::vector<uint8_t> pending_data_;
+  std::vector<uint8_t> merged_;
   std::vector<PageDigest> digests_;
   std::optional<Error> visit_error_;
   struct ZeroRun {

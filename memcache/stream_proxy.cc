@@ -488,13 +488,22 @@ void PageLearner::Submit() {
     skipped_inline_ += batch_.data.size() / kStorePageSize;
     batch_.data.clear();
   }
+  Batch next;
   {
     std::lock_guard lk(mu_);
     queued_bytes_ += batch_.data.size();
     queue_.push_back(std::move(batch_));
+    // Reuse a processed batch's buffers: a fresh 256 KiB vector per batch
+    // would be a fresh mmap, i.e. a page fault per page copied into it.
+    if (!spare_.empty()) {
+      next = std::move(spare_.back());
+      spare_.pop_back();
+    }
   }
   cv_.notify_all();
-  batch_ = Batch{};
+  next.events.clear();
+  next.data.clear();
+  batch_ = std::move(next);
 }
 
 void PageLearner::Drain() {
@@ -514,6 +523,7 @@ void PageLearner::WorkerLoop() {
     Process(b);
     lk.lock();
     queued_bytes_ -= b.data.size();
+    if (spare_.size() < 4) spare_.push_back(std::move(b));
     busy_ = false;
     if (queue_.empty()) cv_.notify_all();
   }

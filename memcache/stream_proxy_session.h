@@ -150,6 +150,7 @@ class PageLearner {
   std::mutex mu_;
   std::condition_variable cv_;
   std::deque<Batch> queue_;      // GUARDED_BY(mu_)
+  std::vector<Batch> spare_;     // GUARDED_BY(mu_): processed, buffers kept
   size_t queued_bytes_ = 0;      // GUARDED_BY(mu_)
   bool busy_ = false;            // GUARDED_BY(mu_)
   bool stop_ = false;            // GUARDED_BY(mu_)
