@@ -145,6 +145,10 @@ Status FileBackend::WriteZeroes(uint64_t offset, uint64_t length) {
 
 Status FileBackend::Cache(uint64_t, uint64_t) { return Ok(); }
 
+std::optional<FileRange> FileBackend::FileRangeFor(uint64_t offset, uint64_t) {
+  return FileRange{fd_, offset};
+}
+
 Result<std::vector<Extent>> FileBackend::Extents(uint64_t offset, uint64_t length) {
   std::vector<Extent> out;
   const uint64_t end = std::min(offset + length, size_);

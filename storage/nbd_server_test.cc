@@ -4,6 +4,7 @@
 // interop checks with nbdinfo / qemu-io / qemu-img / nbdcopy when installed.
 #include "kagemusha/storage/nbd_server.h"
 
+#include <fcntl.h>
 #include <poll.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
@@ -15,6 +16,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
+#include <map>
 #include <optional>
 #include <random>
 #include <set>
@@ -292,6 +294,9 @@ class NbdServerTest : public ::testing::Test {
     ASSERT_TRUE(server_->AddExport({"disk", "a test disk", disk_, false}));
     ASSERT_TRUE(server_->AddExport({"ro", "", ro_, false}));
     ASSERT_TRUE(server_->AddExport({"forced-ro", "", disk_, true}));
+    if (file_) {
+      ASSERT_TRUE(server_->AddExport({"file", "", file_, false}));
+    }
     auto st = server_->ListenUnix(socket_);
     ASSERT_TRUE(st) << st.error().message();
     st = server_->ListenTcp("127.0.0.1:0");
@@ -318,7 +323,36 @@ class NbdServerTest : public ::testing::Test {
     return c;
   }
 
+  // A sparse image file served by FileBackend (export "file"), so reads
+  // take the zero-copy splice path; file_bytes_ mirrors its contents.
+  static constexpr uint64_t kFileSize = 4 << 20;
+  void MakeFileExport() {
+    file_path_ = (dir_ / "image.raw").string();
+    file_bytes_.assign(kFileSize, 0);
+    int fd = ::open(file_path_.c_str(), O_CREAT | O_RDWR | O_TRUNC, 0600);
+    ASSERT_GE(fd, 0);
+    ASSERT_EQ(::ftruncate(fd, off_t(kFileSize)), 0);
+    const std::pair<uint64_t, size_t> runs[] = {
+        {0, 1 << 20}, {(2 << 20) + 4096, 64 * 1024}, {3 << 20, 12288}, {kFileSize - 4096, 4096}};
+    uint8_t seed = 11;
+    for (auto [off, len] : runs) {
+      Bytes p = Pattern(len, seed++);
+      ASSERT_EQ(::pwrite(fd, p.data(), len, off_t(off)), ssize_t(len));
+      std::copy(p.begin(), p.end(), file_bytes_.begin() + off);
+    }
+    ::close(fd);
+    auto fb = FileBackend::Open(file_path_);
+    ASSERT_TRUE(fb) << fb.error().message();
+    file_ = std::move(*fb);
+  }
+  Bytes FileBytes(uint64_t offset, size_t length) const {
+    return Bytes(file_bytes_.begin() + offset, file_bytes_.begin() + offset + length);
+  }
+
   static inline int counter_ = 0;
+  std::shared_ptr<Backend> file_;
+  std::string file_path_;
+  Bytes file_bytes_;
   std::chrono::seconds handshake_timeout_{10};
   std::filesystem::path dir_;
   std::string socket_;
@@ -423,6 +457,172 @@ TEST_F(NbdServerTest, StructuredReadSendsHoleChunksUnlessDontFragment) {
   EXPECT_EQ(Bytes(chunks[0].payload.begin() + 8 + 128 * 1024,
                   chunks[0].payload.begin() + 8 + 132 * 1024),
             b);
+}
+
+// Reassembles the chunks of one structured read reply; nullopt if they are
+// malformed (outside the request, DONE not exactly on the last, an error).
+std::optional<Bytes> Assemble(const std::vector<Chunk>& chunks, uint64_t offset,
+                              uint32_t length) {
+  Bytes out(length, 0xee);
+  uint64_t covered = 0;
+  for (size_t i = 0; i < chunks.size(); ++i) {
+    const Chunk& c = chunks[i];
+    if (c.simple || bool(c.flags & kReplyFlagDone) != (i + 1 == chunks.size())) return {};
+    if (c.payload.size() < 8) return {};
+    const uint64_t at = LoadBe64(c.payload.data());
+    if (c.type == kReplyTypeOffsetData) {
+      const size_t n = c.payload.size() - 8;
+      if (at < offset || at + n > offset + length) return {};
+      std::copy(c.payload.begin() + 8, c.payload.end(), out.begin() + (at - offset));
+      covered += n;
+    } else if (c.type == kReplyTypeOffsetHole && c.payload.size() == 12) {
+      const uint32_t n = LoadBe32(c.payload.data() + 8);
+      if (at < offset || at + n > offset + length) return {};
+      std::fill(out.begin() + (at - offset), out.begin() + (at - offset + n), 0);
+      covered += n;
+    } else {
+      return {};
+    }
+  }
+  if (covered != length) return {};
+  return out;
+}
+
+TEST_F(NbdServerTest, FileExportReadsAreByteExactInEveryReplyForm) {
+  MakeFileExport();
+  StartServer();
+  struct Read {
+    uint64_t offset;
+    uint32_t length;
+    uint16_t flags;
+  };
+  const Read reads[] = {
+      {0, 256 * 1024, 0},                   // all data
+      {1000, 300000, 0},                    // unaligned both ends
+      {(1 << 20) - 8192, 512 * 1024, 0},    // data, then a hole
+      {2 << 20, 1 << 20, 0},                // hole, data, hole
+      {2 << 20, 1 << 20, kCmdFlagDf},       // the same in one chunk
+      {0, 2 << 20, 0},                      // more than a pipe holds
+      {0, uint32_t(kFileSize), 0},          // everything
+      {kFileSize - 65536, 65536, 0},        // the end
+      {(3 << 20) + 4000, 4096, 0},          // small: copied
+  };
+  for (bool structured : {false, true}) {
+    auto c = Connected("file", structured, false);
+    uint64_t cookie = 1;
+    for (const Read& rd : reads) {
+      SCOPED_TRACE(testing::Message() << "structured " << structured << " offset " << rd.offset
+                                      << " length " << rd.length << " flags " << rd.flags);
+      const uint16_t flags = structured ? rd.flags : 0;
+      ASSERT_TRUE(c->Request(flags, kCmdRead, cookie, rd.offset, rd.length));
+      if (!structured) {
+        auto r = c->Reply(rd.length);
+        ASSERT_TRUE(r);
+        ASSERT_EQ(r->error, 0u);
+        ASSERT_EQ(r->cookie, cookie);
+        EXPECT_TRUE(r->payload == FileBytes(rd.offset, rd.length));
+      } else {
+        auto chunks = c->ReplyChunks();
+        ASSERT_FALSE(chunks.empty());
+        for (const auto& ch : chunks) ASSERT_EQ(ch.cookie, cookie);
+        if (flags & kCmdFlagDf) {
+          EXPECT_EQ(chunks.size(), 1u);
+        }
+        auto got = Assemble(chunks, rd.offset, rd.length);
+        ASSERT_TRUE(got);
+        EXPECT_TRUE(*got == FileBytes(rd.offset, rd.length));
+      }
+      ++cookie;
+    }
+  }
+}
+
+TEST_F(NbdServerTest, QueuedFileReadsKeepTheirBytesWhileNeighbouringWritesLand) {
+  // Read replies pile up in the server (the client does not read), their
+  // pages referenced from pipes, while writes to the bytes right next to
+  // them (sharing each read's last page) are executed and acknowledged.
+  // NBD lets only overlapping in-flight requests race; these do not
+  // overlap, so every read must still return the bytes from before.
+  MakeFileExport();
+  StartServer();
+  auto c = Connected("file", true, false);
+  constexpr int kReads = 40;
+  constexpr uint64_t kStride = 64 * 1024;
+  constexpr uint32_t kReadLength = 64 * 1024 - 1000;  // ends mid-page
+  std::map<uint64_t, std::vector<Chunk>> replies;
+  for (int i = 0; i < kReads; ++i) {
+    ASSERT_TRUE(c->Request(kCmdFlagDf, kCmdRead, 1 + i, i * kStride, kReadLength));
+  }
+  const Bytes fill(1000, 0x5a);
+  for (int i = 0; i < kReads / 2; ++i) {
+    ASSERT_TRUE(c->Request(0, kCmdWrite, 1000 + i, i * kStride + kReadLength, 1000, fill));
+  }
+  std::this_thread::sleep_for(300ms);  // let the server run into a full socket
+  int done = 0, writes = 0;
+  while (done < kReads || writes < kReads / 2) {
+    auto r = c->Reply();
+    ASSERT_TRUE(r);
+    ASSERT_EQ(ErrorOf(*r), 0u);
+    if (r->cookie >= 1000) {
+      ++writes;
+      continue;
+    }
+    replies[r->cookie].push_back(*r);
+    if (r->flags & kReplyFlagDone) ++done;
+  }
+  for (int i = 0; i < kReads; ++i) {
+    auto got = Assemble(replies[1 + i], i * kStride, kReadLength);
+    ASSERT_TRUE(got) << i;
+    EXPECT_TRUE(*got == FileBytes(i * kStride, kReadLength)) << i;
+  }
+  // And the writes landed.
+  ASSERT_TRUE(c->Request(kCmdFlagDf, kCmdRead, 5000, kReadLength, 1000));
+  auto chunks = c->ReplyChunks();
+  auto got = Assemble(chunks, kReadLength, 1000);
+  ASSERT_TRUE(got);
+  EXPECT_EQ(*got, fill);
+}
+
+TEST_F(NbdServerTest, FileReadPastATruncatedEndReadsZeroes) {
+  // The export keeps its size; the file shrinks under it. A splice stops
+  // at the end of the file and the server falls back to pread, which reads
+  // the rest as zeroes.
+  MakeFileExport();
+  StartServer();
+  auto c = Connected("file", false, false);
+  const uint64_t new_end = (3 << 20) + 100;
+  ASSERT_EQ(::truncate(file_path_.c_str(), off_t(new_end)), 0);
+  std::fill(file_bytes_.begin() + new_end, file_bytes_.end(), 0);
+  ASSERT_TRUE(c->Request(0, kCmdRead, 1, 3 << 20, 256 * 1024));
+  auto r = c->Reply(256 * 1024);
+  ASSERT_TRUE(r);
+  ASSERT_EQ(r->error, 0u);
+  EXPECT_TRUE(r->payload == FileBytes(3 << 20, 256 * 1024));
+  ASSERT_TRUE(c->Request(0, kCmdRead, 2, 0, 256 * 1024));
+  r = c->Reply(256 * 1024);
+  ASSERT_TRUE(r);
+  EXPECT_TRUE(r->payload == FileBytes(0, 256 * 1024));
+}
+
+TEST_F(NbdServerTest, ClientVanishingWithFileRepliesQueuedLeavesTheServerServing) {
+  // Spliced replies into a socket whose peer is gone: splice() raises
+  // SIGPIPE, which must neither kill this process (nothing here ignores
+  // it) nor disturb the next client.
+  MakeFileExport();
+  StartServer();
+  for (int round = 0; round < 4; ++round) {
+    auto c = Connected("file", round % 2 == 0, false);
+    for (uint64_t i = 0; i < 32; ++i) {
+      ASSERT_TRUE(c->Request(0, kCmdRead, i, (i % 4) << 20, 1 << 20));
+    }
+    ASSERT_TRUE(c->Recv(100));  // some replies are on their way
+  }
+  std::this_thread::sleep_for(300ms);
+  auto c = Connected("file", true, false);
+  ASSERT_TRUE(c->Request(0, kCmdRead, 1, 0, 256 * 1024));
+  auto got = Assemble(c->ReplyChunks(), 0, 256 * 1024);
+  ASSERT_TRUE(got);
+  EXPECT_TRUE(*got == FileBytes(0, 256 * 1024));
 }
 
 TEST_F(NbdServerTest, BlockStatusReportsHolesAfterTrimAndHonoursReqOne) {

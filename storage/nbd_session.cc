@@ -3,10 +3,13 @@
 #include <algorithm>
 #include <array>
 #include <cstring>
+#include <optional>
 
-#include <poll.h>
+#include <fcntl.h>
+#include <signal.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
+#include <unistd.h>
 
 #include <spdlog/spdlog.h>
 
@@ -44,19 +47,30 @@ constexpr uint32_t kInlineMaxLength = 32 * 1024;
 // again, so a backend that blocks keeps its reads on the pool.
 constexpr uint32_t kInlineWarmupReads = 32;
 constexpr int64_t kSlowReadNs = 200'000;
-// How long a worker that sends its own reply waits for socket space before
-// handing the rest to the strand writer: not at all. On the loaded 2-core
-// machine a 10 ms budget made things slower than no direct send at all:
-// workers sat in poll() while requests waited for them. The strand writer
-// waits for a slow client without holding a thread.
-constexpr int kWorkerSendBudgetMs = 0;
-// Replies up to this size are sent by the thread that produced them. Larger
-// ones (sequential 256 KiB reads) go to the strand writer as before: on the
-// loaded 2-core machine its 32-reply gather writes, overlapping with the
-// workers' preads, beat workers sending 256 KiB each themselves (nbdcopy
-// 0.79x vs 0.71x of nbdkit, same run).
+// Replies with up to this many copied bytes are sent by the thread that
+// produced them (spliced bytes cost the sender no copy, so a spliced 256 KiB
+// read counts only its header). Larger copied ones go to the strand writer:
+// on the loaded 2-core machine its 32-reply gather writes, overlapping with
+// the workers' preads, beat workers sending 256 KiB each themselves
+// (nbdcopy 0.79x vs 0.71x of nbdkit, same run). A sender never waits for
+// socket space: on EAGAIN the strand writer takes over (a worker waiting in
+// poll() with a 10 ms budget was slower than no direct send at all).
 constexpr size_t kDirectSendMax = 64 * 1024;
 constexpr int kMaxIov = 256;
+// Reads at least this long are spliced from the page cache into the socket
+// when the backend names a file range (Backend::FileRangeFor): no pread copy
+// and no send copy. Smaller ones are copied: for 4 KiB the extra syscall
+// costs more than the copy, and they can run inline on the reader.
+constexpr uint32_t kSpliceMinLength = 64 * 1024;
+// A pipe's initial capacity; it grows (F_SETPIPE_SZ) up to kPipeMaxCapacity
+// for larger reads (the unprivileged default of fs/pipe-max-size). A read
+// that does not fit is copied.
+constexpr size_t kPipeInitialCapacity = 256 * 1024;
+constexpr size_t kPipeMaxCapacity = 1024 * 1024;
+// Pipes a session may hold at once; a read finding none free is copied.
+// Bounds the per-user pipe accounting (fs/pipe-user-pages-soft) for
+// unprivileged servers.
+constexpr size_t kMaxPipesPerSession = 32;
 
 int64_t NowNs() {
   return std::chrono::duration_cast<std::chrono::nanoseconds>(
@@ -80,23 +94,122 @@ const char* CommandName(uint16_t type) {
   }
 }
 
+// SIGPIPE blocked on this thread for the guard's lifetime. splice() into a
+// socket whose peer is gone raises SIGPIPE (there is no MSG_NOSIGNAL for
+// it); a signal raised meanwhile is consumed unless it was already pending,
+// so the server never depends on SIGPIPE being ignored.
+class SigpipeBlock {
+ public:
+  SigpipeBlock() {
+    sigemptyset(&set_);
+    sigaddset(&set_, SIGPIPE);
+    sigset_t pending;
+    sigemptyset(&pending);
+    ::sigpending(&pending);
+    was_pending_ = sigismember(&pending, SIGPIPE) == 1;
+    ::pthread_sigmask(SIG_BLOCK, &set_, &old_);
+  }
+  ~SigpipeBlock() {
+    if (!was_pending_) {
+      sigset_t pending;
+      sigemptyset(&pending);
+      ::sigpending(&pending);
+      if (sigismember(&pending, SIGPIPE) == 1) {
+        timespec zero{0, 0};
+        while (::sigtimedwait(&set_, nullptr, &zero) < 0 && errno == EINTR) {
+        }
+      }
+    }
+    ::pthread_sigmask(SIG_SETMASK, &old_, nullptr);
+  }
+  SigpipeBlock(const SigpipeBlock&) = delete;
+  SigpipeBlock& operator=(const SigpipeBlock&) = delete;
+
+ private:
+  sigset_t set_, old_;
+  bool was_pending_ = false;
+};
+
 }  // namespace
 
-// A request and, once executed, its reply. `pieces` say which bytes of
-// `head` (headers, small chunks) and `data` (payload) go out, in order.
+// A pipe that carries page references from the image file to the socket
+// (splice on both sides), so read payloads are never copied by the server.
+class Session::SplicePipe {
+ public:
+  static std::unique_ptr<SplicePipe> Create() {
+    int fds[2];
+    if (::pipe2(fds, O_CLOEXEC | O_NONBLOCK) != 0) return nullptr;
+    std::unique_ptr<SplicePipe> p(new SplicePipe(fds[0], fds[1]));
+    int got = ::fcntl(fds[1], F_SETPIPE_SZ, int(kPipeInitialCapacity));
+    if (got < 0) got = ::fcntl(fds[1], F_GETPIPE_SZ);
+    if (got <= 0) return nullptr;
+    p->capacity_ = size_t(got);
+    return p;
+  }
+  ~SplicePipe() {
+    ::close(r_);
+    ::close(w_);
+  }
+  SplicePipe(const SplicePipe&) = delete;
+  SplicePipe& operator=(const SplicePipe&) = delete;
+
+  int read_fd() const { return r_; }
+  // Makes room for n bytes in total (the pipe is empty when this is asked).
+  bool Reserve(size_t n) {
+    if (n <= capacity_) return true;
+    if (n > kPipeMaxCapacity) return false;
+    int got = ::fcntl(w_, F_SETPIPE_SZ, int(n));
+    if (got < 0) return false;
+    capacity_ = size_t(got);
+    return capacity_ >= n;
+  }
+  // Moves exactly n bytes of fd from offset into the pipe (page references,
+  // not copies). Returns 0, or the errno (-1 for end of file) when fewer
+  // could be moved; the pipe then holds an unknown amount and must not be
+  // reused.
+  int Fill(int fd, uint64_t offset, size_t n) {
+    loff_t off = loff_t(offset);
+    while (n > 0) {
+      ssize_t k = ::splice(fd, &off, w_, nullptr, n, SPLICE_F_NONBLOCK);
+      if (k > 0) {
+        n -= size_t(k);
+        continue;
+      }
+      if (k == 0) return -1;
+      if (errno == EINTR) continue;
+      return errno;
+    }
+    return 0;
+  }
+
+ private:
+  SplicePipe(int r, int w) : r_(r), w_(w) {}
+  int r_, w_;
+  size_t capacity_ = 0;
+};
+
+// A request and, once executed, its reply. `pieces` say which bytes go
+// out, in order: from `head` (headers, small chunks), from `data` (copied
+// payload) or from `pipe` (spliced payload, consumed in order).
 struct Session::Reply {
   nbd::RequestHeader req;
   std::vector<uint8_t> head;
   std::unique_ptr<std::byte[]> data;
   size_t data_capacity = 0;
+  std::unique_ptr<SplicePipe> pipe;
+  size_t pipe_in = 0;     // bytes spliced into pipe for this reply
+  size_t pipe_out = 0;    // of those, bytes spliced on into the socket
+  size_t pipe_slots = 0;  // pipe buffers (pages) pipe_in may occupy
+  enum class From : uint8_t { kHead, kData, kPipe };
   struct Piece {
-    bool from_data;
+    From from;
     uint32_t offset;
     uint32_t length;
   };
   std::vector<Piece> pieces;
-  size_t total = 0;  // bytes in pieces, fixed once executed
-  size_t sent = 0;   // bytes already written (a send cut short)
+  size_t total = 0;   // bytes in pieces, fixed once executed
+  size_t copied = 0;  // of those, bytes not from the pipe
+  size_t sent = 0;    // bytes already written (a send cut short)
 
   std::byte* Data(size_t n) {
     if (data_capacity < n) {
@@ -105,33 +218,29 @@ struct Session::Reply {
     }
     return data.get();
   }
-  void AddHead(size_t at, size_t len) { pieces.push_back({false, uint32_t(at), uint32_t(len)}); }
-  void AddData(size_t at, size_t len) { pieces.push_back({true, uint32_t(at), uint32_t(len)}); }
+  void AddHead(size_t at, size_t len) {
+    pieces.push_back({From::kHead, uint32_t(at), uint32_t(len)});
+  }
+  void AddData(size_t at, size_t len) {
+    pieces.push_back({From::kData, uint32_t(at), uint32_t(len)});
+  }
+  void AddPipe(size_t len) { pieces.push_back({From::kPipe, 0, uint32_t(len)}); }
   // Replaces the reply with head bytes only (an error or a status reply).
   void HeadOnly() {
     pieces.clear();
     AddHead(0, head.size());
   }
   void Seal() {
-    total = 0;
-    for (const auto& p : pieces) total += p.length;
+    total = copied = 0;
+    for (const auto& p : pieces) {
+      total += p.length;
+      if (p.from != From::kPipe) copied += p.length;
+    }
     sent = 0;
   }
-  // Calls f(ptr, len) for every byte range not yet sent, in order.
-  template <class F>
-  void ForEachUnsent(F&& f) const {
-    size_t skip = sent;
-    for (const auto& p : pieces) {
-      const uint8_t* base = (p.from_data ? reinterpret_cast<const uint8_t*>(data.get())
-                                         : head.data()) +
-                            p.offset;
-      if (skip >= p.length) {
-        skip -= p.length;
-        continue;
-      }
-      f(base + skip, p.length - skip);
-      skip = 0;
-    }
+  const uint8_t* Base(const Piece& p) const {
+    return (p.from == From::kData ? reinterpret_cast<const uint8_t*>(data.get()) : head.data()) +
+           p.offset;
   }
 };
 
@@ -347,15 +456,75 @@ std::unique_ptr<Session::Reply> Session::AcquireReply() {
 }
 
 void Session::ReleaseReply(std::unique_ptr<Reply> r) {
+  // A pipe still holding bytes (a reply dropped or cut short) is closed; an
+  // empty one goes back to the session's pipes.
+  if (r->pipe && r->pipe_in != r->pipe_out) DiscardPipe(*r);
+  std::unique_ptr<SplicePipe> pipe = std::move(r->pipe);
+  r->pipe_in = r->pipe_out = r->pipe_slots = 0;
   r->head.clear();
   r->pieces.clear();
-  r->total = r->sent = 0;
+  r->total = r->copied = r->sent = 0;
   if (r->data_capacity > kMaxCachedBuffer) {
     r->data.reset();
     r->data_capacity = 0;
   }
   std::lock_guard lock(pool_mu_);
+  if (pipe) free_pipes_.push_back(std::move(pipe));
   if (free_replies_.size() < kMaxFreeReplies) free_replies_.push_back(std::move(r));
+}
+
+std::unique_ptr<Session::SplicePipe> Session::AcquirePipe() {
+  {
+    std::lock_guard lock(pool_mu_);
+    if (!free_pipes_.empty()) {
+      auto p = std::move(free_pipes_.back());
+      free_pipes_.pop_back();
+      return p;
+    }
+    if (pipes_ >= kMaxPipesPerSession) return nullptr;
+    ++pipes_;
+  }
+  auto p = SplicePipe::Create();
+  if (!p) {
+    std::lock_guard lock(pool_mu_);
+    --pipes_;
+  }
+  return p;
+}
+
+void Session::DiscardPipe(Reply& r) {
+  r.pipe_in = r.pipe_out = 0;
+  r.pipe_slots = 0;
+  if (!r.pipe) return;
+  r.pipe.reset();
+  std::lock_guard lock(pool_mu_);
+  --pipes_;
+}
+
+bool Session::SpliceData(Reply& r, uint64_t offset, size_t length) {
+  if (!splice_ok_.load(std::memory_order_relaxed)) return false;
+  auto range = backend_->FileRangeFor(offset, length);
+  if (!range) return false;
+  if (!r.pipe) {
+    r.pipe = AcquirePipe();
+    if (!r.pipe) return false;
+  }
+  // A pipe slot holds at most one page: count the pages the range touches.
+  static const size_t page = size_t(::sysconf(_SC_PAGESIZE));
+  const size_t slots = (size_t(range->offset % page) + length + page - 1) / page;
+  if (!r.pipe->Reserve((r.pipe_slots + slots) * page)) return false;
+  int err = r.pipe->Fill(range->fd, range->offset, length);
+  if (err != 0) {
+    // EINVAL: the file (system) cannot splice; stop trying on this session.
+    if (err == EINVAL || err == ENOSYS || err == EOPNOTSUPP) {
+      splice_ok_.store(false, std::memory_order_relaxed);
+    }
+    DiscardPipe(r);
+    return false;
+  }
+  r.pipe_in += length;
+  r.pipe_slots += slots;
+  return true;
 }
 
 void Session::WakeStrandWaiter() {
@@ -370,52 +539,84 @@ void Session::Retire(uint32_t n) {
   WakeStrandWaiter();
 }
 
-void Session::Enqueue(std::unique_ptr<Reply> r) { Complete(std::move(r), 0); }
+void Session::Enqueue(std::unique_ptr<Reply> r) { Complete(std::move(r)); }
 
-Session::SendResult Session::SendDirect(std::vector<std::unique_ptr<Reply>>& batch,
-                                        int wait_budget_ms, int& err) {
+Session::SendResult Session::SendDirect(std::vector<std::unique_ptr<Reply>>& batch, int& err) {
   const int fd = socket_.native_handle();
+  std::optional<SigpipeBlock> no_sigpipe;
   size_t first = 0;  // first reply not completely sent
-  while (first < batch.size()) {
-    iovec iov[kMaxIov];
-    int n = 0;
-    for (size_t i = first; i < batch.size() && n < kMaxIov; ++i) {
-      batch[i]->ForEachUnsent([&](const uint8_t* p, size_t len) {
-        if (n < kMaxIov) iov[n++] = {const_cast<uint8_t*>(p), len};
-      });
-    }
-    msghdr m{};
-    m.msg_iov = iov;
-    m.msg_iovlen = size_t(n);
-    ssize_t k = ::sendmsg(fd, &m, MSG_NOSIGNAL | MSG_DONTWAIT);
-    if (k < 0) {
-      if (errno == EINTR) continue;
-      if (errno == EAGAIN || errno == EWOULDBLOCK) {
-        if (wait_budget_ms <= 0) return SendResult::kSlow;
-        pollfd pfd{fd, POLLOUT, 0};
-        int pr = ::poll(&pfd, 1, wait_budget_ms);
-        if (pr <= 0) return SendResult::kSlow;
-        continue;
-      }
-      err = errno;
-      return SendResult::kError;
-    }
-    size_t left = size_t(k);
-    while (first < batch.size()) {
+  auto advance = [&](size_t k) {
+    while (first < batch.size() && k > 0) {
       Reply& r = *batch[first];
-      size_t take = std::min(left, r.total - r.sent);
+      size_t take = std::min(k, r.total - r.sent);
       r.sent += take;
-      left -= take;
+      k -= take;
       if (r.sent < r.total) break;
       ++first;
     }
+    while (first < batch.size() && batch[first]->sent == batch[first]->total) ++first;
+  };
+  advance(0);
+  while (first < batch.size()) {
+    // Gather the unsent copied bytes up to the next spliced piece; a
+    // spliced piece at the front goes out on its own.
+    iovec iov[kMaxIov];
+    int n = 0;
+    Reply* splice_reply = nullptr;
+    size_t splice_len = 0;
+    bool more = false;  // bytes of this batch follow what is sent now
+    for (size_t i = first; i < batch.size() && !more; ++i) {
+      const Reply& r = *batch[i];
+      size_t skip = r.sent;
+      for (const auto& p : r.pieces) {
+        if (skip >= p.length) {
+          skip -= p.length;
+          continue;
+        }
+        if (splice_reply || n == kMaxIov || (p.from == Reply::From::kPipe && n > 0)) {
+          more = true;
+          break;
+        }
+        if (p.from == Reply::From::kPipe) {
+          splice_reply = batch[i].get();
+          splice_len = p.length - skip;
+        } else {
+          iov[n++] = {const_cast<uint8_t*>(r.Base(p)) + skip, p.length - skip};
+        }
+        skip = 0;
+      }
+    }
+    ssize_t k;
+    if (splice_reply) {
+      if (!no_sigpipe) no_sigpipe.emplace();
+      k = ::splice(splice_reply->pipe->read_fd(), nullptr, fd, nullptr, splice_len,
+                   SPLICE_F_NONBLOCK | (more ? SPLICE_F_MORE : 0));
+      if (k > 0) splice_reply->pipe_out += size_t(k);
+    } else {
+      msghdr m{};
+      m.msg_iov = iov;
+      m.msg_iovlen = size_t(n);
+      k = ::sendmsg(fd, &m, MSG_NOSIGNAL | MSG_DONTWAIT | (more ? MSG_MORE : 0));
+    }
+    if (k < 0) {
+      if (errno == EINTR) continue;
+      // The pipe always holds the piece's bytes, so EAGAIN is the socket.
+      if (errno == EAGAIN || errno == EWOULDBLOCK) return SendResult::kSlow;
+      err = errno;
+      return SendResult::kError;
+    }
+    if (k == 0) {  // cannot happen with bytes to send; never spin on it
+      err = EPIPE;
+      return SendResult::kError;
+    }
+    advance(size_t(k));
   }
   return SendResult::kDone;
 }
 
-void Session::Complete(std::unique_ptr<Reply> r, int wait_budget_ms) {
+void Session::Complete(std::unique_ptr<Reply> r) {
   r->Seal();
-  const bool send_here = r->total <= kDirectSendMax;
+  const bool send_here = r->copied <= kDirectSendMax;
   std::unique_lock lock(send_mu_);
   if (send_closed_) {  // the client is gone; nobody to answer
     lock.unlock();
@@ -441,7 +642,7 @@ void Session::Complete(std::unique_ptr<Reply> r, int wait_budget_ms) {
     queue_.erase(queue_.begin(), queue_.begin() + n);
     lock.unlock();
     int err = 0;
-    const SendResult res = SendDirect(batch, wait_budget_ms, err);
+    const SendResult res = SendDirect(batch, err);
     size_t done = batch.size();
     if (res == SendResult::kSlow) {
       done = 0;
@@ -499,7 +700,6 @@ void Session::FillError(Reply& r, uint32_t error, const std::string& what) const
 awaitable<void> Session::Writer(std::shared_ptr<Session> self) {
   // Sends only while it owns the send side (sender_ == kStrand), which a
   // thread hands over when the socket stays full.
-  std::vector<asio::const_buffer> bufs;
   std::vector<std::unique_ptr<Reply>> batch;
   for (;;) {
     std::unique_lock lock(self->send_mu_);
@@ -511,19 +711,25 @@ awaitable<void> Session::Writer(std::shared_ptr<Session> self) {
                      std::make_move_iterator(self->queue_.begin() + n));
         self->queue_.erase(self->queue_.begin(), self->queue_.begin() + n);
         lock.unlock();
-        bufs.clear();
-        for (auto& r : batch) {
-          r->ForEachUnsent([&](const uint8_t* p, size_t len) { bufs.emplace_back(p, len); });
+        // The same non-blocking send as the threads use (gather writes and
+        // splices), waiting for socket space in between without a thread.
+        int err = 0;
+        for (;;) {
+          const SendResult res = self->SendDirect(batch, err);
+          if (res != SendResult::kSlow) break;
+          error_code ec;
+          co_await self->socket_.async_wait(Socket::wait_write, Nothrow(ec));
+          if (ec) {
+            err = ec == asio::error::operation_aborted ? ECANCELED : ec.value();
+            break;
+          }
         }
-        error_code ec;
-        co_await asio::async_write(self->socket_, bufs, Nothrow(ec));
         for (auto& r : batch) self->ReleaseReply(std::move(r));
         batch.clear();
         self->Retire(uint32_t(n));
-        if (ec) {
-          if (ec != asio::error::operation_aborted && ec != asio::error::broken_pipe &&
-              ec != asio::error::connection_reset) {
-            spdlog::info("nbd: {}: write failed: {}", self->peer_, ec.message());
+        if (err != 0) {
+          if (err != ECANCELED && err != EPIPE && err != ECONNRESET) {
+            spdlog::info("nbd: {}: write failed: {}", self->peer_, std::strerror(err));
           }
           self->write_failed_ = true;
           break;
@@ -559,6 +765,16 @@ awaitable<void> Session::Transmission() {
   // No bigger SO_SNDBUF for Unix sockets: 4 MiB cut this server's CPU per
   // GiB but made nbdcopy slower overall (the client then copies out of skbs
   // that have left the cache; both share the same two cores).
+  // Non-blocking, for the direct sends and splices (splice into a socket
+  // blocks unless the socket itself is O_NONBLOCK).
+  {
+    error_code ec;
+    socket_.non_blocking(true, ec);
+    if (ec) {
+      spdlog::warn("nbd: {}: cannot make the socket non-blocking: {}", peer_, ec.message());
+      co_return;
+    }
+  }
   asio::co_spawn(strand_, Writer(self), asio::detached);
   const uint32_t max_in_flight = std::max<uint32_t>(1, env_.options.max_requests_in_flight);
   for (;;) {
@@ -616,14 +832,14 @@ awaitable<void> Session::Transmission() {
     ++pending_;
     if (InlineAllowed(req)) {
       Execute(*r);
-      Complete(std::move(r), 0);
+      Complete(std::move(r));
       continue;
     }
     ++running_;
     asio::post(*env_.workers, [self, rp = r.release()]() mutable {
       std::unique_ptr<Reply> reply(rp);
       self->Execute(*reply);
-      self->Complete(std::move(reply), kWorkerSendBudgetMs);
+      self->Complete(std::move(reply));
       self->running_.fetch_sub(1);
       self->WakeStrandWaiter();
     });
@@ -715,7 +931,7 @@ void Session::Execute(Reply& r) {
 void Session::ExecuteRead(Reply& r) {
   const nbd::RequestHeader& q = r.req;
   const bool structured = negotiated_.structured_replies;
-  std::byte* buf = r.Data(q.length);
+  const bool try_splice = q.length >= kSpliceMinLength;
   r.head.clear();
   r.pieces.clear();
   auto fail = [&](const Error& err) {
@@ -740,13 +956,22 @@ void Session::ExecuteRead(Reply& r) {
       auto segs = nbd::PlanStructuredRead(*ex, q.offset, q.length);
       bool any_hole = std::any_of(segs.begin(), segs.end(), [](auto& s) { return s.hole; });
       if (any_hole) {
-        // Read every data segment first: a failure must not follow chunks
-        // that already claimed success.
+        // Read every data segment first (into the pipe, or else copied): a
+        // failure must not follow chunks that already claimed success.
+        bool spliced = try_splice;
         for (const auto& s : segs) {
-          if (s.hole) continue;
-          size_t at = size_t(s.offset - q.offset);
-          auto st = backend_->Read(std::span<std::byte>(buf + at, s.length), s.offset);
-          if (!st) return fail(st.error());
+          if (!spliced) break;
+          if (!s.hole) spliced = SpliceData(r, s.offset, s.length);
+        }
+        if (!spliced) {
+          if (r.pipe_in > 0) DiscardPipe(r);  // drop the segments already piped
+          std::byte* buf = r.Data(q.length);
+          for (const auto& s : segs) {
+            if (s.hole) continue;
+            size_t at = size_t(s.offset - q.offset);
+            auto st = backend_->Read(std::span<std::byte>(buf + at, s.length), s.offset);
+            if (!st) return fail(st.error());
+          }
         }
         for (size_t i = 0; i < segs.size(); ++i) {
           const auto& s = segs[i];
@@ -761,7 +986,11 @@ void Session::ExecuteRead(Reply& r) {
             nbd::EncodeOffsetDataHeader(r.head.data() + at, flags, q.cookie, s.offset,
                                         s.length);
             r.AddHead(at, nbd::kOffsetDataHeaderSize);
-            r.AddData(size_t(s.offset - q.offset), s.length);
+            if (spliced) {
+              r.AddPipe(s.length);
+            } else {
+              r.AddData(size_t(s.offset - q.offset), s.length);
+            }
           }
         }
         env_.counters->bytes_read += q.length;
@@ -771,7 +1000,11 @@ void Session::ExecuteRead(Reply& r) {
     // No holes, or extents unavailable: an ordinary read below.
   }
   const int64_t t0 = NowNs();
-  auto st = backend_->Read(std::span<std::byte>(buf, q.length), q.offset);
+  bool spliced = try_splice && SpliceData(r, q.offset, q.length);
+  Status st;
+  if (!spliced) {  // (a failed SpliceData leaves no bytes in the pipe)
+    st = backend_->Read(std::span<std::byte>(r.Data(q.length), q.length), q.offset);
+  }
   const int64_t t1 = NowNs();
   if (t1 - t0 > kSlowReadNs) {
     fast_reads_.store(0, std::memory_order_relaxed);
@@ -788,7 +1021,11 @@ void Session::ExecuteRead(Reply& r) {
     nbd::EncodeSimpleReply(r.head.data(), 0, q.cookie);
   }
   r.AddHead(0, r.head.size());
-  r.AddData(0, q.length);
+  if (spliced) {
+    r.AddPipe(q.length);
+  } else {
+    r.AddData(0, q.length);
+  }
   env_.counters->bytes_read += q.length;
 }
 

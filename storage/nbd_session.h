@@ -64,6 +64,7 @@ class Session : public std::enable_shared_from_this<Session> {
   void Close();
 
   struct Reply;
+  class SplicePipe;
 
  private:
   static boost::asio::awaitable<void> Main(std::shared_ptr<Session> self);
@@ -84,13 +85,20 @@ class Session : public std::enable_shared_from_this<Session> {
   void Enqueue(std::unique_ptr<Reply> r);
   // Any thread: a request finished. Sends its reply straight from this
   // thread when nobody else is sending (see "send side" below), else queues
-  // it. `wait_budget_ms` bounds how long this thread waits for socket
-  // space before handing the rest to the strand writer.
-  void Complete(std::unique_ptr<Reply> r, int wait_budget_ms);
-  // Blocking-ish gather send of batch from the calling thread.
+  // it; never waits for socket space (the strand writer does).
+  void Complete(std::unique_ptr<Reply> r);
+  // Non-blocking send of batch (gather writes of copied bytes, splices of
+  // piped ones), resuming where an earlier call stopped. kSlow: the socket
+  // is full. REQUIRES: the caller owns the send side.
   enum class SendResult { kDone, kSlow, kError };
-  SendResult SendDirect(std::vector<std::unique_ptr<Reply>>& batch, int wait_budget_ms,
-                        int& err);
+  SendResult SendDirect(std::vector<std::unique_ptr<Reply>>& batch, int& err);
+  // Zero-copy reads: moves [offset, offset+length) of the backend's file
+  // into r's pipe (page references). False: not possible (the backend names
+  // no file, no pipe free, a short splice); the caller then copies, after
+  // DiscardPipe if r's pipe may hold a partial fill.
+  bool SpliceData(Reply& r, uint64_t offset, size_t length);
+  std::unique_ptr<SplicePipe> AcquirePipe();
+  void DiscardPipe(Reply& r);
   // pending_ dropped by n (replies written or dropped): wake the reader if
   // it waits for that.
   void Retire(uint32_t n);
@@ -144,7 +152,11 @@ class Session : public std::enable_shared_from_this<Session> {
   bool send_closed_ = false;                   // GUARDED_BY(send_mu_)
 
   std::mutex pool_mu_;
-  std::vector<std::unique_ptr<Reply>> free_replies_;  // GUARDED_BY(pool_mu_)
+  std::vector<std::unique_ptr<Reply>> free_replies_;     // GUARDED_BY(pool_mu_)
+  std::vector<std::unique_ptr<SplicePipe>> free_pipes_;  // GUARDED_BY(pool_mu_)
+  size_t pipes_ = 0;  // pipes alive (free or on a reply); GUARDED_BY(pool_mu_)
+  // Cleared when the backend's file cannot be spliced (EINVAL etc.).
+  std::atomic<bool> splice_ok_{true};
 
   // Consecutive fast reads (capped); see InlineAllowed.
   std::atomic<uint32_t> fast_reads_{0};

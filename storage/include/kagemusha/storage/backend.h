@@ -15,6 +15,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <span>
 #include <string>
 #include <vector>
@@ -46,6 +47,13 @@ struct BackendCaps {
   bool rotational = false;
 };
 
+// Where a backend's bytes are stored in a file, for zero-copy reads (see
+// Backend::FileRangeFor).
+struct FileRange {
+  int fd = -1;          // owned by the backend, open for its lifetime
+  uint64_t offset = 0;  // file offset of the backend's first requested byte
+};
+
 class Backend {
  public:
   virtual ~Backend() = default;
@@ -68,6 +76,21 @@ class Backend {
   // base:allocation extents covering at least [offset, offset+1) and at most
   // [offset, offset+length). Lengths sum to <= length.
   virtual Result<std::vector<Extent>> Extents(uint64_t offset, uint64_t length) = 0;
+
+  // Optional, for zero-copy reads. A backend whose bytes [offset,
+  // offset+length) are, at the time of the call, bytes [range.offset,
+  // range.offset+length) of an open file that only this process's Write,
+  // Trim and Zero change (through the same page cache), returns that range;
+  // the server may then splice() the pages into the socket instead of
+  // calling Read(). Bytes past the file's end must read as zeroes, as Read()
+  // does (the server falls back to Read() on a short splice). nullopt: use
+  // Read() (the default, so backends that do not know a file keep working
+  // unchanged). REQUIRES: offset + length <= Size().
+  virtual std::optional<FileRange> FileRangeFor(uint64_t offset, uint64_t length) {
+    (void)offset;
+    (void)length;
+    return std::nullopt;
+  }
 };
 
 }  // namespace kagemusha::storage

@@ -10,6 +10,7 @@
 //   Zero    fallocate(PUNCH_HOLE) if may_trim, else ZERO_RANGE; falls back to
 //           writing zeroes unless `fast`, which fails with ENOTSUP instead
 //   Extents SEEK_DATA/SEEK_HOLE (holes are reported hole+zero)
+//   FileRangeFor  the image's own descriptor and offset (zero-copy reads)
 // Errors carry the errno of the failing call (ENOSPC stays ENOSPC).
 //
 // Thread-safety: all methods are safe to call concurrently.
@@ -51,6 +52,8 @@ class FileBackend final : public Backend {
   // A plain file has no cache layer below it: nothing to do.
   Status Cache(uint64_t offset, uint64_t length) override;
   Result<std::vector<Extent>> Extents(uint64_t offset, uint64_t length) override;
+  // The image itself: the server may splice reads from the page cache.
+  std::optional<FileRange> FileRangeFor(uint64_t offset, uint64_t length) override;
 
   const std::string& path() const { return path_; }
   bool is_block_device() const { return block_device_; }
