@@ -35,6 +35,7 @@
 #include "cli_app.h"
 #include "kagemusha/common/control_socket.h"
 #include "kagemusha/tunnel/binding_cache.h"
+#include "kagemusha/tunnel/fastpath.h"
 #include "kagemusha/tunnel/home_agent.h"
 #include "kagemusha/tunnel/packet_io.h"
 
@@ -92,6 +93,17 @@ json CountersJson(const kt::HomeAgentCounters& c) {
       {"link_frames", c.link_frames},
       {"link_malformed", c.link_malformed},
   };
+}
+
+json FastPathJson(kt::FastPathMode mode, const kt::HaFastPath* fp) {
+  json j = {{"mode", kt::FastPathModeName(mode)}, {"loaded", fp != nullptr}};
+  if (fp) {
+    json k = json::object();
+    for (const auto& [name, v] : fp->Counters()) k[name] = v;
+    j["counters"] = k;
+    j["bindings_published"] = fp->published();
+  }
+  return j;
 }
 
 json StatusJson(const kt::HomeAgentStatus& s, const kt::HomeAgentConfig& c,
@@ -247,6 +259,8 @@ int RunServe(int argc, char** argv) {
       "control socket (created 0600)")(
       "log-level", po::value<std::string>()->default_value("info")->value_name("L"),
       "trace, debug, info, warn, error, critical or off")("json", "log JSON lines instead of text")(
+      "fast-path", po::value<std::string>()->default_value("auto")->value_name("auto|on|off"),
+      "eBPF tc fast path for tunnelled IPv6 (auto: use it if it loads)")(
       "help,h", "show this help");
   po::variables_map vm;
   int rc = ParseCommandLine(
@@ -255,7 +269,7 @@ int RunServe(int argc, char** argv) {
       "         [--home-prefix4 P4/LEN] [--address4 HA_IPV4] [--allow HOA]...\n"
       "         [--key HOA:SPI:KEYFILE]... [--insecure] [--dad rfc|optimistic|off]\n"
       "         [--max-lifetime S] [--bu-rate N] --state-dir DIR --control PATH\n"
-      "         [--log-level L] [--json]",
+      "         [--log-level L] [--json] [--fast-path auto|on|off]",
       d, argc, argv, vm);
   if (rc >= 0) return rc;
   if (auto s = SetupLogging(vm["log-level"].as<std::string>(), vm.count("json") > 0); !s) {
@@ -301,6 +315,8 @@ int RunServe(int argc, char** argv) {
   config.dad = *dad;
   config.max_lifetime = std::chrono::seconds(vm["max-lifetime"].as<int64_t>());
   config.bu_rate = vm["bu-rate"].as<double>();
+  auto fast_path_mode = kt::ParseFastPathMode(vm["fast-path"].as<std::string>());
+  if (!fast_path_mode) return UsageError("serve", fast_path_mode.error().message());
   if (auto s = kt::ValidateHomeAgentConfig(config); !s) {
     return UsageError("serve", s.error().message());
   }
@@ -368,6 +384,34 @@ int RunServe(int argc, char** argv) {
         kNftTable, s.error().message());
   }
 
+  // -- fast path: tc ingress on the home link, and a socket filter so the
+  // link socket stops seeing what the kernel now forwards by itself.
+  std::unique_ptr<kt::HaFastPath> fast_path;
+  uint32_t fast_path_mtu = 0;
+  uint64_t ptb_sent = 0;  // GUARDED_BY(mu)
+  if (*fast_path_mode == kt::FastPathMode::kOff) {
+    kt::RemoveStaleFastPathFilters();
+  } else {
+    auto mtu = kt::InterfaceMtu(link);
+    auto fp = mtu ? kt::HaFastPath::Load(link, config.address, uint32_t(*mtu - 40))
+                  : Result<std::unique_ptr<kt::HaFastPath>>(std::unexpected(mtu.error()));
+    if (fp) {
+      if (auto s = (*fp)->AttachSocketFilter((*link_socket)->fd()); !s) {
+        fp = Result<std::unique_ptr<kt::HaFastPath>>(std::unexpected(s.error()));
+      }
+    }
+    if (fp) {
+      fast_path = std::move(*fp);
+      fast_path_mtu = uint32_t(*mtu - 40);
+      spdlog::info("fast path: eBPF tc program on {} (inner MTU {})", link, *mtu - 40);
+    } else if (*fast_path_mode == kt::FastPathMode::kOn) {
+      return RuntimeError("--fast-path on: " + fp.error().message());
+    } else {
+      spdlog::warn("fast path unavailable ({}); every tunnelled packet goes through user space",
+                   fp.error().message());
+    }
+  }
+
   // -- state
   auto journal = kt::BindingJournal::Open(vm["state-dir"].as<std::string>());
   if (!journal) return RuntimeError("--state-dir: " + journal.error().message());
@@ -383,6 +427,9 @@ int RunServe(int argc, char** argv) {
   kt::HomeAgent ha(config, ports, kagemusha::SteadyClock::Instance(), journal->get());
   auto restored = ha.Restore(loaded->bindings);
   if (!restored) return RuntimeError("restoring bindings: " + restored.error().message());
+  if (fast_path) {
+    if (auto s = fast_path->Sync(ha.cache()); !s) spdlog::warn("fast path: {}", s.error().message());
+  }
 
   // -- control
   kagemusha::ControlServerOptions co;
@@ -391,7 +438,18 @@ int RunServe(int argc, char** argv) {
       {"status", "bindings (home address, care-of, sequence, lifetime left, state) and counters",
        [&](const json&) -> kagemusha::ControlResult {
          std::lock_guard lk(mu);
-         return StatusJson(ha.Status(), ha.config(), link);
+         json j = StatusJson(ha.Status(), ha.config(), link);
+         j["fast_path"] = FastPathJson(*fast_path_mode, fast_path.get());
+         j["fast_path"]["packet_too_big_sent"] = ptb_sent;
+         // encapsulated/decapsulated count both paths (what the HA
+         // forwarded); fast_path.counters says how much stayed in the kernel.
+         if (fast_path) {
+           for (const auto& [name, v] : fast_path->Counters()) {
+             if (name == "ha_encap_packets") j["counters"]["encapsulated"] = j["counters"]["encapsulated"].get<uint64_t>() + v;
+             if (name == "ha_decap_packets") j["counters"]["decapsulated"] = j["counters"]["decapsulated"].get<uint64_t>() + v;
+           }
+         }
+         return j;
        }}};
   auto control = kagemusha::ControlServer::Start(co, commands);
   if (!control) return RuntimeError("control socket: " + control.error().message());
@@ -412,6 +470,7 @@ int RunServe(int argc, char** argv) {
                    {sfd, POLLIN, 0}};
   bool running = true;
   auto& steady = kagemusha::SteadyClock::Instance();
+  auto next_ptb = steady.Now();
   auto last_tick = steady.Now();
   while (running) {
     int timeout_ms = 1000;
@@ -435,6 +494,18 @@ int RunServe(int argc, char** argv) {
         for (size_t i = 0; i < *got; ++i) {
           const auto& b = pool.buffers()[i];
           if (b.length > b.storage.size()) continue;  // truncated: not ours to parse
+          if (fast_path) {
+            // Too big for the fast path: forwarded below as before, and the
+            // sender learns the tunnel MTU (at most 100 a second).
+            auto now = steady.Now();
+            if (now >= next_ptb) {
+              if (auto ptb = kt::HaPacketTooBigFor(b.data(), config.mac, config.address,
+                                                   fast_path_mtu, ha.cache())) {
+                if ((*sender6)->Send(*ptb)) ++ptb_sent;
+                next_ptb = now + 10ms;
+              }
+            }
+          }
           ha.HandleLinkFrame(b.data());
         }
       }
@@ -463,6 +534,12 @@ int RunServe(int argc, char** argv) {
     if ((next && *next <= now) || now - last_tick >= 1s) {
       ha.OnTimer();
       last_tick = now;
+    }
+    // The kernel's binding map follows the cache (a no-op unless it changed).
+    if (fast_path) {
+      if (auto s = fast_path->Sync(ha.cache()); !s) {
+        spdlog::warn("fast path: {}", s.error().message());
+      }
     }
   }
   (*control)->Stop();

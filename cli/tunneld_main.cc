@@ -164,8 +164,12 @@ int Serve(int argc, char** argv) {
       "log-level", po::value<std::string>()->default_value("info"), "trace..critical")(
       "json", po::bool_switch(), "log as JSON lines")(
       "batch", po::value<size_t>()->default_value(32), "packets per receive call")(
-      "no-nft", po::bool_switch(), "do not install the nftables rule for BA/BU packets");
+      "no-nft", po::bool_switch(), "do not install the nftables rule for BA/BU packets")(
+      "fast-path", po::value<std::string>()->default_value("auto"),
+      "eBPF tc fast path for tunnelled IPv6: auto (if it loads), on (required) or off");
   auto vm = Parse(argc, argv, d, "kagemusha-tunneld serve --control PATH --state-dir DIR");
+  auto fast_path = kagemusha::tunnel::ParseFastPathMode(vm["fast-path"].as<std::string>());
+  if (!fast_path) throw po::error(fast_path.error().message());
   spdlog::set_level(spdlog::level::from_str(vm["log-level"].as<std::string>()));
   if (vm["json"].as<bool>())
     spdlog::set_pattern(R"({"time":"%Y-%m-%dT%H:%M:%S.%eZ","level":"%l","msg":"%v"})",
@@ -183,6 +187,7 @@ int Serve(int argc, char** argv) {
   opt.state_dir = vm["state-dir"].as<std::string>();
   opt.batch = vm["batch"].as<size_t>();
   opt.suppress_icmp_errors = !vm["no-nft"].as<bool>();
+  opt.fast_path = *fast_path;
   auto daemon = kagemusha::tunnel::HostDaemon::Create(opt, kagemusha::SteadyClock::Instance());
   if (!daemon) throw std::runtime_error(daemon.error().message());
   std::thread waiter([&] {

@@ -10,6 +10,7 @@ PKGS=(
   # libraries (see README "Dependencies")
   libvirt-dev libboost-dev libboost-program-options-dev libsqlite3-dev
   libspdlog-dev libfmt-dev nlohmann-json3-dev libgtest-dev libgmock-dev libssl-dev libzstd-dev
+  libbpf-dev
   # real peers used by tests and benchmarks
   qemu-system-x86 qemu-utils libnbd-bin python3-libnbd nbdkit
   python3 python3-scapy tshark iperf3 fio socat busybox-static cpio ndisc6

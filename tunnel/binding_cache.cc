@@ -85,6 +85,7 @@ Status BindingCache::Upsert(const CacheEntry& b) {
   }
   by_expiry_.insert({b.expires, b.home_address});
   if (b.home_address4) by_home4_[Key4(*b.home_address4)] = b.home_address;
+  ++generation_;
   return Ok();
 }
 
@@ -92,6 +93,7 @@ bool BindingCache::SetState(const Ipv6Address& home_address, CacheEntryState sta
   auto it = by_home_.find(home_address);
   if (it == by_home_.end()) return false;
   it->second.state = state;
+  ++generation_;
   return true;
 }
 
@@ -100,6 +102,7 @@ bool BindingCache::Remove(const Ipv6Address& home_address) {
   if (it == by_home_.end()) return false;
   Unindex(it->second);
   by_home_.erase(it);
+  ++generation_;
   return true;
 }
 
@@ -116,6 +119,7 @@ std::vector<CacheEntry> BindingCache::Expire(Clock::TimePoint now) {
     Unindex(it->second);
     by_home_.erase(it);
   }
+  if (!out.empty()) ++generation_;
   return out;
 }
 

@@ -404,7 +404,45 @@ Result<std::unique_ptr<HostDaemon>> HostDaemon::Create(HostDaemonOptions options
           "will answer each BA with an ICMPv6 Parameter Problem",
           st.error().message());
   }
+  if (d->options_.fast_path == FastPathMode::kOff) {
+    RemoveStaleFastPathFilters();
+  } else {
+    auto fp = HostFastPath::Load();
+    if (fp) {
+      d->fast_path_ = std::move(*fp);
+      spdlog::info("fast path: eBPF tc programs loaded");
+    } else if (d->options_.fast_path == FastPathMode::kOn) {
+      return Fail(fp.error().Context("--fast-path on"));
+    } else {
+      spdlog::warn("fast path unavailable ({}); every tunnelled packet goes through user space",
+                   fp.error().message());
+    }
+  }
   return d;
+}
+
+void HostDaemon::FastPathAdd(Live& live) {
+  if (!fast_path_ || live.spec.mode != SessionMode::kForeign) return;
+  const auto& c = live.spec.config;
+  HostFastPathSession s;
+  s.name = c.name;
+  s.home_addresses = c.home_addresses;
+  s.care_of = c.care_of;
+  s.home_agent = c.home_agent;
+  s.guest_mac = c.guest_mac;
+  s.router_mac = c.router_mac;
+  s.mtu = c.tunnel_mtu;
+  s.tap = live.tap->name();
+  s.uplink = live.spec.uplink;
+  if (auto st = fast_path_->AddSession(s); !st)
+    spdlog::warn("session {}: fast path not used ({}); user-space path only", c.name,
+                 st.error().message());
+  else
+    spdlog::info("session {}: fast path on (TAP {} egress, {} ingress)", c.name, s.tap, s.uplink);
+}
+
+void HostDaemon::FastPathRemove(const std::string& name) {
+  if (fast_path_) fast_path_->RemoveSession(name);
 }
 
 void HostDaemon::Wake() {
@@ -505,11 +543,13 @@ Result<json> HostDaemon::Activate(const json& args) {
   if (!spec) return Fail(spec.error());
   spec->mode = SessionMode::kForeign;
   std::lock_guard lk(mu_);
+  FastPathRemove(spec->config.name);
   sessions_.erase(spec->config.name);  // re-activation replaces (closes the old TAP)
   finished_.erase(spec->config.name);
   auto live = Open(*spec);
   if (!live) return Fail(live.error());
   if (auto st = Persist(*spec); !st) return Fail(st.error().Context("persisting session"));
+  FastPathAdd(**live);
   (*live)->session->Activate();
   spdlog::info("session {}: activated on TAP {} (bridge {}), CoA {}, HA {}", spec->config.name,
                (*live)->tap->name(), spec->bridge, FormatIpv6(spec->config.care_of),
@@ -536,6 +576,7 @@ Result<json> HostDaemon::Home(const json& args) {
     it = sessions_.emplace(name, std::move(*live)).first;
   }
   auto& live = *it->second;
+  FastPathRemove(name);  // deregistering: nothing is tunnelled any more
   live.spec.mode = SessionMode::kHome;
   if (auto st = Persist(live.spec); !st) return Fail(st.error().Context("persisting session"));
   live.session->ReturnHome();
@@ -548,6 +589,7 @@ Result<json> HostDaemon::Deactivate(const std::string& name) {
   std::lock_guard lk(mu_);
   auto it = sessions_.find(name);
   if (it == sessions_.end()) return Fail(Error(ENOENT, "no session '" + name + "'"));
+  FastPathRemove(name);
   it->second->session->Deactivate();
   json out = SessionJson(*it->second);
   Unpersist(name);
@@ -570,6 +612,7 @@ json HostDaemon::SessionJson(const Live& live) const {
   j["tap"] = live.tap ? live.tap->name() : "";
   j["bridge"] = live.spec.bridge;
   j["uplink"] = live.spec.uplink;
+  j["fast_path"] = fast_path_ != nullptr && fast_path_->HasSession(c.name);
   j["last_ba_status"] = st.last_ba_status ? json(*st.last_ba_status) : json(nullptr);
   j["bindings"] = json::array();
   for (const auto& b : st.bindings) {
@@ -583,6 +626,11 @@ json HostDaemon::SessionJson(const Live& live) const {
     j["bindings"].push_back(bj);
   }
   const auto& k = st.counters;
+  // The fast path's share is part of what the session carried: tunnelled6
+  // and decap_delivered6 (and their bytes) count both paths; fast_path_*
+  // says how much of it never reached user space.
+  HostFastPathSessionCounters fp;
+  if (fast_path_) fp = fast_path_->SessionCounters(c.name);
   j["counters"] = {
       {"guest_frames", k.guest_frames},
       {"guest_malformed", k.guest_malformed},
@@ -594,13 +642,13 @@ json HostDaemon::SessionJson(const Live& live) const {
       {"arp_ignored", k.arp_ignored},
       {"link_local_kept", k.link_local_kept},
       {"not_home_source", k.not_home_source},
-      {"tunnelled6", k.tunnelled6},
+      {"tunnelled6", k.tunnelled6 + fp.encap_packets},
       {"tunnelled4", k.tunnelled4},
-      {"tunnelled_bytes", k.tunnelled_bytes},
+      {"tunnelled_bytes", k.tunnelled_bytes + fp.encap_bytes},
       {"too_big", k.too_big},
-      {"decap_delivered6", k.decap_delivered6},
+      {"decap_delivered6", k.decap_delivered6 + fp.decap_packets},
       {"decap_delivered4", k.decap_delivered4},
-      {"decap_bytes", k.decap_bytes},
+      {"decap_bytes", k.decap_bytes + fp.decap_bytes},
       {"decap_spoofed", k.decap_spoofed},
       {"decap_not_ours", k.decap_not_ours},
       {"decap_malformed", k.decap_malformed},
@@ -615,7 +663,11 @@ json HostDaemon::SessionJson(const Live& live) const {
       {"brr_received", k.brr_received},
       {"send_errors", k.send_errors},
       {"truncated", live.truncated},
-      {"tunnel_send_errors", live.batch6->errors + (live.batch4 ? live.batch4->errors : 0)}};
+      {"tunnel_send_errors", live.batch6->errors + (live.batch4 ? live.batch4->errors : 0)},
+      {"fast_path_encap_packets", fp.encap_packets},
+      {"fast_path_encap_bytes", fp.encap_bytes},
+      {"fast_path_decap_packets", fp.decap_packets},
+      {"fast_path_decap_bytes", fp.decap_bytes}};
   j["events"] = json(std::vector<json>(live.events.begin(), live.events.end()));
   return j;
 }
@@ -623,6 +675,13 @@ json HostDaemon::SessionJson(const Live& live) const {
 json HostDaemon::StatusJson() {
   std::lock_guard lk(mu_);
   json out;
+  json fp = {{"mode", FastPathModeName(options_.fast_path)}, {"loaded", fast_path_ != nullptr}};
+  if (fast_path_) {
+    json k = json::object();
+    for (const auto& [name, v] : fast_path_->Counters()) k[name] = v;
+    fp["counters"] = k;
+  }
+  out["fast_path"] = fp;
   out["sessions"] = json::array();
   for (const auto& [name, live] : sessions_) out["sessions"].push_back(SessionJson(*live));
   out["finished"] = json::array();
@@ -667,10 +726,12 @@ void HostDaemon::ResumePersisted() {
       spdlog::error("cannot resume session {}: {}", spec->config.name, live.error().message());
       continue;
     }
-    if (spec->mode == SessionMode::kHome)
+    if (spec->mode == SessionMode::kHome) {
       (*live)->session->ReturnHome();
-    else
+    } else {
+      FastPathAdd(**live);
       (*live)->session->Activate();
+    }
     spdlog::info("session {}: resumed ({})", spec->config.name,
                  spec->mode == SessionMode::kHome ? "home" : "foreign");
     sessions_[spec->config.name] = std::move(*live);
@@ -688,6 +749,7 @@ void HostDaemon::ReapFinished() {
       if (!live.reap_at) live.reap_at = now + std::chrono::milliseconds(300);
       if (now >= *live.reap_at) {
         finished_[it->first] = SessionJson(live);
+        FastPathRemove(it->first);
         Unpersist(it->first);
         spdlog::info("session {}: home; TAP {} removed", it->first, live.tap->name());
         it = sessions_.erase(it);

@@ -32,6 +32,7 @@
 #include "kagemusha/common/clock.h"
 #include "kagemusha/common/control_socket.h"
 #include "kagemusha/common/error.h"
+#include "kagemusha/tunnel/fastpath.h"
 #include "kagemusha/tunnel/mobility_session.h"
 #include "kagemusha/tunnel/packet_io.h"
 
@@ -82,6 +83,8 @@ struct HostDaemonOptions {
   // (RH2) with ICMP errors.
   bool suppress_icmp_errors = true;
   size_t batch = 32;  // packets per receive call
+  // The eBPF fast path (docs/tunnel-fastpath.md): auto = use it if it loads.
+  FastPathMode fast_path = FastPathMode::kAuto;
 };
 
 class HostDaemon {
@@ -113,6 +116,10 @@ class HostDaemon {
   void ResumePersisted();
   void ReapFinished();
   nlohmann::json SessionJson(const Live& live) const;
+  // Hands a foreign-mode session's IPv6 traffic to the fast path (if loaded);
+  // a failure leaves the session on the user-space path.
+  void FastPathAdd(Live& live);
+  void FastPathRemove(const std::string& name);
 
   HostDaemonOptions options_;
   Clock& clock_;
@@ -122,6 +129,7 @@ class HostDaemon {
   std::atomic<bool> stop_{false};
   int wake_fd_ = -1;
   std::unique_ptr<ControlServer> control_;
+  std::unique_ptr<HostFastPath> fast_path_;  // null: user-space path only
 };
 
 }  // namespace kagemusha::tunnel

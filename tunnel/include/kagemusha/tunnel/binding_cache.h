@@ -83,6 +83,10 @@ class BindingCache {
   size_t max_bindings() const { return max_bindings_; }
   // Visits every binding in expiry order.
   void ForEach(const std::function<void(const CacheEntry&)>& f) const;
+  // Changes with every successful Upsert, SetState, Remove and Expire that
+  // removed something: a mirror of the cache (the fast path's kernel map)
+  // resynchronises only when it moved.
+  uint64_t generation() const { return generation_; }
 
  private:
   static uint32_t Key4(const Ipv4Address& a) {
@@ -94,6 +98,7 @@ class BindingCache {
   std::unordered_map<Ipv6Address, CacheEntry, Ipv6AddressHash> by_home_;
   std::unordered_map<uint32_t, Ipv6Address> by_home4_;
   std::set<std::pair<Clock::TimePoint, Ipv6Address>> by_expiry_;
+  uint64_t generation_ = 0;
 };
 
 // ---- Persistence -----------------------------------------------------------------
