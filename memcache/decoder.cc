@@ -101,11 +101,6 @@ class DecoderSession {
           return AbortAll(
               Error::Protocol(std::string("expected HELLO, got ") + FrameTypeName(fr.type)));
         if (auto st = Handshake(fr.payload); !st) return AbortAll(st.error());
-        // A silent encoder, or a destination QEMU that stops taking bytes,
-        // fails the migration after the idle timeout.
-        wan_.SetReadTimeout(opt_.idle_timeout);
-        wan_.SetWriteTimeout(opt_.idle_timeout);
-        qemu_->SetWriteTimeout(opt_.idle_timeout);
         handshake_done = true;
         continue;
       }
@@ -164,6 +159,12 @@ class DecoderSession {
       out.clear();
       if (chunk.last) break;
     }
+    // From here on a silent encoder, or a destination QEMU that stops taking
+    // bytes, fails the migration after the idle timeout (set before the
+    // relay thread shares the streams).
+    wan_.SetReadTimeout(opt_.idle_timeout);
+    wan_.SetWriteTimeout(opt_.idle_timeout);
+    qemu_->SetWriteTimeout(opt_.idle_timeout);
     relay_ = std::thread([this] { RelayLoop(); });
     return Ok();
   }

@@ -17,6 +17,7 @@
 #include <zstd.h>
 
 #include <atomic>
+#include <condition_variable>
 #include <optional>
 #include <thread>
 #include <unordered_set>
@@ -129,7 +130,21 @@ class EncoderSession final : public MigrationStreamVisitor {
     wan_.ShutdownWrite();
     // The decoder closes its side once its QEMU has loaded the state; do not
     // wait forever for a decoder that went silent.
-    wan_.SetReadTimeout(opt_.idle_timeout);
+    {
+      std::unique_lock lk(mu_);
+      auto done = [&] { return relay_done_; };
+      bool in_time = true;
+      if (opt_.idle_timeout.count() > 0)
+        in_time = relay_cv_.wait_for(lk, opt_.idle_timeout, done);
+      else
+        relay_cv_.wait(lk, done);
+      if (!in_time) {
+        lk.unlock();
+        return AbortAll(Error::Timeout("the decoder did not confirm the end within " +
+                                       std::to_string(opt_.idle_timeout.count()) +
+                                       " ms (idle timeout)"));
+      }
+    }
     relay_.join();  // until the decoder closes its side
     {
       std::lock_guard lk(mu_);
@@ -228,10 +243,7 @@ class EncoderSession final : public MigrationStreamVisitor {
       if (!*f) {
         auto n = wan_.Read(buf);
         if (!n) {
-          err = n.error().code() == ETIMEDOUT
-                    ? Error::Timeout("the decoder did not close within the idle timeout (" +
-                                     std::to_string(opt_.idle_timeout.count()) + " ms)")
-                    : n.error().Context("reading from the decoder");
+          err = n.error().Context("reading from the decoder");
           break;
         }
         if (*n == 0) break;  // the decoder is done
@@ -279,7 +291,9 @@ class EncoderSession final : public MigrationStreamVisitor {
     {
       std::lock_guard lk(mu_);
       if (err && !relay_error_) relay_error_ = *err;
+      relay_done_ = true;
     }
+    relay_cv_.notify_all();
     if (err || !source_eof_.load()) {
       // Wake the forward thread: the session is over.
       stopping_ = true;
@@ -523,6 +537,8 @@ class EncoderSession final : public MigrationStreamVisitor {
   std::optional<EndFigures> my_end_;  // GUARDED_BY(mu_)
   bool peer_end_ok_ = false;          // GUARDED_BY(mu_)
   std::optional<Error> relay_error_;  // GUARDED_BY(mu_)
+  bool relay_done_ = false;           // GUARDED_BY(mu_)
+  std::condition_variable relay_cv_;
 };
 
 }  // namespace

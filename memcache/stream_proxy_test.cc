@@ -859,6 +859,48 @@ TEST(StreamProxy, StalledDestinationQemuFailsTheDecoderCleanly) {
   EXPECT_TRUE(r.dest_reset);
 }
 
+TEST(StreamProxy, DecoderThatNeverConfirmsTheEndFailsTheEncoderCleanly) {
+  // A fake decoder: answers the handshake, swallows the stream, then never
+  // sends END nor closes.
+  TempStore a;
+  Guest g = MakeGuest(30);
+  auto [src, enc_q] = MakeMemoryPipe();
+  auto [enc_w, dec_w] = MakeMemoryPipe();
+  std::atomic<bool> stop{false};
+  std::thread fake([&, w = dec_w.get()] {
+    Bytes hs = HelloFrame();
+    SummaryChunk last;
+    last.last = true;
+    EXPECT_TRUE(AppendSummary(last, hs));
+    (void)w->WriteAll(hs);
+    uint8_t buf[65536];
+    while (true) {
+      auto n = w->Read(buf);
+      if (!n || *n == 0) break;  // the encoder's DONE and half-close
+    }
+    StallUntil(stop);
+  });
+  std::thread source([&, s = src.get()] {
+    (void)s->WriteAll(g.stream);
+    s->ShutdownWrite();
+    Bytes got;
+    bool reset = false;
+    Drain(*s, got, reset);
+  });
+  EncoderOptions o;
+  o.store = a.store.get();
+  o.vm = "vm1";
+  o.idle_timeout = std::chrono::milliseconds(200);
+  auto r = RunEncoderSession(*enc_q, *enc_w, o);
+  stop = true;
+  fake.join();
+  source.join();
+  ASSERT_FALSE(r);
+  EXPECT_EQ(r.error().code(), ETIMEDOUT) << r.error().message();
+  EXPECT_NE(r.error().message().find("did not confirm the end"), std::string::npos)
+      << r.error().message();
+}
+
 // --- SUMMARY pages are pinned against quota eviction ---------------------------------------
 
 // A stream whose first `fresh` pages are new and whose next ones carry the
