@@ -188,8 +188,8 @@ void BenchCold(kagemusha::memcache::PageHasher& hasher, double seconds) {
     } while (elapsed < seconds);
     const double r = double(n) * kPage / elapsed / 1e9;
     if (which == 0) evp = r;
-    std::printf("%-44s %10.2f %9.2fx\n",
-                which == 0 ? "SHA-256 (EVP)" : "HashMany auto, batch 16", r, r / evp);
+    std::printf("%-44s %10.2f %9.2fx\n", which == 0 ? "SHA-256 (EVP)" : "HashMany auto, batch 16",
+                r, r / evp);
   }
 }
 
@@ -251,9 +251,9 @@ int main(int argc, char** argv) {
     size_t batch;
   };
   std::vector<Candidate> paths;
-  for (PathRow r : {PathRow{Path::kShaNi2, 2}, PathRow{Path::kAvx2x8, 8},
-                    PathRow{Path::kAvx512x8, 8}, PathRow{Path::kAvx512x16, 16},
-                    PathRow{Path::kAvx512x16ShaNi2, 18}})
+  for (PathRow r :
+       {PathRow{Path::kShaNi2, 2}, PathRow{Path::kAvx2x8, 8}, PathRow{Path::kAvx512x8, 8},
+        PathRow{Path::kAvx512x16, 16}, PathRow{Path::kAvx512x16ShaNi2, 18}})
     paths.push_back({std::string("HashMany ") + kagemusha::memcache::PageHasher::PathName(r.path),
                      batched(r.path, r.batch)});
   const Path fastest = kagemusha::memcache::PageHasher::FastestPath();

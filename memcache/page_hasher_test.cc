@@ -151,8 +151,8 @@ TEST_F(PageHasherPathTest, HashManyUsesASupportedPathAndAgreesWithHash) {
   std::vector<PageDigest> out(n);
   hasher_->HashMany(pages, out);
   for (size_t i = 0; i < n; ++i)
-    EXPECT_EQ(out[i], hasher_->Hash(std::span<const uint8_t>(pages).subspan(
-                          i * kStorePageSize, kStorePageSize)));
+    EXPECT_EQ(out[i], hasher_->Hash(std::span<const uint8_t>(pages).subspan(i * kStorePageSize,
+                                                                            kStorePageSize)));
 }
 
 // The kernels directly: a page may sit in several lanes (HashMany pads a

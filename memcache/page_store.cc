@@ -149,8 +149,8 @@ bool PageHasher::Supports(Path path) {
 }
 
 // Order measured with kagemusha_memcache_bench_hash on a Xeon with SHA-NI
-// and AVX-512 (docs/memcache.md): AVX-512 x16 ~2x EVP, SHA-NI x2 ~1.07x,
-// AVX2 x8 ~0.8x. Without SHA-NI, OpenSSL's one-page code is slower than the
+// and AVX-512 (docs/memcache.md): AVX-512 x16 ~2.2x EVP, SHA-NI x2 ~1.2x,
+// AVX2 x8 ~0.8x. Without SHA-NI, OpenSSL's one-page code is ~2.7x slower than the
 // AVX2 lanes, hence AVX2 before EVP.
 PageHasher::Path PageHasher::FastestPath() {
   static const Path best = [] {

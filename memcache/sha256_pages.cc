@@ -104,8 +104,8 @@ KM_SHANI_INLINE void ShaNiBeginBlock(ShaNiLane& l, const uint8_t* block) {
   const __m128i bswap = ByteSwapMask();
 #pragma GCC unroll 16
   for (int g = 0; g < 4; ++g)
-    l.w[g] = _mm_shuffle_epi8(_mm_loadu_si128(reinterpret_cast<const __m128i*>(block + 16 * g)),
-                              bswap);
+    l.w[g] =
+        _mm_shuffle_epi8(_mm_loadu_si128(reinterpret_cast<const __m128i*>(block + 16 * g)), bswap);
   l.saved_abef = l.abef;
   l.saved_cdgh = l.cdgh;
 }
@@ -277,8 +277,7 @@ KM_INLINE void LoadBlock(const uint8_t* const in[kLanes], size_t off, V w[16]) {
   const V bswap = _mm512_broadcast_i32x4(ByteSwapMask());
   V r[16], t[16], u[16];
 #pragma GCC unroll 16
-  for (int i = 0; i < 16; ++i)
-    r[i] = _mm512_shuffle_epi8(_mm512_loadu_si512(in[i] + off), bswap);
+  for (int i = 0; i < 16; ++i) r[i] = _mm512_shuffle_epi8(_mm512_loadu_si512(in[i] + off), bswap);
 #pragma GCC unroll 16
   for (int k = 0; k < 8; ++k) {
     t[2 * k] = _mm512_unpacklo_epi32(r[2 * k], r[2 * k + 1]);
@@ -326,7 +325,8 @@ __attribute__((target("avx2,avx512f,avx512bw,avx512vl,sha,sse4.1,ssse3"))) void 
     }
 #pragma GCC unroll 16
     for (int i = 0; i < 8; ++i) saved[i] = s[i];
-    for (int p = 0; p < 2; ++p) ShaNiBeginBlock(ni[p], data ? in[kLanes + p] + off : kPadding.bytes);
+    for (int p = 0; p < 2; ++p)
+      ShaNiBeginBlock(ni[p], data ? in[kLanes + p] + off : kPadding.bytes);
 #pragma GCC unroll 8
     for (int r = 0; r < 8; ++r) {
       if (data)
@@ -375,12 +375,8 @@ KM_SHANI_TARGET void ShaNiPages2(const uint8_t* const in[2], uint8_t* const out[
 
 void ShaNiX2(const uint8_t* const in[2], uint8_t* const out[2]) { ShaNiPages2(in, out); }
 void Avx2X8(const uint8_t* const in[8], uint8_t* const out[8]) { avx2::HashPages(in, out); }
-void Avx512VlX8(const uint8_t* const in[8], uint8_t* const out[8]) {
-  avx512vl::HashPages(in, out);
-}
-void Avx512X16(const uint8_t* const in[16], uint8_t* const out[16]) {
-  avx512::HashPages(in, out);
-}
+void Avx512VlX8(const uint8_t* const in[8], uint8_t* const out[8]) { avx512vl::HashPages(in, out); }
+void Avx512X16(const uint8_t* const in[16], uint8_t* const out[16]) { avx512::HashPages(in, out); }
 void Avx512X16ShaNiX2(const uint8_t* const in[18], uint8_t* const out[18]) {
   avx512::HashPagesWithShaNi(in, out);
 }
