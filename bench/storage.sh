@@ -25,6 +25,9 @@
 #   BENCH_RUNS=5 BENCH_SIZE=1024 (MiB) BENCH_FIO_SECONDS=3
 #   BENCH_WAN=1 BENCH_WAN_SIZE=256 (MiB) BENCH_WAN_RTT=20 BENCH_WAN_RATE=200
 #   BENCH_WAN_RUNS=$BENCH_RUNS
+#   BENCH_BASELINE_NBD=PATH  another kagemusha-nbd binary (e.g. the previous
+#     commit's) measured as a fourth target subject "baseline" in the same
+#     runs, for A/B comparisons of a change
 # Quick run: BENCH_RUNS=1 BENCH_SIZE=128 BENCH_WAN_SIZE=32 ./kagemusha bench storage
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
@@ -108,6 +111,19 @@ st_wait_nbd "$(st_uri_unix "$qw")" 20 qnbd-w
 declare -A RURI=([kagemusha]=$(st_uri_unix "$ks" d) [nbdkit]=$(st_uri_unix "$nks") [qemu-nbd]=$(st_uri_unix "$qs"))
 declare -A WURI=([kagemusha]=$(st_uri_unix "$ks" w) [nbdkit]=$(st_uri_unix "$nkw") [qemu-nbd]=$(st_uri_unix "$qw"))
 SUBJECTS=(kagemusha nbdkit qemu-nbd)
+BASELINE=${BENCH_BASELINE_NBD:-}
+if [[ -n $BASELINE ]] && want target; then
+  [[ -x $BASELINE ]] || tb_fail "BENCH_BASELINE_NBD=$BASELINE is not executable"
+  bks=$ST_DIR/b.sock bwimg=$ST_DIR/bwrite.img
+  truncate -s "${SIZE}M" "$bwimg"
+  saved_nbd=$ST_NBD
+  ST_NBD=$BASELINE
+  st_nbd_serve b-target --unix "$bks" --export "d=$data,ro" --export "w=$bwimg"
+  ST_NBD=$saved_nbd
+  RURI[baseline]=$(st_uri_unix "$bks" d)
+  WURI[baseline]=$(st_uri_unix "$bks" w)
+  SUBJECTS+=(baseline)
+fi
 
 for s in "${SUBJECTS[@]}"; do
   got=$(st_md5_uri "${RURI[$s]}")
@@ -116,6 +132,10 @@ done
 
 declare -A RPID=([kagemusha]=${ST_PID[k-target]} [nbdkit]=${ST_PID[nbdkit-r]} [qemu-nbd]=${ST_PID[qnbd-r]})
 declare -A WPID=([kagemusha]=${ST_PID[k-target]} [nbdkit]=${ST_PID[nbdkit-w]} [qemu-nbd]=${ST_PID[qnbd-w]})
+if [[ -n $BASELINE ]] && want target; then
+  RPID[baseline]=${ST_PID[b-target]}
+  WPID[baseline]=${ST_PID[b-target]}
+fi
 
 # Interleave subjects inside each run so drift hits all of them alike.
 want target && for ((r = 1; r <= RUNS; r++)); do
@@ -138,6 +158,10 @@ if want target; then
   [[ $(st_md5_file "$wimg") == "$data_md5" ]] || tb_fail "write image differs after the write runs"
 fi
 st_stop nbdkit-w; st_stop qnbd-r; st_stop qnbd-w
+if [[ -n ${ST_PID[b-target]:-} ]]; then
+  [[ $(st_md5_file "$bwimg") == "$data_md5" ]] || tb_fail "baseline: write image differs"
+  st_stop b-target
+fi
 
 # --- proxy: cold and warm read vs the remote alone and our target ---------------
 # In each run, interleaved: the remote (nbdkit) alone, our target on the same
@@ -254,6 +278,15 @@ table.append((f"fill {size} MiB on loopback, MiB/s", mbps("fill_loopback", "kage
 if ("fill_wan", "kagemusha") in med:
     table.append((f"fill {wan_size} MiB over WAN, MiB/s", mbps("fill_wan", "kagemusha", wan_size),
                   "nbdcopy over WAN", mbps("fill_wan", "nbdcopy", wan_size), None, None))
+if any(s == "baseline" for (_, s) in vals):
+    for metric, label, conv in (("seq_read", "seq read MiB/s", lambda t: size / t),
+                                ("seq_write", "seq write MiB/s", lambda t: size / t),
+                                ("randread_4k_qd16", "4 KiB QD16 IOPS", lambda v: v),
+                                ("seq_read_cpu", "CPU s/GiB seq read (lower is better)", lambda v: v),
+                                ("seq_write_cpu", "CPU s/GiB seq write (lower is better)", lambda v: v)):
+        if (metric, "baseline") in med and (metric, "kagemusha") in med:
+            table.append((f"A/B: {label}", conv(med[(metric, "kagemusha")]),
+                          "baseline binary", conv(med[(metric, "baseline")]), None, None))
 table = [t for t in table if t[1] is not None or t[3] is not None]
 w = max(len(t[0]) for t in table)
 print(f"{'metric':<{w}}  {'kagemusha':>10}  {'peer':>22} {'value':>10}  {'ratio':>6}  {'2nd peer':>9} {'value':>10}  {'ratio':>6}")
@@ -267,6 +300,6 @@ for label, k, p1, v1, p2, v2 in table:
 print()
 print("Ratios above 1 mean kagemusha is faster (rates: higher is better), except CPU s/GiB where lower is better.")
 print("Raw seconds (median): " + ", ".join(f"{m}/{s}={v:.3f}" for (m, s), v in sorted(med.items()) if m != "randread_4k_qd16"))
-print("Every run (seq_read seconds): " + "; ".join(f"{s}=" + ",".join(f"{v:.3f}" for v in vals[("seq_read", s)]) for s in ("kagemusha", "nbdkit", "qemu-nbd") if ("seq_read", s) in vals))
+print("Every run (seq_read seconds): " + "; ".join(f"{s}=" + ",".join(f"{v:.3f}" for v in vals[("seq_read", s)]) for s in ("kagemusha", "nbdkit", "qemu-nbd", "baseline") if ("seq_read", s) in vals))
 PY
 st_pass
