@@ -14,6 +14,7 @@
 #include <atomic>
 #include <cerrno>
 #include <cstdio>
+#include <cstdlib>
 #include <map>
 #include <mutex>
 #include <optional>
@@ -210,6 +211,11 @@ void PageHasher::HashTail(std::span<const uint8_t> pages, std::span<PageDigest> 
 
 void PageHasher::HashManyWith(Path path, std::span<const uint8_t> pages,
                               std::span<PageDigest> out) {
+  // A kernel the CPU lacks would die of SIGILL somewhere less obvious.
+  if (!Supports(path)) {
+    std::fprintf(stderr, "PageHasher: path %s is not supported by this CPU\n", PathName(path));
+    std::abort();
+  }
   const size_t n = out.size();
   size_t i = 0;
   auto full_batches = [&](size_t lanes, void (*kernel)(const uint8_t* const*, uint8_t* const*)) {
