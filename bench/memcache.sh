@@ -129,7 +129,7 @@ plain_hop() {
 # loopback; the proxies talk across NET).
 proxy_hop() {
   local net=$1 sc=$2 hop=$3 sstore=$TB_DIR/store-$1-$4 dstore=$TB_DIR/store-$1-$5 line enc dec
-  local wan q refs skipped
+  local wan q refs skipped endw
   hop_setup "$net"
   tb_spawn --name "decode-$NEXT" "$TO_NODE" "$MP_BIN" decode --listen "$TO_HOST:$((PORT + 2))" \
     --to "127.0.0.1:$((PORT + 3))" --store "$dstore" --vm guest1 --json --once
@@ -151,7 +151,8 @@ proxy_hop() {
   q=$(mp_json_field "$enc" migration-done qemu_bytes)
   refs=$(mp_json_field "$enc" migration-done ref_pages)
   skipped="$(mp_json_field "$enc" migration-done learn_skipped_pages)/$(mp_json_field "$dec" migration-done learn_skipped_pages)"
-  tb_log "proxied $net $sc $hop $GUEST@$NODE -> $NEXT@$TO_NODE: qemu_bytes=$q wan_bytes_out=$wan ref_pages=$refs learn_skipped(enc/dec)=$skipped; $line"
+  endw="$(mp_json_field "$enc" migration-done end_wait_us)/$(mp_json_field "$dec" migration-done end_wait_us)"
+  tb_log "proxied $net $sc $hop $GUEST@$NODE -> $NEXT@$TO_NODE: qemu_bytes=$q wan_bytes_out=$wan ref_pages=$refs learn_skipped(enc/dec)=$skipped end_wait_us(enc/dec)=$endw; $line"
   GUEST=$NEXT
   NODE=$TO_NODE
   verify "$GUEST" "proxied $net $sc $hop"

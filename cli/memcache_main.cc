@@ -59,6 +59,7 @@ json StatsJson(const mc::ProxyStats& s) {
             {"learned", s.learned},
             {"learned_pages", s.learned_pages},
             {"learn_skipped_pages", s.learn_skipped_pages},
+            {"end_wait_us", s.end_wait_us},
             {"fell_back", s.fell_back}};
   if (s.fell_back) j["fallback_reason"] = s.fallback_reason;
   return j;

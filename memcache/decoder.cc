@@ -263,8 +263,13 @@ class DecoderSession {
         auto theirs = DecodeEnd(fr.payload);
         if (!theirs) return Fail(theirs.error());
         if (auto st = VerifyRefs(); !st) return Fail(st.error());
+        auto wait_start = std::chrono::steady_clock::now();
         learner_.Submit();
         learner_.Drain();  // every digest before END is known now
+        stats_.end_wait_us = uint64_t(std::chrono::duration_cast<std::chrono::microseconds>(
+                                          std::chrono::steady_clock::now() - wait_start)
+                                          .count());
+
         auto mine = learner_.PageFigures();
         auto pass = pass_acc_.Figures();
         mine.passthrough_bytes = pass.passthrough_bytes;

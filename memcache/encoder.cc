@@ -348,8 +348,12 @@ class EncoderSession final : public MigrationStreamVisitor {
     FlushZeroRun();
     ResolvePending();
     // END needs the digest of every page before it: let the learner catch up.
+    auto wait_start = std::chrono::steady_clock::now();
     learner_.Submit();
     learner_.Drain();
+    stats_.end_wait_us = uint64_t(std::chrono::duration_cast<std::chrono::microseconds>(
+                                      std::chrono::steady_clock::now() - wait_start)
+                                      .count());
     auto fig = learner_.PageFigures();
     auto pass = pass_acc_.Figures();
     fig.passthrough_bytes = pass.passthrough_bytes;

@@ -135,6 +135,7 @@ struct ProxyStats {
   std::string fallback_reason;
   bool learned = false;              // manifest written for the VM
   uint64_t learned_pages = 0;        // pages handed to the page store (new or already there)
+  uint64_t end_wait_us = 0;          // forward thread waiting for the learner before END
   uint64_t learn_skipped_pages = 0;  // hashed but not stored: worker overloaded, store
                                      // error, or (decoder) SUMMARY pages pinned at quota
   uint64_t forward_wan_bytes = 0;    // reuse-protocol bytes source -> destination
