@@ -67,10 +67,12 @@ constexpr uint32_t kSpliceMinLength = 64 * 1024;
 // that does not fit is copied.
 constexpr size_t kPipeInitialCapacity = 256 * 1024;
 constexpr size_t kPipeMaxCapacity = 1024 * 1024;
-// Pipes a session may hold at once; a read finding none free is copied.
-// Bounds the per-user pipe accounting (fs/pipe-user-pages-soft) for
-// unprivileged servers.
-constexpr size_t kMaxPipesPerSession = 32;
+// Pipes a session may hold at once (at most one per request in flight); a
+// read finding none free is copied. With 32 for 64 requests in flight,
+// nbdcopy's queued replies ran out of pipes and half its reads were copied.
+// For an unprivileged server the per-user pipe accounting
+// (fs/pipe-user-pages-soft) may refuse the capacity, and reads are copied.
+constexpr size_t kMaxPipesPerSession = 256;
 
 int64_t NowNs() {
   return std::chrono::duration_cast<std::chrono::nanoseconds>(
@@ -481,7 +483,10 @@ std::unique_ptr<Session::SplicePipe> Session::AcquirePipe() {
       free_pipes_.pop_back();
       return p;
     }
-    if (pipes_ >= kMaxPipesPerSession) return nullptr;
+    if (pipes_ >= std::min<size_t>(kMaxPipesPerSession,
+                                   std::max<uint32_t>(1, env_.options.max_requests_in_flight))) {
+      return nullptr;
+    }
     ++pipes_;
   }
   auto p = SplicePipe::Create();
