@@ -132,7 +132,9 @@ static __always_inline int fits(struct __sk_buff *skb, __u32 l3, __u8 nexthdr, _
 static __always_inline int write_outer(struct __sk_buff *skb, const __u8 *src, const __u8 *dst,
                                        __u32 inner_len) {
   struct ip6 o;
-  __u32 flow = bpf_get_hash_recalc(skb) & 0xfffff; /* RFC 6437: a stable per-flow label */
+  /* RFC 6437: a per-flow label, from the hash the stack already has (0 if
+   * none: computing one here would run the flow dissector per packet). */
+  __u32 flow = skb->hash & 0xfffff;
   o.vtc_flow[0] = 0x60;
   o.vtc_flow[1] = (flow >> 16) & 0x0f;
   o.vtc_flow[2] = (flow >> 8) & 0xff;
