@@ -23,6 +23,8 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cerrno>
+#include <cstdlib>
 #include <condition_variable>
 #include <cstring>
 #include <deque>
@@ -115,6 +117,31 @@ class TaskGroup {
   St status_ = Ok();
 };
 
+constexpr size_t kDirectAlign = 4096;  // O_DIRECT buffer, offset and length alignment
+
+// A per-thread buffer of at least n bytes aligned for O_DIRECT; `slot`
+// selects one of two independent buffers (fetch target, bounce).
+std::span<std::byte> AlignedScratch(int slot, size_t n) {
+  struct Buf {
+    std::byte* p = nullptr;
+    size_t size = 0;
+    ~Buf() { std::free(p); }
+  };
+  thread_local Buf bufs[2];
+  Buf& b = bufs[slot];
+  if (b.size < n) {
+    std::free(b.p);
+    size_t sz = (n + kDirectAlign - 1) / kDirectAlign * kDirectAlign;
+    b.p = static_cast<std::byte*>(std::aligned_alloc(kDirectAlign, sz));
+    if (!b.p) {
+      spdlog::critical("copy-on-read: out of memory for a {} byte buffer", sz);
+      std::abort();
+    }
+    b.size = sz;
+  }
+  return {b.p, n};
+}
+
 bool IsPowerOfTwo(uint64_t v) { return v != 0 && (v & (v - 1)) == 0; }
 
 bool AllZero(std::span<const std::byte> d) {
@@ -140,6 +167,7 @@ class CopyOnReadImpl final : public CopyOnReadBackend {
   St Zero(uint64_t offset, uint64_t length, bool may_trim, bool fast, bool fua) override;
   St Cache(uint64_t offset, uint64_t length) override;
   Result<std::vector<Extent>> Extents(uint64_t offset, uint64_t length) override;
+  std::optional<FileRange> FileRangeFor(uint64_t offset, uint64_t length) override;
 
   void StartFill() override;
   void StopFill() override;
@@ -187,8 +215,11 @@ class CopyOnReadImpl final : public CopyOnReadBackend {
   // Makes the given blocks present: fetches missing ones (adjacent ones
   // merged, split at kMaxRemoteRequest, runs in parallel) and waits for
   // blocks others are fetching. Counts as guest I/O (the fill yields).
-  St EnsurePresent(std::span<const uint64_t> blocks, ReadTarget* target = nullptr);
-  St EnsurePresentRange(uint64_t first, uint64_t last, ReadTarget* target = nullptr);
+  // `prefetch`: nobody reads the blocks now (NBD_CMD_CACHE); see FetchFor.
+  St EnsurePresent(std::span<const uint64_t> blocks, ReadTarget* target = nullptr,
+                   bool prefetch = false);
+  St EnsurePresentRange(uint64_t first, uint64_t last, ReadTarget* target = nullptr,
+                        bool prefetch = false);
   // Claims every missing block of [first, last) for a local overwrite, all
   // or nothing: if any is claimed by someone else, waits for it and retries.
   std::vector<Run> ClaimForOverwrite(uint64_t first, uint64_t last);
@@ -197,9 +228,19 @@ class CopyOnReadImpl final : public CopyOnReadBackend {
   void ReleaseRuns(std::span<const Run> runs);
   // Fetches a run into `into` (exactly RunBytes(run) long) or, if empty, a
   // per-thread buffer, then stores it in the cache and marks it present.
-  St FetchRun(const Run& run, bool fill, std::span<std::byte> into = {});
+  // Why a run is fetched. kClient: a client request reads or merges the data
+  // right after, so it goes through the page cache. kPrefetch and kFill: the
+  // data is only stored, with O_DIRECT where possible (StoreDirect).
+  enum class FetchFor { kClient, kPrefetch, kFill };
+  St FetchRun(const Run& run, FetchFor why, std::span<std::byte> into = {});
   // Writes fetched data (starting at a block boundary) to the cache.
-  St StoreFetched(std::span<const std::byte> data, uint64_t first_block);
+  // `direct`: nobody is about to read the data back (fill, NBD_CMD_CACHE), so
+  // it may bypass the page cache.
+  St StoreFetched(std::span<const std::byte> data, uint64_t first_block, bool direct);
+  // Writes fetched data with O_DIRECT (no page cache). False: not possible
+  // here (no direct descriptor, misaligned tail, EINVAL); the caller then
+  // writes through the page cache. A real I/O error is returned in `*err`.
+  bool StoreDirect(std::span<const std::byte> data, uint64_t offset, St* err);
   void MarkPresent(uint64_t first, uint64_t count);
   // Waits until every block of [first, last) is durable (bit in the file).
   // REQUIRES: every block in the range is present.
@@ -262,6 +303,12 @@ class CopyOnReadImpl final : public CopyOnReadBackend {
   std::string last_error_;  // GUARDED_BY(error_mu_)
   std::mutex switch_mu_;
 
+  // The cache image opened a second time with O_DIRECT, -1 if the file
+  // system refuses it. Fetched data written through it costs no page-cache
+  // allocation, which on this kind of machine is most of a store's CPU.
+  int direct_fd_ = -1;
+  std::atomic<bool> direct_ok_{false};
+
   TaskPool guest_pool_;
 };
 
@@ -286,6 +333,10 @@ CopyOnReadImpl::CopyOnReadImpl(std::unique_ptr<RemoteReader> remote,
     if (bitmap_->Test(b)) present_.Set(b);
   present_count_ = bitmap_->Count();
   if (!remote_) mode_ = kTarget;  // Open checked the bitmap is complete
+  if (remote_) {
+    direct_fd_ = ::open(cache_->path().c_str(), O_RDWR | O_DIRECT | O_CLOEXEC);
+    direct_ok_ = direct_fd_ >= 0;
+  }
   committer_ = std::thread([this] { CommitterLoop(); });
 }
 
@@ -300,6 +351,7 @@ CopyOnReadImpl::~CopyOnReadImpl() {
   }
   commit_cv_.notify_all();
   committer_.join();
+  if (direct_fd_ >= 0) ::close(direct_fd_);
 }
 
 BackendCaps CopyOnReadImpl::Caps() const {
@@ -339,32 +391,65 @@ void CopyOnReadImpl::ReleaseRuns(std::span<const Run> runs) {
   }
 }
 
-St CopyOnReadImpl::FetchRun(const Run& run, bool fill, std::span<std::byte> into) {
+St CopyOnReadImpl::FetchRun(const Run& run, FetchFor why, std::span<std::byte> into) {
   if (!remote_) return Fail(Error::Shutdown("no remote (target mode)"));
   const uint64_t off = BlockOffset(run.first);
   const uint64_t len = RunBytes(run);
   std::span<std::byte> data = into;
-  if (data.empty()) {
-    thread_local std::vector<std::byte> buf;
-    if (buf.size() < len) buf.resize(len);
-    data = std::span<std::byte>(buf.data(), len);
-  }
+  if (data.empty()) data = AlignedScratch(0, len);
   if (auto s = remote_->Read(data, off); !s) {
     Error e = s.error().Context("fetching " + std::to_string(len) + " bytes at " +
                                 std::to_string(off) + " from the remote");
     NoteError(e);
     return Fail(e);
   }
-  if (auto s = StoreFetched(data, run.first); !s)
+  if (auto s = StoreFetched(data, run.first, why != FetchFor::kClient); !s)
     return Fail(s.error().Context("storing fetched blocks in the cache"));
   MarkPresent(run.first, run.count);
   bytes_fetched_ += len;
-  if (fill) bytes_fetched_fill_ += len;
+  if (why == FetchFor::kFill) bytes_fetched_fill_ += len;
   meter_.Add(len);
   return Ok();
 }
 
-St CopyOnReadImpl::StoreFetched(std::span<const std::byte> data, uint64_t first_block) {
+bool CopyOnReadImpl::StoreDirect(std::span<const std::byte> data, uint64_t offset, St* err) {
+  if (!direct_ok_.load(std::memory_order_relaxed)) return false;
+  if (offset % kDirectAlign != 0 || data.size() % kDirectAlign != 0) return false;
+  if (reinterpret_cast<uintptr_t>(data.data()) % kDirectAlign != 0) {
+    auto bounce = AlignedScratch(1, data.size());
+    std::memcpy(bounce.data(), data.data(), data.size());
+    data = bounce;
+  }
+  // Allocating the range first turns the write into an overwrite of
+  // unwritten extents, which ext4 and XFS let run in parallel under a shared
+  // inode lock; a direct write into a hole holds the lock exclusively for the
+  // whole I/O. Unsupported (block device, tmpfs): write anyway.
+  (void)::fallocate(direct_fd_, 0, off_t(offset), off_t(data.size()));
+  size_t done = 0;
+  while (done < data.size()) {
+    ssize_t n = ::pwrite(direct_fd_, data.data() + done, data.size() - done, off_t(offset + done));
+    if (n > 0) {
+      done += size_t(n);
+      continue;
+    }
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0 && errno == EINVAL && done == 0) {
+      // The file system takes O_DIRECT at open but not this alignment.
+      if (direct_ok_.exchange(false))
+        spdlog::info("copy-on-read: direct writes to {} refused ({}); using the page cache",
+                     cache_->path(), std::strerror(errno));
+      return false;
+    }
+    *err = Fail(Error::Errno(n < 0 ? errno : EIO, "write " + cache_->path() + " at " +
+                                                      std::to_string(offset + done)));
+    return true;
+  }
+  *err = Ok();
+  return true;
+}
+
+St CopyOnReadImpl::StoreFetched(std::span<const std::byte> data, uint64_t first_block,
+                                bool direct) {
   // Blocks that are all zeroes on the remote become holes in the cache (a
   // punched or zeroed range, guaranteed to read as zeroes), so the cache stays
   // as sparse as the source and Extents can report them as holes.
@@ -378,8 +463,11 @@ St CopyOnReadImpl::StoreFetched(std::span<const std::byte> data, uint64_t first_
       end += blk.size();
     }
     const uint64_t off = BlockOffset(first_block) + pos;
-    St s = zero ? cache_->Zero(off, end - pos, /*may_trim=*/true, /*fast=*/false, false)
-                : cache_->Write(data.subspan(pos, end - pos), off, false);
+    St s = Ok();
+    if (zero)
+      s = cache_->Zero(off, end - pos, /*may_trim=*/true, /*fast=*/false, false);
+    else if (!(direct && StoreDirect(data.subspan(pos, end - pos), off, &s)))
+      s = cache_->Write(data.subspan(pos, end - pos), off, false);
     if (!s) return s;
     pos = end;
   }
@@ -400,15 +488,18 @@ void CopyOnReadImpl::MarkPresent(uint64_t first, uint64_t count) {
   if (wake) commit_cv_.notify_one();
 }
 
-St CopyOnReadImpl::EnsurePresentRange(uint64_t first, uint64_t last, ReadTarget* target) {
+St CopyOnReadImpl::EnsurePresentRange(uint64_t first, uint64_t last, ReadTarget* target,
+                                      bool prefetch) {
   if (present_.AllSet(first, last)) return Ok();
   std::vector<uint64_t> blocks;
   blocks.reserve(last - first);
   for (uint64_t b = first; b < last; ++b) blocks.push_back(b);
-  return EnsurePresent(blocks, target);
+  return EnsurePresent(blocks, target, prefetch);
 }
 
-St CopyOnReadImpl::EnsurePresent(std::span<const uint64_t> blocks, ReadTarget* target) {
+St CopyOnReadImpl::EnsurePresent(std::span<const uint64_t> blocks, ReadTarget* target,
+                                 bool prefetch) {
+  const FetchFor why = prefetch ? FetchFor::kPrefetch : FetchFor::kClient;
   struct GuestMiss {  // the fill backs off while guest misses are in flight
     CopyOnReadImpl* self;
     explicit GuestMiss(CopyOnReadImpl* s) : self(s) { self->guest_misses_.fetch_add(1); }
@@ -450,13 +541,13 @@ St CopyOnReadImpl::EnsurePresent(std::span<const uint64_t> blocks, ReadTarget* t
       }
       TaskGroup group(mine.size());
       for (size_t i = 1; i < mine.size(); ++i) {
-        guest_pool_.Submit([this, &group, run = mine[i], dst = into[i]] {
-          St s = FetchRun(run, false, dst);
+        guest_pool_.Submit([this, &group, why, run = mine[i], dst = into[i]] {
+          St s = FetchRun(run, why, dst);
           ReleaseRuns(std::span(&run, 1));
           group.Done(s);
         });
       }
-      St s = FetchRun(mine[0], false, into[0]);  // the first run on this thread
+      St s = FetchRun(mine[0], why, into[0]);  // the first run on this thread
       ReleaseRuns(std::span(&mine[0], 1));
       group.Done(s);
       mine_status = group.Wait();
@@ -668,7 +759,8 @@ St CopyOnReadImpl::Cache(uint64_t offset, uint64_t length) {
   const uint64_t end = std::min(size_, offset + length);
   for (uint64_t pos = offset; pos < end; pos += kCacheOpChunk) {
     uint64_t n = std::min(kCacheOpChunk, end - pos);
-    if (auto s = EnsurePresentRange(FirstBlock(pos), EndBlock(pos, n)); !s) return s;
+    if (auto s = EnsurePresentRange(FirstBlock(pos), EndBlock(pos, n), nullptr, true); !s)
+      return s;
   }
   return Ok();
 }
@@ -705,6 +797,15 @@ Result<std::vector<Extent>> CopyOnReadImpl::Extents(uint64_t offset, uint64_t le
     pos = run_end;
   }
   return out;
+}
+
+std::optional<FileRange> CopyOnReadImpl::FileRangeFor(uint64_t offset, uint64_t length) {
+  // Present blocks are the cache's bytes and stay so (present_ never goes
+  // back, and only this object writes the cache), so the server may splice
+  // them from the page cache: a warm read costs what a target read costs.
+  if (!proxy() || length == 0 || present_.AllSet(FirstBlock(offset), EndBlock(offset, length)))
+    return cache_->FileRangeFor(offset, length);
+  return std::nullopt;
 }
 
 // --- Fill -----------------------------------------------------------------------
@@ -808,7 +909,7 @@ void CopyOnReadImpl::FillWorker() {
       fill_cv_.wait_for(lk, std::chrono::milliseconds(10), [&] { return fill_stop_.load(); });
       continue;
     }
-    St s = FetchRun(*run, true);
+    St s = FetchRun(*run, FetchFor::kFill);
     ReleaseRuns(std::span(&*run, 1));
     if (!s) NoteError(s.error());  // remote errors are noted already; local ones (ENOSPC) too
     std::lock_guard lk(fill_mu_);

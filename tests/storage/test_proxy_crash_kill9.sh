@@ -66,6 +66,7 @@ for ((r = 1; r <= rounds; r++)); do
   for i in $(seq 0 $((REGIONS - 1)) | shuf); do
     cmds+=(-c "write -P $(((i % 250) + 1)) $((i * STRIDE + WOFF)) $WLEN" -c "sleep 4")
   done
+  : >"$d/writer.log"   # exists before the poll below reads it
   stdbuf -oL qemu-io -f raw "${cmds[@]}" "$uri" >"$d/writer.log" 2>&1 &
   writer=$!
   # Kill at a random moment once at least a few writes were acknowledged.
