@@ -900,6 +900,26 @@ TEST_F(CopyOnReadTest, FillReportsALocalWriteErrorAndResumesAfterIt) {
   EXPECT_EQ(ReadFileBytes(opts_.cache_path), image_);
 }
 
+// The fill and NBD_CMD_CACHE store with O_DIRECT where the file system
+// allows it, client misses through the page cache, and a tail that is not a
+// multiple of 4096 bytes always through the page cache: whatever the path,
+// the cache file and reads through the backend hold the remote's bytes.
+TEST_F(CopyOnReadTest, FillAndCacheCommandStoreExactBytesOnEveryWritePath) {
+  Init(2 * kMiB + 5000, 65536);  // 33 blocks, the last one 5000 bytes
+  EXPECT_TRUE(SameBytes(ReadAt(70000, 3000), Slice(image_, 70000, 3000)));  // client miss
+  ASSERT_TRUE(cor_->Cache(200000, 300000));                                 // prefetch
+  std::vector<std::byte> data(4096, std::byte{7});
+  ASSERT_TRUE(cor_->Write(data, 2 * kMiB - 4096, false));
+  std::vector<std::byte> expected = image_;
+  std::memcpy(expected.data() + 2 * kMiB - 4096, data.data(), data.size());
+  cor_->StartFill();
+  ASSERT_TRUE(WaitComplete());
+  ASSERT_TRUE(cor_->Flush());
+  EXPECT_EQ(ReadFileBytes(opts_.cache_path), expected);
+  EXPECT_EQ(ReadAt(0, expected.size()), expected);
+  for (uint64_t b = 0; b < 33; ++b) EXPECT_LE(ReadsOf(b), 1u) << b;
+}
+
 TEST_F(CopyOnReadTest, BlockSizeMayExceedTheTailOfTheImage) {
   Init(3 * 65536 + 1000, 65536);  // last block is 1000 bytes
   EXPECT_TRUE(SameBytes(ReadAt(3 * 65536, 1000), Slice(image_, 3 * 65536, 1000)));
