@@ -174,6 +174,8 @@ int host_tap_egress(struct __sk_buff *skb) {
   __u32 inner_len = skb->len - ETH_LEN;
   if (inner_len > 0xffff) return TC_ACT_OK;
   __u32 uplink = s->uplink_ifindex;
+  /* Before adjust_room, which resets gso_segs of a GSO packet. */
+  __u32 segs = skb->gso_segs > 1 ? skb->gso_segs : 1;
   __u8 coa[16], ha[16];
   __builtin_memcpy(coa, s->coa, 16);
   __builtin_memcpy(ha, s->ha, 16);
@@ -183,7 +185,6 @@ int host_tap_egress(struct __sk_buff *skb) {
     count(KGM_HOST_ERRORS, 1);
     return TC_ACT_SHOT;
   }
-  __u32 segs = skb->gso_segs > 1 ? skb->gso_segs : 1;
   count(KGM_HOST_ENCAP_PACKETS, segs);
   count(KGM_HOST_ENCAP_BYTES, inner_len);
   __sync_fetch_and_add(&s->encap_packets, segs);
