@@ -4,15 +4,18 @@
 // HandshakeMachine (nbd_server_codec.h) under a deadline, then a reader
 // coroutine parses requests and hands them to the worker pool, where the
 // backend is called (small reads of a fast backend run inline on the
-// reader). The thread that finished a small reply sends it itself when no
-// one else is sending; large replies, and whatever a full socket leaves
-// over, go to a writer coroutine on the strand that sends several at a time
-// with gather writes. Reply objects and their data buffers are recycled per
-// session, so a steady stream of requests does not allocate.
+// reader). Large reads of a backend that names a file (FileRangeFor) are
+// spliced from the page cache into a pipe and from there into the socket,
+// never copied by the server. The thread that finished a reply with few
+// copied bytes (a small reply, or a spliced one) sends it itself when no one
+// else is sending; larger ones, and whatever a full socket leaves over, go
+// to a writer coroutine on the strand that sends several at a time. Reply
+// objects, their data buffers and the pipes are recycled per session, so a
+// steady stream of requests does not allocate.
 //
 // Thread-safety: the coroutines' state is touched on the session strand
 // only; the send side (queue_, sender_) is GUARDED_BY(send_mu_), the reply
-// pool by pool_mu_, the in-flight counts are atomics. A worker owns a Reply
+// and pipe pools by pool_mu_, the in-flight counts are atomics. A worker owns a Reply
 // while it executes the request, the current sender while it sends it.
 #pragma once
 
