@@ -155,6 +155,21 @@ std::string StatusHuman(const json& s) {
     out += line;
   }
   for (const auto& p : s["dad_pending"]) out += "  DAD running for " + p.get<std::string>() + "\n";
+  if (s.contains("fast_path")) {
+    const auto& f = s["fast_path"];
+    if (f.value("loaded", false)) {
+      const auto& k = f["counters"];
+      std::snprintf(line, sizeof line,
+                    "fast path: on (kernel encapsulated %llu, decapsulated %llu; Packet Too Big "
+                    "sent %llu)\n",
+                    static_cast<unsigned long long>(k.value("ha_encap_packets", uint64_t{0})),
+                    static_cast<unsigned long long>(k.value("ha_decap_packets", uint64_t{0})),
+                    static_cast<unsigned long long>(f.value("packet_too_big_sent", uint64_t{0})));
+      out += line;
+    } else {
+      out += "fast path: off (mode " + f.value("mode", std::string("?")) + ")\n";
+    }
+  }
   out += "counters:";
   int n = 0;
   for (const auto& [k, v] : s["counters"].items()) {

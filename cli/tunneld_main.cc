@@ -169,7 +169,7 @@ int Serve(int argc, char** argv) {
       "eBPF tc fast path for tunnelled IPv6: auto (if it loads), on (required) or off");
   auto vm = Parse(argc, argv, d, "kagemusha-tunneld serve --control PATH --state-dir DIR");
   auto fast_path = kagemusha::tunnel::ParseFastPathMode(vm["fast-path"].as<std::string>());
-  if (!fast_path) throw po::error(fast_path.error().message());
+  if (!fast_path) return kagemusha::cli::UsageError("serve", fast_path.error().message());
   spdlog::set_level(spdlog::level::from_str(vm["log-level"].as<std::string>()));
   if (vm["json"].as<bool>())
     spdlog::set_pattern(R"({"time":"%Y-%m-%dT%H:%M:%S.%eZ","level":"%l","msg":"%v"})",
@@ -254,6 +254,13 @@ int Status(int argc, char** argv) {
   if (vm["json"].as<bool>()) {
     std::printf("%s\n", r.dump().c_str());
     return 0;
+  }
+  if (r.contains("fast_path")) {
+    const auto& f = r["fast_path"];
+    if (f.value("loaded", false))
+      std::printf("fast path: on\n");
+    else
+      std::printf("fast path: off (mode %s)\n", f.value("mode", std::string("?")).c_str());
   }
   if (r["sessions"].empty()) std::printf("no active sessions\n");
   for (const auto& s : r["sessions"]) PrintSession(s);

@@ -368,13 +368,14 @@ Status HaFastPath::Sync(const BindingCache& cache) {
     kgm_ha_binding b{};
     std::memcpy(b.coa, coa.data(), 16);
     if (int err = bpf_map_update_elem(map, hoa.data(), &b, BPF_ANY)) {
-      // Not published: user space keeps tunnelling it. Retry on the next change.
-      mirror_.Reset();
-      result = Fail(BpfError(err, "fast path: publishing binding " + FormatIpv6(hoa)));
+      // Not published (the map is full): user space keeps tunnelling it, and
+      // the next change of the cache republishes everything. Not retried in
+      // between, so a persistent failure is reported once per change.
+      if (result) result = Fail(BpfError(err, "fast path: publishing binding " + FormatIpv6(hoa)));
     }
   }
+  if (!result) mirror_.Reset();
   synced_generation_ = cache.generation();
-  if (!result) synced_generation_.reset();
   return result;
 }
 
