@@ -32,6 +32,7 @@
 #include <mutex>
 #include <thread>
 #include <unordered_map>
+#include <utility>
 #include <vector>
 
 #include "block_bitmap.h"
@@ -141,6 +142,16 @@ std::span<std::byte> AlignedScratch(int slot, size_t n) {
   }
   return {b.p, n};
 }
+
+// A FileRangeFor() whose fetch failed, for the Read() of the same range that
+// the server issues next on the same thread (see FileRangeFor).
+struct FailedRange {
+  const void* owner = nullptr;
+  uint64_t offset = 0;
+  uint64_t length = 0;
+  std::optional<Error> error;
+};
+thread_local FailedRange failed_range;
 
 bool IsPowerOfTwo(uint64_t v) { return v != 0 && (v & (v - 1)) == 0; }
 
@@ -655,6 +666,10 @@ St CopyOnReadImpl::SyncAll() {
 // --- Data path ------------------------------------------------------------------
 
 St CopyOnReadImpl::Read(std::span<std::byte> buf, uint64_t offset) {
+  if (failed_range.owner) {
+    FailedRange f = std::exchange(failed_range, {});
+    if (f.owner == this && f.offset == offset && f.length == buf.size()) return Fail(*f.error);
+  }
   if (buf.empty()) return Ok();
   if (!proxy()) return cache_->Read(buf, offset);
   const uint64_t first = FirstBlock(offset), last = EndBlock(offset, buf.size());
@@ -803,9 +818,21 @@ std::optional<FileRange> CopyOnReadImpl::FileRangeFor(uint64_t offset, uint64_t 
   // Present blocks are the cache's bytes and stay so (present_ never goes
   // back, and only this object writes the cache), so the server may splice
   // them from the page cache: a warm read costs what a target read costs.
-  if (!proxy() || length == 0 || present_.AllSet(FirstBlock(offset), EndBlock(offset, length)))
-    return cache_->FileRangeFor(offset, length);
-  return std::nullopt;
+  // A miss is fetched into the cache first and then spliced the same way,
+  // which saves copying it from a buffer into the socket.
+  failed_range = {};
+  if (!proxy() || length == 0) return cache_->FileRangeFor(offset, length);
+  const uint64_t first = FirstBlock(offset), last = EndBlock(offset, length);
+  if (!present_.AllSet(first, last)) {
+    St s = EnsurePresentRange(first, last);
+    if (!s) {
+      // The server falls back to Read() of the same range on this thread;
+      // hand it this error rather than fetching (and waiting) again.
+      failed_range = {this, offset, length, s.error()};
+      return std::nullopt;
+    }
+  }
+  return cache_->FileRangeFor(offset, length);
 }
 
 // --- Fill -----------------------------------------------------------------------

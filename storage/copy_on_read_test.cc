@@ -460,6 +460,41 @@ TEST_F(CopyOnReadTest, ReadErrorFromRemoteIsReturnedAndLaterReadsSucceed) {
   EXPECT_TRUE(SameBytes(ReadAt(65536, 4096), Slice(image_, 65536, 4096)));
 }
 
+// The server asks for a file range before reading (to splice the reply): a
+// miss is fetched into the cache then, and the range names the cache file.
+TEST_F(CopyOnReadTest, FileRangeForFetchesMissesIntoTheCacheAndNamesIt) {
+  Init(4 * kMiB, 65536);
+  ASSERT_TRUE(cor_->Write(std::vector<std::byte>(65536, std::byte{9}), 65536, false));
+  auto r = cor_->FileRangeFor(30000, 200000);  // blocks 0-3: 1 written, 0, 2, 3 missing
+  ASSERT_TRUE(r.has_value());
+  EXPECT_EQ(r->offset, 30000u);
+  std::vector<std::byte> got(200000);
+  ASSERT_EQ(::pread(r->fd, got.data(), got.size(), off_t(r->offset)), ssize_t(got.size()));
+  std::vector<std::byte> want(image_.begin() + 30000, image_.begin() + 230000);
+  std::fill(want.begin() + (65536 - 30000), want.begin() + (131072 - 30000), std::byte{9});
+  EXPECT_EQ(got, want);
+  for (uint64_t b : {0u, 2u, 3u}) EXPECT_EQ(ReadsOf(b), 1u) << b;
+  EXPECT_EQ(ReadsOf(1), 0u);
+  EXPECT_EQ(cor_->Status().blocks_present, 4u);
+}
+
+// A failed fetch there yields no range, and the Read() the server falls back
+// to returns that error without asking the remote (and waiting) again.
+TEST_F(CopyOnReadTest, FileRangeForFailureIsReturnedByTheFollowingReadOnce) {
+  Init(4 * kMiB, 65536);
+  FakeRemote::SetFailure(*remote_, FakeRemote::Failure::kIoError);
+  EXPECT_FALSE(cor_->FileRangeFor(0, 131072).has_value());
+  const uint64_t requests = Requests();
+  std::vector<std::byte> buf(131072);
+  auto r = cor_->Read(buf, 0);
+  ASSERT_FALSE(r);
+  EXPECT_EQ(r.error().code(), EIO);
+  EXPECT_EQ(Requests(), requests);
+  FakeRemote::SetFailure(*remote_, FakeRemote::Failure::kNone);
+  EXPECT_TRUE(cor_->Read(buf, 0));  // the stored error was used once only
+  EXPECT_TRUE(SameBytes(buf, Slice(image_, 0, 131072)));
+}
+
 TEST_F(CopyOnReadTest, SwitchRefusesBeforeCompleteAndWorksAfter) {
   Init(2 * kMiB, 65536);
   auto early = cor_->SwitchToTarget();
