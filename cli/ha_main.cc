@@ -443,7 +443,8 @@ int RunServe(int argc, char** argv) {
   auto restored = ha.Restore(loaded->bindings);
   if (!restored) return RuntimeError("restoring bindings: " + restored.error().message());
   if (fast_path) {
-    if (auto s = fast_path->Sync(ha.cache()); !s) spdlog::warn("fast path: {}", s.error().message());
+    if (auto s = fast_path->Sync(ha.cache()); !s)
+      spdlog::warn("fast path: {}", s.error().message());
   }
 
   // -- control
@@ -459,9 +460,12 @@ int RunServe(int argc, char** argv) {
          // encapsulated/decapsulated count both paths (what the HA
          // forwarded); fast_path.counters says how much stayed in the kernel.
          if (fast_path) {
+           auto& k = j["counters"];
            for (const auto& [name, v] : fast_path->Counters()) {
-             if (name == "ha_encap_packets") j["counters"]["encapsulated"] = j["counters"]["encapsulated"].get<uint64_t>() + v;
-             if (name == "ha_decap_packets") j["counters"]["decapsulated"] = j["counters"]["decapsulated"].get<uint64_t>() + v;
+             if (name == "ha_encap_packets")
+               k["encapsulated"] = k["encapsulated"].get<uint64_t>() + v;
+             if (name == "ha_decap_packets")
+               k["decapsulated"] = k["decapsulated"].get<uint64_t>() + v;
            }
          }
          return j;

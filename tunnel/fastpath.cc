@@ -10,10 +10,10 @@
 #include <spdlog/spdlog.h>
 #include <sys/socket.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstdarg>
 #include <cstring>
-#include <algorithm>
 #include <set>
 
 #include "bpf/fastpath_abi.h"
@@ -33,9 +33,10 @@ constexpr uint32_t kTcHandle = 0x4b474d;  // "KGM"
 constexpr uint32_t kTcPriority = 1;
 
 const char* const kCounterNames[KGM_COUNTER_COUNT] = {
-    "host_encap_packets", "host_encap_bytes",      "host_decap_packets",  "host_decap_bytes",
-    "host_passed_too_big", "host_errors",          "ha_encap_packets",    "ha_encap_bytes",
-    "ha_decap_packets",   "ha_decap_bytes",        "ha_passed_too_big",   "ha_passed_spoofed",
+    "host_encap_packets", "host_encap_bytes",    "host_decap_packets",
+    "host_decap_bytes",   "host_passed_too_big", "host_errors",
+    "ha_encap_packets",   "ha_encap_bytes",      "ha_decap_packets",
+    "ha_decap_bytes",     "ha_passed_too_big",   "ha_passed_spoofed",
     "ha_errors"};
 
 int LibbpfLog(enum libbpf_print_level level, const char* format, va_list args) {
@@ -98,8 +99,8 @@ Result<FastPathMode> ParseFastPathMode(std::string_view text) {
   if (text == "auto") return FastPathMode::kAuto;
   if (text == "on") return FastPathMode::kOn;
   if (text == "off") return FastPathMode::kOff;
-  return Fail(Error::Invalid("--fast-path must be auto, on or off (not '" + std::string(text) +
-                             "')"));
+  return Fail(
+      Error::Invalid("--fast-path must be auto, on or off (not '" + std::string(text) + "')"));
 }
 
 const char* FastPathModeName(FastPathMode mode) {
@@ -145,7 +146,8 @@ class BpfTunnelObject {
 
   Result<int> ProgramFd(const char* name) const {
     bpf_program* p = bpf_object__find_program_by_name(obj_, name);
-    if (!p || bpf_program__fd(p) < 0) return Fail(Error::Invalid(std::string("no program ") + name));
+    if (!p || bpf_program__fd(p) < 0)
+      return Fail(Error::Invalid(std::string("no program ") + name));
     return bpf_program__fd(p);
   }
   int MapFd(const char* name) const {
@@ -312,7 +314,8 @@ std::optional<std::vector<uint8_t>> HaPacketTooBigFor(std::span<const uint8_t> f
   if (length <= inner_mtu || !cache.Find(ip->header.dst)) return std::nullopt;
   // Never an ICMPv6 error about an ICMPv6 error (RFC 4443 §2.4 e), nor about ND.
   if (ip->header.next_header == ipproto::kIcmpv6 &&
-      (ip->payload.empty() || ip->payload[0] < 128 || (ip->payload[0] >= 133 && ip->payload[0] <= 137)))
+      (ip->payload.empty() || ip->payload[0] < 128 ||
+       (ip->payload[0] >= 133 && ip->payload[0] <= 137)))
     return std::nullopt;
   // Nor to a source that cannot be answered (RFC 4443 §2.4 e).
   const auto& src = ip->header.src;

@@ -155,8 +155,8 @@ TEST(HaPacketTooBigFor, LeavesEverythingElseAlone) {
   EXPECT_FALSE(HaPacketTooBigFor(Frame(kHoa2, 1500), kHaMac, kHa, 1460, cache)) << "not bound";
   EXPECT_FALSE(HaPacketTooBigFor(Frame(kHoa1, 1500, 6, kRouterMac), kHaMac, kHa, 1460, cache))
       << "not sent to the HA's MAC";
-  EXPECT_FALSE(HaPacketTooBigFor(Frame(kHoa1, 1500, ipproto::kIcmpv6, kHaMac, 1), kHaMac, kHa,
-                                 1460, cache))
+  EXPECT_FALSE(
+      HaPacketTooBigFor(Frame(kHoa1, 1500, ipproto::kIcmpv6, kHaMac, 1), kHaMac, kHa, 1460, cache))
       << "an ICMPv6 error (destination unreachable) is never answered with one";
   EXPECT_TRUE(HaPacketTooBigFor(Frame(kHoa1, 1500, ipproto::kIcmpv6, kHaMac, 128), kHaMac, kHa,
                                 1460, cache))
