@@ -1,5 +1,6 @@
 // NbdServer over Boost.Asio: listeners, the worker pool and session
 // bookkeeping. The protocol lives in nbd_server_codec.* and nbd_session.*.
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -31,6 +32,16 @@ class NbdServerImpl final : public NbdServer {
     env_.workers = &workers_;
     env_.counters = &counters_;
     env_.options = options;
+    if (env_.options.max_splice_pipes == 0) {
+      rlimit lim{};
+      rlim_t fds = 1024;
+      if (::getrlimit(RLIMIT_NOFILE, &lim) == 0 && lim.rlim_cur != RLIM_INFINITY) {
+        fds = lim.rlim_cur;
+      } else if (lim.rlim_cur == RLIM_INFINITY) {
+        fds = 1 << 20;
+      }
+      env_.options.max_splice_pipes = std::max<size_t>(1, size_t(fds / 4));
+    }
   }
 
   ~NbdServerImpl() override {

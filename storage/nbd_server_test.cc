@@ -289,6 +289,7 @@ class NbdServerTest : public ::testing::Test {
 
   void StartServer(ServerOptions opts = {}) {
     opts.handshake_timeout = handshake_timeout_;
+    if (max_splice_pipes_) opts.max_splice_pipes = *max_splice_pipes_;
     opts.worker_threads = 4;
     server_ = NbdServer::Create(opts);
     ASSERT_TRUE(server_->AddExport({"disk", "a test disk", disk_, false}));
@@ -350,6 +351,7 @@ class NbdServerTest : public ::testing::Test {
   }
 
   static inline int counter_ = 0;
+  std::optional<size_t> max_splice_pipes_;
   std::shared_ptr<Backend> file_;
   std::string file_path_;
   Bytes file_bytes_;
@@ -533,6 +535,43 @@ TEST_F(NbdServerTest, FileExportReadsAreByteExactInEveryReplyForm) {
         EXPECT_TRUE(*got == FileBytes(rd.offset, rd.length));
       }
       ++cookie;
+    }
+  }
+}
+
+TEST_F(NbdServerTest, FileReadsBeyondTheServersPipeBudgetAreCopiedAndExact) {
+  // Two pipes for the whole server: of many large reads in flight on two
+  // connections most find no pipe and take the copying path; every reply
+  // must still be exact, and a connection closing returns its pipes.
+  max_splice_pipes_ = 2;
+  MakeFileExport();
+  StartServer();
+  for (int round = 0; round < 2; ++round) {
+    auto a = Connected("file", true, false);
+    auto b = Connected("file", false, false);
+    constexpr int kReads = 24;
+    for (int i = 0; i < kReads; ++i) {
+      const uint64_t off = uint64_t(i % 12) * 300000;
+      ASSERT_TRUE(a->Request(kCmdFlagDf, kCmdRead, 1 + i, off, 256 * 1024));
+      ASSERT_TRUE(b->Request(0, kCmdRead, 1 + i, off + 1, 200000));
+    }
+    std::map<uint64_t, std::vector<Chunk>> replies;
+    for (int i = 0; i < kReads; ++i) {
+      auto r = a->Reply();
+      ASSERT_TRUE(r);
+      ASSERT_EQ(ErrorOf(*r), 0u);
+      replies[r->cookie].push_back(*r);
+      auto s = b->Reply(200000);
+      ASSERT_TRUE(s);
+      ASSERT_EQ(s->error, 0u);
+      const uint64_t off = uint64_t((s->cookie - 1) % 12) * 300000;
+      EXPECT_TRUE(s->payload == FileBytes(off + 1, 200000)) << s->cookie;
+    }
+    for (auto& [cookie, chunks] : replies) {
+      const uint64_t off = uint64_t((cookie - 1) % 12) * 300000;
+      auto got = Assemble(chunks, off, 256 * 1024);
+      ASSERT_TRUE(got) << cookie;
+      EXPECT_TRUE(*got == FileBytes(off, 256 * 1024)) << cookie;
     }
   }
 }

@@ -258,6 +258,9 @@ Session::Session(Socket socket, std::string peer, const SessionEnvironment& env)
 }
 
 Session::~Session() {
+  // The pipes still alive (pooled, or on a reply dropped with the session)
+  // go with the session's members.
+  env_.counters->splice_pipes.fetch_sub(pipes_);
   env_.counters->connections_open--;
   spdlog::info("nbd: connection {} closed after {} requests", peer_, requests_);
 }
@@ -487,12 +490,17 @@ std::unique_ptr<Session::SplicePipe> Session::AcquirePipe() {
                                    std::max<uint32_t>(1, env_.options.max_requests_in_flight))) {
       return nullptr;
     }
+    if (env_.counters->splice_pipes.fetch_add(1) >= env_.options.max_splice_pipes) {
+      env_.counters->splice_pipes.fetch_sub(1);
+      return nullptr;
+    }
     ++pipes_;
   }
   auto p = SplicePipe::Create();
   if (!p) {
     std::lock_guard lock(pool_mu_);
     --pipes_;
+    env_.counters->splice_pipes.fetch_sub(1);
   }
   return p;
 }
@@ -502,6 +510,7 @@ void Session::DiscardPipe(Reply& r) {
   r.pipe_slots = 0;
   if (!r.pipe) return;
   r.pipe.reset();
+  env_.counters->splice_pipes.fetch_sub(1);
   std::lock_guard lock(pool_mu_);
   --pipes_;
 }

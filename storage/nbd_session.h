@@ -43,6 +43,8 @@ struct ServerCounters {
   std::atomic<uint64_t> bytes_read{0};
   std::atomic<uint64_t> bytes_written{0};
   std::atomic<uint64_t> protocol_errors{0};
+  // Splice pipes alive in all sessions (ServerOptions::max_splice_pipes).
+  std::atomic<size_t> splice_pipes{0};
 };
 
 // What a session needs from its server. Outlives every session.
