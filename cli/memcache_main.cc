@@ -31,6 +31,10 @@ using kagemusha::ProgressReporter;
 
 constexpr const char* kProg = "kagemusha-memcache";
 constexpr auto kConnectTimeout = std::chrono::seconds(10);
+// The decoder's send buffer to the destination QEMU (docs/memcache-proxies.md
+// §3): what sits in it when the source stops the VM is loaded inside the
+// downtime, and DELIVERED (flow control) counts what it accepted.
+constexpr int kQemuSocketBuffer = 256 << 10;
 
 using kagemusha::cli::RuntimeError;
 using kagemusha::cli::UsageError;
@@ -106,7 +110,12 @@ int Serve(const std::string& command, int argc, char** argv) {
       "json", "one JSON event per line on stdout")(
       "log-level", po::value<std::string>()->default_value("warn"), "trace|debug|info|warn|error")(
       "help,h", "show this help");
-  if (encode) d.add_options()("zstd", "compress literal pages with zstd (if the decoder can)");
+  if (encode)
+    d.add_options()("zstd", "compress literal pages with zstd (if the decoder can)")(
+        "window", po::value<double>()->default_value(2)->value_name("MIB"),
+        "flow control: at most this much of the QEMU stream between reading it from the source "
+        "QEMU and its delivery to the destination QEMU; cover the WAN's bandwidth x RTT "
+        "(0: no limit, else >= 1)");
   po::variables_map vm;
   std::string usage = std::string(kProg) + " " + command +
                       " --listen HOST:PORT --to HOST:PORT --store DIR --vm NAME [options]";
@@ -129,6 +138,13 @@ int Serve(const std::string& command, int argc, char** argv) {
   const double idle_s = vm["idle-timeout"].as<double>();
   if (idle_s < 0) return UsageError(command, "--idle-timeout must be >= 0");
   const auto idle = std::chrono::milliseconds(static_cast<int64_t>(idle_s * 1000));
+  size_t window = 0;
+  if (encode) {
+    const double w = vm["window"].as<double>();
+    if (w != 0 && !(w >= 1 && w <= 4096))
+      return UsageError(command, "--window must be 0 or 1..4096 (MiB)");
+    window = static_cast<size_t>(w * (1 << 20));
+  }
   const uint64_t quota = vm.count("quota") ? vm["quota"].as<uint64_t>() << 20 : 0;
   while (true) {
     auto conn = (*listener)->Accept();
@@ -147,6 +163,7 @@ int Serve(const std::string& command, int argc, char** argv) {
         o.vm = vm_name;
         o.zstd = vm.count("zstd") > 0;
         o.idle_timeout = idle;
+        o.window_bytes = window;
         r = mc::RunEncoderSession(**conn, **wan, o, &stats);
       }
     } else {
@@ -158,6 +175,10 @@ int Serve(const std::string& command, int argc, char** argv) {
       mc::QemuConnector connect = [&]() -> kagemusha::Result<std::unique_ptr<mc::ByteStream>> {
         auto s = mc::SocketStream::Connect(to, kConnectTimeout);
         if (!s) return std::unexpected(s.error());
+        // What the destination QEMU has not taken yet must not pile up here
+        // (it would all be loaded inside the downtime); DELIVERED counts
+        // what this socket accepted.
+        (*s)->SetSendBuffer(kQemuSocketBuffer);
         return std::unique_ptr<mc::ByteStream>(std::move(*s));
       };
       r = mc::RunDecoderSession(**conn, connect, o, &stats);

@@ -37,6 +37,10 @@ constexpr size_t kFlushBytes = 1u << 20;
 // its side (it does once it has loaded the state). Generous: postcopy keeps
 // the return path open until the last page arrived, but DONE comes after that.
 constexpr auto kCloseWait = std::chrono::seconds(30);
+// DELIVERED goes back after at most this many newly delivered bytes (well
+// under kMinFlowWindowBytes, so an encoder waiting for its window always
+// hears of progress once this side has written what it got).
+constexpr uint64_t kDeliveredEvery = 256u << 10;
 
 class DecoderSession {
  public:
@@ -126,6 +130,7 @@ class DecoderSession {
                                  opt_.vm + "'"));
     vm_ = h->vm;
     zstd_ok_ = (h->capabilities & cap::kZstd) != 0;
+    report_delivered_ = (h->capabilities & cap::kDelivered) != 0;
     auto q = connect_();
     if (!q) return Fail(q.error().Context("connecting to the destination QEMU"));
     qemu_ = std::move(*q);
@@ -145,7 +150,7 @@ class DecoderSession {
     learner_.SetPinned(!prefixes.empty());
     std::vector<uint8_t> out;
     Hello mine;
-    mine.capabilities = cap::kZstd;
+    mine.capabilities = cap::kZstd | cap::kDelivered;
     mine.vm = vm_;
     if (auto st = AppendHello(mine, out); !st) return st;
     SummaryChunk chunk;
@@ -263,14 +268,14 @@ class DecoderSession {
         auto theirs = DecodeEnd(fr.payload);
         if (!theirs) return Fail(theirs.error());
         if (auto st = VerifyRefs(); !st) return Fail(st.error());
+        // Every digest before END is known after this (the worker hashes its
+        // backlog first and stores it after END has gone).
         auto wait_start = std::chrono::steady_clock::now();
-        learner_.Submit();
-        learner_.Drain();  // every digest before END is known now
+        auto mine = learner_.DrainForEnd();
         stats_.end_wait_us = uint64_t(std::chrono::duration_cast<std::chrono::microseconds>(
                                           std::chrono::steady_clock::now() - wait_start)
                                           .count());
 
-        auto mine = learner_.PageFigures();
         auto pass = pass_acc_.Figures();
         mine.passthrough_bytes = pass.passthrough_bytes;
         mine.passthrough_crc = pass.passthrough_crc;
@@ -367,6 +372,7 @@ class DecoderSession {
   Status FlushQemu() {
     if (auto v = VerifyRefs(); !v) return v;
     if (qemu_out_.empty() || !qemu_) return Ok();
+    const size_t n = qemu_out_.size();
     auto st = qemu_->WriteAll(qemu_out_);
     qemu_out_.clear();
     learner_.Submit();  // delivered first, learned behind
@@ -379,6 +385,13 @@ class DecoderSession {
       // postcopy SHUT must reach the source before our ABORT), then abort.
       WaitQemuClosed(std::chrono::seconds(5));
       return Fail(st.error().Context("the destination QEMU closed its connection early"));
+    }
+    delivered_ += n;
+    if (report_delivered_ && delivered_ - reported_ >= kDeliveredEvery) {
+      std::vector<uint8_t> out;
+      (void)AppendDelivered(delivered_, out);
+      reported_ = delivered_;
+      if (auto w = writer_.Write(out); !w) return Fail(w.error().Context("sending DELIVERED"));
     }
     return Ok();
   }
@@ -443,6 +456,9 @@ class DecoderSession {
   std::string vm_;
   std::string last_block_;  // for CONTINUE page frames
   bool zstd_ok_ = false;
+  bool report_delivered_ = false;  // the encoder asked for DELIVERED (flow control)
+  uint64_t delivered_ = 0;         // stream bytes written to the destination QEMU
+  uint64_t reported_ = 0;          // ... as last told to the encoder
   bool end_seen_ = false;
   ZSTD_DCtx* dctx_ = nullptr;
   std::optional<PageHasher> hasher_;  // forward thread: referenced pages

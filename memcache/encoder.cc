@@ -16,6 +16,7 @@
 #include <spdlog/spdlog.h>
 #include <zstd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <condition_variable>
 #include <optional>
@@ -87,6 +88,9 @@ class EncoderSession final : public MigrationStreamVisitor {
 
     std::vector<uint8_t> buf(kReadChunk);
     while (true) {
+      if (credit_) {
+        if (auto st = WaitForWindow(); !st) return AbortAll(st.error());
+      }
       auto n = qemu_.Read(buf);
       if (stopping_.load()) break;  // the relay ended the session
       if (!n) {
@@ -98,6 +102,7 @@ class EncoderSession final : public MigrationStreamVisitor {
       }
       if (*n == 0) break;
       stats_.qemu_bytes += *n;
+      read_total_ = stats_.qemu_bytes;
       if (auto st = FeedChunk(std::span<const uint8_t>(buf.data(), *n)); !st)
         return AbortAll(st.error());
     }
@@ -172,7 +177,8 @@ class EncoderSession final : public MigrationStreamVisitor {
 
   Status Handshake() {
     Hello h;
-    h.capabilities = cap::kZstd;
+    // Ask for DELIVERED only when flow control is on.
+    h.capabilities = cap::kZstd | (opt_.window_bytes > 0 ? cap::kDelivered : 0);
     h.vm = opt_.vm;
     h.uuid = opt_.uuid;
     std::vector<uint8_t> out;
@@ -200,6 +206,7 @@ class EncoderSession final : public MigrationStreamVisitor {
                                         std::to_string(peer->version) + ", this encoder " +
                                         std::to_string(kProtocolVersion)));
           zstd_ = opt_.zstd && (peer->capabilities & cap::kZstd);
+          credit_ = opt_.window_bytes > 0 && (peer->capabilities & cap::kDelivered);
           got_hello = true;
           break;
         }
@@ -261,6 +268,26 @@ class EncoderSession final : public MigrationStreamVisitor {
               spdlog::debug("encoder: return path to the source QEMU: {}", st.error().message());
           }
           break;
+        case FrameType::kDelivered: {
+          auto d = DecodeDelivered(fr.payload);
+          if (!d) {
+            err = d.error();
+            break;
+          }
+          {
+            std::lock_guard lk(mu_);
+            if (!credit_)
+              err = Error::Protocol("DELIVERED from a decoder that was not asked for it");
+            else if (*d < delivered_ || *d > read_total_.load())
+              err = Error::Protocol("DELIVERED " + std::to_string(*d) + " out of range (" +
+                                    std::to_string(delivered_) + ".." +
+                                    std::to_string(read_total_.load()) + ")");
+            else
+              delivered_ = *d;
+          }
+          relay_cv_.notify_all();
+          break;
+        }
         case FrameType::kEnd: {
           auto theirs = DecodeEnd(fr.payload);
           if (!theirs) {
@@ -299,6 +326,29 @@ class EncoderSession final : public MigrationStreamVisitor {
       stopping_ = true;
       qemu_.Abort();
     }
+  }
+
+  // Flow control: do not read more from the source QEMU while `window`
+  // stream bytes are still on their way to the destination QEMU.
+  Status WaitForWindow() {
+    const uint64_t window = std::max<uint64_t>(opt_.window_bytes, kMinFlowWindowBytes);
+    std::unique_lock lk(mu_);
+    auto open = [&] {
+      return relay_done_ || stopping_.load() || stats_.qemu_bytes - delivered_ < window;
+    };
+    while (!open()) {
+      const uint64_t before = delivered_;
+      auto moved = [&] { return open() || delivered_ != before; };
+      if (opt_.idle_timeout.count() > 0) {
+        if (!relay_cv_.wait_for(lk, opt_.idle_timeout, moved))
+          return Fail(Error::Timeout("the decoder delivered nothing to the destination QEMU for " +
+                                     std::to_string(opt_.idle_timeout.count()) +
+                                     " ms (idle timeout)"));
+      } else {
+        relay_cv_.wait(lk, moved);
+      }
+    }
+    return Ok();
   }
 
   Status AbortAll(const Error& e) {
@@ -348,13 +398,12 @@ class EncoderSession final : public MigrationStreamVisitor {
     FlushZeroRun();
     ResolvePending();
     // END needs the digest of every page before it: let the learner catch up.
+    // (It hashes its backlog first and stores it after END has gone.)
     auto wait_start = std::chrono::steady_clock::now();
-    learner_.Submit();
-    learner_.Drain();
+    auto fig = learner_.DrainForEnd();
     stats_.end_wait_us = uint64_t(std::chrono::duration_cast<std::chrono::microseconds>(
                                       std::chrono::steady_clock::now() - wait_start)
                                       .count());
-    auto fig = learner_.PageFigures();
     auto pass = pass_acc_.Figures();
     fig.passthrough_bytes = pass.passthrough_bytes;
     fig.passthrough_crc = pass.passthrough_crc;
@@ -503,6 +552,7 @@ class EncoderSession final : public MigrationStreamVisitor {
   std::vector<uint8_t> out_;
   std::unordered_set<uint64_t> summary_;
   bool zstd_ = false;
+  bool credit_ = false;  // the decoder reports DELIVERED (set before the relay starts)
   ZSTD_CCtx* cctx_ = nullptr;
   std::vector<uint8_t> zbuf_;
   std::optional<PageHasher> hasher_;  // forward thread: pages awaiting a decision
@@ -542,6 +592,8 @@ class EncoderSession final : public MigrationStreamVisitor {
   bool peer_end_ok_ = false;          // GUARDED_BY(mu_)
   std::optional<Error> relay_error_;  // GUARDED_BY(mu_)
   bool relay_done_ = false;           // GUARDED_BY(mu_)
+  uint64_t delivered_ = 0;            // GUARDED_BY(mu_): the decoder's last DELIVERED
+  std::atomic<uint64_t> read_total_{0};  // stream bytes read from the source QEMU
   std::condition_variable relay_cv_;
 };
 

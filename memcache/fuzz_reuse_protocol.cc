@@ -81,6 +81,12 @@ void RoundTrip(const Frame& f) {
         SameAsPayload(out, f.payload);
       }
       break;
+    case FrameType::kDelivered:
+      if (auto d = DecodeDelivered(f.payload)) {
+        Check(AppendDelivered(*d, out).has_value());
+        SameAsPayload(out, f.payload);
+      }
+      break;
     case FrameType::kPassthrough:
     case FrameType::kReturn:
       break;  // opaque bytes

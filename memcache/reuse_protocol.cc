@@ -103,12 +103,14 @@ const char* FrameTypeName(FrameType t) {
       return "RETURN";
     case FrameType::kAbort:
       return "ABORT";
+    case FrameType::kDelivered:
+      return "DELIVERED";
   }
   return "UNKNOWN";
 }
 
 std::optional<FrameType> ParseFrameType(uint8_t t) {
-  if (t >= uint8_t(FrameType::kHello) && t <= uint8_t(FrameType::kAbort)) return FrameType(t);
+  if (t >= uint8_t(FrameType::kHello) && t <= uint8_t(FrameType::kDelivered)) return FrameType(t);
   return std::nullopt;
 }
 
@@ -249,6 +251,13 @@ Status AppendAbort(std::string_view reason, std::vector<uint8_t>& out) {
   return EndFrame(at, out);
 }
 
+Status AppendDelivered(uint64_t stream_bytes, std::vector<uint8_t>& out) {
+  size_t at = BeginFrame(FrameType::kDelivered, out);
+  ByteWriter w(out);
+  w.U64(stream_bytes);
+  return EndFrame(at, out);
+}
+
 // --- decoders --------------------------------------------------------------------
 
 Result<Hello> DecodeHello(std::span<const uint8_t> payload) {
@@ -368,6 +377,15 @@ Result<std::string> DecodeAbort(std::span<const uint8_t> payload) {
   if (!s) return Fail(Bad(t, "truncated"));
   if (!r.empty()) return Fail(Bad(t, "trailing bytes"));
   return std::string(reinterpret_cast<const char*>(s->data()), s->size());
+}
+
+Result<uint64_t> DecodeDelivered(std::span<const uint8_t> payload) {
+  constexpr auto t = FrameType::kDelivered;
+  ByteReader r(payload);
+  auto bytes = r.U64();
+  if (!bytes) return Fail(Bad(t, "truncated"));
+  if (!r.empty()) return Fail(Bad(t, "trailing bytes"));
+  return *bytes;
 }
 
 }  // namespace kagemusha::memcache::reuse

@@ -59,10 +59,11 @@ TEST(ReuseProtocol, EveryMessageRoundTripsThroughTheFrameReaderInAnyChunking) {
   ASSERT_TRUE(AppendDone(DoneFigures{100, 200, 300}, wire));
   ASSERT_TRUE(AppendReturn(pass, wire));
   ASSERT_TRUE(AppendAbort("missing page", wire));
+  ASSERT_TRUE(AppendDelivered(0x0123456789abcdefull, wire));
 
   for (size_t chunk : {size_t{1}, size_t{3}, size_t{4096}, wire.size()}) {
     auto frames = Split(wire, chunk);
-    ASSERT_EQ(frames.size(), 11u) << chunk;
+    ASSERT_EQ(frames.size(), 12u) << chunk;
     EXPECT_EQ(*DecodeHello(frames[0].second), h);
     EXPECT_EQ(*DecodeSummary(frames[1].second), s);
     EXPECT_EQ(frames[2].first, FrameType::kPassthrough);
@@ -89,6 +90,9 @@ TEST(ReuseProtocol, EveryMessageRoundTripsThroughTheFrameReaderInAnyChunking) {
     EXPECT_EQ(*DecodeDone(frames[8].second), (DoneFigures{100, 200, 300}));
     EXPECT_EQ(frames[9].first, FrameType::kReturn);
     EXPECT_EQ(*DecodeAbort(frames[10].second), "missing page");
+    EXPECT_EQ(frames[11].first, FrameType::kDelivered);
+    EXPECT_EQ(*DecodeDelivered(frames[11].second), 0x0123456789abcdefull);
+    EXPECT_FALSE(DecodeDelivered(std::span<const uint8_t>(frames[11].second).first(7)));
   }
 }
 
@@ -102,7 +106,7 @@ TEST(ReuseProtocol, FrameReaderRejectsUnknownTypesAndOversizedLengthsForGood) {
   }
   {
     FrameReader r;
-    Bytes b = {0x0c};
+    Bytes b = {0x0d};
     r.Append(b);
     EXPECT_FALSE(r.Next());  // type checked before the length arrives
   }

@@ -161,6 +161,10 @@ Status SocketStream::WriteAll(std::span<const uint8_t> bytes) {
   return Ok();
 }
 
+void SocketStream::SetSendBuffer(int bytes) {
+  ::setsockopt(fd_, SOL_SOCKET, SO_SNDBUF, &bytes, sizeof bytes);
+}
+
 void SocketStream::ShutdownWrite() { ::shutdown(fd_, SHUT_WR); }
 void SocketStream::Abort() { ::shutdown(fd_, SHUT_RDWR); }
 
@@ -492,6 +496,7 @@ void PageLearner::Submit() {
   {
     std::lock_guard lk(mu_);
     queued_bytes_ += batch_.data.size();
+    ++submitted_;
     queue_.push_back(std::move(batch_));
     // Reuse a processed batch's buffers: a fresh 256 KiB vector per batch
     // would be a fresh mmap, i.e. a page fault per page copied into it.
@@ -511,19 +516,59 @@ void PageLearner::Drain() {
   cv_.wait(lk, [&] { return queue_.empty() && !busy_; });
 }
 
+reuse::EndFigures PageLearner::DrainForEnd() {
+  Submit();
+  std::unique_lock lk(mu_);
+  rush_ = true;
+  cv_.notify_all();
+  cv_.wait(lk, [&] { return folded_ == submitted_; });
+  rush_ = false;
+  // The worker may still be storing the backlog, but it no longer touches
+  // the END chain for anything submitted so far, and nothing submitted after
+  // END is in the window.
+  return end_acc_.Figures();
+}
+
 void PageLearner::WorkerLoop() {
   std::unique_lock lk(mu_);
+  std::vector<Batch> rushed;
+  std::vector<std::vector<PageDigest>> rushed_digests;
   while (true) {
     cv_.wait(lk, [&] { return stop_ || !queue_.empty(); });
     if (stop_) return;
-    Batch b = std::move(queue_.front());
-    queue_.pop_front();
     busy_ = true;
-    lk.unlock();
-    Process(b);
-    lk.lock();
-    queued_bytes_ -= b.data.size();
-    if (spare_.size() < 4) spare_.push_back(std::move(b));
+    if (rush_) {
+      // END is waiting (inside the downtime): hash the whole backlog and
+      // fold it into the END chain first, let END go, then store it.
+      rushed.clear();
+      while (!queue_.empty()) {
+        rushed.push_back(std::move(queue_.front()));
+        queue_.pop_front();
+      }
+      lk.unlock();
+      rushed_digests.resize(rushed.size());
+      for (size_t i = 0; i < rushed.size(); ++i) HashAndFold(rushed[i], rushed_digests[i]);
+      lk.lock();
+      folded_ += rushed.size();
+      cv_.notify_all();
+      lk.unlock();
+      for (size_t i = 0; i < rushed.size(); ++i) StoreHashed(rushed[i]);
+      lk.lock();
+      for (auto& b : rushed) {
+        queued_bytes_ -= b.data.size();
+        if (spare_.size() < 4) spare_.push_back(std::move(b));
+      }
+      rushed.clear();
+    } else {
+      Batch b = std::move(queue_.front());
+      queue_.pop_front();
+      lk.unlock();
+      Process(b);
+      lk.lock();
+      ++folded_;
+      queued_bytes_ -= b.data.size();
+      if (spare_.size() < 4) spare_.push_back(std::move(b));
+    }
     busy_ = false;
     if (queue_.empty()) cv_.notify_all();
   }
@@ -590,18 +635,25 @@ void PageLearner::Process(Batch& b) {
         std::span<PageDigest>(digests).subspan(i, j - i), b.pinned);
     i = j;
   }
-  if (!known.empty()) {
-    size_t n = known.size() / kStorePageSize;
-    size_t k = StoreBudget(n, b.pinned);
-    if (k > 0) {
-      if (auto r = opt_.store->PutMany(std::span<const uint8_t>(known).first(k * kStorePageSize)))
-        stored_ += k;
-      else
-        store_failed_ = true;
-    }
-    skipped_ += n - k;
-  }
+  StoreKnown(known, b.pinned);
   // 2. The END page chain and the manifest, in stream order.
+  Fold(b, digests);
+}
+
+void PageLearner::StoreKnown(std::span<const uint8_t> known, bool pinned) {
+  if (known.empty()) return;
+  size_t n = known.size() / kStorePageSize;
+  size_t k = StoreBudget(n, pinned);
+  if (k > 0) {
+    if (auto r = opt_.store->PutMany(known.first(k * kStorePageSize)))
+      stored_ += k;
+    else
+      store_failed_ = true;
+  }
+  skipped_ += n - k;
+}
+
+void PageLearner::Fold(const Batch& b, const std::vector<PageDigest>& digests) {
   for (const auto& e : b.events) {
     if (e.zero) {
       if (e.in_window) end_acc_.Zero(e.block, e.offset, e.fill);
@@ -612,6 +664,61 @@ void PageLearner::Process(Batch& b) {
     if (e.in_window) end_acc_.Page(e.block, e.offset, d);
     manifest_.Set(e.block, e.offset, d);
   }
+}
+
+void PageLearner::HashAndFold(Batch& b, std::vector<PageDigest>& digests) {
+  const size_t np = b.data.size() / kStorePageSize;
+  digests.assign(np, PageDigest{});
+  std::vector<bool> needs(np, false);
+  for (const auto& e : b.events)
+    if (!e.zero && e.data != kNoData && !e.has_digest) needs[e.data] = true;
+  for (size_t i = 0; i < np;) {
+    if (!needs[i]) {
+      ++i;
+      continue;
+    }
+    size_t j = i;
+    while (j < np && needs[j]) ++j;
+    worker_hasher_->HashMany(
+        std::span<const uint8_t>(b.data).subspan(i * kStorePageSize, (j - i) * kStorePageSize),
+        std::span<PageDigest>(digests).subspan(i, j - i));
+    i = j;
+  }
+  Fold(b, digests);
+}
+
+void PageLearner::StoreHashed(Batch& b) {
+  // As Process() does, with the digests already folded: the pages that came
+  // without a digest go to PutMany (which hashes them again: only the
+  // backlog at END takes this path), those with one only if the store
+  // lacks them.
+  if (!opt_.store) return;
+  std::vector<uint8_t> fresh, known;
+  for (const auto& e : b.events) {
+    if (e.zero || e.data == kNoData) continue;
+    auto p =
+        std::span<const uint8_t>(b.data).subspan(size_t(e.data) * kStorePageSize, kStorePageSize);
+    if (!e.has_digest)
+      fresh.insert(fresh.end(), p.begin(), p.end());
+    else if (!store_failed_ && !opt_.store->Contains(e.digest))
+      known.insert(known.end(), p.begin(), p.end());
+  }
+  if (!fresh.empty()) {
+    size_t n = fresh.size() / kStorePageSize;
+    size_t k = StoreBudget(n, b.pinned);
+    if (k > 0) {
+      if (auto r = opt_.store->PutMany(std::span<const uint8_t>(fresh).first(k * kStorePageSize))) {
+        stored_ += k;
+      } else {
+        spdlog::warn("{}: page store: {}; learning stops for this migration", opt_.who,
+                     r.error().message());
+        store_failed_ = true;
+        k = 0;
+      }
+    }
+    skipped_ += n - k;
+  }
+  StoreKnown(known, b.pinned);
 }
 
 std::string DescribeEndMismatch(const reuse::EndFigures& mine, const reuse::EndFigures& theirs) {

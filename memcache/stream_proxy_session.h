@@ -109,6 +109,13 @@ class PageLearner {
   void Submit();
   // Waits until every submitted batch is processed.
   void Drain();
+  // For END (inside the migration's downtime): submits the current batch
+  // and waits only until every page submitted so far is HASHED and folded
+  // into the END chain and the manifest; storing the backlog goes on
+  // behind (Drain() still waits for it). The worker hashes the whole queue
+  // first and stores it afterwards, so END never waits for store writes.
+  // Returns PageFigures() as of that point.
+  reuse::EndFigures DrainForEnd();
   // After Drain(): the page part of END (passthrough fields zero) and the
   // manifest, over everything submitted.
   reuse::EndFigures PageFigures() const { return end_acc_.Figures(); }
@@ -136,6 +143,12 @@ class PageLearner {
   };
   void WorkerLoop();
   void Process(Batch& b);
+  // Process() in two halves, for the END rush: digests (hashing only) and
+  // the END chain / manifest, then the store writes.
+  void HashAndFold(Batch& b, std::vector<PageDigest>& digests);
+  void StoreHashed(Batch& b);
+  void Fold(const Batch& b, const std::vector<PageDigest>& digests);
+  void StoreKnown(std::span<const uint8_t> known, bool pinned);
   // Digests for `pages` (consecutive 4 KiB pages) into `out`, learning them
   // if allowed. Worker thread.
   void HashAndLearn(std::span<const uint8_t> pages, std::span<PageDigest> out, bool pinned);
@@ -154,6 +167,9 @@ class PageLearner {
   size_t queued_bytes_ = 0;      // GUARDED_BY(mu_)
   bool busy_ = false;            // GUARDED_BY(mu_)
   bool stop_ = false;            // GUARDED_BY(mu_)
+  bool rush_ = false;            // GUARDED_BY(mu_): DrainForEnd is waiting
+  uint64_t submitted_ = 0;       // GUARDED_BY(mu_): batches queued so far
+  uint64_t folded_ = 0;          // GUARDED_BY(mu_): batches in the END chain
   uint64_t skipped_inline_ = 0;  // forward thread
   // Worker thread; read by the forward thread after Drain().
   EndAccumulator end_acc_;

@@ -17,6 +17,7 @@
 #include "kagemusha/common/coding.h"
 #include "kagemusha/memcache/migration_stream.h"
 #include "kagemusha/memcache/reuse_protocol.h"
+#include "stream_proxy_session.h"
 
 namespace kagemusha::memcache {
 namespace {
@@ -190,6 +191,7 @@ struct RunOptions {
   size_t dest_stall_after = SIZE_MAX;
   std::chrono::milliseconds enc_idle{60000}, dec_idle{60000};
   uint64_t dec_quota = 0;  // DecoderOptions::store_quota_bytes
+  size_t window = 4u << 20;  // EncoderOptions::window_bytes
 };
 
 // Reads until EOF or reset.
@@ -344,6 +346,7 @@ RunResult RunMigration(const Bytes& stream, PageStore& src, PageStore& dst,
   eo.vm = "vm1";
   eo.zstd = opt.zstd;
   eo.idle_timeout = opt.enc_idle;
+  eo.window_bytes = opt.window;
   r.enc = RunEncoderSession(*enc_qemu, *enc_wan, eo, &r.enc_partial);
   enc_wan->Abort();
   stop = true;
@@ -954,6 +957,79 @@ TEST(StreamProxy, QuotaEvictionCannotDropPagesTheSummaryOffered) {
   auto st = bq.store->stats();
   EXPECT_LE(st.bytes, quota);
   EXPECT_EQ(st.evicted_pages, 0u);
+}
+
+// END (inside the downtime) waits only for the learner's hashing: the worker
+// hashes its backlog, lets END go, then stores it. Whether the worker is
+// behind when END comes depends on scheduling, so this checks what must
+// hold either way: END covers exactly the pages submitted before it, in
+// order, and every page is still learned and in the manifest afterwards.
+TEST(StreamProxy, LearnerEndFiguresCoverTheBacklogAndEveryPageIsStillLearned) {
+  for (bool pinned : {false, true}) {
+    TempStore t;
+    detail::PageLearner learner(
+        detail::PageLearner::Options{t.store.get(), 64u << 20, /*quota_bytes=*/0, "test"});
+    learner.SetPinned(pinned);
+    auto hasher = PageHasher::Create();
+    ASSERT_TRUE(hasher);
+    detail::EndAccumulator expect;
+    std::mt19937_64 rng(7);
+    Bytes page(kPageBytes);
+    std::vector<PageDigest> all;
+    uint64_t offset = 0;
+    auto add = [&](bool in_window) {
+      for (auto& b : page) b = uint8_t(rng());
+      PageDigest d = hasher->Hash(page);
+      all.push_back(d);
+      learner.AddPage("pc.ram", offset, page, in_window);
+      if (in_window) expect.Page("pc.ram", offset, d);
+      offset += kPageBytes;
+    };
+    // Many small batches, as one per WAN read: a backlog for the worker.
+    for (int batch = 0; batch < 64; ++batch) {
+      for (int i = 0; i < 16; ++i) add(true);
+      learner.AddZero("pc.ram", offset, 0, true);
+      expect.Zero("pc.ram", offset, 0);
+      offset += kPageBytes;
+      learner.Submit();
+    }
+    for (int i = 0; i < 5; ++i) add(true);  // not submitted yet: DrainForEnd does
+    EndFigures got = learner.DrainForEnd();
+    EXPECT_EQ(got, expect.Figures()) << detail::DescribeEndMismatch(got, expect.Figures());
+    learner.SetPinned(false);
+    for (int i = 0; i < 7; ++i) add(false);  // after END: learned, not in END
+    learner.Submit();
+    learner.Drain();
+    EXPECT_EQ(learner.PageFigures(), expect.Figures());
+    EXPECT_EQ(learner.stored_pages(), all.size());
+    EXPECT_EQ(learner.skipped_pages(), 0u);
+    for (const auto& d : all) EXPECT_TRUE(t.store->Contains(d));
+    EXPECT_EQ(learner.BuildManifest().entries.size(), all.size());
+  }
+}
+
+// Flow control: with the smallest window the stream (several windows long,
+// literals on the first hop, references expanding 89-fold on the return
+// hop) still arrives byte for byte, and without a window too; the decoder
+// reports DELIVERED so the encoder never waits for good.
+TEST(StreamProxy, FlowControlWindowKeepsTheStreamExactBothWays) {
+  for (size_t window : {kMinFlowWindowBytes, size_t{0}}) {
+    TempStore a, b;
+    Guest g = MakeGuest(2000);  // about 5.5 MiB of stream
+    ASSERT_GT(g.stream.size(), 5 * kMinFlowWindowBytes);
+    RunOptions o;
+    o.window = window;
+    o.chunk = 64 << 10;
+    auto hop1 = RunMigration(g.stream, *a.store, *b.store, o);
+    ASSERT_TRUE(hop1.enc) << hop1.enc.error().message();
+    ASSERT_TRUE(hop1.dec) << hop1.dec.error().message();
+    EXPECT_EQ(hop1.delivered, g.stream);
+    auto hop2 = RunMigration(g.stream, *b.store, *a.store, o);
+    ASSERT_TRUE(hop2.enc) << hop2.enc.error().message();
+    ASSERT_TRUE(hop2.dec) << hop2.dec.error().message();
+    EXPECT_EQ(hop2.delivered, g.stream);
+    EXPECT_GT(hop2.enc->ref_pages, 1000u);
+  }
 }
 
 }  // namespace

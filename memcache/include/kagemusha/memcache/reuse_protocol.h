@@ -57,13 +57,18 @@ enum class FrameType : uint8_t {
   kDone = 9,
   kReturn = 10,
   kAbort = 11,
+  // dec -> enc, only when both HELLOs carry cap::kDelivered: be64 stream
+  // bytes written to the destination QEMU so far (flow control, see
+  // docs/memcache-proxies.md §3).
+  kDelivered = 12,
 };
 const char* FrameTypeName(FrameType t);
 
 // Capability bits carried in HELLO.
 namespace cap {
-inline constexpr uint32_t kZstd = 1u << 0;  // may send / can receive LITERAL_ZSTD
-inline constexpr uint32_t kKnown = kZstd;
+inline constexpr uint32_t kZstd = 1u << 0;       // may send / can receive LITERAL_ZSTD
+inline constexpr uint32_t kDelivered = 1u << 1;  // may send / can receive DELIVERED
+inline constexpr uint32_t kKnown = kZstd | kDelivered;
 }  // namespace cap
 
 // HELLO: be32 magic | be16 version | be32 capabilities | u8 vm_len | vm |
@@ -177,6 +182,7 @@ Status AppendZero(const ZeroPage& z, std::vector<uint8_t>& out);
 Status AppendEnd(const EndFigures& e, std::vector<uint8_t>& out);
 Status AppendDone(const DoneFigures& d, std::vector<uint8_t>& out);
 Status AppendAbort(std::string_view reason, std::vector<uint8_t>& out);
+Status AppendDelivered(uint64_t stream_bytes, std::vector<uint8_t>& out);
 
 // --- decoders: one payload each; EPROTO on any malformed field -----------------
 Result<Hello> DecodeHello(std::span<const uint8_t> payload);
@@ -189,5 +195,6 @@ Result<ZeroPage> DecodeZero(std::span<const uint8_t> payload);
 Result<EndFigures> DecodeEnd(std::span<const uint8_t> payload);
 Result<DoneFigures> DecodeDone(std::span<const uint8_t> payload);
 Result<std::string> DecodeAbort(std::span<const uint8_t> payload);
+Result<uint64_t> DecodeDelivered(std::span<const uint8_t> payload);
 
 }  // namespace kagemusha::memcache::reuse

@@ -82,6 +82,9 @@ class SocketStream final : public ByteStream {
   void Abort() override;
   void SetReadTimeout(std::chrono::milliseconds timeout) override;
   void SetWriteTimeout(std::chrono::milliseconds timeout) override;
+  // SO_SNDBUF (the kernel doubles it; autotuning stops): bounds the bytes
+  // this side has written that the peer has not received yet.
+  void SetSendBuffer(int bytes);
   int fd() const { return fd_; }
 
  private:
@@ -156,7 +159,18 @@ struct EncoderOptions {
   // Page data waiting to be hashed and learned behind the forward path;
   // beyond it pages are hashed in line and not learned (learn_skipped_pages).
   size_t learn_queue_bytes = 64u << 20;
+  // Flow control (when the decoder reports DELIVERED, cap::kDelivered): at
+  // most this many bytes of the QEMU stream are read from the source QEMU
+  // and not yet written to the destination QEMU. Bounds what is still
+  // queued between the proxies when the source stops the VM (it all has to
+  // arrive inside the downtime; a reference expands 89-fold at the
+  // destination, so without it socket buffers full of references hold
+  // hundreds of MB of stream). Should cover the WAN's bandwidth x RTT (20 ms
+  // at 500 Mbit/s: 1.25 MB). 0: no limit; otherwise at least
+  // kMinFlowWindowBytes.
+  size_t window_bytes = 2u << 20;
 };
+inline constexpr size_t kMinFlowWindowBytes = 1u << 20;
 
 // Runs one migration through the encoder. `qemu` is the connection the
 // source QEMU opened to us; `wan` the connection to the decoder. On return
