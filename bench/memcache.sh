@@ -35,7 +35,8 @@
 # encoder's wan_bytes_out (encoder -> decoder, the WAN leg). Time: query-migrate
 # total-time on the source. Every figure is the median of BENCH_RUNS runs.
 # Environment: BENCH_RUNS=3 (1 for a quick run) BENCH_DIRTY_PCT=20
-# BENCH_DIRTY_SECS=2 BENCH_HASH=1 (also run memcache_hash's binary).
+# BENCH_DIRTY_SECS=2 BENCH_HASH=1 (also run memcache_hash's binary)
+# BENCH_WINDOW=MIB (the encoder's --window; unset: its default).
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 export KAGEMUSHA_SOURCE=${KAGEMUSHA_SOURCE:-$(cd "$HERE/.." && pwd)}
@@ -55,6 +56,9 @@ WAN_RATE=${BENCH_WAN_RATE:-500}
 WAN_BW=${BENCH_MAX_BANDWIDTH:-10000}
 LO_BW=${BENCH_LOOPBACK_MAX_BANDWIDTH:-10000}
 RETURN_PATH=${BENCH_RETURN_PATH:-1}
+WINDOW=${BENCH_WINDOW:-}
+ENC_ARGS=()
+[[ -z "$WINDOW" ]] || ENC_ARGS=(--window "$WINDOW")
 
 tb_require_cmd qemu-system-x86_64 python3
 [[ -x "$MP_BIN" ]] || cmake --build "$KAGEMUSHA_BUILD" --target kagemusha-memcache >&2
@@ -135,7 +139,7 @@ proxy_hop() {
     --to "127.0.0.1:$((PORT + 3))" --store "$dstore" --vm guest1 --json --once
   dec=$TB_SPAWN_LOG
   tb_spawn --name "encode-$NEXT" "$NODE" "$MP_BIN" encode --listen "127.0.0.1:$PORT" \
-    --to "$TO_HOST:$((PORT + 2))" --store "$sstore" --vm guest1 --json --once
+    --to "$TO_HOST:$((PORT + 2))" --store "$sstore" --vm guest1 --json --once "${ENC_ARGS[@]}"
   enc=$TB_SPAWN_LOG
   tb_wait_log "$dec" '"event":"listening"' 10 || tb_fail "decoder did not start: $(cat "$dec")"
   tb_wait_log "$enc" '"event":"listening"' 10 || tb_fail "encoder did not start: $(cat "$enc")"
@@ -205,9 +209,9 @@ if [[ $HASH == 1 ]]; then
 fi
 
 python3 - "$RES" "$RUNS" "$hash_line" "$(nproc)" "$(cut -d' ' -f1-3 /proc/loadavg)" \
-  "$WAN_RTT" "$WAN_RATE" "${WAN_BW:-QEMU default}" "$LO_BW" "$RETURN_PATH" <<'PY'
+  "$WAN_RTT" "$WAN_RATE" "${WAN_BW:-QEMU default}" "$LO_BW" "$RETURN_PATH" "$WINDOW" <<'PY'
 import statistics, sys
-res, runs, hashrate, ncpu, load, rtt, rate, wan_bw, lo_bw, rp = sys.argv[1:11]
+res, runs, hashrate, ncpu, load, rtt, rate, wan_bw, lo_bw, rp, window = sys.argv[1:12]
 vals = {}
 for line in open(res):
     net, sc, hop, mode, b, ms, dt = line.split()
@@ -220,7 +224,8 @@ titles = {
     "loopback": f"loopback, QEMU max-bandwidth {lo_bw} MiB/s (CPU overhead: nothing else limits)",
 }
 print(f"\nmemcache bench: 256 MiB Linux guest, memtool fill 64 MiB, QEMU 7.2 TCG, return-path "
-      f"{'on' if rp == '1' else 'off'}; median of {runs} run(s); {ncpu} CPUs, load {load}")
+      f"{'on' if rp == '1' else 'off'}; encoder window {window or 'default'}; median of {runs} "
+      f"run(s); {ncpu} CPUs, load {load}")
 for net in ("wan", "loopback"):
     if not any(k[0] == net for k in vals):
         continue
