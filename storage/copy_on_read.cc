@@ -24,8 +24,8 @@
 #include <algorithm>
 #include <atomic>
 #include <cerrno>
-#include <cstdlib>
 #include <condition_variable>
+#include <cstdlib>
 #include <cstring>
 #include <deque>
 #include <functional>
@@ -451,8 +451,8 @@ bool CopyOnReadImpl::StoreDirect(std::span<const std::byte> data, uint64_t offse
                      cache_->path(), std::strerror(errno));
       return false;
     }
-    *err = Fail(Error::Errno(n < 0 ? errno : EIO, "write " + cache_->path() + " at " +
-                                                      std::to_string(offset + done)));
+    *err = Fail(Error::Errno(n < 0 ? errno : EIO,
+                             "write " + cache_->path() + " at " + std::to_string(offset + done)));
     return true;
   }
   *err = Ok();
@@ -774,8 +774,7 @@ St CopyOnReadImpl::Cache(uint64_t offset, uint64_t length) {
   const uint64_t end = std::min(size_, offset + length);
   for (uint64_t pos = offset; pos < end; pos += kCacheOpChunk) {
     uint64_t n = std::min(kCacheOpChunk, end - pos);
-    if (auto s = EnsurePresentRange(FirstBlock(pos), EndBlock(pos, n), nullptr, true); !s)
-      return s;
+    if (auto s = EnsurePresentRange(FirstBlock(pos), EndBlock(pos, n), nullptr, true); !s) return s;
   }
   return Ok();
 }
