@@ -112,7 +112,7 @@ int Serve(const std::string& command, int argc, char** argv) {
       "help,h", "show this help");
   if (encode)
     d.add_options()("zstd", "compress literal pages with zstd (if the decoder can)")(
-        "window", po::value<double>()->default_value(2)->value_name("MIB"),
+        "window", po::value<double>()->default_value(4)->value_name("MIB"),
         "flow control: at most this much of the QEMU stream between reading it from the source "
         "QEMU and its delivery to the destination QEMU; cover the WAN's bandwidth x RTT "
         "(0: no limit, else >= 1)");

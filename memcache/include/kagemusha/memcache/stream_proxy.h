@@ -168,7 +168,7 @@ struct EncoderOptions {
   // hundreds of MB of stream). Should cover the WAN's bandwidth x RTT (20 ms
   // at 500 Mbit/s: 1.25 MB). 0: no limit; otherwise at least
   // kMinFlowWindowBytes.
-  size_t window_bytes = 2u << 20;
+  size_t window_bytes = 4u << 20;
 };
 inline constexpr size_t kMinFlowWindowBytes = 1u << 20;
 
