@@ -588,11 +588,11 @@ class EncoderSession final : public MigrationStreamVisitor {
   std::atomic<bool> stopping_{false};
   std::atomic<bool> source_eof_{false};
   std::mutex mu_;
-  std::optional<EndFigures> my_end_;  // GUARDED_BY(mu_)
-  bool peer_end_ok_ = false;          // GUARDED_BY(mu_)
-  std::optional<Error> relay_error_;  // GUARDED_BY(mu_)
-  bool relay_done_ = false;           // GUARDED_BY(mu_)
-  uint64_t delivered_ = 0;            // GUARDED_BY(mu_): the decoder's last DELIVERED
+  std::optional<EndFigures> my_end_;     // GUARDED_BY(mu_)
+  bool peer_end_ok_ = false;             // GUARDED_BY(mu_)
+  std::optional<Error> relay_error_;     // GUARDED_BY(mu_)
+  bool relay_done_ = false;              // GUARDED_BY(mu_)
+  uint64_t delivered_ = 0;               // GUARDED_BY(mu_): the decoder's last DELIVERED
   std::atomic<uint64_t> read_total_{0};  // stream bytes read from the source QEMU
   std::condition_variable relay_cv_;
 };

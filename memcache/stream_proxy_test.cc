@@ -190,7 +190,7 @@ struct RunOptions {
   size_t wan_stall_after_frames = SIZE_MAX;
   size_t dest_stall_after = SIZE_MAX;
   std::chrono::milliseconds enc_idle{60000}, dec_idle{60000};
-  uint64_t dec_quota = 0;  // DecoderOptions::store_quota_bytes
+  uint64_t dec_quota = 0;    // DecoderOptions::store_quota_bytes
   size_t window = 4u << 20;  // EncoderOptions::window_bytes
 };
 
