@@ -25,7 +25,11 @@
 #               ICMPv6 echo to the guest every 10 ms while the guest moves
 #               home -> a, a -> b, b -> home; the loss window is the longest
 #               run of unanswered probes x 10 ms. For each HA DAD mode (rfc,
-#               optimistic, off).
+#               optimistic, off). A move is mob_move (tests/tunnel/
+#               topology.sh): the guest's link moves (two `ip -n` calls),
+#               then `kagemusha-tunneld activate` (or `home`) on the new
+#               host; the old foreign host's `deactivate` follows, as a
+#               source host's clean-up follows a live migration's switch.
 # Median of BENCH_RUNS (default 3) runs for every figure.
 #
 # Environment: BENCH_RUNS (3), BENCH_SECONDS (iperf3 duration, 5),
@@ -46,6 +50,35 @@ median() {  # numbers on stdin (non-numeric ignored) -> median or "n/a"
     for (i = 0; i < n; i++) for (j = i + 1; j < n; j++) if (v[j] < v[i]) { t = v[i]; v[i] = v[j]; v[j] = t }
     if (n % 2) print v[int(n / 2)]; else printf "%.3f\n", (v[n / 2 - 1] + v[n / 2]) / 2 }'
 }
+
+# The handover table from FILE's "gap MODE MOVE ms" lines.
+handover_table() {  # FILE
+  local m mv vals
+  echo "Handover loss window (ICMPv6 echo every 10 ms from the CN; longest run of lost probes x 10 ms)"
+  printf '%-11s %-12s %10s %10s %10s\n' dad move "window_ms" "min" "max"
+  for m in rfc optimistic off; do
+    for mv in home-a a-b b-home; do
+      vals=$(awk -v k="gap $m $mv " 'index($0, k) == 1 { print substr($0, length(k) + 1) }' "$1" | awk '{print $1}')
+      printf '%-11s %-12s %10s %10s %10s\n' "$m" "$mv" "$(median <<<"$vals")" \
+        "$(sort -n <<<"$vals" | grep -E '^[0-9]' | head -n1 || true)" "$(sort -n <<<"$vals" | grep -E '^[0-9]' | tail -n1 || true)"
+    done
+  done
+}
+
+# The handover part on its own (not from `all`): its table, then the raw lines.
+if [[ "$part" == handover && -z "${BENCH_OUT:-}" ]]; then
+  out=$(mktemp -d /tmp/kagemusha-bench-tunnel.XXXXXX)
+  trap 'rm -rf "$out"' EXIT
+  BENCH_OUT="$out/handover.txt" bash "$0" handover || echo "part handover failed (exit $?)" >&2
+  echo
+  echo "tunnel benchmark (handover): $(date -u +%FT%TZ), $(nproc) CPUs, kernel $(uname -r), runs=$RUNS (median)"
+  echo
+  handover_table "$out/handover.txt"
+  echo
+  echo "Raw results (gap MODE MOVE ms):"
+  sed 's/^/  /' "$out/handover.txt"
+  exit 0
+fi
 
 if [[ "$part" == all ]]; then
   out=$(mktemp -d /tmp/kagemusha-bench-tunnel.XXXXXX)
@@ -74,15 +107,7 @@ if [[ "$part" == all ]]; then
     done
   done
   echo
-  echo "Handover loss window (ICMPv6 echo every 10 ms from the CN; longest run of lost probes x 10 ms)"
-  printf '%-11s %-12s %10s %10s %10s\n' dad move "window_ms" "min" "max"
-  for m in rfc optimistic off; do
-    for mv in home-a a-b b-home; do
-      vals=$(res "gap $m $mv" | awk '{print $1}')
-      printf '%-11s %-12s %10s %10s %10s\n' "$m" "$mv" "$(median <<<"$vals")" \
-        "$(sort -n <<<"$vals" | grep -E '^[0-9]' | head -n1 || true)" "$(sort -n <<<"$vals" | grep -E '^[0-9]' | tail -n1 || true)"
-    done
-  done
+  handover_table "$out/all"
   echo
   echo "Memory"
   r1=$(res "rss tunneld1" | median); rn=$(res "rss tunneldN" | median)

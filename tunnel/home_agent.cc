@@ -376,6 +376,10 @@ void HomeAgent::ProcessBindingUpdate(BuContext ctx) {
       Accept(ctx, true, CacheEntryState::kActive);
       return;
     case DadMode::kOptimistic: {
+      // Usable at once: Accept sends the Override NA and the BA now; the
+      // probe runs in parallel and revokes the binding on a conflict. The NA
+      // goes out before the probe, so an owner's defending NA (Override, to
+      // all-nodes) is the last word in every neighbour cache.
       Accept(ctx, true, CacheEntryState::kOptimistic);
       if (!cache_.Find(hoa)) return;  // refused (resources)
       PendingDad p;
@@ -450,6 +454,20 @@ void HomeAgent::Accept(const BuContext& ctx, bool new_binding, CacheEntryState s
   } else {
     link_local_.erase(LinkLocalOf(hoa));
   }
+  const CacheEntry* now_bound = cache_.Find(hoa);
+  // A new binding, or a new IPv4 home address on a refresh, is announced so
+  // the home link sends its traffic to us (RFC 6275 §10.4.1). The
+  // announcement goes before the journal's fdatasync: the binding is in the
+  // cache and carries traffic already, and a crash before the write only
+  // means the mobile's next BU (it has no BA yet) binds again. The BA waits
+  // for the write, so an acknowledged binding is always on disk.
+  if (new_binding) {
+    Announce(*now_bound);
+  } else if (e.home_address4 && e.home_address4 != old4) {
+    if (ports_.link->Send(BuildGratuitousArpFrame(config_.mac, *e.home_address4))) {
+      ++counters_.proxy_arp_sent;
+    }
+  }
   Persist(e);
   if (new_binding) {
     ++counters_.accepted;
@@ -462,17 +480,6 @@ void HomeAgent::Accept(const BuContext& ctx, bool new_binding, CacheEntryState s
     if (moved) {
       spdlog::info("binding {} moved to {} (seq {})", FormatIpv6(hoa), FormatIpv6(e.care_of),
                    e.sequence);
-    }
-  }
-  const CacheEntry* now_bound = cache_.Find(hoa);
-  // A new binding, or a new IPv4 home address on a refresh, is announced so
-  // the home link sends its traffic to us (RFC 6275 §10.4.1).
-  if (new_binding) {
-    Announce(*now_bound);
-  } else if (e.home_address4 && e.home_address4 != old4 &&
-             now_bound->state == CacheEntryState::kActive) {
-    if (ports_.link->Send(BuildGratuitousArpFrame(config_.mac, *e.home_address4))) {
-      ++counters_.proxy_arp_sent;
     }
   }
   if (ctx.bu.flags & bu_flag::kAcknowledge) {
@@ -593,6 +600,8 @@ void HomeAgent::OnTimer() {
   for (const auto& hoa :
        AdvanceDadProbes(optimistic_probe_, now, config_.retrans_timer, send_probe)) {
     optimistic_probe_.erase(hoa);
+    // Announced once more (a second unsolicited NA, as RFC 4861 §7.2.6
+    // allows up to MAX_NEIGHBOR_ADVERTISEMENT), in case the first was lost.
     if (cache_.SetState(hoa, CacheEntryState::kActive)) Announce(*cache_.Find(hoa));
   }
   // Forget revocations nobody asked about for a while (the MN retries on
@@ -637,9 +646,12 @@ void HomeAgent::SendNeighborAdvertisement(const Ipv6Address& target, const Ipv6A
 }
 
 void HomeAgent::Announce(const CacheEntry& b) {
-  // An optimistic binding defends nothing with Override set until its probe
-  // has passed (RFC 4429 §3.3); it is announced when the probe ends.
-  if (b.state != CacheEntryState::kActive) return;
+  // Active and optimistic bindings alike: an optimistic binding must take
+  // the home link's traffic at once, or optimistic DAD gains nothing (the
+  // home router keeps a REACHABLE entry with the mobile's old MAC). This is
+  // not RFC 4429 §3.3, which is about a node's own new address: here the
+  // address was in use by this very mobile node a moment ago, and a
+  // conflict revokes the binding (NoteDadConflict).
   SendNeighborAdvertisement(b.home_address, kAllNodesMulticast, kAllNodesMac, false, true);
   if (b.flags & bu_flag::kLinkLocal) {
     SendNeighborAdvertisement(LinkLocalOf(b.home_address), kAllNodesMulticast, kAllNodesMac, false,
@@ -667,13 +679,15 @@ void HomeAgent::HandleNeighborSolicitation(const Ipv6Packet& ip, const EthernetF
   }
   const CacheEntry* b = FindProxied(ns->target);
   if (!b) return;
-  bool override_flag = b->state == CacheEntryState::kActive;
+  // Override in both states: an optimistic binding is announced with
+  // Override already (Announce), and a solicited NA without it would not
+  // replace a stale entry with the mobile's old MAC.
   if (dad_probe) {
     // Defend the bound address (RFC 4861 §7.2.4: answer a DAD probe to all-nodes).
-    SendNeighborAdvertisement(ns->target, kAllNodesMulticast, kAllNodesMac, false, override_flag);
+    SendNeighborAdvertisement(ns->target, kAllNodesMulticast, kAllNodesMac, false, true);
   } else {
     SendNeighborAdvertisement(ns->target, ip.header.src, ns->source_link_layer.value_or(eth.src),
-                              true, override_flag);
+                              true, true);
   }
 }
 
@@ -685,7 +699,7 @@ void HomeAgent::HandleArp(const EthernetFrame& eth) {
   }
   if (arp->operation != kArpOpRequest || IsGratuitous(*arp)) return;
   const CacheEntry* b = cache_.FindByHomeAddress4(arp->target_ip);
-  if (!b || b->state != CacheEntryState::kActive) return;
+  if (!b) return;  // optimistic bindings are proxied too (see Announce)
   ArpPacket reply;
   reply.operation = kArpOpReply;
   reply.sender_mac = config_.mac;

@@ -335,10 +335,42 @@ TEST_F(HomeAgentTest, RefusesAnIpv4HomeAddressBoundToAnotherMobile) {
   EXPECT_EQ(ha_->cache().FindByHomeAddress4(*s.hoa4)->home_address, kHoa);
 }
 
+std::vector<uint8_t> Udp6(const Ipv6Address& src, const Ipv6Address& dst, uint8_t hop = 64) {
+  Ipv6Header h;
+  h.next_header = ipproto::kUdp;
+  h.hop_limit = hop;
+  h.src = src;
+  h.dst = dst;
+  std::vector<uint8_t> udp = {0x30, 0x39, 0x30, 0x39, 0, 12, 0, 0, 'a', 'b', 'c', 'd'};
+  return *BuildIpv6Packet(h, udp);
+}
+
+std::vector<uint8_t> Udp4(const Ipv4Address& src, const Ipv4Address& dst) {
+  Ipv4Header h;
+  h.protocol = ipproto::kUdp;
+  h.src = src;
+  h.dst = dst;
+  std::vector<uint8_t> udp = {0x30, 0x39, 0x30, 0x39, 0, 12, 0, 0, 'a', 'b', 'c', 'd'};
+  return *BuildIpv4Packet(h, udp);
+}
+
 // ---- DAD -------------------------------------------------------------------------
 
 std::vector<uint8_t> NaFrameFrom(const Ipv6Address& target, const MacAddress& mac) {
   return BuildUnsolicitedNeighborAdvertisementFrame(mac, target);
+}
+
+// An unsolicited NA to all-nodes with Override set, announcing `target` at
+// the HA's MAC.
+bool IsOverrideNaFor(const std::vector<uint8_t>& frame, const Ipv6Address& target) {
+  auto eth = ParseEthernetFrame(frame);
+  if (!eth || eth->ether_type != ethertype::kIpv6) return false;
+  auto ip = ParseIpv6Packet(eth->payload);
+  if (!ip || ip->header.dst != kAllNodesMulticast) return false;
+  auto na = DecodeNeighborAdvertisement(ip->payload,
+                                        {ip->header.src, ip->header.dst, ip->header.hop_limit});
+  return na && na->target == target && na->override && !na->solicited &&
+         na->target_link_layer == kHaMac;
 }
 
 bool IsDadProbeFor(const std::vector<uint8_t>& frame, const Ipv6Address& target) {
@@ -414,16 +446,170 @@ TEST_F(HomeAgentTest, OptimisticDadAcceptsAtOnceThenRevokesOnConflict) {
   ASSERT_NE(ha_->cache().Find(kHoa), nullptr);
   EXPECT_EQ(ha_->cache().Find(kHoa)->state, CacheEntryState::kOptimistic);
   auto frames = LinkFrames();
-  ASSERT_EQ(frames.size(), 1u) << "only the probe: no Override NA while optimistic";
-  EXPECT_TRUE(IsDadProbeFor(frames[0].bytes, kHoa));
+  ASSERT_EQ(frames.size(), 2u) << "the Override NA, then the probe";
+  EXPECT_TRUE(IsOverrideNaFor(frames[0].bytes, kHoa));
+  EXPECT_TRUE(IsDadProbeFor(frames[1].bytes, kHoa));
   ha_->HandleLinkFrame(NaFrameFrom(kHoa, kNeighborMac));
   EXPECT_EQ(ha_->cache().Find(kHoa), nullptr);
   EXPECT_EQ(ha_->counters().dad_revoked, 1u);
+  EXPECT_TRUE(LinkFrames().empty()) << "nothing more is announced for a revoked binding";
+  EXPECT_FALSE(ha_->NextDeadline()) << "no probe and no binding left";
   BuSpec s;
   s.seq = 2;
   EXPECT_EQ(Send(s).ba.status, ba_status::kDuplicateAddressDetectionFailed);
   s.seq = 3;  // the mark is consumed; a new attempt probes again
   EXPECT_EQ(Send(s).ba.status, ba_status::kAccepted);
+}
+
+// Every frame and packet the HA sends, tagged with its port, in one sequence:
+// the order across ports (BA on the mobility port, NA and probe on the link).
+class OrderLog {
+ public:
+  class Port final : public PacketSink {
+   public:
+    Port(OrderLog& log, std::string tag, PacketSink& inner) : log_(log), tag_(tag), inner_(inner) {}
+    Status Send(std::span<const uint8_t> packet) override {
+      log_.entries.push_back({tag_, std::vector<uint8_t>(packet.begin(), packet.end())});
+      return inner_.Send(packet);
+    }
+
+   private:
+    OrderLog& log_;
+    std::string tag_;
+    PacketSink& inner_;
+  };
+  struct Entry {
+    std::string port;
+    std::vector<uint8_t> bytes;
+  };
+  // "BA", "NA", "probe" or "other" for each entry, in order.
+  std::vector<std::string> Kinds(const Ipv6Address& hoa) const {
+    std::vector<std::string> out;
+    for (const auto& e : entries) {
+      if (e.port == "mobility")
+        out.push_back("BA");
+      else if (IsOverrideNaFor(e.bytes, hoa))
+        out.push_back("NA");
+      else if (IsDadProbeFor(e.bytes, hoa))
+        out.push_back("probe");
+      else
+        out.push_back("other");
+    }
+    return out;
+  }
+  std::vector<Entry> entries;
+};
+
+TEST_F(HomeAgentTest, OptimisticDadSendsTheBaAndTheNaBeforeTheProbeCompletes) {
+  auto c = BaseConfig();
+  c.dad = DadMode::kOptimistic;
+  OrderLog log;
+  OrderLog::Port link(log, "link", ports_.link), mobility(log, "mobility", ports_.mobility);
+  HomeAgentPorts view = ports_.view();
+  view.link = &link;
+  view.mobility = &mobility;
+  HomeAgent ha(c, view, clock_);
+  ha.HandleLinkFrame(Frame(BuPacket({})));
+  // All at once, no time passing: the binding is usable before the probe's
+  // RetransTimer runs out, and the NA precedes the probe.
+  EXPECT_EQ(log.Kinds(kHoa), (std::vector<std::string>{"NA", "BA", "probe"}));
+  auto bas = TakeBas(ports_.mobility);
+  ASSERT_EQ(bas.size(), 1u);
+  EXPECT_EQ(bas[0].ba.status, ba_status::kAccepted);
+  EXPECT_EQ(bas[0].ba.lifetime, 150);
+  ASSERT_NE(ha.cache().Find(kHoa), nullptr);
+  EXPECT_EQ(ha.cache().Find(kHoa)->state, CacheEntryState::kOptimistic);
+  EXPECT_EQ(*ha.NextDeadline(), clock_.Now() + 1s) << "the probe is still running";
+  EXPECT_EQ(ha.counters().proxy_na_sent, 1u);
+  EXPECT_EQ(ha.counters().dad_probes, 1u);
+
+  // While optimistic the binding already carries the home link's traffic.
+  ha.HandleLinkFrame(Frame(Udp6(*ParseIpv6("2001:db8:ff::1"), kHoa)));
+  EXPECT_EQ(ports_.tunnel6.sent_count(), 1u);
+
+  // The probe passes: active, announced once more.
+  log.entries.clear();
+  clock_.Advance(1s);
+  ha.OnTimer();
+  EXPECT_EQ(ha.cache().Find(kHoa)->state, CacheEntryState::kActive);
+  EXPECT_EQ(log.Kinds(kHoa), (std::vector<std::string>{"NA"}));
+  EXPECT_EQ(ha.counters().dad_revoked, 0u);
+}
+
+TEST_F(HomeAgentTest, RfcDadStillSendsNothingButTheProbeUntilItCompletes) {
+  auto c = BaseConfig();
+  c.dad = DadMode::kRfc;
+  OrderLog log;
+  OrderLog::Port link(log, "link", ports_.link), mobility(log, "mobility", ports_.mobility);
+  HomeAgentPorts view = ports_.view();
+  view.link = &link;
+  view.mobility = &mobility;
+  HomeAgent ha(c, view, clock_);
+  ha.HandleLinkFrame(Frame(BuPacket({})));
+  EXPECT_EQ(log.Kinds(kHoa), (std::vector<std::string>{"probe"}));
+  clock_.Advance(1s);
+  ha.OnTimer();
+  EXPECT_EQ(log.Kinds(kHoa), (std::vector<std::string>{"probe", "NA", "BA"}));
+}
+
+TEST_F(HomeAgentTest, AnOptimisticBindingIsProxiedWithOverrideAndRevokedOnAConflict) {
+  auto c = BaseConfig();
+  c.dad = DadMode::kOptimistic;
+  Make(c);
+  BuSpec s;
+  s.hoa4 = *ParseIpv4("192.0.2.20");
+  EXPECT_EQ(Send(s).ba.status, ba_status::kAccepted);
+  auto frames = LinkFrames();
+  ASSERT_EQ(frames.size(), 3u);  // NA, gratuitous ARP, probe
+  EXPECT_TRUE(IsOverrideNaFor(frames[0].bytes, kHoa));
+  auto garp = DecodeArp(ParseEthernetFrame(frames[1].bytes)->payload);
+  ASSERT_TRUE(garp);
+  EXPECT_TRUE(IsGratuitous(*garp));
+  EXPECT_EQ(garp->sender_mac, kHaMac);
+  EXPECT_TRUE(IsDadProbeFor(frames[2].bytes, kHoa));
+
+  // A neighbour's NS (not a DAD probe) is answered with S = 1, O = 1.
+  NeighborSolicitation ns;
+  ns.target = kHoa;
+  ns.source_link_layer = kRouterMac;
+  Ipv6Header h;
+  h.next_header = ipproto::kIcmpv6;
+  h.hop_limit = 255;
+  h.src = *ParseIpv6("2001:db8:a::1");
+  h.dst = SolicitedNodeMulticast(kHoa);
+  auto nsip = *BuildIpv6Packet(h, EncodeNeighborSolicitation(ns, h.src, h.dst));
+  ha_->HandleLinkFrame(Frame(nsip, MulticastMac(h.dst)));
+  frames = LinkFrames();
+  ASSERT_EQ(frames.size(), 1u);
+  auto rip = ParseIpv6Packet(ParseEthernetFrame(frames[0].bytes)->payload);
+  auto na = DecodeNeighborAdvertisement(rip->payload, {rip->header.src, rip->header.dst, 255});
+  ASSERT_TRUE(na);
+  EXPECT_TRUE(na->solicited);
+  EXPECT_TRUE(na->override);
+  // ARP for the IPv4 home address is answered too.
+  ArpPacket req;
+  req.operation = kArpOpRequest;
+  req.sender_mac = kRouterMac;
+  req.sender_ip = *ParseIpv4("192.0.2.1");
+  req.target_ip = *s.hoa4;
+  ha_->HandleLinkFrame(Frame(EncodeArp(req), kBroadcastMac, ethertype::kArp));
+  EXPECT_EQ(LinkFrames().size(), 1u);
+
+  // The owner defends the address: revoked, and the proxy stops at once.
+  ha_->HandleLinkFrame(NaFrameFrom(kHoa, kNeighborMac));
+  EXPECT_EQ(ha_->counters().dad_revoked, 1u);
+  EXPECT_EQ(ha_->cache().Find(kHoa), nullptr);
+  EXPECT_EQ(ha_->cache().FindByHomeAddress4(*s.hoa4), nullptr);
+  ha_->HandleLinkFrame(Frame(nsip, MulticastMac(h.dst)));
+  ha_->HandleLinkFrame(Frame(EncodeArp(req), kBroadcastMac, ethertype::kArp));
+  EXPECT_TRUE(LinkFrames().empty());
+  ha_->HandleLinkFrame(Frame(Udp6(*ParseIpv6("2001:db8:ff::1"), kHoa)));
+  EXPECT_EQ(ports_.tunnel6.sent_count(), 0u);
+  clock_.Advance(1s);
+  ha_->OnTimer();
+  EXPECT_TRUE(LinkFrames().empty()) << "no promotion or NA after the revocation";
+  s.seq = 2;
+  EXPECT_EQ(Send(s).ba.status, ba_status::kDuplicateAddressDetectionFailed);
 }
 
 TEST_F(HomeAgentTest, OptimisticDadRevocationOutlivesAShortMaxLifetime) {
@@ -450,7 +636,7 @@ TEST_F(HomeAgentTest, OptimisticDadPromotesAndAnnouncesAfterAQuietProbe) {
   c.dad = DadMode::kOptimistic;
   Make(c);
   Send({});
-  LinkFrames();
+  EXPECT_EQ(LinkFrames().size(), 2u);  // NA at once, and the probe
   clock_.Advance(1s);
   ha_->OnTimer();
   EXPECT_EQ(ha_->cache().Find(kHoa)->state, CacheEntryState::kActive);
@@ -596,25 +782,6 @@ TEST_F(HomeAgentTest, AnswersArpAndSendsGratuitousArpForAnIpv4HomeAddress) {
 }
 
 // ---- Tunnels ---------------------------------------------------------------------
-
-std::vector<uint8_t> Udp6(const Ipv6Address& src, const Ipv6Address& dst, uint8_t hop = 64) {
-  Ipv6Header h;
-  h.next_header = ipproto::kUdp;
-  h.hop_limit = hop;
-  h.src = src;
-  h.dst = dst;
-  std::vector<uint8_t> udp = {0x30, 0x39, 0x30, 0x39, 0, 12, 0, 0, 'a', 'b', 'c', 'd'};
-  return *BuildIpv6Packet(h, udp);
-}
-
-std::vector<uint8_t> Udp4(const Ipv4Address& src, const Ipv4Address& dst) {
-  Ipv4Header h;
-  h.protocol = ipproto::kUdp;
-  h.src = src;
-  h.dst = dst;
-  std::vector<uint8_t> udp = {0x30, 0x39, 0x30, 0x39, 0, 12, 0, 0, 'a', 'b', 'c', 'd'};
-  return *BuildIpv4Packet(h, udp);
-}
 
 TEST_F(HomeAgentTest, TunnelsHomeLinkTrafficForABoundAddressToTheCareOf) {
   Make(BaseConfig());

@@ -225,38 +225,74 @@ TEST(MobilitySession, AuthenticatedBindingUpdateVerifiesWithConfiguredKey) {
   EXPECT_FALSE(VerifyMobilityMessageAuthentication(bus[0].mh, params));
 }
 
-TEST(MobilitySession, RetransmissionBacksOffOneTwoFourUpToThirtyTwoSeconds) {
-  auto cfg = BaseConfig();
-  cfg.timers.announcements = 1;  // only BU deadlines in NextDeadline()
-  Harness h(cfg);
-  h.session.Activate();
-  ASSERT_EQ(h.TakeBindingUpdates().size(), 1u);
-  const std::vector<int> expected = {1, 2, 4, 8, 16, 32, 32, 32};
+// Activate's exchange starts at InitialBindackTimeoutFirstReg (1.5 s), every
+// other one (refresh, deregistration) at INITIAL_BINDACK_TIMEOUT (1 s); both
+// double up to MAX_BINDACK_TIMEOUT (RFC 6275 §11.8, §13).
+std::vector<int> RetransmissionIntervalsMs(Harness& h, size_t n) {
   std::vector<int> observed;
   auto last = h.clock.Now();
-  for (size_t i = 0; i < expected.size(); ++i) {
+  for (size_t i = 0; i < n; ++i) {
     auto deadline = h.session.NextDeadline();
-    ASSERT_TRUE(deadline);
+    EXPECT_TRUE(deadline);
+    if (!deadline) break;
     // Nothing happens just before the deadline.
     h.clock.Advance(*deadline - h.clock.Now() - 1ms);
     h.session.OnTimer();
     EXPECT_EQ(h.mobility.sent_count(), 0u);
     h.clock.Advance(1ms);
     h.session.OnTimer();
-    ASSERT_EQ(h.mobility.sent_count(), 1u);
+    EXPECT_EQ(h.mobility.sent_count(), 1u);
     h.mobility.TakeSent();
     observed.push_back(static_cast<int>(
-        std::chrono::duration_cast<std::chrono::seconds>(h.clock.Now() - last).count()));
+        std::chrono::duration_cast<std::chrono::milliseconds>(h.clock.Now() - last).count()));
     last = h.clock.Now();
   }
-  EXPECT_EQ(observed, expected);
+  return observed;
+}
+
+TEST(MobilitySession, FirstRegistrationBacksOffFromOneAndAHalfSecondsUpToThirtyTwo) {
+  auto cfg = BaseConfig();
+  cfg.timers.announcements = 1;  // only BU deadlines in NextDeadline()
+  Harness h(cfg);
+  h.session.Activate();
+  ASSERT_EQ(h.TakeBindingUpdates().size(), 1u);
+  EXPECT_EQ(RetransmissionIntervalsMs(h, 8),
+            (std::vector<int>{1500, 3000, 6000, 12000, 24000, 32000, 32000, 32000}));
+}
+
+TEST(MobilitySession, FirstRegistrationTimerOutlastsTheHomeAgentsDad) {
+  // An rfc-mode HA answers a new binding after RetransTimer (1 s): the BA
+  // must still find its BU outstanding, not a retransmission.
+  Harness h;
+  h.session.Activate();
+  auto seq = h.LastBuSequence();
+  h.clock.Advance(1013ms);  // the BA's delay measured against kagemusha-ha --dad rfc
+  h.session.OnTimer();
+  EXPECT_EQ(h.mobility.sent_count(), 0u);
+  h.session.HandleUplinkFrame(BaFrame(Ba(seq)));
+  EXPECT_EQ(h.session.state(), SessionState::kRegistered);
+  EXPECT_EQ(h.session.counters().ba_wrong_sequence, 0u);
+}
+
+TEST(MobilitySession, RetransmissionBacksOffOneTwoFourUpToThirtyTwoSeconds) {
+  auto cfg = BaseConfig();
+  cfg.timers.announcements = 1;  // only BU deadlines in NextDeadline()
+  Harness h(cfg);
+  h.session.Activate();
+  auto seq = h.LastBuSequence();
+  h.session.HandleUplinkFrame(BaFrame(Ba(seq, 0, 100)));
+  h.clock.Advance(320s);  // the refresh: a new exchange, not a first registration
+  h.session.OnTimer();
+  ASSERT_EQ(h.TakeBindingUpdates().size(), 1u);
+  EXPECT_EQ(RetransmissionIntervalsMs(h, 8),
+            (std::vector<int>{1000, 2000, 4000, 8000, 16000, 32000, 32000, 32000}));
 }
 
 TEST(MobilitySession, EachBindingUpdateUsesANewSequenceNumber) {
   Harness h;
   h.session.Activate();
   auto s1 = h.LastBuSequence();
-  h.clock.Advance(1s);
+  h.clock.Advance(1500ms);
   h.session.OnTimer();
   auto s2 = h.LastBuSequence();
   EXPECT_EQ(static_cast<uint16_t>(s1 + 1), s2);
@@ -423,9 +459,9 @@ TEST(MobilitySession, SequenceNumbersPersistAcrossRestart) {
   {
     MobilitySession s(BaseConfig(), {&guest, &t6, &t4, &mob}, clock, store);
     s.Activate();
-    clock.Advance(1s);
+    clock.Advance(1500ms);
     s.OnTimer();
-    clock.Advance(2s);
+    clock.Advance(3s);
     s.OnTimer();
     auto sent = mob.TakeSent();
     ASSERT_EQ(sent.size(), 3u);
@@ -439,6 +475,100 @@ TEST(MobilitySession, SequenceNumbersPersistAcrossRestart) {
   ASSERT_EQ(sent.size(), 1u);
   auto p = ParseMobilityPacket(sent[0].bytes);
   EXPECT_EQ(std::get<BindingUpdate>(p->header.message).sequence, static_cast<uint16_t>(last + 1));
+  EXPECT_EQ(store.values[kHoa], static_cast<uint16_t>(last + 1));
+}
+
+// Records, for each Record call, how many BUs had left and how many frames
+// had gone to the guest link by then.
+class OrderingStore final : public SequenceStore {
+ public:
+  OrderingStore(FakePacketPort& mobility, FakePacketPort& guest)
+      : mobility_(mobility), guest_(guest) {}
+  std::optional<uint16_t> LastSent(const Ipv6Address& hoa) override { return inner.LastSent(hoa); }
+  Status Record(const Ipv6Address& hoa, uint16_t sequence) override {
+    records.push_back({sequence, mobility_.sent_count(), guest_.sent_count()});
+    return inner.Record(hoa, sequence);
+  }
+  struct Entry {
+    uint16_t sequence;
+    size_t bus_sent_before;
+    size_t guest_frames_before;
+  };
+  std::vector<Entry> records;
+  MemorySequenceStore inner;
+
+ private:
+  FakePacketPort& mobility_;
+  FakePacketPort& guest_;
+};
+
+TEST(MobilitySession, SequenceIsStoredAfterTheBindingUpdateLeaves) {
+  FakeClock clock;
+  FakePacketPort guest, t6, t4, mob;
+  OrderingStore store(mob, guest);
+  {
+    MobilitySession s(BaseConfig(), {&guest, &t6, &t4, &mob}, clock, store);
+    s.Activate();  // nothing stored yet: this first number is stored before it is used
+    ASSERT_EQ(store.records.size(), 1u);
+    EXPECT_EQ(store.records[0].bus_sent_before, 0u);
+    clock.Advance(1500ms);
+    s.OnTimer();  // a retransmission: sent first, stored right after
+    ASSERT_EQ(store.records.size(), 2u);
+    EXPECT_EQ(store.records[1].bus_sent_before, 2u);
+    EXPECT_EQ(store.records[1].sequence, store.records[0].sequence + 1);
+  }
+  // The next activation on this host (a new session): its first BU, the
+  // one a handover waits for, is not held up by the durable write either.
+  store.records.clear();
+  MobilitySession s2(BaseConfig(), {&guest, &t6, &t4, &mob}, clock, store);
+  size_t before = mob.sent_count();
+  s2.Activate();
+  ASSERT_EQ(store.records.size(), 1u);
+  EXPECT_EQ(store.records[0].bus_sent_before, before + 1);
+  EXPECT_EQ(store.inner.values[kHoa], store.records[0].sequence);
+}
+
+TEST(MobilitySession, DeregistrationStoresItsSequenceAfterTheBaAndTheAnnouncement) {
+  FakeClock clock;
+  FakePacketPort guest, t6, t4, mob;
+  OrderingStore store(mob, guest);
+  ASSERT_TRUE(store.inner.Record(kHoa, 41));  // an earlier visit
+  MobilitySession s(BaseConfig(), {&guest, &t6, &t4, &mob}, clock, store);
+  s.ReturnHome();
+  EXPECT_EQ(mob.sent_count(), 1u);
+  EXPECT_TRUE(store.records.empty()) << "the BA, across the home link, comes first";
+  EXPECT_EQ(*s.NextDeadline(), clock.Now() + 200ms);
+  s.HandleUplinkFrame(BaFrame(Ba(42, 0, 0)));
+  ASSERT_EQ(store.records.size(), 1u);
+  EXPECT_EQ(store.records[0].sequence, 42);
+  EXPECT_EQ(store.records[0].guest_frames_before, 2u) << "after the NA and the gratuitous ARP";
+  EXPECT_EQ(store.inner.values[kHoa], 42);
+}
+
+TEST(MobilitySession, DeregistrationStoresItsSequenceWithinADeadlineWithoutABa) {
+  FakeClock clock;
+  FakePacketPort guest, t6, t4, mob;
+  OrderingStore store(mob, guest);
+  ASSERT_TRUE(store.inner.Record(kHoa, 41));
+  MobilitySession s(BaseConfig(), {&guest, &t6, &t4, &mob}, clock, store);
+  s.ReturnHome();
+  // A 135 is not the end of the exchange: the resent BU waits for its BA.
+  s.HandleUplinkFrame(BaFrame(Ba(500, ba_status::kSequenceNumberOutOfWindow, 0)));
+  EXPECT_EQ(mob.sent_count(), 2u);
+  EXPECT_TRUE(store.records.empty());
+  clock.Advance(199ms);
+  s.OnTimer();
+  EXPECT_TRUE(store.records.empty());
+  clock.Advance(1ms);
+  s.OnTimer();
+  ASSERT_EQ(store.records.size(), 1u);
+  EXPECT_EQ(store.records[0].sequence, 501);
+  // Deactivate stores a pending number too.
+  MobilitySession s2(BaseConfig(), {&guest, &t6, &t4, &mob}, clock, store);
+  s2.ReturnHome();
+  s2.Deactivate();
+  ASSERT_EQ(store.records.size(), 2u);
+  EXPECT_EQ(store.records[1].sequence, 502);
 }
 
 TEST(MobilitySession, PersistFailureIsReportedButBindingUpdateStillSent) {
@@ -613,6 +743,26 @@ std::vector<uint8_t> ArpRequestFrame(const Ipv4Address& target) {
   req.sender_ip = kHoa4;
   req.target_ip = target;
   return BuildEthernetFrame(kBroadcastMac, kGuestMac, ethertype::kArp, EncodeArp(req));
+}
+
+TEST(MobilitySession, AtHomeTheSessionNeitherAnswersForTheRouterNorTunnels) {
+  Harness h;
+  h.session.ReturnHome();
+  h.session.HandleUplinkFrame(BaFrame(Ba(h.LastBuSequence(), 0, 0)));
+  h.guest.TakeSent();  // the announcement of the guest at home
+  // The real router is on this link: no NA or ARP reply with its MAC from
+  // here (the home host's bridge would learn the router on our TAP).
+  h.session.HandleGuestFrame(NsFrame(kRouterLl));
+  h.session.HandleGuestFrame(ArpRequestFrame(kGateway4));
+  EXPECT_EQ(h.guest.sent_count(), 0u);
+  h.session.HandleGuestFrame(GuestIpv6Frame(kHoa, kCorrespondent, 100));
+  EXPECT_EQ(h.tunnel6.sent_count(), 0u);
+  EXPECT_EQ(h.session.counters().nd_answered, 0u);
+  // Activated again (the guest left home): the router is ours to answer.
+  h.session.Activate();
+  h.guest.TakeSent();
+  h.session.HandleGuestFrame(NsFrame(kRouterLl));
+  EXPECT_EQ(h.guest.sent_count(), 1u);
 }
 
 TEST(MobilitySession, AnswersArpForGatewayOnly) {

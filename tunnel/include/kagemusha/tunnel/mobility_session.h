@@ -26,8 +26,11 @@
 // the caller (the host daemon's event loop, or a test) and it sends through
 // the PacketSink seams in SessionIo; time comes from a Clock and timers are
 // run by calling OnTimer() at NextDeadline(). Sequence numbers go through a
-// SequenceStore, written before each BU leaves, so a restarted daemon never
-// reuses one.
+// SequenceStore and a restarted session continues above the stored one. The
+// durable write comes after the BU has left (after its BA for a
+// deregistration), not before, so it is not part of a handover; a crash in
+// between can make the restarted session reuse that one number, which the
+// HA's status 135 resolves (see SendBindingUpdate).
 //
 // Thread-safety: none; one thread (or lock) per session.
 #pragma once
@@ -59,6 +62,13 @@ struct SessionTimers {
   // RFC 6275 §11.8 / §13: INITIAL_BINDACK_TIMEOUT, MAX_BINDACK_TIMEOUT.
   std::chrono::milliseconds initial_bindack_timeout{1000};
   std::chrono::milliseconds max_bindack_timeout{32000};
+  // RFC 6275 §11.8 / §13 InitialBindackTimeoutFirstReg (UMIP's default is
+  // 1.5 s too): the initial timer for a BU when the HA may have no binding
+  // yet, since an HA that runs DAD on a new binding answers only after
+  // RetransTimer (1 s). With 1 s the retransmission would cross the BA,
+  // which then no longer matches, and the session would wait for the next
+  // one (2 s more). Used for Activate's BU.
+  std::chrono::milliseconds initial_bindack_timeout_first_reg{1500};
   // Refresh a binding at this fraction of the granted lifetime.
   double refresh_fraction = 0.8;
   // Deregistration BUs sent before announcing the guest at home anyway.
@@ -242,7 +252,8 @@ class MobilitySession {
   void OnTimer();
   std::optional<Clock::TimePoint> NextDeadline() const;
 
-  // A frame the guest link (TAP) delivered.
+  // A frame the guest link (TAP) delivered. Ignored at home (after
+  // ReturnHome): the real router is on that link.
   void HandleGuestFrame(std::span<const uint8_t> frame);
   // A frame captured on the uplink (a BA with RH2, a BRR).
   void HandleUplinkFrame(std::span<const uint8_t> frame);
@@ -263,6 +274,10 @@ class MobilitySession {
     BindingState state = BindingState::kIdle;
     std::optional<uint16_t> last_sent;
     uint16_t next_sequence = 0;
+    bool stored = false;  // the store holds a sequence number for this address
+    // last_sent is still to be stored (a deregistration's number, deferred
+    // until its BA has been handled), at this time at the latest.
+    std::optional<Clock::TimePoint> record_at;
     std::chrono::milliseconds backoff{0};
     int attempts = 0;
     int resyncs = 0;
@@ -271,8 +286,10 @@ class MobilitySession {
     std::optional<uint8_t> last_status;
   };
 
-  void StartExchange(Binding& b, BindingState state);
+  void StartExchange(Binding& b, BindingState state, std::chrono::milliseconds initial_timeout);
   void SendBindingUpdate(Binding& b);
+  void RecordSequence(Binding& b, uint16_t sequence);
+  void FlushSequence(Binding& b);
   void HandleBindingAck(const MobilityPacket& packet);
   void HandleRefreshRequest();
   void FinishDeregistration(Binding& b, bool timed_out);
@@ -300,6 +317,7 @@ class MobilitySession {
   std::vector<Binding> bindings_;
   bool stopped_ = false;
   bool home_announced_ = false;
+  bool at_home_ = false;  // ReturnHome: the guest link is the home link
   Repeat repeat_ = Repeat::kNone;
   int repeats_left_ = 0;
   std::optional<Clock::TimePoint> repeat_at_;
