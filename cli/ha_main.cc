@@ -102,6 +102,10 @@ json FastPathJson(kt::FastPathMode mode, const kt::HaFastPath* fp) {
     for (const auto& [name, v] : fp->Counters()) k[name] = v;
     j["counters"] = k;
     j["bindings_published"] = fp->published();
+    const auto& g = fp->gro();
+    json gj = {{"enabled", g.enabled}, {"changed_by_us", g.changed}};
+    if (!g.known || !g.error.empty()) gj["error"] = g.error;
+    j["gro"] = gj;
   }
   return j;
 }

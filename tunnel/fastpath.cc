@@ -347,10 +347,53 @@ Result<std::unique_ptr<HaFastPath>> HaFastPath::Load(const std::string& home_lin
   auto prog = self->obj_->ProgramFd("ha_link_ingress");
   if (!prog) return Fail(prog.error());
   if (auto st = AttachTc(*idx, BPF_TC_INGRESS, *prog, home_link); !st) return Fail(st.error());
+  self->link_name_ = home_link;
+  self->EnableGro(home_link);
   return self;
 }
 
-HaFastPath::~HaFastPath() { DetachTc(link_ifindex_, BPF_TC_INGRESS); }
+// A GSO packet the host encapsulated carries skb->encapsulation; on its way
+// to the HA, a device without hw_enc_features (a Linux bridge as the home
+// link) segments it in software, so the HA would decapsulate and forward
+// every segment on its own. With GRO on, a NIC (and a veth whose sender has
+// TSO off) merges the IPv6-in-IPv6 segments again before tc ingress. Failure
+// is not fatal: the fast path works without it, per segment.
+void HaFastPath::EnableGro(const std::string& home_link) {
+  auto on = InterfaceGro(home_link);
+  if (!on) {
+    gro_.error = on.error().message();
+    spdlog::warn("fast path: cannot read GRO state of {} ({}); left as it is", home_link,
+                 gro_.error);
+    return;
+  }
+  gro_.known = true;
+  gro_.enabled = *on;
+  if (*on) {
+    spdlog::info("fast path: GRO already on on {}", home_link);
+    return;
+  }
+  if (auto st = SetInterfaceGro(home_link, true); !st) {
+    gro_.error = st.error().message();
+    spdlog::warn("fast path: cannot turn GRO on on {} ({}); tunnelled segments are forwarded "
+                 "one by one",
+                 home_link, gro_.error);
+    return;
+  }
+  gro_.enabled = true;
+  gro_.changed = true;
+  spdlog::info("fast path: turned GRO on on {} (it was off; turned off again on exit)", home_link);
+}
+
+HaFastPath::~HaFastPath() {
+  DetachTc(link_ifindex_, BPF_TC_INGRESS);
+  if (gro_.changed) {
+    if (auto st = SetInterfaceGro(link_name_, false); !st)
+      spdlog::warn("fast path: could not turn GRO off again on {}: {}", link_name_,
+                   st.error().message());
+    else
+      spdlog::info("fast path: GRO off again on {}", link_name_);
+  }
+}
 
 Status HaFastPath::AttachSocketFilter(int socket_fd) {
   auto prog = obj_->ProgramFd("ha_link_filter");

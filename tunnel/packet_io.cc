@@ -3,6 +3,7 @@
 
 #include <arpa/inet.h>
 #include <fcntl.h>
+#include <linux/ethtool.h>
 #include <linux/filter.h>
 #include <linux/if.h>
 #include <linux/if_ether.h>
@@ -154,6 +155,28 @@ Status SetInterfaceMtu(const std::string& name, int mtu) {
   ifr->ifr_mtu = mtu;
   IoctlSocket s;
   return s.Run(SIOCSIFMTU, *ifr, "setting MTU of " + name);
+}
+
+Result<bool> InterfaceGro(const std::string& name) {
+  auto ifr = NamedRequest(name);
+  if (!ifr) return Fail(ifr.error());
+  ethtool_value v{};
+  v.cmd = ETHTOOL_GGRO;
+  ifr->ifr_data = reinterpret_cast<char*>(&v);
+  IoctlSocket s;
+  if (auto st = s.Run(SIOCETHTOOL, *ifr, "GRO state of " + name); !st) return Fail(st.error());
+  return v.data != 0;
+}
+
+Status SetInterfaceGro(const std::string& name, bool on) {
+  auto ifr = NamedRequest(name);
+  if (!ifr) return Fail(ifr.error());
+  ethtool_value v{};
+  v.cmd = ETHTOOL_SGRO;
+  v.data = on ? 1 : 0;
+  ifr->ifr_data = reinterpret_cast<char*>(&v);
+  IoctlSocket s;
+  return s.Run(SIOCETHTOOL, *ifr, std::string("turning GRO ") + (on ? "on" : "off") + " on " + name);
 }
 
 Status AttachToBridge(const std::string& interface, const std::string& bridge) {

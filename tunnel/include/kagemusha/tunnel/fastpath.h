@@ -159,12 +159,27 @@ class HaFastPath {
   size_t published() const { return mirror_.size(); }
   FastPathCounters Counters() const;
 
+  // GRO on the home link. Load turns it on if it is off, so a tunnelled TCP
+  // stream that reaches the HA as MTU-sized segments is merged again before
+  // tc ingress decapsulates it (ip6ip6 GRO), and the destructor turns it off
+  // again if Load turned it on. Reported in the status JSON.
+  struct GroState {
+    bool known = false;    // the ioctl answered
+    bool enabled = false;  // GRO is on now
+    bool changed = false;  // we turned it on (restored on exit)
+    std::string error;     // why it could not be read or set
+  };
+  const GroState& gro() const { return gro_; }
+
  private:
   explicit HaFastPath(std::unique_ptr<BpfTunnelObject> obj);
+  void EnableGro(const std::string& home_link);
   std::unique_ptr<BpfTunnelObject> obj_;
   BindingMirror mirror_;
   std::optional<uint64_t> synced_generation_;
   int link_ifindex_ = 0;
+  std::string link_name_;
+  GroState gro_;
 };
 
 }  // namespace kagemusha::tunnel

@@ -121,6 +121,9 @@ Result<MacAddress> InterfaceMac(const std::string& name);
 Result<int> InterfaceMtu(const std::string& name);
 Status SetInterfaceUp(const std::string& name, bool up);
 Status SetInterfaceMtu(const std::string& name, int mtu);
+// Generic receive offload (SIOCETHTOOL ETHTOOL_GGRO / ETHTOOL_SGRO).
+Result<bool> InterfaceGro(const std::string& name);
+Status SetInterfaceGro(const std::string& name, bool on);
 // Enslaves `interface` to the Linux bridge `bridge` (SIOCBRADDIF).
 Status AttachToBridge(const std::string& interface, const std::string& bridge);
 
