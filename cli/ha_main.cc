@@ -103,7 +103,8 @@ json FastPathJson(kt::FastPathMode mode, const kt::HaFastPath* fp) {
     j["counters"] = k;
     j["bindings_published"] = fp->published();
     const auto& g = fp->gro();
-    json gj = {{"enabled", g.enabled}, {"changed_by_us", g.changed}};
+    json gj = {{"enabled", g.enabled}, {"changed_by_us", g.changed},
+               {"mode", g.kept ? "keep" : "on"}};
     if (!g.known || !g.error.empty()) gj["error"] = g.error;
     j["gro"] = gj;
   }
@@ -280,6 +281,9 @@ int RunServe(int argc, char** argv) {
       "trace, debug, info, warn, error, critical or off")("json", "log JSON lines instead of text")(
       "fast-path", po::value<std::string>()->default_value("auto")->value_name("auto|on|off"),
       "eBPF tc fast path for tunnelled IPv6 (auto: use it if it loads)")(
+      "home-link-gro", po::value<std::string>()->default_value("on")->value_name("on|keep"),
+      "with the fast path loaded, turn GRO on on the home link if it is off (and off again on "
+      "exit); keep: leave it as it is")(
       "help,h", "show this help");
   po::variables_map vm;
   int rc = ParseCommandLine(
@@ -336,6 +340,9 @@ int RunServe(int argc, char** argv) {
   config.bu_rate = vm["bu-rate"].as<double>();
   auto fast_path_mode = kt::ParseFastPathMode(vm["fast-path"].as<std::string>());
   if (!fast_path_mode) return UsageError("serve", fast_path_mode.error().message());
+  const std::string gro_opt = vm["home-link-gro"].as<std::string>();
+  if (gro_opt != "on" && gro_opt != "keep")
+    return UsageError("serve", "--home-link-gro must be on or keep");
   if (auto s = kt::ValidateHomeAgentConfig(config); !s) {
     return UsageError("serve", s.error().message());
   }
@@ -412,7 +419,7 @@ int RunServe(int argc, char** argv) {
     kt::RemoveStaleFastPathFilters();
   } else {
     auto mtu = kt::InterfaceMtu(link);
-    auto fp = mtu ? kt::HaFastPath::Load(link, config.address, uint32_t(*mtu - 40))
+    auto fp = mtu ? kt::HaFastPath::Load(link, config.address, uint32_t(*mtu - 40), gro_opt == "on")
                   : Result<std::unique_ptr<kt::HaFastPath>>(std::unexpected(mtu.error()));
     if (fp) {
       if (auto s = (*fp)->AttachSocketFilter((*link_socket)->fd()); !s) {

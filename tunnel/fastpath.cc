@@ -329,7 +329,8 @@ std::optional<std::vector<uint8_t>> HaPacketTooBigFor(std::span<const uint8_t> f
 HaFastPath::HaFastPath(std::unique_ptr<BpfTunnelObject> obj) : obj_(std::move(obj)) {}
 
 Result<std::unique_ptr<HaFastPath>> HaFastPath::Load(const std::string& home_link,
-                                                     const Ipv6Address& address, uint32_t mtu) {
+                                                     const Ipv6Address& address, uint32_t mtu,
+                                                     bool enable_gro) {
   auto idx = InterfaceIndex(home_link);
   if (!idx) return Fail(idx.error().Context("fast path: home link " + home_link));
   auto obj = BpfTunnelObject::Load({"ha_link_ingress", "ha_link_filter"});
@@ -348,7 +349,17 @@ Result<std::unique_ptr<HaFastPath>> HaFastPath::Load(const std::string& home_lin
   if (!prog) return Fail(prog.error());
   if (auto st = AttachTc(*idx, BPF_TC_INGRESS, *prog, home_link); !st) return Fail(st.error());
   self->link_name_ = home_link;
-  self->EnableGro(home_link);
+  if (enable_gro) {
+    self->EnableGro(home_link);
+  } else {
+    self->gro_.kept = true;
+    if (auto on = InterfaceGro(home_link)) {
+      self->gro_.known = true;
+      self->gro_.enabled = *on;
+    } else {
+      self->gro_.error = on.error().message();
+    }
+  }
   return self;
 }
 

@@ -3,6 +3,7 @@
 // HA's Packet Too Big decision and the mode parser. The eBPF programs
 // themselves are exercised end to end by tests/tunnel/test_fastpath.sh.
 #include "kagemusha/tunnel/fastpath.h"
+#include "kagemusha/tunnel/packet_io.h"
 
 #include <gtest/gtest.h>
 
@@ -175,6 +176,15 @@ TEST(FastPathMode, ParsesTheThreeModes) {
   EXPECT_FALSE(ParseFastPathMode("yes"));
   EXPECT_FALSE(ParseFastPathMode(""));
   EXPECT_STREQ(FastPathModeName(FastPathMode::kOff), "off");
+}
+
+// ETHTOOL_GGRO needs no privilege; every namespace has a loopback.
+TEST(InterfaceGro, ReadsTheLoopbackAndFailsForAMissingInterface) {
+  auto lo = InterfaceGro("lo");
+  ASSERT_TRUE(lo.has_value()) << lo.error().message();
+  auto missing = InterfaceGro("kgm-no-such0");
+  EXPECT_FALSE(missing.has_value());
+  EXPECT_FALSE(SetInterfaceGro("kgm-no-such0", true).has_value());
 }
 
 }  // namespace

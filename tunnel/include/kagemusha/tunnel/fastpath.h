@@ -144,8 +144,10 @@ std::optional<std::vector<uint8_t>> HaPacketTooBigFor(std::span<const uint8_t> f
 class HaFastPath {
  public:
   // `mtu`: the largest inner packet to encapsulate (home link MTU - 40).
+  // `enable_gro`: turn GRO on on the home link if it is off (see gro()).
   static Result<std::unique_ptr<HaFastPath>> Load(const std::string& home_link,
-                                                  const Ipv6Address& address, uint32_t mtu);
+                                                  const Ipv6Address& address, uint32_t mtu,
+                                                  bool enable_gro = true);
   ~HaFastPath();  // detaches from the home link
   HaFastPath(const HaFastPath&) = delete;
   HaFastPath& operator=(const HaFastPath&) = delete;
@@ -167,6 +169,7 @@ class HaFastPath {
     bool known = false;    // the ioctl answered
     bool enabled = false;  // GRO is on now
     bool changed = false;  // we turned it on (restored on exit)
+    bool kept = false;     // --home-link-gro keep: not touched
     std::string error;     // why it could not be read or set
   };
   const GroState& gro() const { return gro_; }
