@@ -509,4 +509,61 @@ Result<IcmpMessage> ParseIcmpv4(std::span<const uint8_t> icmp) {
   return IcmpMessage{icmp[0], icmp[1], LoadBe32(&icmp[4]), icmp.subspan(8)};
 }
 
+
+bool CompleteTransportChecksum(std::span<uint8_t> frame) {
+  size_t l3 = 12;
+  if (frame.size() < l3 + 2) return false;
+  uint16_t type = static_cast<uint16_t>(frame[l3] << 8 | frame[l3 + 1]);
+  l3 += 2;
+  if (type == 0x8100) {
+    if (frame.size() < l3 + 4) return false;
+    type = static_cast<uint16_t>(frame[l3 + 2] << 8 | frame[l3 + 3]);
+    l3 += 4;
+  }
+  uint32_t sum = 0;
+  size_t l4 = 0, l4_len = 0;
+  uint8_t proto = 0;
+  if (type == 0x0800) {
+    if (frame.size() < l3 + 20 || (frame[l3] >> 4) != 4) return false;
+    const size_t ihl = size_t{frame[l3] & 0x0fu} * 4;
+    const size_t total = size_t{frame[l3 + 2]} << 8 | frame[l3 + 3];
+    const bool fragment = ((frame[l3 + 6] & 0x3f) | frame[l3 + 7]) != 0;  // MF or offset
+    if (ihl < 20 || total < ihl || frame.size() < l3 + total || fragment) return false;
+    proto = frame[l3 + 9];
+    l4 = l3 + ihl;
+    l4_len = total - ihl;
+    sum = ChecksumAdd(sum, frame.subspan(l3 + 12, 8));  // source, destination
+  } else if (type == 0x86dd) {
+    if (frame.size() < l3 + 40 || (frame[l3] >> 4) != 6) return false;
+    l4_len = size_t{frame[l3 + 4]} << 8 | frame[l3 + 5];
+    proto = frame[l3 + 6];
+    l4 = l3 + 40;
+    if (frame.size() < l4 + l4_len) return false;
+    sum = ChecksumAdd(sum, frame.subspan(l3 + 8, 32));  // source, destination
+  } else {
+    return false;
+  }
+  size_t field;
+  if (proto == ipproto::kTcp) {
+    if (l4_len < 20) return false;
+    field = l4 + 16;
+  } else if (proto == ipproto::kUdp) {
+    if (l4_len < 8) return false;
+    field = l4 + 6;
+  } else {
+    return false;
+  }
+  const uint8_t pseudo[4] = {static_cast<uint8_t>(l4_len >> 8), static_cast<uint8_t>(l4_len), 0,
+                             proto};
+  sum = ChecksumAdd(sum, std::span<const uint8_t>(pseudo + 2, 2));  // zero, protocol
+  sum = ChecksumAdd(sum, std::span<const uint8_t>(pseudo, 2));      // upper-layer length
+  frame[field] = 0;
+  frame[field + 1] = 0;
+  uint16_t c = ChecksumFinish(ChecksumAdd(sum, frame.subspan(l4, l4_len)));
+  if (proto == ipproto::kUdp && c == 0) c = 0xffff;  // RFC 768: 0 means "no checksum"
+  frame[field] = static_cast<uint8_t>(c >> 8);
+  frame[field + 1] = static_cast<uint8_t>(c);
+  return true;
+}
+
 }  // namespace kagemusha::tunnel

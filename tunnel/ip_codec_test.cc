@@ -372,5 +372,91 @@ TEST(EthernetFrame, RejectsTruncatedAndOddFrames) {
   EXPECT_FALSE(ParseEthernetFrame(Bytes(13, 0)));
 }
 
+
+// ---- CompleteTransportChecksum ------------------------------------------------
+
+Bytes Ipv4TcpFrame(size_t payload, uint16_t vlan = 0) {
+  Bytes f = {2, 0, 0, 0, 0, 1, 2, 0, 0, 0, 0, 2};
+  if (vlan) {
+    f.insert(f.end(), {0x81, 0x00, static_cast<uint8_t>(vlan >> 8), static_cast<uint8_t>(vlan)});
+  }
+  f.insert(f.end(), {0x08, 0x00});
+  const size_t total = 20 + 20 + payload;
+  Bytes ip = {0x45, 0, static_cast<uint8_t>(total >> 8), static_cast<uint8_t>(total), 0, 1, 0x40, 0,
+              64,   6, 0, 0, 192, 0, 2, 1, 198, 51, 100, 7};
+  const uint16_t hc = InternetChecksum(ip);
+  ip[10] = static_cast<uint8_t>(hc >> 8);
+  ip[11] = static_cast<uint8_t>(hc);
+  f.insert(f.end(), ip.begin(), ip.end());
+  Bytes tcp = {0x13, 0x89, 0xc0, 0x01, 0, 0, 0, 1, 0, 0, 0, 0, 0x50, 0x18, 0xff, 0xff,
+               0x12, 0x34 /* a partial (pseudo-header) sum, as offload leaves it */, 0, 0};
+  f.insert(f.end(), tcp.begin(), tcp.end());
+  for (size_t i = 0; i < payload; ++i) f.push_back(static_cast<uint8_t>(i * 7 + 3));
+  return f;
+}
+
+// Verifies an IPv4 TCP/UDP checksum independently: the sum over the
+// pseudo-header and the segment, checksum included, folds to 0.
+bool Ipv4TransportChecksumOk(const Bytes& f, size_t l3) {
+  const size_t ihl = size_t{f[l3] & 0x0fu} * 4;
+  const size_t len = (size_t{f[l3 + 2]} << 8 | f[l3 + 3]) - ihl;
+  Bytes pseudo(f.begin() + static_cast<long>(l3 + 12), f.begin() + static_cast<long>(l3 + 20));
+  pseudo.insert(pseudo.end(), {0, f[l3 + 9], static_cast<uint8_t>(len >> 8), static_cast<uint8_t>(len)});
+  pseudo.insert(pseudo.end(), f.begin() + static_cast<long>(l3 + ihl), f.end());
+  return InternetChecksum(pseudo) == 0;
+}
+
+TEST(TransportChecksum, CompletesAnIpv4TcpChecksumLeftToOffload) {
+  for (size_t payload : {0u, 1u, 2u, 1379u, 1460u}) {
+    auto f = Ipv4TcpFrame(payload);
+    ASSERT_FALSE(Ipv4TransportChecksumOk(f, 14));
+    ASSERT_TRUE(CompleteTransportChecksum(f)) << payload;
+    EXPECT_TRUE(Ipv4TransportChecksumOk(f, 14)) << payload;
+  }
+  auto tagged = Ipv4TcpFrame(100, 42);
+  ASSERT_TRUE(CompleteTransportChecksum(tagged));
+  EXPECT_TRUE(Ipv4TransportChecksumOk(tagged, 18));
+}
+
+TEST(TransportChecksum, CompletesAnIpv6UdpChecksumAndNeverWritesZero) {
+  Ipv6Address src{}, dst{};
+  src[0] = 0x20, src[1] = 0x01, src[2] = 0x0d, src[3] = 0xb8, src[15] = 1;
+  dst[0] = 0x20, dst[1] = 0x01, dst[2] = 0x0d, dst[3] = 0xb8, dst[15] = 2;
+  Bytes udp = {0x30, 0x39, 0x00, 0x35, 0, 12, 0xab, 0xcd, 'k', 'a', 'g', 'e'};
+  Bytes f = {2, 0, 0, 0, 0, 1, 2, 0, 0, 0, 0, 2, 0x86, 0xdd, 0x60, 0, 0, 0, 0, 12, 17, 64};
+  f.insert(f.end(), src.begin(), src.end());
+  f.insert(f.end(), dst.begin(), dst.end());
+  f.insert(f.end(), udp.begin(), udp.end());
+  ASSERT_TRUE(CompleteTransportChecksum(f));
+  std::span<const uint8_t> upper(f.data() + 54, 12);
+  EXPECT_EQ(Ipv6PseudoHeaderChecksum(src, dst, 17, upper), 0);
+  EXPECT_NE(f[60] | f[61], 0);
+}
+
+TEST(TransportChecksum, LeavesOtherAndMalformedFramesAlone) {
+  auto good = Ipv4TcpFrame(10);
+  std::vector<Bytes> bad;
+  bad.push_back(Bytes(good.begin(), good.begin() + 13));            // no ether type
+  bad.push_back(Bytes(good.begin(), good.begin() + 40));            // truncated IPv4
+  bad.push_back(Bytes(good.begin(), good.end() - 1));               // shorter than total length
+  auto frag = good;
+  frag[14 + 6] |= 0x20;                                             // more fragments
+  bad.push_back(frag);
+  auto icmp = good;
+  icmp[14 + 9] = 1;                                                 // ICMP
+  bad.push_back(icmp);
+  auto arp = good;
+  arp[12] = 0x08, arp[13] = 0x06;                                   // ARP
+  bad.push_back(arp);
+  auto ihl = good;
+  ihl[14] = 0x44;                                                   // IHL 16 bytes
+  bad.push_back(ihl);
+  for (auto& f : bad) {
+    auto before = f;
+    EXPECT_FALSE(CompleteTransportChecksum(f));
+    EXPECT_EQ(f, before);
+  }
+}
+
 }  // namespace
 }  // namespace kagemusha::tunnel

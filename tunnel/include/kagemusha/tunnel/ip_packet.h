@@ -85,6 +85,15 @@ uint16_t InternetChecksum(std::span<const uint8_t> data);
 uint16_t Ipv6PseudoHeaderChecksum(const Ipv6Address& src, const Ipv6Address& dst,
                                   uint8_t next_header, std::span<const uint8_t> upper);
 
+// Writes the full TCP or UDP checksum of an Ethernet frame that carries
+// IPv4 (unfragmented) or IPv6 (TCP/UDP directly after the fixed header),
+// untagged or with one 802.1Q tag. For frames the kernel hands to an
+// AF_PACKET socket before their checksum was computed
+// (TP_STATUS_CSUMNOTREADY: the sender left it to an offload, as a veth or a
+// local socket does), which must not be forwarded as they are. Returns false
+// and leaves the frame alone if it is not such a packet or is truncated.
+bool CompleteTransportChecksum(std::span<uint8_t> frame);
+
 // ---- Ethernet ---------------------------------------------------------------
 
 inline constexpr MacAddress kBroadcastMac = {0xff, 0xff, 0xff, 0xff, 0xff, 0xff};
