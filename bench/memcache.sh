@@ -146,11 +146,8 @@ proxy_hop() {
   kq_start "$NEXT" --ns "$TO_NODE" --like "$GUEST" --incoming "tcp:127.0.0.1:$((PORT + 3))"
   return_path "$GUEST"
   kq_migrate "$GUEST" "tcp:127.0.0.1:$PORT" "${BWA[@]}"
-  line=$(kq_wait_migration "$GUEST" --dst "$NEXT" --timeout 180) ||
-    tb_fail "proxied $net $sc $hop: $line; $(cat "$enc" "$dec")"
-  tb_wait_log "$enc" '"event":"migration-done"' 30 || tb_fail "encoder: $(cat "$enc")"
-  tb_wait_log "$dec" '"event":"migration-done"' 30 || tb_fail "decoder: $(cat "$dec")"
-  kq_stop "$GUEST"
+  mp_finish_hop "$GUEST" "$NEXT" "$enc" "$dec" 180
+  line=$MP_HOP_LINE
   wan=$(mp_json_field "$enc" migration-done wan_bytes_out)
   q=$(mp_json_field "$enc" migration-done qemu_bytes)
   refs=$(mp_json_field "$enc" migration-done ref_pages)

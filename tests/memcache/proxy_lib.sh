@@ -117,6 +117,18 @@ mp_dump() {  # NAME FILE
   mp_qmp "$1" "{\"execute\":\"pmemsave\",\"arguments\":{\"val\":0,\"size\":$((MP_RAM_MB << 20)),\"filename\":\"$2\"}}" >/dev/null
 }
 
+# mp_finish_hop SRC DST ENC_LOG DEC_LOG TIMEOUT: waits for the migration from
+# QEMU SRC to QEMU DST through the proxies whose logs are given, then for both
+# proxies' migration-done, and stops SRC. MP_HOP_LINE: kq_wait_migration's
+# summary line. Any failure ends the run with both proxies' logs.
+mp_finish_hop() {
+  MP_HOP_LINE=$(kq_wait_migration "$1" --dst "$2" --timeout "$5") ||
+    tb_fail "$1 -> $2: $MP_HOP_LINE; $(cat "$3" "$4")"
+  tb_wait_log "$3" '"event":"migration-done"' 30 || tb_fail "encoder: $(cat "$3")"
+  tb_wait_log "$4" '"event":"migration-done"' 30 || tb_fail "decoder: $(cat "$4")"
+  kq_stop "$1"
+}
+
 mp_json_field() {  # FILE EVENT KEY
   python3 - "$1" "$2" "$3" <<'EOF'
 import json, sys

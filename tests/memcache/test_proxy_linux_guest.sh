@@ -39,11 +39,8 @@ hop_start() {  # SRC DST DST_HOST SRC_HOST BASEPORT [kq_migrate options]
   kq_migrate "$src" "tcp:127.0.0.1:$p" "$@"
 }
 hop_end() {
-  HOP_LINE=$(kq_wait_migration "$HOP_SRC" --dst "$HOP_DST" --timeout 90) ||
-    tb_fail "$HOP_SRC -> $HOP_DST: $HOP_LINE; $(cat "$HOP_ENC" "$HOP_DEC")"
-  tb_wait_log "$HOP_ENC" '"event":"migration-done"' 20 || tb_fail "encoder: $(cat "$HOP_ENC")"
-  tb_wait_log "$HOP_DEC" '"event":"migration-done"' 20 || tb_fail "decoder: $(cat "$HOP_DEC")"
-  kq_stop "$HOP_SRC"
+  mp_finish_hop "$HOP_SRC" "$HOP_DST" "$HOP_ENC" "$HOP_DEC" 90
+  HOP_LINE=$MP_HOP_LINE
   HOP_Q=$(mp_json_field "$HOP_ENC" migration-done qemu_bytes)
   HOP_W=$(mp_json_field "$HOP_ENC" migration-done wan_bytes_out)
   HOP_R=$(mp_json_field "$HOP_ENC" migration-done ref_pages)
