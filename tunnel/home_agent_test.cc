@@ -500,15 +500,25 @@ class OrderLog {
   std::vector<Entry> entries;
 };
 
+// The fixture's ports with the link and mobility sinks recorded, in order,
+// into one log.
+struct OrderedPorts {
+  explicit OrderedPorts(Ports& p)
+      : link(log, "link", p.link), mobility(log, "mobility", p.mobility), view(p.view()) {
+    view.link = &link;
+    view.mobility = &mobility;
+  }
+  OrderLog log;
+  OrderLog::Port link, mobility;
+  HomeAgentPorts view;
+};
+
 TEST_F(HomeAgentTest, OptimisticDadSendsTheBaAndTheNaBeforeTheProbeCompletes) {
   auto c = BaseConfig();
   c.dad = DadMode::kOptimistic;
-  OrderLog log;
-  OrderLog::Port link(log, "link", ports_.link), mobility(log, "mobility", ports_.mobility);
-  HomeAgentPorts view = ports_.view();
-  view.link = &link;
-  view.mobility = &mobility;
-  HomeAgent ha(c, view, clock_);
+  OrderedPorts ordered(ports_);
+  OrderLog& log = ordered.log;
+  HomeAgent ha(c, ordered.view, clock_);
   ha.HandleLinkFrame(Frame(BuPacket({})));
   // All at once, no time passing: the binding is usable before the probe's
   // RetransTimer runs out, and the NA precedes the probe.
@@ -539,12 +549,9 @@ TEST_F(HomeAgentTest, OptimisticDadSendsTheBaAndTheNaBeforeTheProbeCompletes) {
 TEST_F(HomeAgentTest, RfcDadStillSendsNothingButTheProbeUntilItCompletes) {
   auto c = BaseConfig();
   c.dad = DadMode::kRfc;
-  OrderLog log;
-  OrderLog::Port link(log, "link", ports_.link), mobility(log, "mobility", ports_.mobility);
-  HomeAgentPorts view = ports_.view();
-  view.link = &link;
-  view.mobility = &mobility;
-  HomeAgent ha(c, view, clock_);
+  OrderedPorts ordered(ports_);
+  OrderLog& log = ordered.log;
+  HomeAgent ha(c, ordered.view, clock_);
   ha.HandleLinkFrame(Frame(BuPacket({})));
   EXPECT_EQ(log.Kinds(kHoa), (std::vector<std::string>{"probe"}));
   clock_.Advance(1s);
