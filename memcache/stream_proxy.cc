@@ -422,12 +422,17 @@ PageLearner::~PageLearner() {
   worker_.join();
 }
 
-size_t PageLearner::AddPage(std::string_view block, uint64_t offset, std::span<const uint8_t> data,
-                            bool in_window) {
+PageLearner::Event PageLearner::NewEvent(std::string_view block, uint64_t offset, bool in_window) {
   Event e;
   e.block.assign(block);
   e.offset = offset;
   e.in_window = in_window;
+  return e;
+}
+
+size_t PageLearner::AddPage(std::string_view block, uint64_t offset, std::span<const uint8_t> data,
+                            bool in_window) {
+  Event e = NewEvent(block, offset, in_window);
   e.data = uint32_t(batch_.data.size() / kStorePageSize);
   batch_.data.insert(batch_.data.end(), data.begin(), data.end());
   batch_.events.push_back(std::move(e));
@@ -436,20 +441,14 @@ size_t PageLearner::AddPage(std::string_view block, uint64_t offset, std::span<c
 
 void PageLearner::AddKnownPage(std::string_view block, uint64_t offset, const PageDigest& d,
                                bool in_window) {
-  Event e;
-  e.block.assign(block);
-  e.offset = offset;
-  e.in_window = in_window;
+  Event e = NewEvent(block, offset, in_window);
   e.digest = d;
   e.has_digest = true;
   batch_.events.push_back(std::move(e));
 }
 
 void PageLearner::AddZero(std::string_view block, uint64_t offset, uint8_t fill, bool in_window) {
-  Event e;
-  e.block.assign(block);
-  e.offset = offset;
-  e.in_window = in_window;
+  Event e = NewEvent(block, offset, in_window);
   e.zero = true;
   e.fill = fill;
   batch_.events.push_back(std::move(e));

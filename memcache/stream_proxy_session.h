@@ -136,6 +136,7 @@ class PageLearner {
     bool in_window = false;
     bool has_digest = false;
   };
+  static Event NewEvent(std::string_view block, uint64_t offset, bool in_window);
   struct Batch {
     std::vector<Event> events;
     std::vector<uint8_t> data;  // pages, back to back
