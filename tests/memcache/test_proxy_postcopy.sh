@@ -27,7 +27,14 @@ mp_qmp A '{"execute":"migrate","arguments":{"uri":"tcp:127.0.0.1:5001"}}' >/dev/
 sleep 0.5
 [[ $(mp_migstatus A) == active ]] || tb_fail "precopy not active: $(mp_migstatus A)"
 mp_qmp A '{"execute":"migrate-start-postcopy"}' >/dev/null
-# Demand-fault every page on B while postcopy is still sending.
+# Demand-fault every page on B while postcopy is still sending. B's incoming
+# side must have switched first: a dump taken before that reads its RAM
+# without faulting, so no page is requested.
+for i in $(seq 1 200); do
+  [[ $(mp_migstatus B) == postcopy-active ]] && break
+  sleep 0.02
+done
+[[ $(mp_migstatus B) == postcopy-active ]] || tb_fail "B never entered postcopy: $(mp_migstatus B)"
 mp_dump B "$TB_DIR/b1.bin"
 for i in $(seq 1 600); do
   st=$(mp_migstatus A)
