@@ -15,9 +15,19 @@
 #                          gateway on the home link and a, bridged: the L2
 #                          extension alternative, same veths as the tunnel
 #                 tunnel   guest at a, kagemusha-tunneld + kagemusha-ha
+#                 direct4, tunnel4  direct and tunnel to the guest's IPv4
+#                          home address (DSMIPv6: IPv4-in-IPv6, which the
+#                          daemons carry in user space); tunnel4's ratio is
+#                          against direct4
 #               with machine CPU from /proc/stat (busy CPU-seconds per GB
-#               moved; the machine is shared, so others' load shows up) and
-#               the daemons' own CPU (utime+stime from /proc/PID/stat).
+#               moved, niced user time left out: the machine is shared and
+#               others' builds run niced, but their kernel time still shows
+#               up) and the daemons' own CPU (utime+stime from /proc/PID/stat).
+#               Every path is measured at each rate of BENCH_LINK_RATES: a
+#               tbf qdisc caps both ends of the R <-> CN veth (the one link
+#               every path crosses), so all paths meet the same bottleneck;
+#               one table per rate. Run on its own (`bench/tunnel.sh
+#               throughput`) the part prints its tables, then the raw lines.
 #               Then RSS per session: kagemusha-tunneld's VmRSS with 1 and
 #               with BENCH_SESSIONS sessions (and the HA's with as many
 #               bindings).
@@ -33,15 +43,17 @@
 # Median of BENCH_RUNS (default 3) runs for every figure.
 #
 # Environment: BENCH_RUNS (3), BENCH_SECONDS (iperf3 duration, 5),
+# BENCH_LINK_RATES ("1000 0": Mbit/s caps of the R <-> CN link, 0 = uncapped),
 # BENCH_SESSIONS (16), BENCH_CN_RTT (20), BENCH_FOREIGN_RTT (10),
 # BENCH_OFFLOADS (off: every veth segments in software, like a wire; on:
-# leave GSO/TSO on, which kagemusha-ha cannot handle yet).
+# leave GSO/TSO on).
 set -euo pipefail
 SRC="${KAGEMUSHA_SOURCE:-$(cd "$(dirname "$0")/.." && pwd)}"
 export KAGEMUSHA_SOURCE=$SRC
 RUNS=${BENCH_RUNS:-3}
 SECS=${BENCH_SECONDS:-5}
 NSESS=${BENCH_SESSIONS:-16}
+RATES=${BENCH_LINK_RATES:-1000 0}
 part=${1:-all}
 
 median() {  # numbers on stdin (non-numeric ignored) -> median or "n/a"
@@ -51,6 +63,9 @@ median() {  # numbers on stdin (non-numeric ignored) -> median or "n/a"
     if (n % 2) print v[int(n / 2)]; else printf "%.3f\n", (v[n / 2 - 1] + v[n / 2]) / 2 }'
 }
 
+# FILE's lines that begin with KEY and a space, without that prefix.
+field() { awk -v k="$1 " 'index($0, k) == 1 { print substr($0, length(k) + 1) }' "$2"; }
+
 # The handover table from FILE's "gap MODE MOVE ms" lines.
 handover_table() {  # FILE
   local m mv vals
@@ -58,12 +73,80 @@ handover_table() {  # FILE
   printf '%-11s %-12s %10s %10s %10s\n' dad move "window_ms" "min" "max"
   for m in rfc optimistic off; do
     for mv in home-a a-b b-home; do
-      vals=$(awk -v k="gap $m $mv " 'index($0, k) == 1 { print substr($0, length(k) + 1) }' "$1" | awk '{print $1}')
+      vals=$(field "gap $m $mv" "$1" | awk '{print $1}')
       printf '%-11s %-12s %10s %10s %10s\n' "$m" "$mv" "$(median <<<"$vals")" \
         "$(sort -n <<<"$vals" | grep -E '^[0-9]' | head -n1 || true)" "$(sort -n <<<"$vals" | grep -E '^[0-9]' | tail -n1 || true)"
     done
   done
 }
+
+# tbf on the R <-> CN veth for RATE Mbit/s: burst = 4 ms of the rate, at least
+# 64 KiB. 64 KiB so that a GSO super-packet (BENCH_OFFLOADS=on) fits the
+# bucket whole and tbf does not segment it (tbf_segment) for the capped run
+# only; 4 ms so that the bucket outlasts the softirq/scheduling delays of a
+# shared 2-CPU machine, which otherwise leave tokens unused and hold one TCP
+# stream well below the rate (direct reaches ~0.94 of the cap, what 1500-byte
+# frames with 60-72 bytes of IPv6+TCP headers can carry). The queue holds
+# 10 ms beyond the burst.
+tbf_burst() { echo $(($1 * 1000000 / 8 / 250 > 65536 ? $1 * 1000000 / 8 / 250 : 65536)); }
+cap_text() {  # RATE
+  if (($1 == 0)); then echo "uncapped (plain veths)"
+  else echo "tbf ${1} Mbit/s (burst $(tbf_burst "$1") B, latency 10 ms) on both ends of the R <-> CN veth, which every path crosses"; fi
+}
+
+# The throughput tables (one per rate) from FILE's "tput RATE NAME DIR ..." lines.
+throughput_tables() {  # FILE
+  local rate d c ref base mb cg dg mp ratio vals
+  for rate in $RATES; do
+    echo "TCP throughput (iperf3, one stream) and CPU, same veths; ratios vs direct at the same cap"
+    echo "cap: $(cap_text "$rate")"
+    printf '%-9s %-9s %10s %8s %12s %14s %8s\n' path dir Mbit/s ratio "cpu_s/GB" "daemon_cpu_s/GB" "machine%"
+    for d in fwd rev; do
+      for c in direct underlay vxlan tunnel direct4 tunnel4; do
+        [[ $c == *4 ]] && ref=direct4 || ref=direct
+        base=$(field "tput $rate $ref $d" "$1" | awk '{print $1}' | median)
+        vals=$(field "tput $rate $c $d" "$1")
+        mb=$(awk '{print $1}' <<<"$vals" | median)
+        cg=$(awk '{print $2}' <<<"$vals" | median)
+        dg=$(awk '{print $3}' <<<"$vals" | median)
+        mp=$(awk '{print $4}' <<<"$vals" | median)
+        ratio=n/a
+        [[ "$mb" == n/a || "$base" == n/a ]] || ratio=$(awk -v a="$mb" -v b="$base" 'BEGIN { printf "%.2f", a / b }')
+        printf '%-9s %-9s %10s %8s %12s %14s %8s\n' "$c" "$([[ $d == fwd ]] && echo cn→guest || echo guest→cn)" "$mb" "$ratio" "$cg" "$dg" "$mp"
+      done
+    done
+    echo
+  done
+}
+
+memory_table() {  # FILE
+  local r1 rn h1 hn
+  r1=$(field "rss tunneld1" "$1" | median); rn=$(field "rss tunneldN" "$1" | median)
+  h1=$(field "rss ha1" "$1" | median); hn=$(field "rss haN" "$1" | median)
+  echo "Memory"
+  printf 'kagemusha-tunneld VmRSS: 1 session %s KiB, %s sessions %s KiB -> %s KiB per extra session\n' "$r1" "$NSESS" "$rn" \
+    "$(awk -v a="$r1" -v b="$rn" -v n="$NSESS" 'BEGIN { if (a == "n/a" || b == "n/a") print "n/a"; else printf "%.1f", (b - a) / (n - 1) }')"
+  printf 'kagemusha-ha      VmRSS: 1 binding %s KiB, %s bindings %s KiB\n' "$h1" "$NSESS" "$hn"
+}
+
+raw_legend="tput RATE NAME DIR Mbit/s cpu_s/GB daemon_cpu_s/GB machine%; gap MODE MOVE ms; rss WHAT KiB"
+
+# The throughput part on its own (not from `all`): its tables, then the raw lines.
+if [[ "$part" == throughput && -z "${BENCH_OUT:-}" ]]; then
+  out=$(mktemp -d /tmp/kagemusha-bench-tunnel.XXXXXX)
+  trap 'rm -rf "$out"' EXIT
+  BENCH_OUT="$out/throughput.txt" bash "$0" throughput || echo "part throughput failed (exit $?)" >&2
+  echo
+  echo "tunnel benchmark (throughput): $(date -u +%FT%TZ), $(nproc) CPUs, kernel $(uname -r), load average $(cut -d' ' -f1-3 /proc/loadavg)," \
+    "runs=$RUNS (median), iperf3 ${SECS}s, veth offloads ${BENCH_OFFLOADS:-off}"
+  echo
+  throughput_tables "$out/throughput.txt"
+  memory_table "$out/throughput.txt"
+  echo
+  echo "Raw results ($raw_legend):"
+  sed 's/^/  /' "$out/throughput.txt"
+  exit 0
+fi
 
 # The handover part on its own (not from `all`): its table, then the raw lines.
 if [[ "$part" == handover && -z "${BENCH_OUT:-}" ]]; then
@@ -88,35 +171,16 @@ if [[ "$part" == all ]]; then
     BENCH_OUT="$out/$p.txt" bash "$0" "$p" || echo "part $p failed (exit $?)" >&2
   done
   cat "$out"/*.txt 2>/dev/null >"$out/all" || true
-  res() { awk -v k="$1 " 'index($0, k) == 1 { print substr($0, length(k) + 1) }' "$out/all"; }
   echo
-  echo "tunnel benchmark: $(date -u +%FT%TZ), $(nproc) CPUs, kernel $(uname -r), runs=$RUNS (median), iperf3 ${SECS}s"
+  echo "tunnel benchmark: $(date -u +%FT%TZ), $(nproc) CPUs, kernel $(uname -r), load average $(cut -d' ' -f1-3 /proc/loadavg)," \
+    "runs=$RUNS (median), iperf3 ${SECS}s, veth offloads ${BENCH_OFFLOADS:-off}"
   echo
-  echo "TCP throughput (iperf3, one stream) and CPU, same veths; ratios vs direct"
-  printf '%-9s %-9s %10s %8s %12s %14s %8s\n' path dir Mbit/s ratio "cpu_s/GB" "daemon_cpu_s/GB" "machine%"
-  for d in fwd rev; do
-    base=$(res "tput direct $d" | awk '{print $1}' | median)
-    for c in direct underlay vxlan tunnel; do
-      mb=$(res "tput $c $d" | awk '{print $1}' | median)
-      cg=$(res "tput $c $d" | awk '{print $2}' | median)
-      dg=$(res "tput $c $d" | awk '{print $3}' | median)
-      mp=$(res "tput $c $d" | awk '{print $4}' | median)
-      ratio=n/a
-      [[ "$mb" == n/a || "$base" == n/a ]] || ratio=$(awk -v a="$mb" -v b="$base" 'BEGIN { printf "%.2f", a / b }')
-      printf '%-9s %-9s %10s %8s %12s %14s %8s\n' "$c" "$([[ $d == fwd ]] && echo cn→guest || echo guest→cn)" "$mb" "$ratio" "$cg" "$dg" "$mp"
-    done
-  done
-  echo
+  throughput_tables "$out/all"
   handover_table "$out/all"
   echo
-  echo "Memory"
-  r1=$(res "rss tunneld1" | median); rn=$(res "rss tunneldN" | median)
-  h1=$(res "rss ha1" | median); hn=$(res "rss haN" | median)
-  printf 'kagemusha-tunneld VmRSS: 1 session %s KiB, %s sessions %s KiB -> %s KiB per extra session\n' "$r1" "$NSESS" "$rn" \
-    "$(awk -v a="$r1" -v b="$rn" -v n="$NSESS" 'BEGIN { if (a == "n/a" || b == "n/a") print "n/a"; else printf "%.1f", (b - a) / (n - 1) }')"
-  printf 'kagemusha-ha      VmRSS: 1 binding %s KiB, %s bindings %s KiB\n' "$h1" "$NSESS" "$hn"
+  memory_table "$out/all"
   echo
-  echo "Raw results (tput NAME DIR Mbit/s cpu_s/GB daemon_cpu_s/GB machine%; gap MODE MOVE ms; rss WHAT KiB):"
+  echo "Raw results ($raw_legend):"
   sed 's/^/  /' "$out/all"
   exit 0
 fi
@@ -133,7 +197,9 @@ have_daemons() { [[ -x "$(mob_tunneld_bin)" && -x "$(mob_ha_bin)" ]]; }
 tb_require_cmd iperf3
 tb_init
 
-cpu_busy_total() { awk '/^cpu / { t = 0; for (i = 2; i <= NF; i++) t += $i; print t - $5 - $6, t }' /proc/stat; }
+# Busy = all but idle, iowait and niced user time: the machine is shared and
+# others' builds run niced (their kernel time still counts; ours is not niced).
+cpu_busy_total() { awk '/^cpu / { t = 0; for (i = 2; i <= NF; i++) t += $i; print t - $5 - $6 - $3, t }' /proc/stat; }
 proc_ticks() {  # PIDS... -> utime+stime sum
   local p s=0 st
   for p in "$@"; do
@@ -145,12 +211,35 @@ proc_ticks() {  # PIDS... -> utime+stime sum
 }
 rss_kib() { awk '/^VmRSS:/ { print $2 }' "/proc/$1/status"; }
 
+# Caps both ends of the R <-> CN veth at RATE Mbit/s (0: removes the cap).
+cap_cn_link() {  # RATE
+  local node peer dev
+  for node in home cn; do
+    [[ $node == home ]] && peer=cn || peer=home
+    dev=$(tb_if "$node" "$peer")
+    tb_exec "$node" tc qdisc del dev "$dev" root 2>/dev/null || true
+    (($1 == 0)) || tb_exec "$node" tc qdisc add dev "$dev" root tbf rate "${1}mbit" burst "$(tbf_burst "$1")" latency 10ms ||
+      tb_fail "tbf on $node/$dev"
+  done
+  tb_log "R <-> CN link: $(cap_text "$1")"
+}
+
+# measure at every rate of BENCH_LINK_RATES; leaves the link uncapped.
+measure_rates() {  # NAME ADDR [DAEMON PIDS...]
+  local rate
+  for rate in $RATES; do
+    cap_cn_link "$rate"
+    measure "$rate" "$@"
+  done
+  cap_cn_link 0
+}
+
 # iperf3 from the CN to ADDR (rev: -R), BENCH_RUNS times; records
-# "tput NAME DIR mbit cpu_s_per_gb daemon_cpu_s_per_gb machine_pct".
+# "tput RATE NAME DIR mbit cpu_s_per_gb daemon_cpu_s_per_gb machine_pct".
 IPERF_PORT=5201
-measure() {  # NAME ADDR [DAEMON PIDS...]
-  local name=$1 addr=$2 d r json b0 t0 b1 t1 d0 d1 hz
-  shift 2
+measure() {  # RATE NAME ADDR [DAEMON PIDS...]
+  local rate=$1 name=$2 addr=$3 d r json b0 t0 b1 t1 d0 d1 hz
+  shift 3
   hz=$(getconf CLK_TCK)
   for d in fwd rev; do
     for ((r = 1; r <= RUNS; r++)); do
@@ -158,20 +247,20 @@ measure() {  # NAME ADDR [DAEMON PIDS...]
       [[ $d == rev ]] && flags+=(-R)
       read -r b0 t0 < <(cpu_busy_total)
       d0=$(proc_ticks "$@")
-      json=$(tb_exec cn timeout $((SECS + 30)) iperf3 "${flags[@]}" 2>/dev/null) || { tb_log "iperf3 $name $d failed"; record "tput $name $d fail"; continue; }
+      json=$(tb_exec cn timeout $((SECS + 30)) iperf3 "${flags[@]}" 2>/dev/null) || { tb_log "iperf3 $name $d at $rate failed"; record "tput $rate $name $d fail"; continue; }
       read -r b1 t1 < <(cpu_busy_total)
       d1=$(proc_ticks "$@")
       line=$(python3 -c '
 import json, sys
-name, d = sys.argv[1], sys.argv[2]
-b0, t0, b1, t1, d0, d1, hz, ncpu = map(float, sys.argv[3:11])
-doc = json.loads(sys.argv[11])
+rate, name, d = sys.argv[1], sys.argv[2], sys.argv[3]
+b0, t0, b1, t1, d0, d1, hz, ncpu = map(float, sys.argv[4:12])
+doc = json.loads(sys.argv[12])
 s = doc["end"]["sum_received"]
 gb = s["bytes"] / 1e9
 busy = (b1 - b0) / hz
-print("tput %s %s %.1f %.2f %.2f %.1f" % (name, d, s["bits_per_second"] / 1e6, busy / gb, (d1 - d0) / hz / gb,
+print("tput %s %s %s %.1f %.2f %.2f %.1f" % (rate, name, d, s["bits_per_second"] / 1e6, busy / gb, (d1 - d0) / hz / gb,
       100.0 * (b1 - b0) / max(t1 - t0, 1)))
-' "$name" "$d" "$b0" "$t0" "$b1" "$t1" "$d0" "$d1" "$hz" "$(nproc)" "$json")
+' "$rate" "$name" "$d" "$b0" "$t0" "$b1" "$t1" "$d0" "$d1" "$hz" "$(nproc)" "$json")
       record "$line"
     done
   done
@@ -202,9 +291,12 @@ part_throughput() {
   mob_ping_ok cn "$MOB_HOA6" 3
 
   # (a) direct: the guest at home.
-  measure direct "$MOB_HOA6"
+  measure_rates direct "$MOB_HOA6"
+  # (a4) the same to the guest's IPv4 address (ratio base for tunnel4).
+  mob_ping_ok cn "$MOB_HOA4" 3
+  measure_rates direct4 "$MOB_HOA4"
   # (a') underlay: the foreign host's care-of address, routed by R.
-  measure underlay "${MOB_COA[a]}"
+  measure_rates underlay "${MOB_COA[a]}"
 
   # (c) VXLAN: L2 extension of the home link to a's VM bridge.
   mob_bridged_host vxgw 02:4b:4d:00:06:01 2001:db8:1::4 192.0.2.4
@@ -221,7 +313,7 @@ part_throughput() {
   tb_exec guest ip link set "$MOB_GUEST_IF" mtu 1430
   tb_exec home ip neigh flush dev "$(tb_if home bridge)"
   mob_ping_ok cn "$MOB_HOA6" 3
-  measure vxlan "$MOB_HOA6"
+  measure_rates vxlan "$MOB_HOA6"
   tb_exec vxgw ip link del vx42
   tb_exec a ip link del vx42
   tb_exec guest ip link set "$MOB_GUEST_IF" mtu 1500
@@ -229,16 +321,19 @@ part_throughput() {
   # (b) our tunnel.
   if ! have_daemons; then
     tb_log "kagemusha-tunneld / kagemusha-ha not built: no tunnel figures"
-    record "tput tunnel fwd n/a"
+    record "tput 0 tunnel fwd n/a"
     return 0
   fi
   tb_exec home ip neigh flush dev "$(tb_if home bridge)"
   mob_ha_start --dad off
   mob_tunneld_start a
-  mob_activate a
+  MOB_V4=1 mob_activate a  # DSMIPv6: the IPv4 home address too
   mob_wait_registered a
   tb_wait_for 10 tb_ping cn "$MOB_HOA6" 1 0.1 1 || tb_fail "guest at a unreachable through the tunnel"
-  measure tunnel "$MOB_HOA6" "$MOB_HA_PID" "${MOB_TUNNELD_PID[a]}"
+  measure_rates tunnel "$MOB_HOA6" "$MOB_HA_PID" "${MOB_TUNNELD_PID[a]}"
+  # (b4) IPv4 through the tunnel (IPv4-in-IPv6, the daemons' user-space path).
+  tb_wait_for 10 tb_ping cn "$MOB_HOA4" 1 0.1 1 || tb_fail "guest's IPv4 address at a unreachable through the tunnel"
+  measure_rates tunnel4 "$MOB_HOA4" "$MOB_HA_PID" "${MOB_TUNNELD_PID[a]}"
 
   # RSS per session: a fresh tunneld on b, 1 then NSESS sessions (insecure),
   # registered with a fresh insecure HA.
