@@ -4,16 +4,17 @@
 // Block state, per block b:
 //   missing            !present_[b]
 //   claimed            !present_[b] and inflight_[b] set: someone is fetching
-//                      it from the remote or overwriting it locally; others
-//                      wait on the claim instead of fetching it again
+//                      it from the remote or overwriting it locally, or its
+//                      fetched data waits for the cache writer (write-behind);
+//                      others wait on the claim instead of fetching it again
 //   present            present_[b]: the cache holds its data (maybe only in
 //                      the page cache); reads serve it from the cache
 //   durable            bitmap_->Test(b): its bit is in the bitmap file, written
 //                      after an fdatasync of the cache (group commit)
 // present_ only ever goes 0 -> 1, and durable implies present.
 //
-// Lock order: no two of inflight_mu_, commit_mu_, fill_mu_, error_mu_ are
-// held together. Reads that hit take no lock at all.
+// Lock order: no two of inflight_mu_, commit_mu_, fill_mu_, error_mu_,
+// store_mu_ are held together. Reads that hit take no lock at all.
 #include "kagemusha/storage/copy_on_read.h"
 
 #include <fcntl.h>
@@ -29,6 +30,7 @@
 #include <cstring>
 #include <deque>
 #include <functional>
+#include <memory>
 #include <mutex>
 #include <thread>
 #include <unordered_map>
@@ -51,6 +53,9 @@ constexpr auto kBackoffInitial = std::chrono::milliseconds(100);
 constexpr auto kBackoffMax = std::chrono::milliseconds(5000);
 constexpr unsigned kGuestFetchThreads = 8;
 constexpr uint64_t kCacheOpChunk = 64 * 1024 * 1024;  // NBD_CMD_CACHE is done in pieces
+// The cache writer stores client misses through the page cache, so the warm
+// read that often follows is served from memory.
+constexpr bool kWriteBehindDirect = false;
 
 // A fixed pool of threads running guest-side remote fetches, so that one
 // fragmented read keeps many requests in flight on the (pipelined) remote.
@@ -143,15 +148,14 @@ std::span<std::byte> AlignedScratch(int slot, size_t n) {
   return {b.p, n};
 }
 
-// A FileRangeFor() whose fetch failed, for the Read() of the same range that
-// the server issues next on the same thread (see FileRangeFor).
-struct FailedRange {
-  const void* owner = nullptr;
-  uint64_t offset = 0;
-  uint64_t length = 0;
-  std::optional<Error> error;
+// An O_DIRECT-aligned heap buffer (a write-behind job's copy of its data).
+struct AlignedBuffer {
+  struct Free {
+    void operator()(std::byte* p) const { std::free(p); }
+  };
+  std::unique_ptr<std::byte, Free> p;
+  size_t cap = 0;
 };
-thread_local FailedRange failed_range;
 
 bool IsPowerOfTwo(uint64_t v) { return v != 0 && (v & (v - 1)) == 0; }
 
@@ -242,8 +246,22 @@ class CopyOnReadImpl final : public CopyOnReadBackend {
   // Why a run is fetched. kClient: a client request reads or merges the data
   // right after, so it goes through the page cache. kPrefetch and kFill: the
   // data is only stored, with O_DIRECT where possible (StoreDirect).
+  // `handed_off` (kClient into a client buffer only): set when the store was
+  // handed to the cache writer, which then also releases the run's claim;
+  // otherwise the caller releases it.
   enum class FetchFor { kClient, kPrefetch, kFill };
-  St FetchRun(const Run& run, FetchFor why, std::span<std::byte> into = {});
+  St FetchRun(const Run& run, FetchFor why, std::span<std::byte> into = {},
+              bool* handed_off = nullptr);
+  // Fetches a run for EnsurePresent and releases its claim unless the cache
+  // writer took it over.
+  St FetchAndRelease(const Run& run, FetchFor why, std::span<std::byte> into);
+  // Queues a copy of `data` (run's fetched bytes) for the cache writer. False
+  // if the queue is full (or write-behind is off): store inline then.
+  bool TryWriteBehind(const Run& run, std::span<const std::byte> data);
+  // The cache writer: stores queued runs, marks them present, releases them.
+  void WriterLoop();
+  // Waits until every store queued before the call is done.
+  void DrainStores();
   // Writes fetched data (starting at a block boundary) to the cache.
   // `direct`: nobody is about to read the data back (fill, NBD_CMD_CACHE), so
   // it may bypass the page cache.
@@ -320,6 +338,28 @@ class CopyOnReadImpl final : public CopyOnReadBackend {
   int direct_fd_ = -1;
   std::atomic<bool> direct_ok_{false};
 
+  // Write-behind: client misses wait here for the one cache writer. One
+  // writer because concurrent buffered writes to one file serialise on its
+  // inode lock, and spinning on it cost more CPU than the copies.
+  struct StoreJob {
+    Run run;
+    AlignedBuffer buf;
+    size_t len = 0;
+  };
+  std::mutex store_mu_;
+  std::condition_variable store_cv_;       // wakes the writer
+  std::condition_variable store_done_cv_;  // wakes DrainStores
+  std::deque<StoreJob> store_q_;           // GUARDED_BY(store_mu_)
+  uint64_t store_bytes_ = 0;               // queued or being stored; GUARDED_BY(store_mu_)
+  uint64_t store_queued_ = 0;              // jobs ever queued; GUARDED_BY(store_mu_)
+  uint64_t store_finished_ = 0;            // jobs ever finished; GUARDED_BY(store_mu_)
+  // Recycled job buffers (already touched: a fresh allocation's first touch
+  // costs more than the copy on this kind of VM); GUARDED_BY(store_mu_).
+  std::vector<AlignedBuffer> store_pool_;
+  uint64_t store_pool_bytes_ = 0;  // GUARDED_BY(store_mu_)
+  bool stop_writer_ = false;       // GUARDED_BY(store_mu_)
+  std::thread writer_;
+
   TaskPool guest_pool_;
 };
 
@@ -347,6 +387,7 @@ CopyOnReadImpl::CopyOnReadImpl(std::unique_ptr<RemoteReader> remote,
   if (remote_) {
     direct_fd_ = ::open(cache_->path().c_str(), O_RDWR | O_DIRECT | O_CLOEXEC);
     direct_ok_ = direct_fd_ >= 0;
+    if (opts_.write_behind_bytes > 0) writer_ = std::thread([this] { WriterLoop(); });
   }
   committer_ = std::thread([this] { CommitterLoop(); });
 }
@@ -356,6 +397,14 @@ CopyOnReadImpl::~CopyOnReadImpl() {
   // Closing the remote first makes fill reads blocked on it fail at once.
   if (remote_) remote_->Close();
   StopFill();
+  // The writer stores what is queued (the committer is still running, so
+  // those bits reach the bitmap too), then exits.
+  {
+    std::lock_guard lk(store_mu_);
+    stop_writer_ = true;
+  }
+  store_cv_.notify_all();
+  if (writer_.joinable()) writer_.join();
   {
     std::lock_guard lk(commit_mu_);
     stop_committer_ = true;
@@ -402,7 +451,8 @@ void CopyOnReadImpl::ReleaseRuns(std::span<const Run> runs) {
   }
 }
 
-St CopyOnReadImpl::FetchRun(const Run& run, FetchFor why, std::span<std::byte> into) {
+St CopyOnReadImpl::FetchRun(const Run& run, FetchFor why, std::span<std::byte> into,
+                            bool* handed_off) {
   if (!remote_) return Fail(Error::Shutdown("no remote (target mode)"));
   const uint64_t off = BlockOffset(run.first);
   const uint64_t len = RunBytes(run);
@@ -414,6 +464,14 @@ St CopyOnReadImpl::FetchRun(const Run& run, FetchFor why, std::span<std::byte> i
     NoteError(e);
     return Fail(e);
   }
+  // The data is in the client's buffer: the reply need not wait for the
+  // store, nor for other stores on the file's lock.
+  if (handed_off && why == FetchFor::kClient && !into.empty() && TryWriteBehind(run, data)) {
+    *handed_off = true;
+    bytes_fetched_ += len;
+    meter_.Add(len);
+    return Ok();
+  }
   if (auto s = StoreFetched(data, run.first, why != FetchFor::kClient); !s)
     return Fail(s.error().Context("storing fetched blocks in the cache"));
   MarkPresent(run.first, run.count);
@@ -421,6 +479,87 @@ St CopyOnReadImpl::FetchRun(const Run& run, FetchFor why, std::span<std::byte> i
   if (why == FetchFor::kFill) bytes_fetched_fill_ += len;
   meter_.Add(len);
   return Ok();
+}
+
+St CopyOnReadImpl::FetchAndRelease(const Run& run, FetchFor why, std::span<std::byte> into) {
+  bool handed_off = false;
+  St s = FetchRun(run, why, into, &handed_off);
+  if (!handed_off) ReleaseRuns(std::span(&run, 1));
+  return s;
+}
+
+bool CopyOnReadImpl::TryWriteBehind(const Run& run, std::span<const std::byte> data) {
+  AlignedBuffer buf;
+  {
+    std::lock_guard lk(store_mu_);
+    if (!writer_.joinable() || stop_writer_ ||
+        store_bytes_ + data.size() > opts_.write_behind_bytes)
+      return false;  // backpressure: the caller stores inline
+    store_bytes_ += data.size();
+    // The smallest pooled buffer that fits.
+    size_t best = store_pool_.size();
+    for (size_t i = 0; i < store_pool_.size(); ++i)
+      if (store_pool_[i].cap >= data.size() &&
+          (best == store_pool_.size() || store_pool_[i].cap < store_pool_[best].cap))
+        best = i;
+    if (best != store_pool_.size()) {
+      buf = std::move(store_pool_[best]);
+      store_pool_[best] = std::move(store_pool_.back());
+      store_pool_.pop_back();
+      store_pool_bytes_ -= buf.cap;
+    }
+  }
+  if (!buf.p) {
+    buf.cap = (data.size() + kDirectAlign - 1) / kDirectAlign * kDirectAlign;
+    buf.p.reset(static_cast<std::byte*>(std::aligned_alloc(kDirectAlign, buf.cap)));
+    if (!buf.p) {
+      spdlog::critical("copy-on-read: out of memory for a {} byte buffer", buf.cap);
+      std::abort();
+    }
+  }
+  std::memcpy(buf.p.get(), data.data(), data.size());
+  {
+    std::lock_guard lk(store_mu_);
+    store_q_.push_back({run, std::move(buf), data.size()});
+    ++store_queued_;
+  }
+  store_cv_.notify_one();
+  return true;
+}
+
+void CopyOnReadImpl::WriterLoop() {
+  std::unique_lock lk(store_mu_);
+  for (;;) {
+    store_cv_.wait(lk, [&] { return stop_writer_ || !store_q_.empty(); });
+    if (store_q_.empty()) return;  // stopping, and everything is stored
+    StoreJob job = std::move(store_q_.front());
+    store_q_.pop_front();
+    lk.unlock();
+    if (opts_.before_write_behind_store_for_test) opts_.before_write_behind_store_for_test();
+    St s = StoreFetched({job.buf.p.get(), job.len}, job.run.first, kWriteBehindDirect);
+    // Present only once stored, so the committer's flush covers the data
+    // before the bit; on failure the blocks stay missing (the client has its
+    // data already) and a later read fetches them again.
+    if (s)
+      MarkPresent(job.run.first, job.run.count);
+    else
+      NoteError(s.error().Context("storing fetched blocks in the cache"));
+    ReleaseRuns(std::span(&job.run, 1));
+    lk.lock();
+    store_bytes_ -= job.len;
+    ++store_finished_;
+    if (store_pool_bytes_ + job.buf.cap <= opts_.write_behind_bytes) {
+      store_pool_bytes_ += job.buf.cap;
+      store_pool_.push_back(std::move(job.buf));
+    }
+    store_done_cv_.notify_all();
+  }
+}
+
+void CopyOnReadImpl::DrainStores() {
+  std::unique_lock lk(store_mu_);
+  const uint64_t queued = store_queued_;
+  store_done_cv_.wait(lk, [&] { return store_finished_ >= queued; });
 }
 
 bool CopyOnReadImpl::StoreDirect(std::span<const std::byte> data, uint64_t offset, St* err) {
@@ -522,12 +661,16 @@ St CopyOnReadImpl::EnsurePresent(std::span<const uint64_t> blocks, ReadTarget* t
     }
   } guest_miss(this);
 
+  // Blocks still to see present. Runs this request fetched itself drop out
+  // after the first pass: their data is in the reader's buffer or the cache
+  // even while a write-behind store of them is pending (and still claimed).
+  std::vector<uint64_t> todo(blocks.begin(), blocks.end());
   for (int attempt = 0; attempt < 16; ++attempt) {
     std::vector<Run> mine;
     std::vector<std::shared_ptr<Claim>> others;
     {
       std::lock_guard lk(inflight_mu_);
-      for (uint64_t b : blocks) {
+      for (uint64_t b : todo) {
         if (present_.Test(b)) continue;
         if (auto it = inflight_.find(b); it != inflight_.end()) {
           if (others.empty() || others.back() != it->second) others.push_back(it->second);
@@ -553,14 +696,10 @@ St CopyOnReadImpl::EnsurePresent(std::span<const uint64_t> blocks, ReadTarget* t
       TaskGroup group(mine.size());
       for (size_t i = 1; i < mine.size(); ++i) {
         guest_pool_.Submit([this, &group, why, run = mine[i], dst = into[i]] {
-          St s = FetchRun(run, why, dst);
-          ReleaseRuns(std::span(&run, 1));
-          group.Done(s);
+          group.Done(FetchAndRelease(run, why, dst));
         });
       }
-      St s = FetchRun(mine[0], why, into[0]);  // the first run on this thread
-      ReleaseRuns(std::span(&mine[0], 1));
-      group.Done(s);
+      group.Done(FetchAndRelease(mine[0], why, into[0]));  // the first run on this thread
       mine_status = group.Wait();
       if (mine_status && target)
         for (size_t i = 0; i < mine.size(); ++i)
@@ -572,8 +711,13 @@ St CopyOnReadImpl::EnsurePresent(std::span<const uint64_t> blocks, ReadTarget* t
       for (auto& c : others) c->cv.wait(lk, [&] { return c->done; });
     }
     if (!mine_status) return mine_status;
+    if (others.empty()) return Ok();
     // A claim we waited on may have failed (remote error, fill stopped):
     // loop and fetch those blocks ourselves.
+    std::erase_if(todo, [&](uint64_t b) {
+      return std::any_of(mine.begin(), mine.end(),
+                         [&](const Run& r) { return b >= r.first && b < r.first + r.count; });
+    });
   }
   return Fail(Error::Io("blocks stayed missing after repeated fetch attempts by other requests"));
 }
@@ -666,17 +810,14 @@ St CopyOnReadImpl::SyncAll() {
 // --- Data path ------------------------------------------------------------------
 
 St CopyOnReadImpl::Read(std::span<std::byte> buf, uint64_t offset) {
-  if (failed_range.owner) {
-    FailedRange f = std::exchange(failed_range, {});
-    if (f.owner == this && f.offset == offset && f.length == buf.size()) return Fail(*f.error);
-  }
   if (buf.empty()) return Ok();
   if (!proxy()) return cache_->Read(buf, offset);
   const uint64_t first = FirstBlock(offset), last = EndBlock(offset, buf.size());
   if (present_.AllSet(first, last)) return cache_->Read(buf, offset);  // a hit: no lock
   // A miss. Runs this request fetches land in `buf` directly (one copy less
-  // than fetch, store, pread); the rest (blocks present before, fetched by
-  // someone else, partial edge blocks) is read from the cache after.
+  // than fetch, store, pread) and are stored behind the reply by the cache
+  // writer; the rest (blocks present before, fetched by someone else,
+  // partial edge blocks) is read from the cache after.
   ReadTarget target{buf, offset, {}};
   if (auto s = EnsurePresentRange(first, last, &target); !s) return s;
   std::sort(target.filled.begin(), target.filled.end());
@@ -720,7 +861,9 @@ St CopyOnReadImpl::Write(std::span<const std::byte> buf, uint64_t offset, bool f
 St CopyOnReadImpl::Flush() {
   if (!proxy()) return cache_->Flush();
   // Every acknowledged write has its bit in the bitmap file already; make the
-  // data durable, then the bits.
+  // data durable, then the bits. Pending write-behind stores are no client
+  // writes, but a flush covering them too is simpler to reason about.
+  DrainStores();
   return SyncAll();
 }
 
@@ -817,20 +960,12 @@ std::optional<FileRange> CopyOnReadImpl::FileRangeFor(uint64_t offset, uint64_t 
   // Present blocks are the cache's bytes and stay so (present_ never goes
   // back, and only this object writes the cache), so the server may splice
   // them from the page cache: a warm read costs what a target read costs.
-  // A miss is fetched into the cache first and then spliced the same way,
-  // which saves copying it from a buffer into the socket.
-  failed_range = {};
+  // A miss is not offered: the server's Read() fetches it into the reply
+  // buffer and answers without waiting for the cache store (write-behind);
+  // splicing it would need the store done first. That costs a copy into the
+  // socket, but the store, the slow part, leaves the reply's path.
   if (!proxy() || length == 0) return cache_->FileRangeFor(offset, length);
-  const uint64_t first = FirstBlock(offset), last = EndBlock(offset, length);
-  if (!present_.AllSet(first, last)) {
-    St s = EnsurePresentRange(first, last);
-    if (!s) {
-      // The server falls back to Read() of the same range on this thread;
-      // hand it this error rather than fetching (and waiting) again.
-      failed_range = {this, offset, length, s.error()};
-      return std::nullopt;
-    }
-  }
+  if (!present_.AllSet(FirstBlock(offset), EndBlock(offset, length))) return std::nullopt;
   return cache_->FileRangeFor(offset, length);
 }
 
@@ -988,6 +1123,7 @@ FillStatus CopyOnReadImpl::Status() const {
 
 St CopyOnReadImpl::SwitchToTarget() {
   if (!proxy()) return Ok();
+  DrainStores();  // blocks read by clients become present once stored
   if (present_count_.load() != blocks_)
     return Fail(Error(EAGAIN, std::to_string(blocks_ - present_count_.load()) + " of " +
                                   std::to_string(blocks_) +

@@ -6,12 +6,14 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <condition_variable>
 #include <csignal>
 #include <cstdio>
 #include <cstring>
 #include <functional>
 #include <future>
 #include <map>
+#include <mutex>
 #include <random>
 #include <thread>
 
@@ -129,6 +131,7 @@ TEST_F(CopyOnReadTest, LargeMissingRunsAreSplitAtFourMiB) {
 TEST_F(CopyOnReadTest, FragmentedLargeReadIsCorrectAndPipelined) {
   Init(32 * kMiB, 65536);
   for (uint64_t b = 0; b < 512; b += 2) ReadAt(b * 65536, 65536);  // every other block present
+  ASSERT_TRUE(cor_->Flush());  // present once the cache writer has stored them
   ASSERT_EQ(cor_->Status().blocks_present, 256u);
   FakeRemote::Hold(*remote_);  // requests pile up until released
   auto read = std::async(std::launch::async, [&] { return ReadAt(0, 32 * kMiB); });
@@ -460,39 +463,27 @@ TEST_F(CopyOnReadTest, ReadErrorFromRemoteIsReturnedAndLaterReadsSucceed) {
   EXPECT_TRUE(SameBytes(ReadAt(65536, 4096), Slice(image_, 65536, 4096)));
 }
 
-// The server asks for a file range before reading (to splice the reply): a
-// miss is fetched into the cache then, and the range names the cache file.
-TEST_F(CopyOnReadTest, FileRangeForFetchesMissesIntoTheCacheAndNamesIt) {
+// The server asks for a file range before reading (to splice the reply).
+// Only present blocks are offered: a miss is left to Read(), which answers
+// from the fetched buffer and stores behind the reply.
+TEST_F(CopyOnReadTest, FileRangeForNamesPresentRangesAndLeavesMissesToRead) {
   Init(4 * kMiB, 65536);
   ASSERT_TRUE(cor_->Write(std::vector<std::byte>(65536, std::byte{9}), 65536, false));
-  auto r = cor_->FileRangeFor(30000, 200000);  // blocks 0-3: 1 written, 0, 2, 3 missing
+  EXPECT_FALSE(cor_->FileRangeFor(30000, 200000).has_value());  // blocks 0, 2, 3 missing
+  EXPECT_EQ(Requests(), 0u);
+  auto r = cor_->FileRangeFor(65536 + 100, 1000);
   ASSERT_TRUE(r.has_value());
-  EXPECT_EQ(r->offset, 30000u);
-  std::vector<std::byte> got(200000);
+  EXPECT_EQ(r->offset, 65536u + 100);
+  std::vector<std::byte> got(1000);
   ASSERT_EQ(::pread(r->fd, got.data(), got.size(), off_t(r->offset)), ssize_t(got.size()));
+  EXPECT_EQ(got, std::vector<std::byte>(1000, std::byte{9}));
   std::vector<std::byte> want(image_.begin() + 30000, image_.begin() + 230000);
   std::fill(want.begin() + (65536 - 30000), want.begin() + (131072 - 30000), std::byte{9});
-  EXPECT_EQ(got, want);
+  EXPECT_EQ(ReadAt(30000, 200000), want);
+  ASSERT_TRUE(cor_->Flush());  // stores behind the reply are done
+  EXPECT_TRUE(cor_->FileRangeFor(30000, 200000).has_value());
   for (uint64_t b : {0u, 2u, 3u}) EXPECT_EQ(ReadsOf(b), 1u) << b;
   EXPECT_EQ(ReadsOf(1), 0u);
-  EXPECT_EQ(cor_->Status().blocks_present, 4u);
-}
-
-// A failed fetch there yields no range, and the Read() the server falls back
-// to returns that error without asking the remote (and waiting) again.
-TEST_F(CopyOnReadTest, FileRangeForFailureIsReturnedByTheFollowingReadOnce) {
-  Init(4 * kMiB, 65536);
-  FakeRemote::SetFailure(*remote_, FakeRemote::Failure::kIoError);
-  EXPECT_FALSE(cor_->FileRangeFor(0, 131072).has_value());
-  const uint64_t requests = Requests();
-  std::vector<std::byte> buf(131072);
-  auto r = cor_->Read(buf, 0);
-  ASSERT_FALSE(r);
-  EXPECT_EQ(r.error().code(), EIO);
-  EXPECT_EQ(Requests(), requests);
-  FakeRemote::SetFailure(*remote_, FakeRemote::Failure::kNone);
-  EXPECT_TRUE(cor_->Read(buf, 0));  // the stored error was used once only
-  EXPECT_TRUE(SameBytes(buf, Slice(image_, 0, 131072)));
 }
 
 TEST_F(CopyOnReadTest, SwitchRefusesBeforeCompleteAndWorksAfter) {
@@ -650,6 +641,7 @@ TEST_F(CopyOnReadTest, ZeroBlocksFromTheRemoteStaySparseInTheCache) {
   opts_.fill_on_start = false;
   OpenBackend();
   EXPECT_TRUE(SameBytes(ReadAt(0, 2 * kMiB), image_));
+  ASSERT_TRUE(cor_->Flush());  // the cache writer has stored the read's blocks
   auto ext = cor_->Extents(0, 2 * kMiB);
   ASSERT_TRUE(ext.has_value());
   std::vector<Extent> want = {
@@ -964,6 +956,164 @@ TEST_F(CopyOnReadTest, BlockSizeMayExceedTheTailOfTheImage) {
   ASSERT_TRUE(WaitComplete());
   ASSERT_TRUE(cor_->SwitchToTarget());
   EXPECT_EQ(ReadAt(3 * 65536, 1000), data);
+}
+
+// --- Write-behind of client misses ------------------------------------------
+
+// Holds the cache writer before each write-behind store until opened.
+class WriterGate {
+ public:
+  void Pass() {
+    std::unique_lock lk(mu_);
+    ++waiting_;
+    cv_.notify_all();
+    cv_.wait(lk, [&] { return open_; });
+    --waiting_;
+  }
+  void Open() {
+    std::lock_guard lk(mu_);
+    open_ = true;
+    cv_.notify_all();
+  }
+  bool WaitHeld(std::chrono::milliseconds timeout) {
+    std::unique_lock lk(mu_);
+    return cv_.wait_for(lk, timeout, [&] { return waiting_ > 0; });
+  }
+
+ private:
+  std::mutex mu_;
+  std::condition_variable cv_;
+  bool open_ = false;
+  int waiting_ = 0;
+};
+
+class CopyOnReadWriteBehindTest : public CopyOnReadTest {
+ protected:
+  ~CopyOnReadWriteBehindTest() override { gate_->Open(); }  // never leave the writer stuck
+  void InitGated(uint64_t image_size, uint32_t block_size, uint64_t queue_bytes = 64 * kMiB) {
+    opts_.write_behind_bytes = queue_bytes;
+    opts_.before_write_behind_store_for_test = [g = gate_] { g->Pass(); };
+    Init(image_size, block_size);
+  }
+  std::shared_ptr<WriterGate> gate_ = std::make_shared<WriterGate>();
+};
+
+// A block-aligned miss is answered before its store; until the store is
+// done the blocks stay claimed, so another reader waits for them instead of
+// fetching again or reading the cache's hole.
+TEST_F(CopyOnReadWriteBehindTest, ReadOfABlockWhoseStoreIsPendingWaitsAndIsCorrect) {
+  InitGated(4 * kMiB, 65536);
+  EXPECT_TRUE(SameBytes(ReadAt(2 * 65536, 2 * 65536), Slice(image_, 2 * 65536, 2 * 65536)));
+  ASSERT_TRUE(gate_->WaitHeld(5s));
+  EXPECT_EQ(cor_->Status().blocks_present, 0u);  // not stored yet, so not present
+  EXPECT_FALSE(cor_->FileRangeFor(2 * 65536, 65536).has_value());
+  auto again = std::async(std::launch::async, [&] { return ReadAt(2 * 65536 + 100, 70000); });
+  EXPECT_EQ(again.wait_for(100ms), std::future_status::timeout)
+      << "a read of a pending block finished while its store was still held";
+  gate_->Open();
+  EXPECT_TRUE(SameBytes(again.get(), Slice(image_, 2 * 65536 + 100, 70000)));
+  EXPECT_EQ(ReadsOf(2), 1u);
+  EXPECT_EQ(ReadsOf(3), 1u);
+  ASSERT_TRUE(cor_->Flush());
+  EXPECT_EQ(cor_->Status().blocks_present, 2u);
+  EXPECT_TRUE(SameBytes(Slice(ReadFileBytes(opts_.cache_path), 2 * 65536, 2 * 65536),
+                        Slice(image_, 2 * 65536, 2 * 65536)));
+}
+
+// A client write and a zero over blocks whose fetched data waits for the
+// writer: they wait for the store, so the stale remote data never lands over
+// them, and the cache ends up with the client's data.
+TEST_F(CopyOnReadWriteBehindTest, ClientWriteOverAPendingStoreWins) {
+  InitGated(4 * kMiB, 65536);
+  EXPECT_TRUE(SameBytes(ReadAt(5 * 65536, 2 * 65536), Slice(image_, 5 * 65536, 2 * 65536)));
+  ASSERT_TRUE(gate_->WaitHeld(5s));
+  const std::vector<std::byte> mine(65536, std::byte{0x5a});
+  auto w = std::async(std::launch::async, [&] { return cor_->Write(mine, 5 * 65536, false); });
+  auto z = std::async(std::launch::async,
+                      [&] { return cor_->Zero(6 * 65536, 65536, false, false, false); });
+  EXPECT_EQ(w.wait_for(100ms), std::future_status::timeout)
+      << "a write over a pending block did not wait for its store";
+  gate_->Open();
+  ASSERT_TRUE(w.get());
+  ASSERT_TRUE(z.get());
+  ASSERT_TRUE(cor_->Flush());
+  auto cache = ReadFileBytes(opts_.cache_path);
+  EXPECT_TRUE(SameBytes(Slice(cache, 5 * 65536, 65536), mine));
+  EXPECT_TRUE(SameBytes(Slice(cache, 6 * 65536, 65536), std::vector<std::byte>(65536)));
+  EXPECT_EQ(ReadAt(5 * 65536, 65536), mine);
+  EXPECT_EQ(ReadAt(6 * 65536, 65536), std::vector<std::byte>(65536));
+  EXPECT_EQ(ReadsOf(5), 1u);
+}
+
+// With the queue full the fetching thread stores inline (the blocks are
+// present when the read returns); nothing is dropped.
+TEST_F(CopyOnReadWriteBehindTest, FullQueueStoresInlineAndLosesNothing) {
+  InitGated(4 * kMiB, 65536, /*queue_bytes=*/2 * 65536);
+  EXPECT_TRUE(SameBytes(ReadAt(0, 2 * 65536), Slice(image_, 0, 2 * 65536)));  // fills the queue
+  ASSERT_TRUE(gate_->WaitHeld(5s));
+  EXPECT_TRUE(SameBytes(ReadAt(8 * 65536, 3 * 65536), Slice(image_, 8 * 65536, 3 * 65536)));
+  EXPECT_EQ(cor_->Status().blocks_present, 3u) << "the second read should have stored inline";
+  gate_->Open();
+  ASSERT_TRUE(cor_->Flush());
+  EXPECT_EQ(cor_->Status().blocks_present, 5u);
+  auto cache = ReadFileBytes(opts_.cache_path);
+  EXPECT_TRUE(SameBytes(Slice(cache, 0, 2 * 65536), Slice(image_, 0, 2 * 65536)));
+  EXPECT_TRUE(SameBytes(Slice(cache, 8 * 65536, 3 * 65536), Slice(image_, 8 * 65536, 3 * 65536)));
+  EXPECT_EQ(Requests(), 2u);
+}
+
+// SwitchToTarget right after the last blocks were read waits for their
+// stores instead of refusing (they are missing until stored).
+TEST_F(CopyOnReadWriteBehindTest, SwitchToTargetWaitsForPendingStores) {
+  InitGated(kMiB, 65536);
+  EXPECT_EQ(ReadAt(0, kMiB), image_);
+  ASSERT_TRUE(gate_->WaitHeld(5s));
+  auto sw = std::async(std::launch::async, [&] { return cor_->SwitchToTarget(); });
+  EXPECT_EQ(sw.wait_for(100ms), std::future_status::timeout)
+      << "the switch answered before the pending stores were done";
+  gate_->Open();
+  auto s = sw.get();
+  ASSERT_TRUE(s) << s.error().message();
+  EXPECT_EQ(cor_->Status().mode, "target");
+  EXPECT_EQ(ReadFileBytes(opts_.cache_path), image_);
+}
+
+// Destroying the backend stores what is queued and commits its bits: after
+// a reopen the blocks are present and need no fetch.
+TEST_F(CopyOnReadWriteBehindTest, DestructionStoresAndCommitsPendingRuns) {
+  InitGated(2 * kMiB, 65536);
+  EXPECT_TRUE(SameBytes(ReadAt(0, kMiB), Slice(image_, 0, kMiB)));
+  ASSERT_TRUE(gate_->WaitHeld(5s));
+  auto gone = std::async(std::launch::async, [&] { cor_.reset(); });
+  EXPECT_EQ(gone.wait_for(100ms), std::future_status::timeout);
+  gate_->Open();
+  gone.get();
+  OpenBackend();
+  EXPECT_EQ(cor_->Status().blocks_present, 16u);
+  EXPECT_TRUE(SameBytes(ReadAt(0, kMiB), Slice(image_, 0, kMiB)));
+  EXPECT_EQ(Requests(), 0u);
+}
+
+// A write-behind store that fails leaves the blocks missing (the reply had
+// the right data already) and the error in the status; the next read of
+// them fetches again and stores them.
+TEST_F(CopyOnReadTest, FailedWriteBehindStoreLeavesBlocksMissingAndTheyAreFetchedAgain) {
+  Init(4 * kMiB, 65536);
+  {
+    FileSizeLimit limit(2 * kMiB);
+    EXPECT_TRUE(SameBytes(ReadAt(3 * kMiB, 2 * 65536), Slice(image_, 3 * kMiB, 2 * 65536)));
+    ASSERT_TRUE(cor_->Flush());  // waits for the (failing) store
+    auto st = cor_->Status();
+    EXPECT_EQ(st.blocks_present, 0u);
+    EXPECT_NE(st.last_error.find("storing fetched blocks in the cache"), std::string::npos)
+        << st.last_error;
+  }
+  EXPECT_TRUE(SameBytes(ReadAt(3 * kMiB, 2 * 65536), Slice(image_, 3 * kMiB, 2 * 65536)));
+  ASSERT_TRUE(cor_->Flush());
+  EXPECT_EQ(cor_->Status().blocks_present, 2u);
+  EXPECT_EQ(ReadsOf(48), 2u);
+  EXPECT_TRUE(SameBytes(Slice(ReadFileBytes(opts_.cache_path), 3 * kMiB, 2 * 65536),
+                        Slice(image_, 3 * kMiB, 2 * 65536)));
 }
 
 }  // namespace

@@ -18,6 +18,7 @@
 
 #include <chrono>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <optional>
 #include <string>
@@ -29,15 +30,23 @@
 namespace kagemusha::storage {
 
 struct CopyOnReadOptions {
-  std::string cache_path;   // local cache image; created (sparse) if missing
-  std::string bitmap_path;  // bitmap file; created if missing, validated if present
+  std::string cache_path;           // local cache image; created (sparse) if missing
+  std::string bitmap_path;          // bitmap file; created if missing, validated if present
   uint32_t block_size = 64 * 1024;  // power of two, >= 4096
   // Background fill.
   bool fill_on_start = true;
-  uint64_t fill_rate_limit = 0;        // bytes/s, 0 = unlimited
-  uint32_t fill_chunk_blocks = 16;     // blocks per remote request
-  uint32_t fill_window = 8;            // remote requests in flight during fill
-  bool auto_switch = false;            // switch to target when the fill completes
+  uint64_t fill_rate_limit = 0;     // bytes/s, 0 = unlimited
+  uint32_t fill_chunk_blocks = 16;  // blocks per remote request
+  uint32_t fill_window = 8;         // remote requests in flight during fill
+  bool auto_switch = false;         // switch to target when the fill completes
+  // Write-behind of client misses: a client read gets its reply once the
+  // fetched data is in its buffer; one cache-writer thread stores the data
+  // and only then marks the blocks present (they stay claimed till then).
+  // At most this many bytes wait for the writer; past it a miss is stored
+  // inline by the thread that fetched it. 0 = always inline.
+  uint64_t write_behind_bytes = 64 * 1024 * 1024;
+  // Test seam: runs on the cache writer before each write-behind store.
+  std::function<void()> before_write_behind_store_for_test;
 };
 
 struct FillStatus {
@@ -48,12 +57,12 @@ struct FillStatus {
   uint64_t blocks_total = 0;
   uint64_t blocks_present = 0;
   uint32_t block_size = 0;
-  uint64_t bytes_fetched = 0;     // from the remote since start, fill + on-demand
+  uint64_t bytes_fetched = 0;  // from the remote since start, fill + on-demand
   uint64_t bytes_fetched_fill = 0;
-  double rate = 0;                // recent fetch rate, bytes/s
+  double rate = 0;  // recent fetch rate, bytes/s
   std::optional<double> eta_seconds;
-  uint64_t rate_limit = 0;        // bytes/s, 0 = unlimited
-  std::string last_error;         // last remote error, for the operator
+  uint64_t rate_limit = 0;  // bytes/s, 0 = unlimited
+  std::string last_error;   // last remote error, for the operator
 };
 
 class CopyOnReadBackend : public Backend {
