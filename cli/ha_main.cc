@@ -84,6 +84,7 @@ json CountersJson(const kt::HomeAgentCounters& c) {
       {"proxy_arp_sent", c.proxy_arp_sent},
       {"encapsulated", c.encapsulated},
       {"encap_errors", c.encap_errors},
+      {"resegmented", c.resegmented},
       {"decapsulated", c.decapsulated},
       {"decap_spoofed", c.decap_spoofed},
       {"decap_malformed", c.decap_malformed},
@@ -450,6 +451,7 @@ int RunServe(int argc, char** argv) {
   kt::HomeAgentPorts ports{link_socket->get(), sender6->get(), tunnel6->get(),
                            tunnel4->get(),     sender6->get(), sender4->get()};
   std::mutex mu;
+  if (auto m = kt::InterfaceMtu(link); m && *m >= 576) config.link_mtu = size_t(*m);
   kt::HomeAgent ha(config, ports, kagemusha::SteadyClock::Instance(), journal->get());
   auto restored = ha.Restore(loaded->bindings);
   if (!restored) return RuntimeError("restoring bindings: " + restored.error().message());

@@ -779,7 +779,20 @@ void HomeAgent::HandleIpv4Frame(const EthernetFrame& eth) {
     return;
   }
   const CacheEntry* b = cache_.FindByHomeAddress4(ip->header.dst);
-  if (b) Encapsulate(*b, eth.payload.first(ip->header.total_length), true);
+  if (!b) return;
+  auto packet = eth.payload.first(ip->header.total_length);
+  if (packet.size() > config_.link_mtu) {
+    // GRO merged segments that crossed the link one by one (the fast path
+    // turns it on for IPv6); IPv4 is not on the fast path, and the guest's
+    // link would drop the merged packet, so it goes on as it came.
+    auto segments = SegmentIpv4Tcp(packet, config_.link_mtu);
+    if (!segments.empty()) {
+      ++counters_.resegmented;
+      for (const auto& s : segments) Encapsulate(*b, s, true);
+      return;
+    }
+  }
+  Encapsulate(*b, packet, true);
 }
 
 namespace {

@@ -825,6 +825,39 @@ TEST_F(HomeAgentTest, TunnelsIpv4TrafficForABoundIpv4HomeAddressAs4in6) {
   EXPECT_EQ(inner->header.ttl, 63);
 }
 
+TEST_F(HomeAgentTest, SendsAGroMergedIpv4TcpFrameOnAsItsSegments) {
+  Make(BaseConfig());  // link_mtu 1500
+  BuSpec s;
+  s.hoa4 = *ParseIpv4("192.0.2.20");
+  Send(s);
+  Ipv4Header h;
+  h.protocol = ipproto::kTcp;
+  h.dont_fragment = true;
+  h.src = *ParseIpv4("198.51.100.5");
+  h.dst = *s.hoa4;
+  std::vector<uint8_t> tcp = {0x13, 0x89, 0xc0, 0x01, 0,    0,    0, 1, 0, 0,
+                              0,    0,    0x50, 0x18, 0xff, 0xff, 0, 0, 0, 0};
+  tcp.resize(20 + 3 * 1460 + 100, 0x5a);  // three full segments and a short one
+  auto pkt = BuildIpv4Packet(h, tcp);
+  ASSERT_TRUE(pkt);
+  ha_->HandleLinkFrame(Frame(*pkt, kHaMac, ethertype::kIpv4));
+  auto sent = ports_.tunnel4.TakeSent();
+  ASSERT_EQ(sent.size(), 4u);
+  for (const auto& p : sent) {
+    EXPECT_LE(p.bytes.size(), 1500u);
+    auto inner = ParseIpv4Packet(p.bytes);
+    ASSERT_TRUE(inner);
+    EXPECT_EQ(inner->header.ttl, 63);
+  }
+  EXPECT_EQ(ha_->counters().resegmented, 1u);
+  EXPECT_EQ(ha_->counters().encapsulated, 4u);
+  // A frame that fits goes on whole.
+  tcp.resize(20 + 1460);
+  ha_->HandleLinkFrame(Frame(*BuildIpv4Packet(h, tcp), kHaMac, ethertype::kIpv4));
+  EXPECT_EQ(ports_.tunnel4.TakeSent().size(), 1u);
+  EXPECT_EQ(ha_->counters().resegmented, 1u);
+}
+
 TEST_F(HomeAgentTest, DecapsulatesOnlyFromTheCareOfBoundToTheInnerSource) {
   Make(BaseConfig());
   Send({});

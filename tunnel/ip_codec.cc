@@ -510,6 +510,57 @@ Result<IcmpMessage> ParseIcmpv4(std::span<const uint8_t> icmp) {
 }
 
 
+std::vector<std::vector<uint8_t>> SegmentIpv4Tcp(std::span<const uint8_t> packet, size_t mtu) {
+  std::vector<std::vector<uint8_t>> out;
+  if (packet.size() < 20 || (packet[0] >> 4) != 4) return out;
+  const size_t ihl = size_t{packet[0] & 0x0fu} * 4;
+  const size_t total = size_t{packet[2]} << 8 | packet[3];
+  const bool fragment = ((packet[6] & 0x3f) | packet[7]) != 0;  // MF or offset
+  if (ihl < 20 || total > packet.size() || total <= mtu || fragment || packet[9] != ipproto::kTcp)
+    return out;
+  if (total < ihl + 20) return out;
+  const size_t thl = size_t{packet[ihl + 12]} / 16 * 4;
+  if (thl < 20 || total < ihl + thl || mtu <= ihl + thl) return out;
+  const size_t mss = mtu - ihl - thl;
+  const size_t payload = total - ihl - thl;
+  const uint16_t id0 = static_cast<uint16_t>(packet[4] << 8 | packet[5]);
+  const uint32_t seq0 = uint32_t{packet[ihl + 4]} << 24 | uint32_t{packet[ihl + 5]} << 16 |
+                        uint32_t{packet[ihl + 6]} << 8 | packet[ihl + 7];
+  constexpr uint8_t kFin = 0x01, kPsh = 0x08, kCwr = 0x80;
+  for (size_t off = 0, k = 0; off < payload; off += mss, ++k) {
+    const size_t n = std::min(mss, payload - off);
+    const size_t len = ihl + thl + n;
+    std::vector<uint8_t> seg(packet.begin(), packet.begin() + static_cast<ptrdiff_t>(ihl + thl));
+    seg.insert(seg.end(), packet.begin() + static_cast<ptrdiff_t>(ihl + thl + off),
+               packet.begin() + static_cast<ptrdiff_t>(ihl + thl + off + n));
+    seg[2] = static_cast<uint8_t>(len >> 8);
+    seg[3] = static_cast<uint8_t>(len);
+    const uint16_t id = static_cast<uint16_t>(id0 + k);
+    seg[4] = static_cast<uint8_t>(id >> 8);
+    seg[5] = static_cast<uint8_t>(id);
+    seg[10] = seg[11] = 0;
+    const uint16_t hc = InternetChecksum(std::span<const uint8_t>(seg).first(ihl));
+    seg[10] = static_cast<uint8_t>(hc >> 8);
+    seg[11] = static_cast<uint8_t>(hc);
+    const uint32_t seq = seq0 + static_cast<uint32_t>(off);
+    for (int i = 0; i < 4; ++i)
+      seg[ihl + 4 + size_t(i)] = static_cast<uint8_t>(seq >> (24 - 8 * i));
+    if (off + n < payload) seg[ihl + 13] &= static_cast<uint8_t>(~(kFin | kPsh));
+    if (k > 0) seg[ihl + 13] &= static_cast<uint8_t>(~kCwr);
+    seg[ihl + 16] = seg[ihl + 17] = 0;
+    const size_t l4_len = thl + n;
+    const uint8_t pseudo[4] = {0, ipproto::kTcp, static_cast<uint8_t>(l4_len >> 8),
+                               static_cast<uint8_t>(l4_len)};
+    uint32_t sum = ChecksumAdd(0, std::span<const uint8_t>(seg).subspan(12, 8));
+    sum = ChecksumAdd(sum, pseudo);
+    const uint16_t c = ChecksumFinish(ChecksumAdd(sum, std::span<const uint8_t>(seg).subspan(ihl)));
+    seg[ihl + 16] = static_cast<uint8_t>(c >> 8);
+    seg[ihl + 17] = static_cast<uint8_t>(c);
+    out.push_back(std::move(seg));
+  }
+  return out;
+}
+
 bool CompleteTransportChecksum(std::span<uint8_t> frame) {
   size_t l3 = 12;
   if (frame.size() < l3 + 2) return false;

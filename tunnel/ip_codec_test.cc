@@ -418,6 +418,56 @@ TEST(TransportChecksum, CompletesAnIpv4TcpChecksumLeftToOffload) {
   EXPECT_TRUE(Ipv4TransportChecksumOk(tagged, 18));
 }
 
+TEST(SegmentIpv4Tcp, CutsAMergedSegmentBackToTheMtu) {
+  // 20 IPv4 + 32 TCP (12 bytes of options, as with timestamps) + payload.
+  auto frame = Ipv4TcpFrame(0);
+  Bytes ip(frame.begin() + 14, frame.end());
+  ip[32] = 0x80;  // data offset 8 words
+  ip[33] = 0x18 | 0x01 | 0x80;  // PSH ACK FIN CWR
+  ip.insert(ip.end(), {1, 1, 8, 10, 0, 0, 0, 1, 0, 0, 0, 2});
+  const size_t payload = 3 * 1448 + 7;
+  for (size_t i = 0; i < payload; ++i) ip.push_back(static_cast<uint8_t>(i * 13 + 1));
+  const size_t total = ip.size();
+  ip[2] = static_cast<uint8_t>(total >> 8), ip[3] = static_cast<uint8_t>(total);
+  ip[4] = 0xff, ip[5] = 0xfe;  // identification wraps
+  ip[10] = ip[11] = 0;
+  const uint16_t hc = InternetChecksum(std::span<const uint8_t>(ip).first(20));
+  ip[10] = static_cast<uint8_t>(hc >> 8), ip[11] = static_cast<uint8_t>(hc);
+  ip[24] = 0xff, ip[25] = 0xff, ip[26] = 0xfa, ip[27] = 0x00;  // sequence wraps too
+
+  auto segs = SegmentIpv4Tcp(ip, 1500);
+  ASSERT_EQ(segs.size(), 4u);
+  Bytes joined;
+  for (size_t k = 0; k < segs.size(); ++k) {
+    const Bytes& s = segs[k];
+    auto p = ParseIpv4Packet(s);
+    ASSERT_TRUE(p) << k;  // length and header checksum
+    EXPECT_EQ(s.size(), k < 3 ? 1500u : 20u + 32u + 7u);
+    EXPECT_EQ(p->header.identification, static_cast<uint16_t>(0xfffe + k));
+    EXPECT_TRUE(p->header.dont_fragment);
+    const uint32_t seq = uint32_t{s[24]} << 24 | uint32_t{s[25]} << 16 | uint32_t{s[26]} << 8 | s[27];
+    EXPECT_EQ(seq, static_cast<uint32_t>(0xfffffa00u + 1448u * k));
+    EXPECT_EQ(s[33] & 0x09, k == 3 ? 0x09 : 0) << "FIN and PSH on the last segment only";
+    EXPECT_EQ(s[33] & 0x80, k == 0 ? 0x80 : 0) << "CWR on the first only";
+    EXPECT_EQ(s[33] & 0x10, 0x10);
+    EXPECT_TRUE(std::equal(s.begin() + 40, s.begin() + 52, ip.begin() + 40)) << "options kept";
+    Bytes f(14, 0);
+    f.insert(f.end(), s.begin(), s.end());
+    EXPECT_TRUE(Ipv4TransportChecksumOk(f, 14)) << k;
+    joined.insert(joined.end(), s.begin() + 52, s.end());
+  }
+  EXPECT_TRUE(std::equal(joined.begin(), joined.end(), ip.begin() + 52, ip.end()));
+  EXPECT_TRUE(SegmentIpv4Tcp(ip, total).empty()) << "fits";
+  EXPECT_TRUE(SegmentIpv4Tcp(ip, 52).empty()) << "no room for payload";
+  Bytes udp = ip;
+  udp[9] = ipproto::kUdp;
+  EXPECT_TRUE(SegmentIpv4Tcp(udp, 1500).empty());
+  Bytes frag = ip;
+  frag[6] |= 0x20;  // MF
+  EXPECT_TRUE(SegmentIpv4Tcp(frag, 1500).empty());
+  EXPECT_TRUE(SegmentIpv4Tcp(std::span<const uint8_t>(ip).first(30), 20).empty());
+}
+
 TEST(TransportChecksum, CompletesAnIpv6UdpChecksumAndNeverWritesZero) {
   Ipv6Address src{}, dst{};
   src[0] = 0x20, src[1] = 0x01, src[2] = 0x0d, src[3] = 0xb8, src[15] = 1;

@@ -109,6 +109,11 @@ struct HomeAgentConfig {
   size_t max_bindings = 1 << 20;
   std::chrono::milliseconds retrans_timer{1000};  // RFC 4861 RetransTimer for DAD
   int dad_transmits = 1;                          // RFC 4862 DupAddrDetectTransmits
+  // The home link's MTU. IPv4 TCP frames captured beyond it (segments a
+  // receive offload, GRO on the home link, merged) are cut back into
+  // segments of at most this size before the tunnel: the guest's link
+  // would drop the merged packet.
+  size_t link_mtu = 1500;
 };
 Status ValidateHomeAgentConfig(const HomeAgentConfig& config);
 
@@ -145,6 +150,7 @@ struct HomeAgentCounters {
   uint64_t proxy_arp_sent = 0;
   uint64_t encapsulated = 0;
   uint64_t encap_errors = 0;
+  uint64_t resegmented = 0;  // merged IPv4 TCP frames sent on as their segments
   uint64_t decapsulated = 0;
   uint64_t decap_spoofed = 0;  // inner source not bound to the outer source
   uint64_t decap_malformed = 0;

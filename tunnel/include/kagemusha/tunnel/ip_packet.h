@@ -242,6 +242,17 @@ Result<Ipv4Packet> ParseIpv4Packet(std::span<const uint8_t> packet);
 // Builds a 20-byte header (no options) with its checksum, then the payload.
 Result<std::vector<uint8_t>> BuildIpv4Packet(Ipv4Header header, std::span<const uint8_t> payload);
 
+// Splits an IPv4 TCP packet longer than `mtu` into packets of at most `mtu`
+// bytes, as the sender's segmentation had them before a receive offload
+// (GRO) merged them into one frame for an AF_PACKET socket. Each segment
+// carries the original IPv4 and TCP headers (options kept) with its own
+// Total Length, Identification (+1 a segment, as Linux GSO does), header
+// checksum, sequence number and full TCP checksum; FIN and PSH stay on the
+// last segment only, CWR on the first only. Empty when the packet fits in
+// `mtu`, is not TCP, is a fragment, is malformed, or `mtu` leaves no room
+// for payload: the caller then forwards the packet as it is.
+std::vector<std::vector<uint8_t>> SegmentIpv4Tcp(std::span<const uint8_t> packet, size_t mtu);
+
 // ---- ICMP errors for path MTU -----------------------------------------------
 
 inline constexpr uint8_t kIcmpv6PacketTooBig = 2;
