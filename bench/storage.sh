@@ -7,11 +7,16 @@
 #            sequential read and write of BENCH_SIZE MiB with nbdcopy (Unix
 #            socket), 4 KiB random read at QD16 with fio's nbd engine
 #   proxy    cold read (every block from the remote) vs reading the remote
-#            alone, and warm read (all in the cache) vs our target serving the
-#            same file, all measured in the same run
+#            alone (to null:) and vs the remote copied to a new local file
+#            (what the remote delivers when the data is also stored here),
+#            warm read (all in the cache) vs our target serving the same file,
+#            and the storage ingest bound (dd of BENCH_SIZE MiB to a new file
+#            on the same file system), all measured in the same run
 #   fill     background fill time on loopback (vs nbdcopy remote -> file) and
 #            through kagemusha-wanem at BENCH_WAN_RTT ms / BENCH_WAN_RATE
-#            Mbit/s (vs nbdcopy of the remote over the same WAN)
+#            Mbit/s (vs nbdcopy of the remote over the same WAN); over the
+#            same WAN also the proxy's cold read vs nbdcopy of the remote to
+#            null:
 #
 # Usage: bench/storage.sh [target] [proxy] [fill] [wan]  (no argument: all)
 # Sections not named are skipped (fill and wan are the two halves of "fill").
@@ -164,10 +169,14 @@ if [[ -n ${ST_PID[b-target]:-} ]]; then
 fi
 
 # --- proxy: cold and warm read vs the remote alone and our target ---------------
-# In each run, interleaved: the remote (nbdkit) alone, our target on the same
-# file, then the proxy cold (every block fetched from the remote) and warm
-# (every block in the cache). Cold is judged against the remote alone, warm
-# against our target: the same server code over a plain file.
+# In each run, interleaved: the remote (nbdkit) alone to null: and to a new
+# file, dd of as many bytes to a new file, our target on the same file, then
+# the proxy cold (every block fetched from the remote) and warm (every block
+# in the cache). Cold is judged against the remote alone and against the
+# remote copied to local storage (the proxy stores every block it serves),
+# and set against the ingest bound; warm against our target: the same server
+# code over a plain file. New files are removed at once, so each run starts
+# with the same free memory.
 remote_uri=$(st_uri_unix "$nks")
 want proxy && for ((r = 1; r <= RUNS; r++)); do
   progress "proxy: cold / warm read" "$r" "$RUNS"
@@ -176,6 +185,11 @@ want proxy && for ((r = 1; r <= RUNS; r++)); do
     --proxy "$(st_proxy_spec p "$remote_uri" "$d/cache.img" "$d/bitmap" no-fill)"
   puri=$(st_uri_unix "$d/p.sock" p)
   timed remote_read nbdkit nbdcopy -C 4 "$remote_uri" null:
+  timed remote_to_file nbdkit nbdcopy -C 4 "$remote_uri" "$d/copy.img"
+  [[ $(st_md5_file "$d/copy.img") == "$data_md5" ]] || tb_fail "nbdcopy remote -> file: copy differs"
+  rm -f "$d/copy.img"
+  timed ingest dd dd if=/dev/zero of="$d/ingest.img" bs=1M count="$SIZE"
+  rm -f "$d/ingest.img"
   timed target_read kagemusha nbdcopy -C 4 "${RURI[kagemusha]}" null:
   timed proxy_cold_read kagemusha nbdcopy -C 4 "$puri" null:
   timed proxy_warm_read kagemusha nbdcopy -C 4 "$puri" null:
@@ -233,6 +247,17 @@ if want wan; then
     st_stop fill-wan
     timed fill_wan nbdcopy tb_exec dst nbdcopy -C 4 "$wuri" "$d/copy.img"
     [[ $(st_md5_file "$d/copy.img") == "$wmd5" ]] || tb_fail "WAN nbdcopy: copy differs"
+    rm -f "$d/copy.img"
+    # Cold read through a new proxy at dst (its own empty cache) vs the
+    # remote read over the same WAN.
+    c=$d/cold; mkdir -p "$c"
+    st_nbd_serve_in dst proxy-wan --unix "$c/p.sock" --control "$c/c.sock" \
+      --proxy "$(st_proxy_spec p "$wuri" "$c/cache.img" "$c/bitmap" no-fill)"
+    timed proxy_cold_wan kagemusha tb_exec dst nbdcopy -C 4 "$(st_uri_unix "$c/p.sock" p)" null:
+    st_wait_fill "$c/c.sock" 30  # the last stores behind the replies
+    [[ $(st_md5_file "$c/cache.img") == "$wmd5" ]] || tb_fail "WAN cold read: cache differs from source"
+    st_stop proxy-wan
+    timed proxy_cold_wan nbdcopy tb_exec dst nbdcopy -C 4 "$wuri" null:
     rm -rf "$d"
   done
 fi
@@ -269,7 +294,10 @@ for metric, label in (("seq_read_cpu", "server CPU s/GiB, seq read (lower is bet
     k, n, q = (med.get((metric, s)) for s in ("kagemusha", "nbdkit", "qemu-nbd"))
     table.append((label, k, "nbdkit", n, "qemu-nbd", q))
 table.append((f"proxy cold read {size} MiB, MiB/s", mbps("proxy_cold_read", "kagemusha", size),
-              "remote alone", mbps("remote_read", "nbdkit", size), None, None))
+              "remote alone", mbps("remote_read", "nbdkit", size),
+              "remote->local file", mbps("remote_to_file", "nbdkit", size)))
+table.append((f"proxy cold read vs storage ingest bound, MiB/s", mbps("proxy_cold_read", "kagemusha", size),
+              f"dd {size} MiB to new file", mbps("ingest", "dd", size), None, None))
 table.append((f"proxy warm read {size} MiB, MiB/s", mbps("proxy_warm_read", "kagemusha", size),
               "our target", mbps("target_read", "kagemusha", size),
               "remote alone", mbps("remote_read", "nbdkit", size)))
@@ -278,6 +306,9 @@ table.append((f"fill {size} MiB on loopback, MiB/s", mbps("fill_loopback", "kage
 if ("fill_wan", "kagemusha") in med:
     table.append((f"fill {wan_size} MiB over WAN, MiB/s", mbps("fill_wan", "kagemusha", wan_size),
                   "nbdcopy over WAN", mbps("fill_wan", "nbdcopy", wan_size), None, None))
+if ("proxy_cold_wan", "kagemusha") in med:
+    table.append((f"proxy cold read {wan_size} MiB over WAN, MiB/s", mbps("proxy_cold_wan", "kagemusha", wan_size),
+                  "nbdcopy WAN->null:", mbps("proxy_cold_wan", "nbdcopy", wan_size), None, None))
 if any(s == "baseline" for (_, s) in vals):
     for metric, label, conv in (("seq_read", "seq read MiB/s", lambda t: size / t),
                                 ("seq_write", "seq write MiB/s", lambda t: size / t),
@@ -289,9 +320,9 @@ if any(s == "baseline" for (_, s) in vals):
                           "baseline binary", conv(med[(metric, "baseline")]), None, None))
 table = [t for t in table if t[1] is not None or t[3] is not None]
 w = max(len(t[0]) for t in table)
-print(f"{'metric':<{w}}  {'kagemusha':>10}  {'peer':>22} {'value':>10}  {'ratio':>6}  {'2nd peer':>9} {'value':>10}  {'ratio':>6}")
+print(f"{'metric':<{w}}  {'kagemusha':>10}  {'peer':>22} {'value':>10}  {'ratio':>6}  {'2nd peer':>18} {'value':>10}  {'ratio':>6}")
 for label, k, p1, v1, p2, v2 in table:
-    print(f"{label:<{w}}  {fmt(k):>10}  {p1:>22} {fmt(v1):>10}  {ratio(k, v1):>6}  {(p2 or ''):>9} {fmt(v2) if p2 else '':>10}  {ratio(k, v2) if p2 else '':>6}")
+    print(f"{label:<{w}}  {fmt(k):>10}  {p1:>22} {fmt(v1):>10}  {ratio(k, v1):>6}  {(p2 or ''):>18} {fmt(v2) if p2 else '':>10}  {ratio(k, v2) if p2 else '':>6}")
 print()
 print("| metric | kagemusha | peer | peer value | ratio (kagemusha/peer) | 2nd peer | value | ratio |")
 print("|---|---:|---|---:|---:|---|---:|---:|")
