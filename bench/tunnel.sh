@@ -269,9 +269,9 @@ print("tput %s %s %s %.1f %.2f %.2f %.1f" % (rate, name, d, s["bits_per_second"]
 # Plain veths hand GSO super-frames (up to 64 KiB) from one namespace to the
 # next, which no real link carries. Make every veth of the run segment in
 # software, like a wire (the kit does the same for the routers' WAN legs),
-# for all four paths alike. (kagemusha-ha drops >MTU frames captured on the
-# home link without a counter: with offloads on, iperf3 through the tunnel
-# stalls; reported to the HA owner.)
+# for all paths alike. (With BENCH_OFFLOADS=on, GSO packets cross the veths
+# whole; the fast path keeps them whole, and kagemusha-ha cuts IPv4 TCP
+# frames beyond its link's MTU back into segments for the 4in6 tunnel.)
 wire_offloads_off() {
   local ns i
   for ns in $(ip netns list | awk '{print $1}' | grep "^$TB_ID-"); do
