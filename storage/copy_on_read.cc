@@ -491,10 +491,17 @@ St CopyOnReadImpl::FetchAndRelease(const Run& run, FetchFor why, std::span<std::
 bool CopyOnReadImpl::TryWriteBehind(const Run& run, std::span<const std::byte> data) {
   AlignedBuffer buf;
   {
-    std::lock_guard lk(store_mu_);
-    if (!writer_.joinable() || stop_writer_ ||
-        store_bytes_ + data.size() > opts_.write_behind_bytes)
-      return false;  // backpressure: the caller stores inline
+    std::unique_lock lk(store_mu_);
+    // A run larger than the whole queue is stored inline. Otherwise a full
+    // queue makes the fetching thread wait for room (backpressure): storing
+    // inline instead would put a second buffered writer on the file, and
+    // writers of one file only take turns on its inode lock, spinning on it.
+    if (!writer_.joinable() || stop_writer_ || data.size() > opts_.write_behind_bytes)
+      return false;
+    store_done_cv_.wait(lk, [&] {
+      return stop_writer_ || store_bytes_ + data.size() <= opts_.write_behind_bytes;
+    });
+    if (stop_writer_) return false;
     store_bytes_ += data.size();
     // The smallest pooled buffer that fits.
     size_t best = store_pool_.size();

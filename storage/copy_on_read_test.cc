@@ -1045,9 +1045,9 @@ TEST_F(CopyOnReadWriteBehindTest, ClientWriteOverAPendingStoreWins) {
   EXPECT_EQ(ReadsOf(5), 1u);
 }
 
-// With the queue full the fetching thread stores inline (the blocks are
-// present when the read returns); nothing is dropped.
-TEST_F(CopyOnReadWriteBehindTest, FullQueueStoresInlineAndLosesNothing) {
+// A miss larger than the whole queue is stored inline by the fetching
+// thread (the blocks are present when the read returns); nothing is dropped.
+TEST_F(CopyOnReadWriteBehindTest, RunLargerThanTheQueueIsStoredInlineAndLosesNothing) {
   InitGated(4 * kMiB, 65536, /*queue_bytes=*/2 * 65536);
   EXPECT_TRUE(SameBytes(ReadAt(0, 2 * 65536), Slice(image_, 0, 2 * 65536)));  // fills the queue
   ASSERT_TRUE(gate_->WaitHeld(5s));
@@ -1060,6 +1060,26 @@ TEST_F(CopyOnReadWriteBehindTest, FullQueueStoresInlineAndLosesNothing) {
   EXPECT_TRUE(SameBytes(Slice(cache, 0, 2 * 65536), Slice(image_, 0, 2 * 65536)));
   EXPECT_TRUE(SameBytes(Slice(cache, 8 * 65536, 3 * 65536), Slice(image_, 8 * 65536, 3 * 65536)));
   EXPECT_EQ(Requests(), 2u);
+}
+
+// With the queue full, a miss that fits waits for room instead of storing
+// inline beside the writer; it is answered once the writer moves on, and
+// both runs end up in the cache.
+TEST_F(CopyOnReadWriteBehindTest, FullQueueMakesTheNextMissWaitForRoom) {
+  InitGated(4 * kMiB, 65536, /*queue_bytes=*/2 * 65536);
+  EXPECT_TRUE(SameBytes(ReadAt(0, 2 * 65536), Slice(image_, 0, 2 * 65536)));  // fills the queue
+  ASSERT_TRUE(gate_->WaitHeld(5s));
+  auto next = std::async(std::launch::async, [&] { return ReadAt(8 * 65536, 65536); });
+  EXPECT_EQ(next.wait_for(100ms), std::future_status::timeout)
+      << "a miss was answered while the full queue had no room for it";
+  EXPECT_EQ(cor_->Status().blocks_present, 0u) << "the waiting miss was stored inline";
+  gate_->Open();
+  EXPECT_TRUE(SameBytes(next.get(), Slice(image_, 8 * 65536, 65536)));
+  ASSERT_TRUE(cor_->Flush());
+  EXPECT_EQ(cor_->Status().blocks_present, 3u);
+  auto cache = ReadFileBytes(opts_.cache_path);
+  EXPECT_TRUE(SameBytes(Slice(cache, 0, 2 * 65536), Slice(image_, 0, 2 * 65536)));
+  EXPECT_TRUE(SameBytes(Slice(cache, 8 * 65536, 65536), Slice(image_, 8 * 65536, 65536)));
 }
 
 // SwitchToTarget right after the last blocks were read waits for their

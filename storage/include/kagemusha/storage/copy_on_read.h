@@ -42,7 +42,8 @@ struct CopyOnReadOptions {
   // Write-behind of client misses: a client read gets its reply once the
   // fetched data is in its buffer; one cache-writer thread stores the data
   // and only then marks the blocks present (they stay claimed till then).
-  // At most this many bytes wait for the writer; past it a miss is stored
+  // At most this many bytes wait for the writer; when the queue is full a
+  // miss waits for room, and a run larger than the whole queue is stored
   // inline by the thread that fetched it. 0 = always inline.
   uint64_t write_behind_bytes = 64 * 1024 * 1024;
   // Test seam: runs on the cache writer before each write-behind store.
