@@ -532,8 +532,10 @@ int RunServe(int argc, char** argv) {
             auto now = steady.Now();
             if (now >= next_ptb) {
               if (auto ptb = kt::HaPacketTooBigFor(b.data(), config.mac, config.address,
-                                                   fast_path_mtu, ha.cache())) {
-                if ((*sender6)->Send(*ptb)) ++ptb_sent;
+                                                   fast_path_mtu, ha.cache(), config.address4)) {
+                // ICMPv6 Packet Too Big, or ICMP Fragmentation Needed (IPv4).
+                const bool v4 = !ptb->empty() && ((*ptb)[0] >> 4) == 4;
+                if (v4 ? bool((*sender4)->Send(*ptb)) : bool((*sender6)->Send(*ptb))) ++ptb_sent;
                 next_ptb = now + 10ms;
               }
             }

@@ -178,6 +178,20 @@ class BpfTunnelObject {
 
 // ---- host ----------------------------------------------------------------------------
 
+Ipv6Address FastPathKey4(const Ipv4Address& home_address4) {
+  Ipv6Address k{};
+  k[10] = 0xff;
+  k[11] = 0xff;
+  std::copy(home_address4.begin(), home_address4.end(), k.begin() + 12);
+  return k;
+}
+
+std::vector<Ipv6Address> FastPathKeys(const HostFastPathSession& session) {
+  std::vector<Ipv6Address> keys = session.home_addresses;
+  if (session.home_address4) keys.push_back(FastPathKey4(*session.home_address4));
+  return keys;
+}
+
 void RemoveStaleFastPathFilters() {
   if (struct if_nameindex* names = if_nameindex()) {
     for (struct if_nameindex* n = names; n->if_index != 0; ++n) {
@@ -223,16 +237,17 @@ Status HostFastPath::AddSession(const HostFastPathSession& s) {
   v.mtu = s.mtu;
   std::memcpy(v.guest_mac, s.guest_mac.data(), 6);
   std::memcpy(v.router_mac, s.router_mac.data(), 6);
-  for (const auto& hoa : s.home_addresses) {
+  const auto keys = FastPathKeys(s);
+  for (const auto& hoa : keys) {
     if (int err = bpf_map_update_elem(map, hoa.data(), &v, BPF_ANY)) {
-      for (const auto& h : s.home_addresses) bpf_map_delete_elem(map, h.data());
+      for (const auto& h : keys) bpf_map_delete_elem(map, h.data());
       return Fail(BpfError(err, "fast path: publishing home address " + FormatIpv6(hoa)));
     }
   }
   if (uplink_users_[*uplink]++ == 0) {
     if (auto st = AttachTc(*uplink, BPF_TC_INGRESS, *ingress, s.uplink); !st) {
       if (--uplink_users_[*uplink] == 0) uplink_users_.erase(*uplink);
-      for (const auto& h : s.home_addresses) bpf_map_delete_elem(map, h.data());
+      for (const auto& h : keys) bpf_map_delete_elem(map, h.data());
       return st;
     }
   }
@@ -251,7 +266,7 @@ void HostFastPath::RemoveSession(const std::string& name) {
   const auto& s = it->second;
   retired_[name] = SessionCounters(name);
   int map = obj_->MapFd("host_sessions");
-  for (const auto& hoa : s.home_addresses) bpf_map_delete_elem(map, hoa.data());
+  for (const auto& hoa : FastPathKeys(s)) bpf_map_delete_elem(map, hoa.data());
   if (auto tap = InterfaceIndex(s.tap)) DetachTc(*tap, BPF_TC_EGRESS);
   if (auto uplink = InterfaceIndex(s.uplink)) {
     auto u = uplink_users_.find(*uplink);
@@ -271,13 +286,21 @@ HostFastPathSessionCounters HostFastPath::SessionCounters(const std::string& nam
   auto it = sessions_.find(name);
   if (it == sessions_.end()) return c;
   int map = obj_->MapFd("host_sessions");
-  for (const auto& hoa : it->second.home_addresses) {
+  // Each key's entry counts what it matched: the IPv4 key, the IPv4 packets.
+  const auto& s = it->second;
+  for (const auto& hoa : FastPathKeys(s)) {
     kgm_host_session v{};
     if (bpf_map_lookup_elem(map, hoa.data(), &v) != 0) continue;
     c.encap_packets += v.encap_packets;
     c.encap_bytes += v.encap_bytes;
     c.decap_packets += v.decap_packets;
     c.decap_bytes += v.decap_bytes;
+    if (s.home_address4 && hoa == FastPathKey4(*s.home_address4)) {
+      c.encap4_packets += v.encap_packets;
+      c.encap4_bytes += v.encap_bytes;
+      c.decap4_packets += v.decap_packets;
+      c.decap4_bytes += v.decap_bytes;
+    }
   }
   return c;
 }
@@ -287,7 +310,10 @@ HostFastPathSessionCounters HostFastPath::SessionCounters(const std::string& nam
 BindingMirror::Changes BindingMirror::Update(const BindingCache& cache) {
   Changes ch;
   std::map<Ipv6Address, Ipv6Address> now;
-  cache.ForEach([&](const CacheEntry& e) { now[e.home_address] = e.care_of; });
+  cache.ForEach([&](const CacheEntry& e) {
+    now[e.home_address] = e.care_of;
+    if (e.home_address4) now[FastPathKey4(*e.home_address4)] = e.care_of;
+  });
   for (const auto& [hoa, coa] : now) {
     auto it = published_.find(hoa);
     if (it == published_.end() || it->second != coa) ch.upserts.emplace_back(hoa, coa);
@@ -300,14 +326,44 @@ BindingMirror::Changes BindingMirror::Update(const BindingCache& cache) {
 
 // ---- home agent ------------------------------------------------------------------------
 
-std::optional<std::vector<uint8_t>> HaPacketTooBigFor(std::span<const uint8_t> frame,
-                                                      const MacAddress& ha_mac,
-                                                      const Ipv6Address& ha_address,
-                                                      uint32_t inner_mtu,
-                                                      const BindingCache& cache) {
-  if (inner_mtu < kIpv6MinimumMtu) return std::nullopt;
+namespace {
+// HaPacketTooBigFor for an IPv4 frame already known to be to `ha_mac`.
+std::optional<std::vector<uint8_t>> HaFragmentationNeededFor(std::span<const uint8_t> packet,
+                                                             const Ipv4Address& ha_address4,
+                                                             uint32_t inner_mtu,
+                                                             const BindingCache& cache) {
+  constexpr uint32_t kIpv4MinimumMtu = 68;  // RFC 791
+  if (inner_mtu < kIpv4MinimumMtu || inner_mtu > 0xffff) return std::nullopt;
+  auto ip = ParseIpv4Packet(packet);
+  if (!ip) return std::nullopt;
+  const auto& h = ip->header;
+  if (!h.dont_fragment || h.more_fragments || h.fragment_offset != 0) return std::nullopt;
+  if (h.total_length <= inner_mtu || !cache.FindByHomeAddress4(h.dst)) return std::nullopt;
+  // Never an ICMP error about an ICMP error (RFC 1812 §4.3.2.7).
+  constexpr uint8_t kIcmpv4 = 1;
+  if (h.protocol == kIcmpv4) {
+    if (ip->payload.empty()) return std::nullopt;
+    const uint8_t type = ip->payload[0];
+    if (type == 3 || type == 4 || type == 5 || type == 11 || type == 12) return std::nullopt;
+  }
+  // Nor to a source that cannot be answered.
+  const auto& src = h.src;
+  if (src[0] == 0 || src[0] == 127 || src[0] >= 224) return std::nullopt;
+  auto err = BuildIcmpv4FragmentationNeeded(ha_address4, src, uint16_t(inner_mtu),
+                                            packet.first(h.total_length));
+  if (!err) return std::nullopt;
+  return std::move(*err);
+}
+}  // namespace
+
+std::optional<std::vector<uint8_t>> HaPacketTooBigFor(
+    std::span<const uint8_t> frame, const MacAddress& ha_mac, const Ipv6Address& ha_address,
+    uint32_t inner_mtu, const BindingCache& cache, const std::optional<Ipv4Address>& ha_address4) {
   auto eth = ParseEthernetFrame(frame);
-  if (!eth || eth->ether_type != ethertype::kIpv6 || eth->dst != ha_mac) return std::nullopt;
+  if (!eth || eth->dst != ha_mac) return std::nullopt;
+  if (eth->ether_type == ethertype::kIpv4 && ha_address4)
+    return HaFragmentationNeededFor(eth->payload, *ha_address4, inner_mtu, cache);
+  if (inner_mtu < kIpv6MinimumMtu || eth->ether_type != ethertype::kIpv6) return std::nullopt;
   auto ip = ParseIpv6Packet(eth->payload);
   if (!ip) return std::nullopt;
   const size_t length = kIpv6HeaderSize + ip->payload.size();

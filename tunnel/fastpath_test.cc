@@ -43,6 +43,48 @@ TEST(BindingMirror, PublishesNewBindingsOnce) {
   EXPECT_TRUE(mirror.Update(cache).empty()) << "nothing changed, nothing to write";
 }
 
+TEST(FastPathKey4, IsTheIpv4MappedAddress) {
+  EXPECT_EQ(FastPathKey4({192, 0, 2, 7}), *ParseIpv6("::ffff:192.0.2.7"));
+  EXPECT_NE(FastPathKey4({192, 0, 2, 7}), FastPathKey4({192, 0, 2, 8}));
+}
+
+TEST(FastPathKeys, Ipv6HomeAddressesThenTheIpv4Key) {
+  HostFastPathSession s;
+  s.home_addresses = {kHoa1, kHoa2};
+  EXPECT_EQ(FastPathKeys(s), (std::vector<Ipv6Address>{kHoa1, kHoa2}));
+  s.home_address4 = Ipv4Address{10, 1, 0, 100};
+  EXPECT_EQ(FastPathKeys(s),
+            (std::vector<Ipv6Address>{kHoa1, kHoa2, *ParseIpv6("::ffff:10.1.0.100")}));
+}
+
+TEST(BindingMirror, PublishesTheIpv4HomeAddressUnderItsMappedKey) {
+  BindingCache cache;
+  BindingMirror mirror;
+  const Ipv6Address key4 = FastPathKey4({10, 1, 0, 100});
+  CacheEntry e = Entry(kHoa1, kCoaA);
+  e.home_address4 = Ipv4Address{10, 1, 0, 100};
+  ASSERT_TRUE(cache.Upsert(e));
+  auto ch = mirror.Update(cache);
+  ASSERT_EQ(ch.upserts.size(), 2u);
+  EXPECT_TRUE(std::count(ch.upserts.begin(), ch.upserts.end(), std::pair(key4, kCoaA)) == 1);
+  // A move takes both keys to the new care-of address.
+  e.care_of = kCoaB;
+  ASSERT_TRUE(cache.Upsert(e));
+  ch = mirror.Update(cache);
+  ASSERT_EQ(ch.upserts.size(), 2u);
+  EXPECT_TRUE(std::count(ch.upserts.begin(), ch.upserts.end(), std::pair(key4, kCoaB)) == 1);
+  // The IPv4 address dropped on a refresh (e.g. refused): only its key goes.
+  e.home_address4.reset();
+  ASSERT_TRUE(cache.Upsert(e));
+  ch = mirror.Update(cache);
+  EXPECT_TRUE(ch.upserts.empty());
+  EXPECT_EQ(ch.removals, std::vector<Ipv6Address>{key4});
+  // Deregistration removes the rest.
+  ASSERT_TRUE(cache.Remove(kHoa1));
+  ch = mirror.Update(cache);
+  EXPECT_EQ(ch.removals, std::vector<Ipv6Address>{kHoa1});
+}
+
 TEST(BindingMirror, RefreshWithTheSameCareOfChangesNothing) {
   BindingCache cache;
   BindingMirror mirror;
@@ -167,6 +209,53 @@ TEST(HaPacketTooBigFor, LeavesEverythingElseAlone) {
   std::vector<uint8_t> garbage(1500, 0x60);
   EXPECT_FALSE(HaPacketTooBigFor(garbage, kHaMac, kHa, 1460, cache));
   EXPECT_FALSE(HaPacketTooBigFor(std::span<const uint8_t>(), kHaMac, kHa, 1460, cache));
+}
+
+// A frame to the HA's MAC carrying an IPv4 TCP packet of `size` bytes from
+// the CN's IPv4 address to `dst`.
+const Ipv4Address kHoa4 = {10, 1, 0, 100};
+const Ipv4Address kHa4 = {10, 1, 0, 2};
+const Ipv4Address kCn4 = {10, 3, 0, 10};
+std::vector<uint8_t> Frame4(const Ipv4Address& dst, size_t size, bool df = true,
+                            uint8_t protocol = 6, uint8_t first_byte = 0) {
+  std::vector<uint8_t> payload(size - kIpv4MinHeaderSize, 0xab);
+  payload[0] = first_byte;
+  auto ip = BuildIpv4Packet({.dont_fragment = df, .protocol = protocol, .src = kCn4, .dst = dst},
+                            payload);
+  return BuildEthernetFrame(kHaMac, kRouterMac, ethertype::kIpv4, *ip);
+}
+
+TEST(HaPacketTooBigFor, AnswersAnOversizeDfIpv4PacketWithFragmentationNeeded) {
+  BindingCache cache;
+  CacheEntry e = Entry(kHoa1, kCoaA);
+  e.home_address4 = kHoa4;
+  ASSERT_TRUE(cache.Upsert(e));
+  auto frame = Frame4(kHoa4, 1500);
+  auto err = HaPacketTooBigFor(frame, kHaMac, kHa, 1460, cache, kHa4);
+  ASSERT_TRUE(err.has_value());
+  auto ip = ParseIpv4Packet(*err);
+  ASSERT_TRUE(ip) << "header checksum must verify";
+  EXPECT_EQ(ip->header.src, kHa4);
+  EXPECT_EQ(ip->header.dst, kCn4);
+  EXPECT_EQ(ip->header.protocol, 1);
+  ASSERT_GE(ip->payload.size(), 8u + kIpv4MinHeaderSize);
+  EXPECT_EQ(ip->payload[0], 3);  // destination unreachable
+  EXPECT_EQ(ip->payload[1], 4);  // fragmentation needed
+  EXPECT_EQ((ip->payload[6] << 8) | ip->payload[7], 1460);
+  EXPECT_TRUE(std::equal(ip->payload.begin() + 8, ip->payload.begin() + 28, frame.begin() + 14));
+
+  EXPECT_FALSE(HaPacketTooBigFor(frame, kHaMac, kHa, 1460, cache))
+      << "no IPv4 address for the HA: nothing";
+  EXPECT_FALSE(HaPacketTooBigFor(Frame4(kHoa4, 1460), kHaMac, kHa, 1460, cache, kHa4))
+      << "fits the tunnel";
+  EXPECT_FALSE(HaPacketTooBigFor(Frame4(kHoa4, 1500, false), kHaMac, kHa, 1460, cache, kHa4))
+      << "without DF it is only forwarded (the outer packet is fragmented)";
+  EXPECT_FALSE(HaPacketTooBigFor(Frame4({10, 1, 0, 101}, 1500), kHaMac, kHa, 1460, cache, kHa4))
+      << "not bound";
+  EXPECT_FALSE(HaPacketTooBigFor(Frame4(kHoa4, 1500, true, 1, 3), kHaMac, kHa, 1460, cache, kHa4))
+      << "an ICMP error is never answered with one";
+  EXPECT_TRUE(HaPacketTooBigFor(Frame4(kHoa4, 1500, true, 1, 8), kHaMac, kHa, 1460, cache, kHa4))
+      << "an oversize echo request is";
 }
 
 TEST(FastPathMode, ParsesTheThreeModes) {

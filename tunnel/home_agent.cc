@@ -783,8 +783,9 @@ void HomeAgent::HandleIpv4Frame(const EthernetFrame& eth) {
   auto packet = eth.payload.first(ip->header.total_length);
   if (packet.size() > config_.link_mtu) {
     // GRO merged segments that crossed the link one by one (the fast path
-    // turns it on for IPv6); IPv4 is not on the fast path, and the guest's
-    // link would drop the merged packet, so it goes on as it came.
+    // turns it on); one the fast path left to user space (segments too big
+    // for the tunnel, or no fast path) would be dropped by the guest's link
+    // as one merged packet, so it goes on as it came.
     auto segments = SegmentIpv4Tcp(packet, config_.link_mtu);
     if (!segments.empty()) {
       ++counters_.resegmented;

@@ -427,6 +427,7 @@ void HostDaemon::FastPathAdd(Live& live) {
   HostFastPathSession s;
   s.name = c.name;
   s.home_addresses = c.home_addresses;
+  if (live.tunnel4) s.home_address4 = c.home_address4;  // IPv4-in-IPv6 (DSMIPv6)
   s.care_of = c.care_of;
   s.home_agent = c.home_agent;
   s.guest_mac = c.guest_mac;
@@ -626,8 +627,9 @@ json HostDaemon::SessionJson(const Live& live) const {
     j["bindings"].push_back(bj);
   }
   const auto& k = st.counters;
-  // The fast path's share is part of what the session carried: tunnelled6
-  // and decap_delivered6 (and their bytes) count both paths; fast_path_*
+  // The fast path's share is part of what the session carried: tunnelled6/4
+  // and decap_delivered6/4 (and their bytes) count both paths; fast_path_*
+  // (both families; fast_path_*4: the IPv4 share)
   // says how much of it never reached user space.
   HostFastPathSessionCounters fp;
   if (fast_path_) fp = fast_path_->SessionCounters(c.name);
@@ -642,12 +644,12 @@ json HostDaemon::SessionJson(const Live& live) const {
       {"arp_ignored", k.arp_ignored},
       {"link_local_kept", k.link_local_kept},
       {"not_home_source", k.not_home_source},
-      {"tunnelled6", k.tunnelled6 + fp.encap_packets},
-      {"tunnelled4", k.tunnelled4},
+      {"tunnelled6", k.tunnelled6 + fp.encap_packets - fp.encap4_packets},
+      {"tunnelled4", k.tunnelled4 + fp.encap4_packets},
       {"tunnelled_bytes", k.tunnelled_bytes + fp.encap_bytes},
       {"too_big", k.too_big},
-      {"decap_delivered6", k.decap_delivered6 + fp.decap_packets},
-      {"decap_delivered4", k.decap_delivered4},
+      {"decap_delivered6", k.decap_delivered6 + fp.decap_packets - fp.decap4_packets},
+      {"decap_delivered4", k.decap_delivered4 + fp.decap4_packets},
       {"decap_bytes", k.decap_bytes + fp.decap_bytes},
       {"decap_spoofed", k.decap_spoofed},
       {"decap_not_ours", k.decap_not_ours},
@@ -667,7 +669,9 @@ json HostDaemon::SessionJson(const Live& live) const {
       {"fast_path_encap_packets", fp.encap_packets},
       {"fast_path_encap_bytes", fp.encap_bytes},
       {"fast_path_decap_packets", fp.decap_packets},
-      {"fast_path_decap_bytes", fp.decap_bytes}};
+      {"fast_path_decap_bytes", fp.decap_bytes},
+      {"fast_path_encap4_packets", fp.encap4_packets},
+      {"fast_path_decap4_packets", fp.decap4_packets}};
   j["events"] = json(std::vector<json>(live.events.begin(), live.events.end()));
   return j;
 }

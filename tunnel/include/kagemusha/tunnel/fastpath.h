@@ -1,9 +1,9 @@
 // The tunnel fast path: eBPF tc programs (tunnel/bpf/fastpath.bpf.c, compiled
 // by clang at build time and embedded in the binary) that encapsulate and
-// decapsulate IPv6-in-IPv6 in the kernel, so a tunnelled packet no longer
-// crosses user space twice. User space keeps the control plane and every
-// packet the programs leave alone (ND, Mobility Header, IPv4, oversize
-// packets, failed checks). See docs/tunnel-fastpath.md.
+// decapsulate IPv6-in-IPv6 and IPv4-in-IPv6 (DSMIPv6) in the kernel, so a
+// tunnelled packet no longer crosses user space twice. User space keeps the
+// control plane and every packet the programs leave alone (ND, ARP, Mobility
+// Header, IPv4 options and fragments, oversize packets, failed checks). See docs/tunnel-fastpath.md.
 //
 //   HostFastPath   kagemusha-tunneld: tc egress on each session's TAP
 //                  (guest -> 6in6 -> HA) and tc ingress on each uplink
@@ -56,9 +56,17 @@ class BpfTunnelObject;  // the loaded eBPF object (fastpath.cc)
 // Done by Load(), and by a daemon started with --fast-path off.
 void RemoveStaleFastPathFilters();
 
+// The fast path's map key of an IPv4 home address (DSMIPv6, RFC 5555): the
+// IPv4-mapped IPv6 address ::ffff:a.b.c.d, so IPv4 home addresses share the
+// maps keyed by IPv6 home address (host_sessions, ha_bindings) and their
+// sync code; no IPv6 home address has that form. tunnel/bpf/fastpath.bpf.c
+// (mapped4) builds the same key.
+Ipv6Address FastPathKey4(const Ipv4Address& home_address4);
+
 struct HostFastPathSession {
   std::string name;
   std::vector<Ipv6Address> home_addresses;
+  std::optional<Ipv4Address> home_address4;  // carried IPv4-in-IPv6 when set
   Ipv6Address care_of{};
   Ipv6Address home_agent{};
   MacAddress guest_mac{};
@@ -68,12 +76,21 @@ struct HostFastPathSession {
   std::string uplink;
 };
 
-// What the fast path carried for one session (all its home addresses).
+// The map keys of a session: its IPv6 home addresses, then FastPathKey4 of
+// its IPv4 home address if it has one.
+std::vector<Ipv6Address> FastPathKeys(const HostFastPathSession& session);
+
+// What the fast path carried for one session (all its home addresses), both
+// families; the *4 fields are the IPv4 share of them.
 struct HostFastPathSessionCounters {
   uint64_t encap_packets = 0;
   uint64_t encap_bytes = 0;
   uint64_t decap_packets = 0;
   uint64_t decap_bytes = 0;
+  uint64_t encap4_packets = 0;
+  uint64_t encap4_bytes = 0;
+  uint64_t decap4_packets = 0;
+  uint64_t decap4_bytes = 0;
 };
 
 class HostFastPath {
@@ -107,8 +124,9 @@ class HostFastPath {
 };
 
 // Which (home address -> care-of address) entries the kernel map needs to
-// change to match the binding cache. Keeps its own copy of what it last
-// published, so it is a pure diff.
+// change to match the binding cache, an IPv4 home address under its
+// FastPathKey4. Keeps its own copy of what it last published, so it is a
+// pure diff.
 class BindingMirror {
  public:
   struct Changes {
@@ -135,11 +153,17 @@ class BindingMirror {
 // to a bound home address, ICMPv6 error or ND, not larger than `inner_mtu`,
 // or `inner_mtu` below the IPv6 minimum of 1280 (then fragmentation is the
 // only answer).
-std::optional<std::vector<uint8_t>> HaPacketTooBigFor(std::span<const uint8_t> frame,
-                                                      const MacAddress& ha_mac,
-                                                      const Ipv6Address& ha_address,
-                                                      uint32_t inner_mtu,
-                                                      const BindingCache& cache);
+//
+// IPv4 (DSMIPv6) the same way when `ha_address4` is given: an IPv4 packet
+// to a bound IPv4 home address, larger than `inner_mtu`, with DF set, not a
+// fragment and not an ICMP error, from a unicast source, gets an ICMP
+// Fragmentation Needed (RFC 1191, next-hop MTU `inner_mtu`) from
+// `ha_address4`; without DF it is only forwarded (outer fragments). The
+// returned packet is IPv4 then (version nibble 4).
+std::optional<std::vector<uint8_t>> HaPacketTooBigFor(
+    std::span<const uint8_t> frame, const MacAddress& ha_mac, const Ipv6Address& ha_address,
+    uint32_t inner_mtu, const BindingCache& cache,
+    const std::optional<Ipv4Address>& ha_address4 = std::nullopt);
 
 class HaFastPath {
  public:
