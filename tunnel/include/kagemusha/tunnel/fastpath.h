@@ -3,7 +3,8 @@
 // decapsulate IPv6-in-IPv6 and IPv4-in-IPv6 (DSMIPv6) in the kernel, so a
 // tunnelled packet no longer crosses user space twice. User space keeps the
 // control plane and every packet the programs leave alone (ND, ARP, Mobility
-// Header, IPv4 options and fragments, oversize packets, failed checks). See docs/tunnel-fastpath.md.
+// Header, IPv4 options and fragments, oversize packets, failed checks). See
+// docs/tunnel-fastpath.md.
 //
 //   HostFastPath   kagemusha-tunneld: tc egress on each session's TAP
 //                  (guest -> 6in6 -> HA) and tc ingress on each uplink
