@@ -360,6 +360,22 @@ std::vector<uint8_t> NaFrameFrom(const Ipv6Address& target, const MacAddress& ma
   return BuildUnsolicitedNeighborAdvertisementFrame(mac, target);
 }
 
+// A neighbour's Neighbor Solicitation for `target` from `src`, to the
+// target's solicited-node group; `sllao`: its source link-layer option.
+std::vector<uint8_t> NsFrameFor(const Ipv6Address& target, const Ipv6Address& src,
+                                std::optional<MacAddress> sllao = kRouterMac) {
+  NeighborSolicitation ns;
+  ns.target = target;
+  ns.source_link_layer = sllao;
+  Ipv6Header h;
+  h.next_header = ipproto::kIcmpv6;
+  h.hop_limit = 255;
+  h.src = src;
+  h.dst = SolicitedNodeMulticast(target);
+  return Frame(*BuildIpv6Packet(h, EncodeNeighborSolicitation(ns, h.src, h.dst)),
+               MulticastMac(h.dst));
+}
+
 // An unsolicited NA to all-nodes with Override set, announcing `target` at
 // the HA's MAC.
 bool IsOverrideNaFor(const std::vector<uint8_t>& frame, const Ipv6Address& target) {
@@ -500,26 +516,37 @@ class OrderLog {
   std::vector<Entry> entries;
 };
 
-// The fixture's ports with the link and mobility sinks recorded, in order,
-// into one log.
-struct OrderedPorts {
-  explicit OrderedPorts(Ports& p)
-      : link(log, "link", p.link), mobility(log, "mobility", p.mobility), view(p.view()) {
-    view.link = &link;
-    view.mobility = &mobility;
+// A home agent in DAD mode `dad` over the fixture's ports, with the link and
+// mobility sinks recorded, in order, into one log; it has just received a
+// BU for a new binding.
+struct OrderedHomeAgent {
+  OrderedHomeAgent(Ports& p, DadMode dad, FakeClock& clock)
+      : link(log, "link", p.link),
+        mobility(log, "mobility", p.mobility),
+        view(WithRecordedSinks(p.view())),
+        ha(WithDad(dad), view, clock) {
+    ha.HandleLinkFrame(Frame(BuPacket({})));
+  }
+  HomeAgentPorts WithRecordedSinks(HomeAgentPorts v) {
+    v.link = &link;
+    v.mobility = &mobility;
+    return v;
+  }
+  static HomeAgentConfig WithDad(DadMode dad) {
+    auto c = BaseConfig();
+    c.dad = dad;
+    return c;
   }
   OrderLog log;
   OrderLog::Port link, mobility;
   HomeAgentPorts view;
+  HomeAgent ha;
 };
 
 TEST_F(HomeAgentTest, OptimisticDadSendsTheBaAndTheNaBeforeTheProbeCompletes) {
-  auto c = BaseConfig();
-  c.dad = DadMode::kOptimistic;
-  OrderedPorts ordered(ports_);
+  OrderedHomeAgent ordered(ports_, DadMode::kOptimistic, clock_);
   OrderLog& log = ordered.log;
-  HomeAgent ha(c, ordered.view, clock_);
-  ha.HandleLinkFrame(Frame(BuPacket({})));
+  HomeAgent& ha = ordered.ha;
   // All at once, no time passing: the binding is usable before the probe's
   // RetransTimer runs out, and the NA precedes the probe.
   EXPECT_EQ(log.Kinds(kHoa), (std::vector<std::string>{"NA", "BA", "probe"}));
@@ -547,12 +574,9 @@ TEST_F(HomeAgentTest, OptimisticDadSendsTheBaAndTheNaBeforeTheProbeCompletes) {
 }
 
 TEST_F(HomeAgentTest, RfcDadStillSendsNothingButTheProbeUntilItCompletes) {
-  auto c = BaseConfig();
-  c.dad = DadMode::kRfc;
-  OrderedPorts ordered(ports_);
+  OrderedHomeAgent ordered(ports_, DadMode::kRfc, clock_);
   OrderLog& log = ordered.log;
-  HomeAgent ha(c, ordered.view, clock_);
-  ha.HandleLinkFrame(Frame(BuPacket({})));
+  HomeAgent& ha = ordered.ha;
   EXPECT_EQ(log.Kinds(kHoa), (std::vector<std::string>{"probe"}));
   clock_.Advance(1s);
   ha.OnTimer();
@@ -576,16 +600,8 @@ TEST_F(HomeAgentTest, AnOptimisticBindingIsProxiedWithOverrideAndRevokedOnAConfl
   EXPECT_TRUE(IsDadProbeFor(frames[2].bytes, kHoa));
 
   // A neighbour's NS (not a DAD probe) is answered with S = 1, O = 1.
-  NeighborSolicitation ns;
-  ns.target = kHoa;
-  ns.source_link_layer = kRouterMac;
-  Ipv6Header h;
-  h.next_header = ipproto::kIcmpv6;
-  h.hop_limit = 255;
-  h.src = *ParseIpv6("2001:db8:a::1");
-  h.dst = SolicitedNodeMulticast(kHoa);
-  auto nsip = *BuildIpv6Packet(h, EncodeNeighborSolicitation(ns, h.src, h.dst));
-  ha_->HandleLinkFrame(Frame(nsip, MulticastMac(h.dst)));
+  const auto ns = NsFrameFor(kHoa, *ParseIpv6("2001:db8:a::1"));
+  ha_->HandleLinkFrame(ns);
   frames = LinkFrames();
   ASSERT_EQ(frames.size(), 1u);
   auto rip = ParseIpv6Packet(ParseEthernetFrame(frames[0].bytes)->payload);
@@ -607,7 +623,7 @@ TEST_F(HomeAgentTest, AnOptimisticBindingIsProxiedWithOverrideAndRevokedOnAConfl
   EXPECT_EQ(ha_->counters().dad_revoked, 1u);
   EXPECT_EQ(ha_->cache().Find(kHoa), nullptr);
   EXPECT_EQ(ha_->cache().FindByHomeAddress4(*s.hoa4), nullptr);
-  ha_->HandleLinkFrame(Frame(nsip, MulticastMac(h.dst)));
+  ha_->HandleLinkFrame(ns);
   ha_->HandleLinkFrame(Frame(EncodeArp(req), kBroadcastMac, ethertype::kArp));
   EXPECT_TRUE(LinkFrames().empty());
   ha_->HandleLinkFrame(Frame(Udp6(*ParseIpv6("2001:db8:ff::1"), kHoa)));
@@ -687,16 +703,7 @@ TEST_F(HomeAgentTest, AnswersANeighborSolicitationForABoundHomeAddress) {
   Send({});
   LinkFrames();
   Ipv6Address neighbor = *ParseIpv6("2001:db8:a::1");
-  NeighborSolicitation ns;
-  ns.target = kHoa;
-  ns.source_link_layer = kRouterMac;
-  Ipv6Header h;
-  h.next_header = ipproto::kIcmpv6;
-  h.hop_limit = 255;
-  h.src = neighbor;
-  h.dst = SolicitedNodeMulticast(kHoa);
-  auto ip = *BuildIpv6Packet(h, EncodeNeighborSolicitation(ns, h.src, h.dst));
-  ha_->HandleLinkFrame(Frame(ip, MulticastMac(h.dst)));
+  ha_->HandleLinkFrame(NsFrameFor(kHoa, neighbor));
   auto frames = LinkFrames();
   ASSERT_EQ(frames.size(), 1u);
   auto eth = ParseEthernetFrame(frames[0].bytes);
@@ -710,10 +717,7 @@ TEST_F(HomeAgentTest, AnswersANeighborSolicitationForABoundHomeAddress) {
   EXPECT_TRUE(na->override);
   EXPECT_EQ(na->target_link_layer, kHaMac);
   // Not for an unbound address.
-  ns.target = kHoa2;
-  h.dst = SolicitedNodeMulticast(kHoa2);
-  ip = *BuildIpv6Packet(h, EncodeNeighborSolicitation(ns, h.src, h.dst));
-  ha_->HandleLinkFrame(Frame(ip, MulticastMac(h.dst)));
+  ha_->HandleLinkFrame(NsFrameFor(kHoa2, neighbor));
   EXPECT_TRUE(LinkFrames().empty());
 }
 
@@ -726,16 +730,7 @@ TEST_F(HomeAgentTest, ProxiesTheLinkLocalAddressOnlyWhenTheLFlagIsSet) {
   s.seq = 2;
   s.flags &= uint16_t(~bu_flag::kLinkLocal);
   Send(s);
-  Ipv6Address ll = *ParseIpv6("fe80::20");
-  NeighborSolicitation ns;
-  ns.target = ll;
-  Ipv6Header h;
-  h.next_header = ipproto::kIcmpv6;
-  h.hop_limit = 255;
-  h.src = *ParseIpv6("fe80::1");
-  h.dst = SolicitedNodeMulticast(ll);
-  ha_->HandleLinkFrame(Frame(*BuildIpv6Packet(h, EncodeNeighborSolicitation(ns, h.src, h.dst)),
-                             MulticastMac(h.dst)));
+  ha_->HandleLinkFrame(NsFrameFor(*ParseIpv6("fe80::20"), *ParseIpv6("fe80::1"), std::nullopt));
   EXPECT_TRUE(LinkFrames().empty());
 }
 
