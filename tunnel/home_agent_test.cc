@@ -360,6 +360,18 @@ std::vector<uint8_t> NaFrameFrom(const Ipv6Address& target, const MacAddress& ma
   return BuildUnsolicitedNeighborAdvertisementFrame(mac, target);
 }
 
+const Ipv4Address kRouterIp4 = *ParseIpv4("192.0.2.1");
+
+// The router's broadcast ARP request for `target`.
+std::vector<uint8_t> ArpRequestFrameFor(const Ipv4Address& target) {
+  ArpPacket req;
+  req.operation = kArpOpRequest;
+  req.sender_mac = kRouterMac;
+  req.sender_ip = kRouterIp4;
+  req.target_ip = target;
+  return Frame(EncodeArp(req), kBroadcastMac, ethertype::kArp);
+}
+
 // A neighbour's Neighbor Solicitation for `target` from `src`, to the
 // target's solicited-node group; `sllao`: its source link-layer option.
 std::vector<uint8_t> NsFrameFor(const Ipv6Address& target, const Ipv6Address& src,
@@ -610,12 +622,8 @@ TEST_F(HomeAgentTest, AnOptimisticBindingIsProxiedWithOverrideAndRevokedOnAConfl
   EXPECT_TRUE(na->solicited);
   EXPECT_TRUE(na->override);
   // ARP for the IPv4 home address is answered too.
-  ArpPacket req;
-  req.operation = kArpOpRequest;
-  req.sender_mac = kRouterMac;
-  req.sender_ip = *ParseIpv4("192.0.2.1");
-  req.target_ip = *s.hoa4;
-  ha_->HandleLinkFrame(Frame(EncodeArp(req), kBroadcastMac, ethertype::kArp));
+  const auto arp = ArpRequestFrameFor(*s.hoa4);
+  ha_->HandleLinkFrame(arp);
   EXPECT_EQ(LinkFrames().size(), 1u);
 
   // The owner defends the address: revoked, and the proxy stops at once.
@@ -624,7 +632,7 @@ TEST_F(HomeAgentTest, AnOptimisticBindingIsProxiedWithOverrideAndRevokedOnAConfl
   EXPECT_EQ(ha_->cache().Find(kHoa), nullptr);
   EXPECT_EQ(ha_->cache().FindByHomeAddress4(*s.hoa4), nullptr);
   ha_->HandleLinkFrame(ns);
-  ha_->HandleLinkFrame(Frame(EncodeArp(req), kBroadcastMac, ethertype::kArp));
+  ha_->HandleLinkFrame(arp);
   EXPECT_TRUE(LinkFrames().empty());
   ha_->HandleLinkFrame(Frame(Udp6(*ParseIpv6("2001:db8:ff::1"), kHoa)));
   EXPECT_EQ(ports_.tunnel6.sent_count(), 0u);
@@ -743,12 +751,7 @@ TEST_F(HomeAgentTest, StopsProxyingAfterDeregistration) {
   s.seq = 2;
   s.lifetime = 0;
   Send(s);
-  ArpPacket req;
-  req.operation = kArpOpRequest;
-  req.sender_mac = kRouterMac;
-  req.sender_ip = *ParseIpv4("192.0.2.1");
-  req.target_ip = *ParseIpv4("192.0.2.20");
-  ha_->HandleLinkFrame(Frame(EncodeArp(req), kBroadcastMac, ethertype::kArp));
+  ha_->HandleLinkFrame(ArpRequestFrameFor(*ParseIpv4("192.0.2.20")));
   EXPECT_TRUE(LinkFrames().empty());
 }
 
@@ -765,12 +768,7 @@ TEST_F(HomeAgentTest, AnswersArpAndSendsGratuitousArpForAnIpv4HomeAddress) {
   EXPECT_EQ(garp->sender_mac, kHaMac);
   EXPECT_EQ(garp->sender_ip, *s.hoa4);
 
-  ArpPacket req;
-  req.operation = kArpOpRequest;
-  req.sender_mac = kRouterMac;
-  req.sender_ip = *ParseIpv4("192.0.2.1");
-  req.target_ip = *s.hoa4;
-  ha_->HandleLinkFrame(Frame(EncodeArp(req), kBroadcastMac, ethertype::kArp));
+  ha_->HandleLinkFrame(ArpRequestFrameFor(*s.hoa4));
   frames = LinkFrames();
   ASSERT_EQ(frames.size(), 1u);
   auto eth = ParseEthernetFrame(frames[0].bytes);
@@ -780,7 +778,7 @@ TEST_F(HomeAgentTest, AnswersArpAndSendsGratuitousArpForAnIpv4HomeAddress) {
   EXPECT_EQ(reply->operation, kArpOpReply);
   EXPECT_EQ(reply->sender_mac, kHaMac);
   EXPECT_EQ(reply->sender_ip, *s.hoa4);
-  EXPECT_EQ(reply->target_ip, req.sender_ip);
+  EXPECT_EQ(reply->target_ip, kRouterIp4);
 }
 
 // ---- Tunnels ---------------------------------------------------------------------
