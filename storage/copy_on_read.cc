@@ -53,9 +53,6 @@ constexpr auto kBackoffInitial = std::chrono::milliseconds(100);
 constexpr auto kBackoffMax = std::chrono::milliseconds(5000);
 constexpr unsigned kGuestFetchThreads = 8;
 constexpr uint64_t kCacheOpChunk = 64 * 1024 * 1024;  // NBD_CMD_CACHE is done in pieces
-// The cache writer stores client misses through the page cache, so the warm
-// read that often follows is served from memory.
-constexpr bool kWriteBehindDirect = false;
 
 // A fixed pool of threads running guest-side remote fetches, so that one
 // fragmented read keeps many requests in flight on the (pipelined) remote.
@@ -496,11 +493,9 @@ bool CopyOnReadImpl::TryWriteBehind(const Run& run, std::span<const std::byte> d
     // queue makes the fetching thread wait for room (backpressure): storing
     // inline instead would put a second buffered writer on the file, and
     // writers of one file only take turns on its inode lock, spinning on it.
-    if (!writer_.joinable() || stop_writer_ || data.size() > opts_.write_behind_bytes)
-      return false;
-    store_done_cv_.wait(lk, [&] {
-      return stop_writer_ || store_bytes_ + data.size() <= opts_.write_behind_bytes;
-    });
+    if (!writer_.joinable() || stop_writer_ || data.size() > opts_.write_behind_bytes) return false;
+    store_done_cv_.wait(
+        lk, [&] { return stop_writer_ || store_bytes_ + data.size() <= opts_.write_behind_bytes; });
     if (stop_writer_) return false;
     store_bytes_ += data.size();
     // The smallest pooled buffer that fits.
@@ -543,7 +538,9 @@ void CopyOnReadImpl::WriterLoop() {
     store_q_.pop_front();
     lk.unlock();
     if (opts_.before_write_behind_store_for_test) opts_.before_write_behind_store_for_test();
-    St s = StoreFetched({job.buf.p.get(), job.len}, job.run.first, kWriteBehindDirect);
+    // Through the page cache, not O_DIRECT: the warm read that often follows
+    // is then served from memory (O_DIRECT here measured 0.56x target warm).
+    St s = StoreFetched({job.buf.p.get(), job.len}, job.run.first, /*direct=*/false);
     // Present only once stored, so the committer's flush covers the data
     // before the bit; on failure the blocks stay missing (the client has its
     // data already) and a later read fetches them again.
