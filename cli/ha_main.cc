@@ -31,8 +31,8 @@
 #include <string>
 #include <vector>
 
-#include "kagemusha/common/clock.h"
 #include "cli_app.h"
+#include "kagemusha/common/clock.h"
 #include "kagemusha/common/control_socket.h"
 #include "kagemusha/tunnel/binding_cache.h"
 #include "kagemusha/tunnel/fastpath.h"
@@ -104,8 +104,8 @@ json FastPathJson(kt::FastPathMode mode, const kt::HaFastPath* fp) {
     j["counters"] = k;
     j["bindings_published"] = fp->published();
     const auto& g = fp->gro();
-    json gj = {{"enabled", g.enabled}, {"changed_by_us", g.changed},
-               {"mode", g.kept ? "keep" : "on"}};
+    json gj = {
+        {"enabled", g.enabled}, {"changed_by_us", g.changed}, {"mode", g.kept ? "keep" : "on"}};
     if (!g.known || !g.error.empty()) gj["error"] = g.error;
     j["gro"] = gj;
   }
@@ -284,8 +284,7 @@ int RunServe(int argc, char** argv) {
       "eBPF tc fast path for tunnelled IPv6 (auto: use it if it loads)")(
       "home-link-gro", po::value<std::string>()->default_value("on")->value_name("on|keep"),
       "with the fast path loaded, turn GRO on on the home link if it is off (and off again on "
-      "exit); keep: leave it as it is")(
-      "help,h", "show this help");
+      "exit); keep: leave it as it is")("help,h", "show this help");
   po::variables_map vm;
   int rc = ParseCommandLine(
       "serve",

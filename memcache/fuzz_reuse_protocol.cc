@@ -43,7 +43,8 @@ void RoundTrip(const Frame& f) {
     case FrameType::kPageRef:
       if (auto r = DecodePageRef(f.payload)) {
         // A CONTINUE header (flag bit 0) names no block: it continues the last one.
-        Check(r->header.offset % kPageBytes == 0 && (r->header.continued || !r->header.block.empty()));
+        Check(r->header.offset % kPageBytes == 0 &&
+              (r->header.continued || !r->header.block.empty()));
         Check(AppendPageRef(*r, out).has_value());
         SameAsPayload(out, f.payload);
       }

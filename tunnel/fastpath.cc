@@ -441,9 +441,10 @@ void HaFastPath::EnableGro(const std::string& home_link) {
   }
   if (auto st = SetInterfaceGro(home_link, true); !st) {
     gro_.error = st.error().message();
-    spdlog::warn("fast path: cannot turn GRO on on {} ({}); tunnelled segments are forwarded "
-                 "one by one",
-                 home_link, gro_.error);
+    spdlog::warn(
+        "fast path: cannot turn GRO on on {} ({}); tunnelled segments are forwarded "
+        "one by one",
+        home_link, gro_.error);
     return;
   }
   gro_.enabled = true;

@@ -3,11 +3,12 @@
 // HA's Packet Too Big decision and the mode parser. The eBPF programs
 // themselves are exercised end to end by tests/tunnel/test_fastpath.sh.
 #include "kagemusha/tunnel/fastpath.h"
-#include "kagemusha/tunnel/packet_io.h"
 
 #include <gtest/gtest.h>
 
 #include <algorithm>
+
+#include "kagemusha/tunnel/packet_io.h"
 
 namespace kagemusha::tunnel {
 namespace {

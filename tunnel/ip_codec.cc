@@ -509,7 +509,6 @@ Result<IcmpMessage> ParseIcmpv4(std::span<const uint8_t> icmp) {
   return IcmpMessage{icmp[0], icmp[1], LoadBe32(&icmp[4]), icmp.subspan(8)};
 }
 
-
 std::vector<std::vector<uint8_t>> SegmentIpv4Tcp(std::span<const uint8_t> packet, size_t mtu) {
   std::vector<std::vector<uint8_t>> out;
   if (packet.size() < 20 || (packet[0] >> 4) != 4) return out;

@@ -372,7 +372,6 @@ TEST(EthernetFrame, RejectsTruncatedAndOddFrames) {
   EXPECT_FALSE(ParseEthernetFrame(Bytes(13, 0)));
 }
 
-
 // ---- CompleteTransportChecksum ------------------------------------------------
 
 Bytes Ipv4TcpFrame(size_t payload, uint16_t vlan = 0) {
@@ -382,14 +381,35 @@ Bytes Ipv4TcpFrame(size_t payload, uint16_t vlan = 0) {
   }
   f.insert(f.end(), {0x08, 0x00});
   const size_t total = 20 + 20 + payload;
-  Bytes ip = {0x45, 0, static_cast<uint8_t>(total >> 8), static_cast<uint8_t>(total), 0, 1, 0x40, 0,
-              64,   6, 0, 0, 192, 0, 2, 1, 198, 51, 100, 7};
+  Bytes ip = {0x45,
+              0,
+              static_cast<uint8_t>(total >> 8),
+              static_cast<uint8_t>(total),
+              0,
+              1,
+              0x40,
+              0,
+              64,
+              6,
+              0,
+              0,
+              192,
+              0,
+              2,
+              1,
+              198,
+              51,
+              100,
+              7};
   const uint16_t hc = InternetChecksum(ip);
   ip[10] = static_cast<uint8_t>(hc >> 8);
   ip[11] = static_cast<uint8_t>(hc);
   f.insert(f.end(), ip.begin(), ip.end());
-  Bytes tcp = {0x13, 0x89, 0xc0, 0x01, 0, 0, 0, 1, 0, 0, 0, 0, 0x50, 0x18, 0xff, 0xff,
-               0x12, 0x34 /* a partial (pseudo-header) sum, as offload leaves it */, 0, 0};
+  Bytes tcp = {
+      0x13, 0x89, 0xc0, 0x01, 0,    0,
+      0,    1,    0,    0,    0,    0,
+      0x50, 0x18, 0xff, 0xff, 0x12, 0x34 /* a partial (pseudo-header) sum, as offload leaves it */,
+      0,    0};
   f.insert(f.end(), tcp.begin(), tcp.end());
   for (size_t i = 0; i < payload; ++i) f.push_back(static_cast<uint8_t>(i * 7 + 3));
   return f;
@@ -401,7 +421,8 @@ bool Ipv4TransportChecksumOk(const Bytes& f, size_t l3) {
   const size_t ihl = size_t{f[l3] & 0x0fu} * 4;
   const size_t len = (size_t{f[l3 + 2]} << 8 | f[l3 + 3]) - ihl;
   Bytes pseudo(f.begin() + static_cast<long>(l3 + 12), f.begin() + static_cast<long>(l3 + 20));
-  pseudo.insert(pseudo.end(), {0, f[l3 + 9], static_cast<uint8_t>(len >> 8), static_cast<uint8_t>(len)});
+  pseudo.insert(pseudo.end(),
+                {0, f[l3 + 9], static_cast<uint8_t>(len >> 8), static_cast<uint8_t>(len)});
   pseudo.insert(pseudo.end(), f.begin() + static_cast<long>(l3 + ihl), f.end());
   return InternetChecksum(pseudo) == 0;
 }
@@ -422,7 +443,7 @@ TEST(SegmentIpv4Tcp, CutsAMergedSegmentBackToTheMtu) {
   // 20 IPv4 + 32 TCP (12 bytes of options, as with timestamps) + payload.
   auto frame = Ipv4TcpFrame(0);
   Bytes ip(frame.begin() + 14, frame.end());
-  ip[32] = 0x80;  // data offset 8 words
+  ip[32] = 0x80;                // data offset 8 words
   ip[33] = 0x18 | 0x01 | 0x80;  // PSH ACK FIN CWR
   ip.insert(ip.end(), {1, 1, 8, 10, 0, 0, 0, 1, 0, 0, 0, 2});
   const size_t payload = 3 * 1448 + 7;
@@ -445,7 +466,8 @@ TEST(SegmentIpv4Tcp, CutsAMergedSegmentBackToTheMtu) {
     EXPECT_EQ(s.size(), k < 3 ? 1500u : 20u + 32u + 7u);
     EXPECT_EQ(p->header.identification, static_cast<uint16_t>(0xfffe + k));
     EXPECT_TRUE(p->header.dont_fragment);
-    const uint32_t seq = uint32_t{s[24]} << 24 | uint32_t{s[25]} << 16 | uint32_t{s[26]} << 8 | s[27];
+    const uint32_t seq =
+        uint32_t{s[24]} << 24 | uint32_t{s[25]} << 16 | uint32_t{s[26]} << 8 | s[27];
     EXPECT_EQ(seq, static_cast<uint32_t>(0xfffffa00u + 1448u * k));
     EXPECT_EQ(s[33] & 0x09, k == 3 ? 0x09 : 0) << "FIN and PSH on the last segment only";
     EXPECT_EQ(s[33] & 0x80, k == 0 ? 0x80 : 0) << "CWR on the first only";
@@ -486,20 +508,20 @@ TEST(TransportChecksum, CompletesAnIpv6UdpChecksumAndNeverWritesZero) {
 TEST(TransportChecksum, LeavesOtherAndMalformedFramesAlone) {
   auto good = Ipv4TcpFrame(10);
   std::vector<Bytes> bad;
-  bad.push_back(Bytes(good.begin(), good.begin() + 13));            // no ether type
-  bad.push_back(Bytes(good.begin(), good.begin() + 40));            // truncated IPv4
-  bad.push_back(Bytes(good.begin(), good.end() - 1));               // shorter than total length
+  bad.push_back(Bytes(good.begin(), good.begin() + 13));  // no ether type
+  bad.push_back(Bytes(good.begin(), good.begin() + 40));  // truncated IPv4
+  bad.push_back(Bytes(good.begin(), good.end() - 1));     // shorter than total length
   auto frag = good;
-  frag[14 + 6] |= 0x20;                                             // more fragments
+  frag[14 + 6] |= 0x20;  // more fragments
   bad.push_back(frag);
   auto icmp = good;
-  icmp[14 + 9] = 1;                                                 // ICMP
+  icmp[14 + 9] = 1;  // ICMP
   bad.push_back(icmp);
   auto arp = good;
-  arp[12] = 0x08, arp[13] = 0x06;                                   // ARP
+  arp[12] = 0x08, arp[13] = 0x06;  // ARP
   bad.push_back(arp);
   auto ihl = good;
-  ihl[14] = 0x44;                                                   // IHL 16 bytes
+  ihl[14] = 0x44;  // IHL 16 bytes
   bad.push_back(ihl);
   for (auto& f : bad) {
     auto before = f;

@@ -176,7 +176,8 @@ Status SetInterfaceGro(const std::string& name, bool on) {
   v.data = on ? 1 : 0;
   ifr->ifr_data = reinterpret_cast<char*>(&v);
   IoctlSocket s;
-  return s.Run(SIOCETHTOOL, *ifr, std::string("turning GRO ") + (on ? "on" : "off") + " on " + name);
+  return s.Run(SIOCETHTOOL, *ifr,
+               std::string("turning GRO ") + (on ? "on" : "off") + " on " + name);
 }
 
 Status AttachToBridge(const std::string& interface, const std::string& bridge) {
