@@ -210,23 +210,18 @@ mob_guest_attach() {  # HOST
 
 # Detach and attach in one go, with one process fewer: moving the link to
 # another namespace takes it out of its bridge and down by itself (the
-# kernel closes and unregisters it there), so the detach is that move.
+# kernel closes and unregisters it there), so that move, done by
+# mob_guest_attach, is the detach.
 mob_guest_move() {  # HOST
   local to=$1 from=$MOB_GUEST_AT
   [[ -n "$from" ]] || tb_fail "guest is not attached"
   if [[ "$from" == "$to" ]]; then
     mob_guest_detach
-    mob_guest_attach "$to"
-    return 0
+  else
+    MOB_GUEST_AT=""
+    _MOB_GUEST_LAST=$from
   fi
-  ip -n "$(tb_ns "$from")" link set "$MOB_GUEST_PEER" netns "$(tb_ns "$to")" ||
-    tb_fail "moving the guest's link from $from to $to"
-  MOB_GUEST_AT=""
-  _MOB_GUEST_LAST=$from
-  ip -n "$(tb_ns "$to")" link set "$MOB_GUEST_PEER" master "${MOB_VMBR[$to]}" up ||
-    tb_fail "attaching the guest's link to $to"
-  MOB_GUEST_AT=$to
-  export MOB_GUEST_AT
+  mob_guest_attach "$to"
 }
 
 # ---------------------------------------------------------------- daemons
