@@ -237,6 +237,18 @@ static __always_inline int host_encap(struct __sk_buff *skb, struct kgm_host_ses
   return bpf_redirect_neigh(uplink, 0, 0, 0);
 }
 
+/* The frame leaves by the session's own TAP, from its guest's MAC to its
+ * router's: what user space checks, where each session reads only its own
+ * TAP. Without the TAP check a guest elsewhere on this host that forges
+ * another session's home address and MAC would be tunnelled from that
+ * session's care-of address. */
+static __always_inline int from_session_guest(const struct __sk_buff *skb,
+                                              const struct kgm_host_session *s,
+                                              const struct eth *e) {
+  return skb->ifindex == s->tap_ifindex && mac_eq(e->src, s->guest_mac) &&
+         mac_eq(e->dst, s->router_mac);
+}
+
 /* Guest IPv4 (DSMIPv6): IPv4-in-IPv6 to the HA. The host does not forward
  * it (no TTL change), as the user-space path. */
 static __always_inline int host_tap_egress4(struct __sk_buff *skb, const struct eth *e) {
@@ -247,7 +259,7 @@ static __always_inline int host_tap_egress4(struct __sk_buff *skb, const struct 
   mapped4(key, ip.saddr);
   struct kgm_host_session *s = bpf_map_lookup_elem(&host_sessions, key);
   if (!s) return TC_ACT_OK;
-  if (!mac_eq(e->src, s->guest_mac) || !mac_eq(e->dst, s->router_mac)) return TC_ACT_OK;
+  if (!from_session_guest(skb, s, e)) return TC_ACT_OK;
   if (stays_on_link4(ip.daddr)) return TC_ACT_OK;
   if (!fits(skb, ETH_LEN, IP4_LEN, ip.protocol, s->mtu)) {
     count(KGM_HOST_PASSED_TOO_BIG, 1); /* user space: fragmentation needed, or outer fragments */
@@ -267,7 +279,7 @@ int host_tap_egress(struct __sk_buff *skb) {
   if ((ip.vtc_flow[0] >> 4) != 6) return TC_ACT_OK;
   struct kgm_host_session *s = bpf_map_lookup_elem(&host_sessions, ip.saddr);
   if (!s) return TC_ACT_OK;
-  if (!mac_eq(e.src, s->guest_mac) || !mac_eq(e.dst, s->router_mac)) return TC_ACT_OK;
+  if (!from_session_guest(skb, s, &e)) return TC_ACT_OK;
   if (stays_on_link(ip.daddr)) return TC_ACT_OK;
   if (ip.nexthdr == NH_HOPOPTS) return TC_ACT_OK;
   if (ip.nexthdr == NH_ICMPV6) {
