@@ -27,6 +27,17 @@ uint32_t ChecksumAdd(uint32_t sum, std::span<const uint8_t> data) {
   return uint32_t(s);
 }
 
+namespace {
+// The pseudo-header's part of a TCP or UDP checksum, IPv4 (RFC 793) or IPv6
+// (RFC 8200 §8.1, the same sum for a length below 64 KiB): `addresses` are
+// the source and destination as they sit in the IP header.
+uint32_t PseudoHeaderSum(std::span<const uint8_t> addresses, uint8_t proto, size_t l4_len) {
+  uint8_t tail[4] = {0, proto, 0, 0};
+  StoreBe16(tail + 2, static_cast<uint16_t>(l4_len));
+  return ChecksumAdd(ChecksumAdd(0, addresses), tail);
+}
+}  // namespace
+
 uint16_t ChecksumFinish(uint32_t sum) {
   while (sum >> 16) sum = (sum & 0xffff) + (sum >> 16);
   return uint16_t(~sum);
@@ -513,8 +524,8 @@ std::vector<std::vector<uint8_t>> SegmentIpv4Tcp(std::span<const uint8_t> packet
   std::vector<std::vector<uint8_t>> out;
   if (packet.size() < 20 || (packet[0] >> 4) != 4) return out;
   const size_t ihl = size_t{packet[0] & 0x0fu} * 4;
-  const size_t total = size_t{packet[2]} << 8 | packet[3];
-  const bool fragment = ((packet[6] & 0x3f) | packet[7]) != 0;  // MF or offset
+  const size_t total = LoadBe16(&packet[2]);
+  const bool fragment = (LoadBe16(&packet[6]) & 0x3fff) != 0;  // MF or offset
   if (ihl < 20 || total > packet.size() || total <= mtu || fragment || packet[9] != ipproto::kTcp)
     return out;
   if (total < ihl + 20) return out;
@@ -522,9 +533,8 @@ std::vector<std::vector<uint8_t>> SegmentIpv4Tcp(std::span<const uint8_t> packet
   if (thl < 20 || total < ihl + thl || mtu <= ihl + thl) return out;
   const size_t mss = mtu - ihl - thl;
   const size_t payload = total - ihl - thl;
-  const uint16_t id0 = static_cast<uint16_t>(packet[4] << 8 | packet[5]);
-  const uint32_t seq0 = uint32_t{packet[ihl + 4]} << 24 | uint32_t{packet[ihl + 5]} << 16 |
-                        uint32_t{packet[ihl + 6]} << 8 | packet[ihl + 7];
+  const uint16_t id0 = LoadBe16(&packet[4]);
+  const uint32_t seq0 = LoadBe32(&packet[ihl + 4]);
   constexpr uint8_t kFin = 0x01, kPsh = 0x08, kCwr = 0x80;
   for (size_t off = 0, k = 0; off < payload; off += mss, ++k) {
     const size_t n = std::min(mss, payload - off);
@@ -532,29 +542,17 @@ std::vector<std::vector<uint8_t>> SegmentIpv4Tcp(std::span<const uint8_t> packet
     std::vector<uint8_t> seg(packet.begin(), packet.begin() + static_cast<ptrdiff_t>(ihl + thl));
     seg.insert(seg.end(), packet.begin() + static_cast<ptrdiff_t>(ihl + thl + off),
                packet.begin() + static_cast<ptrdiff_t>(ihl + thl + off + n));
-    seg[2] = static_cast<uint8_t>(len >> 8);
-    seg[3] = static_cast<uint8_t>(len);
-    const uint16_t id = static_cast<uint16_t>(id0 + k);
-    seg[4] = static_cast<uint8_t>(id >> 8);
-    seg[5] = static_cast<uint8_t>(id);
-    seg[10] = seg[11] = 0;
-    const uint16_t hc = InternetChecksum(std::span<const uint8_t>(seg).first(ihl));
-    seg[10] = static_cast<uint8_t>(hc >> 8);
-    seg[11] = static_cast<uint8_t>(hc);
-    const uint32_t seq = seq0 + static_cast<uint32_t>(off);
-    for (int i = 0; i < 4; ++i)
-      seg[ihl + 4 + size_t(i)] = static_cast<uint8_t>(seq >> (24 - 8 * i));
+    StoreBe16(&seg[2], static_cast<uint16_t>(len));
+    StoreBe16(&seg[4], static_cast<uint16_t>(id0 + k));
+    StoreBe16(&seg[10], 0);
+    StoreBe16(&seg[10], InternetChecksum(std::span<const uint8_t>(seg).first(ihl)));
+    StoreBe32(&seg[ihl + 4], seq0 + static_cast<uint32_t>(off));
     if (off + n < payload) seg[ihl + 13] &= static_cast<uint8_t>(~(kFin | kPsh));
     if (k > 0) seg[ihl + 13] &= static_cast<uint8_t>(~kCwr);
-    seg[ihl + 16] = seg[ihl + 17] = 0;
-    const size_t l4_len = thl + n;
-    const uint8_t pseudo[4] = {0, ipproto::kTcp, static_cast<uint8_t>(l4_len >> 8),
-                               static_cast<uint8_t>(l4_len)};
-    uint32_t sum = ChecksumAdd(0, std::span<const uint8_t>(seg).subspan(12, 8));
-    sum = ChecksumAdd(sum, pseudo);
-    const uint16_t c = ChecksumFinish(ChecksumAdd(sum, std::span<const uint8_t>(seg).subspan(ihl)));
-    seg[ihl + 16] = static_cast<uint8_t>(c >> 8);
-    seg[ihl + 17] = static_cast<uint8_t>(c);
+    StoreBe16(&seg[ihl + 16], 0);
+    const std::span<const uint8_t> view(seg);
+    const uint32_t sum = PseudoHeaderSum(view.subspan(12, 8), ipproto::kTcp, thl + n);
+    StoreBe16(&seg[ihl + 16], ChecksumFinish(ChecksumAdd(sum, view.subspan(ihl))));
     out.push_back(std::move(seg));
   }
   return out;
@@ -563,33 +561,33 @@ std::vector<std::vector<uint8_t>> SegmentIpv4Tcp(std::span<const uint8_t> packet
 bool CompleteTransportChecksum(std::span<uint8_t> frame) {
   size_t l3 = 12;
   if (frame.size() < l3 + 2) return false;
-  uint16_t type = static_cast<uint16_t>(frame[l3] << 8 | frame[l3 + 1]);
+  uint16_t type = LoadBe16(&frame[l3]);
   l3 += 2;
-  if (type == 0x8100) {
+  if (type == ethertype::kVlan) {
     if (frame.size() < l3 + 4) return false;
-    type = static_cast<uint16_t>(frame[l3 + 2] << 8 | frame[l3 + 3]);
+    type = LoadBe16(&frame[l3 + 2]);
     l3 += 4;
   }
-  uint32_t sum = 0;
+  std::span<const uint8_t> addresses;  // source, destination
   size_t l4 = 0, l4_len = 0;
   uint8_t proto = 0;
-  if (type == 0x0800) {
+  if (type == ethertype::kIpv4) {
     if (frame.size() < l3 + 20 || (frame[l3] >> 4) != 4) return false;
     const size_t ihl = size_t{frame[l3] & 0x0fu} * 4;
-    const size_t total = size_t{frame[l3 + 2]} << 8 | frame[l3 + 3];
-    const bool fragment = ((frame[l3 + 6] & 0x3f) | frame[l3 + 7]) != 0;  // MF or offset
+    const size_t total = LoadBe16(&frame[l3 + 2]);
+    const bool fragment = (LoadBe16(&frame[l3 + 6]) & 0x3fff) != 0;  // MF or offset
     if (ihl < 20 || total < ihl || frame.size() < l3 + total || fragment) return false;
     proto = frame[l3 + 9];
     l4 = l3 + ihl;
     l4_len = total - ihl;
-    sum = ChecksumAdd(sum, frame.subspan(l3 + 12, 8));  // source, destination
-  } else if (type == 0x86dd) {
+    addresses = frame.subspan(l3 + 12, 8);
+  } else if (type == ethertype::kIpv6) {
     if (frame.size() < l3 + 40 || (frame[l3] >> 4) != 6) return false;
-    l4_len = size_t{frame[l3 + 4]} << 8 | frame[l3 + 5];
+    l4_len = LoadBe16(&frame[l3 + 4]);
     proto = frame[l3 + 6];
     l4 = l3 + 40;
     if (frame.size() < l4 + l4_len) return false;
-    sum = ChecksumAdd(sum, frame.subspan(l3 + 8, 32));  // source, destination
+    addresses = frame.subspan(l3 + 8, 32);
   } else {
     return false;
   }
@@ -603,16 +601,11 @@ bool CompleteTransportChecksum(std::span<uint8_t> frame) {
   } else {
     return false;
   }
-  const uint8_t pseudo[4] = {static_cast<uint8_t>(l4_len >> 8), static_cast<uint8_t>(l4_len), 0,
-                             proto};
-  sum = ChecksumAdd(sum, std::span<const uint8_t>(pseudo + 2, 2));  // zero, protocol
-  sum = ChecksumAdd(sum, std::span<const uint8_t>(pseudo, 2));      // upper-layer length
-  frame[field] = 0;
-  frame[field + 1] = 0;
+  const uint32_t sum = PseudoHeaderSum(addresses, proto, l4_len);
+  StoreBe16(&frame[field], 0);
   uint16_t c = ChecksumFinish(ChecksumAdd(sum, frame.subspan(l4, l4_len)));
   if (proto == ipproto::kUdp && c == 0) c = 0xffff;  // RFC 768: 0 means "no checksum"
-  frame[field] = static_cast<uint8_t>(c >> 8);
-  frame[field + 1] = static_cast<uint8_t>(c);
+  StoreBe16(&frame[field], c);
   return true;
 }
 
