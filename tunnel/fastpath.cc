@@ -297,9 +297,7 @@ HostFastPathSessionCounters HostFastPath::SessionCounters(const std::string& nam
     c.decap_bytes += v.decap_bytes;
     if (s.home_address4 && hoa == FastPathKey4(*s.home_address4)) {
       c.encap4_packets += v.encap_packets;
-      c.encap4_bytes += v.encap_bytes;
       c.decap4_packets += v.decap_packets;
-      c.decap4_bytes += v.decap_bytes;
     }
   }
   return c;

@@ -82,16 +82,14 @@ struct HostFastPathSession {
 std::vector<Ipv6Address> FastPathKeys(const HostFastPathSession& session);
 
 // What the fast path carried for one session (all its home addresses), both
-// families; the *4 fields are the IPv4 share of them.
+// families; the *4 fields are the IPv4 share of the packet counts.
 struct HostFastPathSessionCounters {
   uint64_t encap_packets = 0;
   uint64_t encap_bytes = 0;
   uint64_t decap_packets = 0;
   uint64_t decap_bytes = 0;
   uint64_t encap4_packets = 0;
-  uint64_t encap4_bytes = 0;
   uint64_t decap4_packets = 0;
-  uint64_t decap4_bytes = 0;
 };
 
 class HostFastPath {
