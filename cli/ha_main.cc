@@ -412,13 +412,17 @@ int RunServe(int argc, char** argv) {
 
   // -- fast path: tc ingress on the home link, and a socket filter so the
   // link socket stops seeing what the kernel now forwards by itself.
+  // The home link's MTU, read once: the HA's own (oversize checks,
+  // resegmenting) and, less the 40-byte outer header, the fast path's.
+  const auto home_link_mtu = kt::InterfaceMtu(link);
+  if (home_link_mtu && *home_link_mtu >= 576) config.link_mtu = size_t(*home_link_mtu);
   std::unique_ptr<kt::HaFastPath> fast_path;
   uint32_t fast_path_mtu = 0;
   uint64_t ptb_sent = 0;  // GUARDED_BY(mu)
   if (*fast_path_mode == kt::FastPathMode::kOff) {
     kt::RemoveStaleFastPathFilters();
   } else {
-    auto mtu = kt::InterfaceMtu(link);
+    const auto& mtu = home_link_mtu;
     auto fp = mtu ? kt::HaFastPath::Load(link, config.address, uint32_t(*mtu - 40), gro_opt == "on")
                   : Result<std::unique_ptr<kt::HaFastPath>>(std::unexpected(mtu.error()));
     if (fp) {
@@ -450,7 +454,6 @@ int RunServe(int argc, char** argv) {
   kt::HomeAgentPorts ports{link_socket->get(), sender6->get(), tunnel6->get(),
                            tunnel4->get(),     sender6->get(), sender4->get()};
   std::mutex mu;
-  if (auto m = kt::InterfaceMtu(link); m && *m >= 576) config.link_mtu = size_t(*m);
   kt::HomeAgent ha(config, ports, kagemusha::SteadyClock::Instance(), journal->get());
   auto restored = ha.Restore(loaded->bindings);
   if (!restored) return RuntimeError("restoring bindings: " + restored.error().message());
