@@ -11,11 +11,13 @@
 #include <cstdlib>
 #include <vector>
 
+#include "kagemusha/common/coding.h"
 #include "kagemusha/tunnel/arp.h"
 #include "kagemusha/tunnel/ip_packet.h"
 #include "kagemusha/tunnel/mobility_header.h"
 #include "kagemusha/tunnel/neighbor_discovery.h"
 
+using kagemusha::LoadBe16;
 using namespace kagemusha::tunnel;
 
 namespace {
@@ -105,12 +107,21 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
       (void)DecodeDestinationOptions(in);
       (void)DecodeType2RoutingHeader(in);
       break;
-    case 4:
+    case 4: {
       if (auto d = Decapsulate(in); d && d->inner.size() > in.size()) std::abort();
       (void)ParseIpv4Packet(in);
       (void)ParseIcmpv4(in);
       (void)ParseIcmpv6(kSrc, kDst, in);
+      // The HA's captured-frame handling: resegmenting a merged IPv4 TCP
+      // frame (every segment fits and says its own length) and completing a
+      // CHECKSUM_PARTIAL frame's checksum in place.
+      const size_t mtu = 68 + size_t(selector >> 3) * 64;
+      for (const auto& seg : SegmentIpv4Tcp(in, mtu))
+        if (seg.size() > mtu || seg.size() < 40 || LoadBe16(&seg[2]) != seg.size()) std::abort();
+      std::vector<uint8_t> frame(in.begin(), in.end());
+      (void)CompleteTransportChecksum(frame);
       break;
+    }
     case 5:
       NeighborDiscovery(in, uint8_t(selector >> 3));
       break;
