@@ -180,6 +180,7 @@ class CopyOnReadImpl final : public CopyOnReadBackend {
   St Cache(uint64_t offset, uint64_t length) override;
   Result<std::vector<Extent>> Extents(uint64_t offset, uint64_t length) override;
   std::optional<FileRange> FileRangeFor(uint64_t offset, uint64_t length) override;
+  Result<std::optional<FileRange>> PrepareFileRange(uint64_t offset, uint64_t length) override;
 
   void StartFill() override;
   void StopFill() override;
@@ -224,14 +225,20 @@ class CopyOnReadImpl final : public CopyOnReadBackend {
     uint64_t offset = 0;
     std::vector<std::pair<uint64_t, uint64_t>> filled;  // (offset, length) already in buf
   };
+  // Why a run is fetched. kClient: a client request reads or merges the data
+  // right after, so it goes through the page cache. kClientFromCache: a
+  // client read is then answered from the cache file (spliced from the page
+  // cache), so the remote's payload is received straight into the file, with
+  // no buffer in between. kPrefetch and kFill: the data is only stored, with
+  // O_DIRECT where possible (StoreDirect).
+  enum class FetchFor { kClient, kClientFromCache, kPrefetch, kFill };
   // Makes the given blocks present: fetches missing ones (adjacent ones
   // merged, split at kMaxRemoteRequest, runs in parallel) and waits for
   // blocks others are fetching. Counts as guest I/O (the fill yields).
-  // `prefetch`: nobody reads the blocks now (NBD_CMD_CACHE); see FetchFor.
   St EnsurePresent(std::span<const uint64_t> blocks, ReadTarget* target = nullptr,
-                   bool prefetch = false);
+                   FetchFor why = FetchFor::kClient);
   St EnsurePresentRange(uint64_t first, uint64_t last, ReadTarget* target = nullptr,
-                        bool prefetch = false);
+                        FetchFor why = FetchFor::kClient);
   // Claims every missing block of [first, last) for a local overwrite, all
   // or nothing: if any is claimed by someone else, waits for it and retries.
   std::vector<Run> ClaimForOverwrite(uint64_t first, uint64_t last);
@@ -239,14 +246,11 @@ class CopyOnReadImpl final : public CopyOnReadBackend {
   void ClaimBlockLocked(std::vector<Run>& runs, uint64_t b, uint64_t max_blocks);
   void ReleaseRuns(std::span<const Run> runs);
   // Fetches a run into `into` (exactly RunBytes(run) long) or, if empty, a
-  // per-thread buffer, then stores it in the cache and marks it present.
-  // Why a run is fetched. kClient: a client request reads or merges the data
-  // right after, so it goes through the page cache. kPrefetch and kFill: the
-  // data is only stored, with O_DIRECT where possible (StoreDirect).
+  // per-thread buffer, then stores it in the cache and marks it present
+  // (kClientFromCache: straight into the cache file, `into` unused).
   // `handed_off` (kClient into a client buffer only): set when the store was
   // handed to the cache writer, which then also releases the run's claim;
   // otherwise the caller releases it.
-  enum class FetchFor { kClient, kPrefetch, kFill };
   St FetchRun(const Run& run, FetchFor why, std::span<std::byte> into = {},
               bool* handed_off = nullptr);
   // Fetches a run for EnsurePresent and releases its claim unless the cache
@@ -453,6 +457,20 @@ St CopyOnReadImpl::FetchRun(const Run& run, FetchFor why, std::span<std::byte> i
   if (!remote_) return Fail(Error::Shutdown("no remote (target mode)"));
   const uint64_t off = BlockOffset(run.first);
   const uint64_t len = RunBytes(run);
+  if (why == FetchFor::kClientFromCache) {
+    // Into the page cache directly. No all-zero check here (that would mean
+    // reading the data back): such blocks are stored as data, not holes.
+    if (auto s = remote_->ReadToFile(cache_->fd(), off, len, off); !s) {
+      Error e = s.error().Context("fetching " + std::to_string(len) + " bytes at " +
+                                  std::to_string(off) + " from the remote into the cache");
+      NoteError(e);
+      return Fail(e);
+    }
+    MarkPresent(run.first, run.count);
+    bytes_fetched_ += len;
+    meter_.Add(len);
+    return Ok();
+  }
   std::span<std::byte> data = into;
   if (data.empty()) data = AlignedScratch(0, len);
   if (auto s = remote_->Read(data, off); !s) {
@@ -643,17 +661,16 @@ void CopyOnReadImpl::MarkPresent(uint64_t first, uint64_t count) {
 }
 
 St CopyOnReadImpl::EnsurePresentRange(uint64_t first, uint64_t last, ReadTarget* target,
-                                      bool prefetch) {
+                                      FetchFor why) {
   if (present_.AllSet(first, last)) return Ok();
   std::vector<uint64_t> blocks;
   blocks.reserve(last - first);
   for (uint64_t b = first; b < last; ++b) blocks.push_back(b);
-  return EnsurePresent(blocks, target, prefetch);
+  return EnsurePresent(blocks, target, why);
 }
 
 St CopyOnReadImpl::EnsurePresent(std::span<const uint64_t> blocks, ReadTarget* target,
-                                 bool prefetch) {
-  const FetchFor why = prefetch ? FetchFor::kPrefetch : FetchFor::kClient;
+                                 FetchFor why) {
   struct GuestMiss {  // the fill backs off while guest misses are in flight
     CopyOnReadImpl* self;
     explicit GuestMiss(CopyOnReadImpl* s) : self(s) { self->guest_misses_.fetch_add(1); }
@@ -921,7 +938,9 @@ St CopyOnReadImpl::Cache(uint64_t offset, uint64_t length) {
   const uint64_t end = std::min(size_, offset + length);
   for (uint64_t pos = offset; pos < end; pos += kCacheOpChunk) {
     uint64_t n = std::min(kCacheOpChunk, end - pos);
-    if (auto s = EnsurePresentRange(FirstBlock(pos), EndBlock(pos, n), nullptr, true); !s) return s;
+    if (auto s = EnsurePresentRange(FirstBlock(pos), EndBlock(pos, n), nullptr, FetchFor::kPrefetch);
+        !s)
+      return s;
   }
   return Ok();
 }
@@ -964,13 +983,25 @@ std::optional<FileRange> CopyOnReadImpl::FileRangeFor(uint64_t offset, uint64_t 
   // Present blocks are the cache's bytes and stay so (present_ never goes
   // back, and only this object writes the cache), so the server may splice
   // them from the page cache: a warm read costs what a target read costs.
-  // A miss is not offered: the server's Read() fetches it into the reply
-  // buffer and answers without waiting for the cache store (write-behind);
-  // splicing it would need the store done first. That costs a copy into the
-  // socket, but the store, the slow part, leaves the reply's path.
+  // A miss is not offered here; PrepareFileRange fetches it first.
   if (!proxy() || length == 0) return cache_->FileRangeFor(offset, length);
   if (!present_.AllSet(FirstBlock(offset), EndBlock(offset, length))) return std::nullopt;
   return cache_->FileRangeFor(offset, length);
+}
+
+Result<std::optional<FileRange>> CopyOnReadImpl::PrepareFileRange(uint64_t offset,
+                                                                  uint64_t length) {
+  // A miss the server will splice: the remote's payload is received straight
+  // into the cache file (socket -> pipe -> page cache), marked present, and
+  // spliced from the page cache into the client's socket. The proxy copies
+  // each byte once, into the page cache; through Read() it would copy it
+  // three times (receive, reply, store).
+  if (proxy() && length > 0) {
+    const uint64_t first = FirstBlock(offset), last = EndBlock(offset, length);
+    if (auto s = EnsurePresentRange(first, last, nullptr, FetchFor::kClientFromCache); !s)
+      return Fail(s.error());
+  }
+  return FileRangeFor(offset, length);
 }
 
 // --- Fill -----------------------------------------------------------------------

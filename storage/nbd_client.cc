@@ -2,7 +2,8 @@
 // the only concurrency here is "many callers, one socket": callers write
 // request headers under a per-connection write lock, one reader thread per
 // connection demultiplexes replies by cookie and receives each payload
-// straight into the waiting caller's buffer, and one maintenance thread
+// straight into the waiting caller's buffer (or, for ReadToFile, splices it
+// into the caller's file), and one maintenance thread
 // reconnects with back-off and enforces the request deadline. The protocol
 // bytes are all built and parsed by the pure codec (nbd_client_codec.h).
 //
@@ -149,6 +150,122 @@ Status RecvAll(int fd, void* buf, size_t len) {
   }
   return Ok();
 }
+
+// A reader thread's pipe for receiving payloads straight into a file:
+// socket -> pipe moves page references (no copy), pipe -> file copies once
+// into the page cache. The reader drains the pipe after every fill, so the
+// pipe never blocks it. Falls back to recv + pwrite through a buffer where
+// the kernel refuses a splice (EINVAL: a file system without splice_write).
+class FileSink {
+ public:
+  FileSink() {
+    int fds[2];
+    if (::pipe2(fds, O_CLOEXEC) == 0) {
+      r_ = fds[0];
+      w_ = fds[1];
+      // Larger than the default 64 KiB: fewer round trips per payload.
+      (void)::fcntl(w_, F_SETPIPE_SZ, 1 << 20);
+      int cap = ::fcntl(w_, F_GETPIPE_SZ);
+      cap_ = cap > 0 ? size_t(cap) : 65536;
+    }
+  }
+  ~FileSink() {
+    if (r_ >= 0) ::close(r_);
+    if (w_ >= 0) ::close(w_);
+  }
+  FileSink(const FileSink&) = delete;
+  FileSink& operator=(const FileSink&) = delete;
+
+  // Receives `len` payload bytes from `sock` into `file` at `file_offset`.
+  // The returned status is the socket's: a failure breaks the connection. A
+  // failed write to the file goes to `*file_status` instead, and the rest of
+  // the payload is still consumed, so the stream stays in step.
+  Status Receive(int sock, int file, uint64_t file_offset, size_t len, Status* file_status) {
+    bool file_ok = true;
+    auto file_error = [&](int err, uint64_t at) {
+      *file_status = Fail(Error::Errno(err, "writing fetched data at file offset " +
+                                                std::to_string(at)));
+      file_ok = false;
+    };
+    while (len > 0) {
+      if (r_ < 0 || !splice_socket_) {
+        // Through a buffer: recv, then pwrite.
+        if (scratch_.empty()) scratch_.resize(1 << 20);
+        size_t n = std::min(len, scratch_.size());
+        if (auto s = RecvAll(sock, scratch_.data(), n); !s) return s;
+        if (file_ok) {
+          if (int err = WriteAll(file, scratch_.data(), n, file_offset); err != 0)
+            file_error(err, file_offset);
+        }
+        file_offset += n;
+        len -= n;
+        continue;
+      }
+      ssize_t n = ::splice(sock, nullptr, w_, nullptr, std::min(len, cap_), SPLICE_F_MOVE);
+      if (n == 0) return Fail(Error(ECONNRESET, "server closed the connection"));
+      if (n < 0) {
+        if (errno == EINTR) continue;
+        if (errno == EINVAL) {  // this socket type cannot splice
+          splice_socket_ = false;
+          continue;
+        }
+        return Fail(Error::Errno(errno, "receiving from server"));
+      }
+      // Drain the pipe completely into the file (or, after a file error,
+      // into the scratch buffer).
+      for (size_t left = size_t(n); left > 0;) {
+        ssize_t m;
+        if (file_ok && splice_file_) {
+          loff_t at = loff_t(file_offset);
+          m = ::splice(r_, nullptr, file, &at, left, SPLICE_F_MOVE);
+          if (m < 0 && errno == EINVAL) {
+            splice_file_ = false;
+            continue;
+          }
+        } else {
+          if (scratch_.empty()) scratch_.resize(1 << 20);
+          m = ::read(r_, scratch_.data(), std::min(left, scratch_.size()));
+          if (m > 0 && file_ok) {
+            if (int err = WriteAll(file, scratch_.data(), size_t(m), file_offset); err != 0)
+              file_error(err, file_offset);
+          }
+        }
+        if (m < 0 && errno == EINTR) continue;
+        if (m <= 0) {
+          if (file_ok) {
+            file_error(m < 0 ? errno : EIO, file_offset);
+            continue;  // drain the rest into the scratch buffer
+          }
+          return Fail(Error::Errno(m < 0 ? errno : EIO, "draining the receive pipe"));
+        }
+        left -= size_t(m);
+        file_offset += uint64_t(m);
+      }
+      len -= size_t(n);
+    }
+    return Ok();
+  }
+
+ private:
+  // 0 or the errno of a failed pwrite.
+  static int WriteAll(int fd, const uint8_t* p, size_t n, uint64_t at) {
+    while (n > 0) {
+      ssize_t k = ::pwrite(fd, p, n, off_t(at));
+      if (k < 0 && errno == EINTR) continue;
+      if (k <= 0) return k < 0 ? errno : EIO;
+      p += k;
+      n -= size_t(k);
+      at += uint64_t(k);
+    }
+    return 0;
+  }
+
+  int r_ = -1, w_ = -1;
+  size_t cap_ = 0;
+  bool splice_socket_ = true;
+  bool splice_file_ = true;
+  std::vector<uint8_t> scratch_;
+};
 
 // Explicit SO_RCVBUF/SO_SNDBUF switch off Linux's TCP buffer auto-tuning and
 // are silently capped at net.core.[rw]mem_max (often ~200 KiB), which would
@@ -401,6 +518,7 @@ class NbdClientImpl final : public NbdClient {
   }
 
   Status Read(std::span<std::byte> buf, uint64_t offset) override;
+  Status ReadToFile(int fd, uint64_t file_offset, uint64_t length, uint64_t offset) override;
   Status Reconnect() override;
   void Close() override;
 
@@ -408,6 +526,8 @@ class NbdClientImpl final : public NbdClient {
   enum class State { kWaiting, kInFlight, kDone, kRetry };
   struct Pending {
     std::byte* dst = nullptr;
+    int file_fd = -1;  // >= 0: the payload goes to this file (dst unused)
+    uint64_t file_offset = 0;
     uint64_t offset = 0;
     uint32_t length = 0;
     uint64_t cookie = 0;
@@ -419,6 +539,7 @@ class NbdClientImpl final : public NbdClient {
   };
 
   Status ReadAligned(std::span<std::byte> buf, uint64_t offset);
+  Status CheckRange(uint64_t length, uint64_t offset) const;
   Status RunPieces(std::vector<Pending>& pieces);
   void InstallLocked(std::shared_ptr<Connection> c);
   void BreakLocked(const std::shared_ptr<Connection>& c, std::string reason);
@@ -490,6 +611,7 @@ Status NbdClientImpl::CheckSameRemote(const Negotiated& n) const {
 void NbdClientImpl::ReaderLoop(std::shared_ptr<Connection> c) {
   const int fd = c->fd.get();
   std::string reason;
+  std::unique_ptr<FileSink> sink;  // made on the first ReadToFile payload
   for (;;) {
     uint8_t header[nbd::kSimpleReplySize];
     if (auto s = RecvAll(fd, header, 4); !s) {
@@ -524,8 +646,15 @@ void NbdClientImpl::ReaderLoop(std::shared_ptr<Connection> c) {
     }
     Status result;
     if (reply->error == 0) {
-      // Straight into the caller's buffer: no intermediate copy.
-      if (auto s = RecvAll(fd, p->dst, p->length); !s) {
+      // Straight into the caller's buffer or file: no intermediate copy.
+      Status s;
+      if (p->file_fd >= 0) {
+        if (!sink) sink = std::make_unique<FileSink>();
+        s = sink->Receive(fd, p->file_fd, p->file_offset, p->length, &result);
+      } else {
+        s = RecvAll(fd, p->dst, p->length);
+      }
+      if (!s) {
         reason = "short read of reply payload: " + s.error().message();
         break;
       }
@@ -663,13 +792,36 @@ void NbdClientImpl::MaintenanceLoop() {
   }
 }
 
-Status NbdClientImpl::Read(std::span<std::byte> buf, uint64_t offset) {
-  if (buf.empty()) return Ok();
-  if (offset > size_ || buf.size() > size_ - offset) {
-    return Fail(Error::Invalid("read of " + std::to_string(buf.size()) + " bytes at offset " +
+Status NbdClientImpl::CheckRange(uint64_t length, uint64_t offset) const {
+  if (offset > size_ || length > size_ - offset) {
+    return Fail(Error::Invalid("read of " + std::to_string(length) + " bytes at offset " +
                                std::to_string(offset) + " is beyond the end of " + where_ +
                                " (size " + std::to_string(size_) + ")"));
   }
+  return Ok();
+}
+
+Status NbdClientImpl::ReadToFile(int fd, uint64_t file_offset, uint64_t length,
+                                 uint64_t offset) {
+  if (length == 0) return Ok();
+  if (auto s = CheckRange(length, offset); !s) return s;
+  if (min_block_ > 1 && (offset % min_block_ != 0 || length % min_block_ != 0)) {
+    return RemoteReader::ReadToFile(fd, file_offset, length, offset);  // via Read's bounce
+  }
+  auto split = nbd::SplitRead(offset, length, max_request_, min_block_);
+  std::vector<Pending> pieces(split.size());
+  for (size_t i = 0; i < split.size(); ++i) {
+    pieces[i].file_fd = fd;
+    pieces[i].file_offset = file_offset + split[i].buffer_offset;
+    pieces[i].offset = split[i].offset;
+    pieces[i].length = split[i].length;
+  }
+  return RunPieces(pieces);
+}
+
+Status NbdClientImpl::Read(std::span<std::byte> buf, uint64_t offset) {
+  if (buf.empty()) return Ok();
+  if (auto s = CheckRange(buf.size(), offset); !s) return s;
   if (min_block_ > 1 && (offset % min_block_ != 0 || buf.size() % min_block_ != 0)) {
     // The server promised alignment only for whole minimum blocks: read the
     // covering aligned range and copy out the middle.

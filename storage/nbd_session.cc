@@ -515,9 +515,14 @@ void Session::DiscardPipe(Reply& r) {
   --pipes_;
 }
 
-bool Session::SpliceData(Reply& r, uint64_t offset, size_t length) {
+bool Session::SpliceData(Reply& r, uint64_t offset, size_t length, Status* err) {
   if (!splice_ok_.load(std::memory_order_relaxed)) return false;
-  auto range = backend_->FileRangeFor(offset, length);
+  auto prepared = backend_->PrepareFileRange(offset, length);
+  if (!prepared) {
+    *err = Fail(prepared.error());
+    return false;
+  }
+  const std::optional<FileRange>& range = *prepared;
   if (!range) return false;
   if (!r.pipe) {
     r.pipe = AcquirePipe();
@@ -527,10 +532,10 @@ bool Session::SpliceData(Reply& r, uint64_t offset, size_t length) {
   static const size_t page = size_t(::sysconf(_SC_PAGESIZE));
   const size_t slots = (size_t(range->offset % page) + length + page - 1) / page;
   if (!r.pipe->Reserve((r.pipe_slots + slots) * page)) return false;
-  int err = r.pipe->Fill(range->fd, range->offset, length);
-  if (err != 0) {
+  int fill_err = r.pipe->Fill(range->fd, range->offset, length);
+  if (fill_err != 0) {
     // EINVAL: the file (system) cannot splice; stop trying on this session.
-    if (err == EINVAL || err == ENOSYS || err == EOPNOTSUPP) {
+    if (fill_err == EINVAL || fill_err == ENOSYS || fill_err == EOPNOTSUPP) {
       splice_ok_.store(false, std::memory_order_relaxed);
     }
     DiscardPipe(r);
@@ -973,9 +978,14 @@ void Session::ExecuteRead(Reply& r) {
         // Read every data segment first (into the pipe, or else copied): a
         // failure must not follow chunks that already claimed success.
         bool spliced = try_splice;
+        Status prepared;
         for (const auto& s : segs) {
           if (!spliced) break;
-          if (!s.hole) spliced = SpliceData(r, s.offset, s.length);
+          if (!s.hole) spliced = SpliceData(r, s.offset, s.length, &prepared);
+        }
+        if (!prepared) {
+          if (r.pipe_in > 0) DiscardPipe(r);
+          return fail(prepared.error());
         }
         if (!spliced) {
           if (r.pipe_in > 0) DiscardPipe(r);  // drop the segments already piped
@@ -1014,9 +1024,9 @@ void Session::ExecuteRead(Reply& r) {
     // No holes, or extents unavailable: an ordinary read below.
   }
   const int64_t t0 = NowNs();
-  bool spliced = try_splice && SpliceData(r, q.offset, q.length);
   Status st;
-  if (!spliced) {  // (a failed SpliceData leaves no bytes in the pipe)
+  bool spliced = try_splice && SpliceData(r, q.offset, q.length, &st);
+  if (!spliced && st) {  // (a failed SpliceData leaves no bytes in the pipe)
     st = backend_->Read(std::span<std::byte>(r.Data(q.length), q.length), q.offset);
   }
   const int64_t t1 = NowNs();

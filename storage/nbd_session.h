@@ -98,10 +98,12 @@ class Session : public std::enable_shared_from_this<Session> {
   enum class SendResult { kDone, kSlow, kError };
   SendResult SendDirect(std::vector<std::unique_ptr<Reply>>& batch, int& err);
   // Zero-copy reads: moves [offset, offset+length) of the backend's file
-  // into r's pipe (page references). False: not possible (the backend names
+  // into r's pipe (page references), after the backend brought it into the
+  // file (Backend::PrepareFileRange). False: not possible (the backend names
   // no file, no pipe free, a short splice); the caller then copies, after
-  // DiscardPipe if r's pipe may hold a partial fill.
-  bool SpliceData(Reply& r, uint64_t offset, size_t length);
+  // DiscardPipe if r's pipe may hold a partial fill. False with `*err` set:
+  // the backend failed (the read's error).
+  bool SpliceData(Reply& r, uint64_t offset, size_t length, Status* err);
   std::unique_ptr<SplicePipe> AcquirePipe();
   void DiscardPipe(Reply& r);
   // pending_ dropped by n (replies written or dropped): wake the reader if

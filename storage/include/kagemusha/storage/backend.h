@@ -91,6 +91,14 @@ class Backend {
     (void)length;
     return std::nullopt;
   }
+  // Optional, for zero-copy reads of data the backend must first bring into
+  // its file: like FileRangeFor, but may do that work first (a copy-on-read
+  // proxy fetches missing blocks from its remote straight into its cache
+  // file). An error is the read's error; nullopt: use Read(). The default is
+  // FileRangeFor.
+  virtual Result<std::optional<FileRange>> PrepareFileRange(uint64_t offset, uint64_t length) {
+    return FileRangeFor(offset, length);
+  }
 };
 
 }  // namespace kagemusha::storage

@@ -56,6 +56,7 @@ class FileBackend final : public Backend {
   std::optional<FileRange> FileRangeFor(uint64_t offset, uint64_t length) override;
 
   const std::string& path() const { return path_; }
+  int fd() const { return fd_; }  // open for the backend's lifetime
   bool is_block_device() const { return block_device_; }
 
   // Extents() reports at most this many runs per call (the rest is left to

@@ -27,6 +27,14 @@ class RemoteReader {
   // the call waits (the implementation reconnects with back-off) for at most
   // the implementation's configured bound, then fails with ETIMEDOUT.
   virtual Status Read(std::span<std::byte> buf, uint64_t offset) = 0;
+  // Reads exactly `length` bytes at `offset` and writes them to the open
+  // file `fd` at `file_offset` (as pwrite: the file position is unused).
+  // Waits and fails as Read does; a failed write to the file fails the call
+  // with that error (ENOSPC, EIO), and then the file range holds some prefix
+  // of the bytes, or none. The default reads into a buffer and writes it;
+  // NbdClient receives the payload straight into the file (splice), so the
+  // bytes cross no user-space buffer.
+  virtual Status ReadToFile(int fd, uint64_t file_offset, uint64_t length, uint64_t offset);
   // Drops the current connection and reconnects now (operator `reconnect`).
   virtual Status Reconnect() = 0;
   // True while a connection is established.
