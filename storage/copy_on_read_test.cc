@@ -1136,5 +1136,225 @@ TEST_F(CopyOnReadTest, FailedWriteBehindStoreLeavesBlocksMissingAndTheyAreFetche
                         Slice(image_, 3 * kMiB, 2 * 65536)));
 }
 
+// --- PrepareFileRange: a miss the server will splice ------------------------
+
+// The bytes of `range` (a file range) as the file holds them now.
+std::vector<std::byte> PreadRange(const FileRange& range, uint64_t length) {
+  std::vector<std::byte> got(length);
+  ssize_t n = ::pread(range.fd, got.data(), got.size(), off_t(range.offset));
+  EXPECT_EQ(n, ssize_t(length));
+  return got;
+}
+
+TEST_F(CopyOnReadTest, PrepareFileRangeFetchesAMissOnceStraightIntoTheCacheFile) {
+  Init(4 * kMiB, 65536);
+  const uint64_t off = 2 * 65536 + 100, len = 3 * 65536;  // blocks 2-5
+  EXPECT_FALSE(cor_->FileRangeFor(off, len).has_value());
+  auto r = cor_->PrepareFileRange(off, len);
+  ASSERT_TRUE(r) << r.error().message();
+  ASSERT_TRUE(r->has_value()) << "a prepared proxy range must name the cache file";
+  EXPECT_EQ((*r)->offset, off);
+  EXPECT_TRUE(SameBytes(PreadRange(**r, len), Slice(image_, off, len)));
+  {
+    std::lock_guard lk(remote_->mu);
+    ASSERT_EQ(remote_->request_log.size(), 1u);  // the four blocks in one request
+    EXPECT_EQ(remote_->request_log[0], std::make_pair(uint64_t(2 * 65536), uint64_t(4 * 65536)));
+  }
+  for (uint64_t b = 2; b < 6; ++b) EXPECT_EQ(ReadsOf(b), 1u) << b;
+  EXPECT_EQ(cor_->Status().blocks_present, 4u);
+  EXPECT_EQ(cor_->Status().bytes_fetched, 4u * 65536);
+
+  // Present now: offered without preparing, and preparing again is free.
+  auto again = cor_->FileRangeFor(off, len);
+  ASSERT_TRUE(again.has_value());
+  EXPECT_EQ(again->fd, (*r)->fd);
+  auto second = cor_->PrepareFileRange(2 * 65536, 4 * 65536);
+  ASSERT_TRUE(second && second->has_value());
+  EXPECT_TRUE(SameBytes(PreadRange(**second, 4 * 65536), Slice(image_, 2 * 65536, 4 * 65536)));
+  EXPECT_TRUE(SameBytes(ReadAt(off, len), Slice(image_, off, len)));
+  EXPECT_EQ(Requests(), 1u);
+
+  // The cache image on disk holds the blocks, and they survive a restart.
+  ASSERT_TRUE(cor_->Flush());
+  EXPECT_TRUE(SameBytes(Slice(ReadFileBytes(opts_.cache_path), 2 * 65536, 4 * 65536),
+                        Slice(image_, 2 * 65536, 4 * 65536)));
+  cor_.reset();
+  OpenBackend();
+  EXPECT_EQ(cor_->Status().blocks_present, 4u);
+  EXPECT_TRUE(cor_->FileRangeFor(off, len).has_value());
+}
+
+TEST_F(CopyOnReadTest, PrepareFileRangeFetchesOnlyTheMissingBlocksAndKeepsLocalWrites) {
+  Init(4 * kMiB, 65536);
+  const std::vector<std::byte> local(65536, std::byte{9});
+  ASSERT_TRUE(cor_->Write(local, 65536, false));  // block 1 written here, never fetched
+  auto r = cor_->PrepareFileRange(0, 3 * 65536);
+  ASSERT_TRUE(r) << r.error().message();
+  ASSERT_TRUE(r->has_value());
+  auto got = PreadRange(**r, 3 * 65536);
+  EXPECT_TRUE(SameBytes(Slice(got, 0, 65536), Slice(image_, 0, 65536)));
+  EXPECT_TRUE(SameBytes(Slice(got, 65536, 65536), local));
+  EXPECT_TRUE(SameBytes(Slice(got, 2 * 65536, 65536), Slice(image_, 2 * 65536, 65536)));
+  EXPECT_EQ(ReadsOf(0), 1u);
+  EXPECT_EQ(ReadsOf(1), 0u);
+  EXPECT_EQ(ReadsOf(2), 1u);
+  EXPECT_EQ(cor_->Status().blocks_present, 3u);
+}
+
+TEST_F(CopyOnReadTest, PrepareFileRangeWithAFailingRemoteReturnsTheErrorAndLeavesBlocksMissing) {
+  Init(4 * kMiB, 65536);
+  FakeRemote::SetFailure(*remote_, FakeRemote::Failure::kIoError);
+  auto r = cor_->PrepareFileRange(65536, 2 * 65536);
+  ASSERT_FALSE(r) << "a remote failure must be the read's error";
+  EXPECT_EQ(r.error().code(), EIO) << r.error().message();
+  EXPECT_FALSE(cor_->FileRangeFor(65536, 2 * 65536).has_value());
+  EXPECT_FALSE(cor_->FileRangeFor(65536, 1).has_value());
+  EXPECT_EQ(cor_->Status().blocks_present, 0u);
+  EXPECT_FALSE(cor_->Status().last_error.empty());
+
+  FakeRemote::SetFailure(*remote_, FakeRemote::Failure::kDisconnected);
+  auto t = cor_->PrepareFileRange(65536, 2 * 65536);
+  ASSERT_FALSE(t);
+  EXPECT_EQ(t.error().code(), ETIMEDOUT) << t.error().message();
+  EXPECT_EQ(cor_->Status().blocks_present, 0u);
+
+  // The claims were released: once the remote is back the same range works.
+  FakeRemote::SetFailure(*remote_, FakeRemote::Failure::kNone);
+  auto ok = cor_->PrepareFileRange(65536, 2 * 65536);
+  ASSERT_TRUE(ok) << ok.error().message();
+  ASSERT_TRUE(ok->has_value());
+  EXPECT_TRUE(SameBytes(PreadRange(**ok, 2 * 65536), Slice(image_, 65536, 2 * 65536)));
+  EXPECT_EQ(cor_->Status().blocks_present, 2u);
+}
+
+TEST_F(CopyOnReadTest, PrepareFileRangeWhoseCacheWriteFailsReturnsTheErrorAndMarksNothing) {
+  Init(4 * kMiB, 65536);  // the cache file is created (sparse) before the limit
+  {
+    FileSizeLimit limit(2 * kMiB);
+    auto r = cor_->PrepareFileRange(3 * kMiB, 2 * 65536);
+    ASSERT_FALSE(r);
+    EXPECT_EQ(r.error().code(), EFBIG) << r.error().message();
+    EXPECT_FALSE(cor_->FileRangeFor(3 * kMiB, 2 * 65536).has_value());
+    EXPECT_EQ(cor_->Status().blocks_present, 0u);
+  }
+  auto r = cor_->PrepareFileRange(3 * kMiB, 2 * 65536);
+  ASSERT_TRUE(r) << r.error().message();
+  ASSERT_TRUE(r->has_value());
+  EXPECT_TRUE(SameBytes(PreadRange(**r, 2 * 65536), Slice(image_, 3 * kMiB, 2 * 65536)));
+  EXPECT_EQ(ReadsOf(48), 2u);
+}
+
+TEST_F(CopyOnReadTest, ConcurrentPrepareFileRangeCallsFetchEachBlockOnce) {
+  Init(4 * kMiB, 65536);
+  FakeRemote::Hold(*remote_);
+  const uint64_t off = 4 * 65536, len = 8 * 65536;
+  std::vector<std::future<Result<std::optional<FileRange>>>> callers;
+  for (int i = 0; i < 8; ++i)
+    callers.push_back(std::async(std::launch::async, [&, i] {
+      return cor_->PrepareFileRange(off + uint64_t(i) * 100, len - uint64_t(i) * 100);
+    }));
+  ASSERT_TRUE(FakeRemote::WaitHeld(*remote_, 1, 2s));
+  std::this_thread::sleep_for(20ms);  // let the other callers pile up on the claims
+  {
+    std::lock_guard lk(remote_->mu);
+    EXPECT_EQ(remote_->waiting, 1u);
+  }
+  FakeRemote::Release(*remote_);
+  for (int i = 0; i < 8; ++i) {
+    auto r = callers[size_t(i)].get();
+    ASSERT_TRUE(r) << r.error().message();
+    ASSERT_TRUE(r->has_value());
+    const uint64_t o = off + uint64_t(i) * 100, n = len - uint64_t(i) * 100;
+    EXPECT_EQ((*r)->offset, o);
+    EXPECT_TRUE(SameBytes(PreadRange(**r, n), Slice(image_, o, n))) << i;
+  }
+  for (uint64_t b = 4; b < 12; ++b) EXPECT_EQ(ReadsOf(b), 1u) << b;
+  EXPECT_EQ(Requests(), 1u);
+}
+
+TEST_F(CopyOnReadTest, ConcurrentOverlappingPrepareFileRangeAndReadFetchEachBlockOnce) {
+  Init(8 * kMiB, 65536);
+  {
+    std::lock_guard lk(remote_->mu);
+    remote_->jitter = std::chrono::microseconds(2000);  // replies out of order
+  }
+  std::vector<std::thread> threads;
+  std::atomic<int> bad{0};
+  for (int t = 0; t < 8; ++t) {
+    threads.emplace_back([&, t] {
+      for (uint64_t b = uint64_t(t); b < 100; b += 3) {
+        const uint64_t off = b * 65536 + 7, len = 5 * 65536;
+        if (t % 2 == 0) {
+          auto r = cor_->PrepareFileRange(off, len);
+          if (!r || !r->has_value() || !SameBytes(PreadRange(**r, len), Slice(image_, off, len)))
+            ++bad;
+        } else if (!SameBytes(ReadAt(off, len), Slice(image_, off, len))) {
+          ++bad;
+        }
+      }
+    });
+  }
+  for (auto& th : threads) th.join();
+  EXPECT_EQ(bad.load(), 0);
+  ASSERT_TRUE(cor_->Flush());
+  for (uint64_t b = 0; b < 105; ++b) EXPECT_EQ(ReadsOf(b), 1u) << "block " << b;
+}
+
+TEST_F(CopyOnReadTest, PrepareFileRangeOfThePartialTailBlockDoesNotGrowTheCache) {
+  Init(3 * 65536 + 1000, 65536);  // last block is 1000 bytes
+  auto r = cor_->PrepareFileRange(3 * 65536 + 10, 990);
+  ASSERT_TRUE(r) << r.error().message();
+  ASSERT_TRUE(r->has_value());
+  EXPECT_TRUE(SameBytes(PreadRange(**r, 990), Slice(image_, 3 * 65536 + 10, 990)));
+  {
+    std::lock_guard lk(remote_->mu);
+    ASSERT_EQ(remote_->request_log.size(), 1u);
+    EXPECT_EQ(remote_->request_log[0], std::make_pair(uint64_t(3 * 65536), uint64_t(1000)));
+  }
+  ASSERT_TRUE(cor_->Flush());
+  EXPECT_EQ(ReadFileBytes(opts_.cache_path).size(), image_.size());
+}
+
+TEST_F(CopyOnReadTest, PrepareFileRangeAfterTheSwitchNeverAsksTheRemote) {
+  Init(2 * kMiB, 65536);
+  cor_->StartFill();
+  ASSERT_TRUE(WaitComplete());
+  ASSERT_TRUE(cor_->SwitchToTarget());
+  const uint64_t before = Requests();
+  FakeRemote::SetFailure(*remote_, FakeRemote::Failure::kIoError);
+  auto r = cor_->PrepareFileRange(100, 300000);
+  ASSERT_TRUE(r) << r.error().message();
+  ASSERT_TRUE(r->has_value());
+  EXPECT_TRUE(SameBytes(PreadRange(**r, 300000), Slice(image_, 100, 300000)));
+  EXPECT_EQ(Requests(), before);
+}
+
+TEST_F(CopyOnReadTest, PrepareFileRangeDuringTheFillFetchesEveryBlockOnceAndTheCacheIsExact) {
+  Init(16 * kMiB, 65536);
+  {
+    std::lock_guard lk(remote_->mu);
+    remote_->jitter = std::chrono::microseconds(1000);
+  }
+  cor_->StartFill();
+  std::atomic<int> bad{0};
+  std::vector<std::thread> threads;
+  for (int t = 0; t < 4; ++t) {
+    threads.emplace_back([&, t] {
+      for (uint64_t b = 254 - uint64_t(t); b >= 4; b -= 4) {  // against the fill's direction
+        const uint64_t off = b * 65536 - 3000, len = 2 * 65536;
+        auto r = cor_->PrepareFileRange(off, len);
+        if (!r || !r->has_value() || !SameBytes(PreadRange(**r, len), Slice(image_, off, len)))
+          ++bad;
+      }
+    });
+  }
+  for (auto& th : threads) th.join();
+  EXPECT_EQ(bad.load(), 0);
+  ASSERT_TRUE(WaitComplete(20s));
+  ASSERT_TRUE(cor_->Flush());
+  for (uint64_t b = 0; b < 256; ++b) EXPECT_EQ(ReadsOf(b), 1u) << "block " << b;
+  EXPECT_TRUE(SameBytes(ReadFileBytes(opts_.cache_path), image_));
+}
+
 }  // namespace
 }  // namespace kagemusha::storage

@@ -12,6 +12,7 @@
 #include <poll.h>
 #include <signal.h>
 #include <sys/prctl.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/un.h>
 #include <sys/wait.h>
@@ -19,6 +20,7 @@
 
 #include <atomic>
 #include <chrono>
+#include <csignal>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -830,6 +832,347 @@ TEST_F(NbdClientTest, ReconnectForcesAFreshConnection) {
   std::vector<std::byte> buf(512);
   ASSERT_TRUE((*client)->Read(buf, 0));
   ExpectPattern(buf, 0);
+}
+
+// --- ReadToFile (the reply payload spliced into a file) ------------------------
+
+// A file of `size` bytes all `fill`, opened with `flags`; -1 on failure.
+int MakeFilledFile(const std::string& path, size_t size, std::byte fill, int flags = O_RDWR) {
+  std::vector<std::byte> bytes(size, fill);
+  std::ofstream(path, std::ios::binary | std::ios::trunc)
+      .write(reinterpret_cast<const char*>(bytes.data()), std::streamsize(bytes.size()));
+  return ::open(path.c_str(), flags | O_CLOEXEC);
+}
+
+std::vector<std::byte> FileContent(const std::string& path) {
+  std::ifstream in(path, std::ios::binary | std::ios::ate);
+  std::vector<std::byte> out(size_t(in.tellg()));
+  in.seekg(0);
+  in.read(reinterpret_cast<char*>(out.data()), std::streamsize(out.size()));
+  return out;
+}
+
+// Checks that `file` holds `fill` everywhere except [file_offset,
+// file_offset+len), which holds want[offset, offset+len).
+void ExpectFileHolds(const std::vector<std::byte>& file, std::byte fill, uint64_t file_offset,
+                     const std::vector<std::byte>& want, uint64_t offset, uint64_t len) {
+  ASSERT_GE(file.size(), file_offset + len);
+  for (uint64_t i = 0; i < file_offset; ++i)
+    ASSERT_EQ(file[i], fill) << "byte " << i << " before the range was touched";
+  ASSERT_EQ(0, std::memcmp(file.data() + file_offset, want.data() + offset, len))
+      << "range content differs (file offset " << file_offset << ", remote offset " << offset
+      << ", length " << len << ")";
+  for (uint64_t i = file_offset + len; i < file.size(); ++i)
+    ASSERT_EQ(file[i], fill) << "byte " << i << " after the range was touched";
+}
+
+// nbdkit's log filter writes one "Connect" line per client connection: a
+// connection dropped and re-established shows as a second one.
+int ConnectionsLogged(const std::string& log) {
+  std::ifstream in(log);
+  int n = 0;
+  for (std::string line; std::getline(in, line);)
+    if (line.find(" Connect export=") != std::string::npos) ++n;
+  return n;
+}
+
+TEST_F(NbdClientTest, ReadToFileWritesExactlyTheRemoteBytesAtTheFileOffset) {
+  REQUIRE_TOOL("nbdkit");
+  auto data = MakeImage(2 << 20, 21);
+  auto server = StartNbdkitAndWait({"file", "file=" + image_});
+  auto client = NbdClient::Connect(UnixUri(sock_), FastOptions());
+  ASSERT_TRUE(client) << client.error().message();
+  const std::string target = dir_ + "/target";
+  const std::byte fill{0xA5};
+  const uint64_t file_offset = 70001, offset = 300007, len = 200003;  // all unaligned, different
+  int fd = MakeFilledFile(target, 1 << 20, fill);
+  ASSERT_GE(fd, 0);
+  auto s = (*client)->ReadToFile(fd, file_offset, len, offset);
+  ASSERT_TRUE(s) << s.error().message();
+  ::close(fd);
+  auto file = FileContent(target);
+  EXPECT_EQ(file.size(), size_t(1 << 20)) << "the file must not grow";
+  ExpectFileHolds(file, fill, file_offset, data, offset, len);
+}
+
+TEST_F(NbdClientTest, ReadToFilePastTheEndOfTheFileExtendsItWithTheRemoteBytes) {
+  REQUIRE_TOOL("nbdkit");
+  auto data = MakeImage(1 << 20, 22);
+  auto server = StartNbdkitAndWait({"file", "file=" + image_});
+  auto client = NbdClient::Connect(UnixUri(sock_), FastOptions());
+  ASSERT_TRUE(client) << client.error().message();
+  const std::string target = dir_ + "/target";
+  int fd = MakeFilledFile(target, 4096, std::byte{0x11});
+  ASSERT_GE(fd, 0);
+  auto s = (*client)->ReadToFile(fd, 4096, 300000, 5);
+  ASSERT_TRUE(s) << s.error().message();
+  ::close(fd);
+  auto file = FileContent(target);
+  ASSERT_EQ(file.size(), 4096u + 300000u);
+  ExpectFileHolds(file, std::byte{0x11}, 4096, data, 5, 300000);
+}
+
+TEST_F(NbdClientTest, ReadToFileLargerThanMaxRequestIsSplitAndEveryPieceLandsInPlace) {
+  REQUIRE_TOOL("nbdkit");
+  auto data = MakeImage(2 << 20, 23);
+  const std::string log = dir_ + "/nbdkit.log";
+  auto server = StartNbdkitAndWait({"--filter=log", "file", "file=" + image_, "logfile=" + log});
+  auto o = FastOptions();
+  o.max_request_bytes = 64 * 1024;
+  auto client = NbdClient::Connect(UnixUri(sock_), o);
+  ASSERT_TRUE(client) << client.error().message();
+  const std::string target = dir_ + "/target";
+  const std::byte fill{0x5A};
+  // 10 pieces, the last one partial; file offset and remote offset differ.
+  const uint64_t file_offset = 123457, offset = 65536 + 4099, len = 9 * 65536 + 777;
+  int fd = MakeFilledFile(target, 2 << 20, fill);
+  ASSERT_GE(fd, 0);
+  auto s = (*client)->ReadToFile(fd, file_offset, len, offset);
+  ASSERT_TRUE(s) << s.error().message();
+  ::close(fd);
+  ExpectFileHolds(FileContent(target), fill, file_offset, data, offset, len);
+  // The server saw pieces of at most max_request_bytes.
+  std::ifstream in(log);
+  int reads = 0;
+  for (std::string line; std::getline(in, line);) {
+    auto at = line.find(" Read id=");
+    if (at == std::string::npos) continue;
+    ++reads;
+    auto c = line.find("count=0x", at);
+    ASSERT_NE(c, std::string::npos) << line;
+    EXPECT_LE(std::stoull(line.substr(c + 8), nullptr, 16), 65536u) << line;
+  }
+  EXPECT_EQ(reads, 10);
+}
+
+TEST_F(NbdClientTest, ReadToFileIntoAReadOnlyFdFailsAndTheConnectionStaysInStep) {
+  REQUIRE_TOOL("nbdkit");
+  auto data = MakeImage(4 << 20, 24);
+  const std::string log = dir_ + "/nbdkit.log";
+  auto server = StartNbdkitAndWait({"--filter=log", "file", "file=" + image_, "logfile=" + log});
+  auto o = FastOptions();
+  o.max_request_bytes = 256 * 1024;  // several pieces fail, each drained
+  auto client = NbdClient::Connect(UnixUri(sock_), o);
+  ASSERT_TRUE(client) << client.error().message();
+  ASSERT_TRUE(WaitFor([&] { return ConnectionsLogged(log) >= 1; }));
+  const int connections = ConnectionsLogged(log);
+
+  const std::string ro_path = dir_ + "/readonly";
+  const std::byte fill{0x77};
+  int ro = MakeFilledFile(ro_path, 2 << 20, fill, O_RDONLY);
+  ASSERT_GE(ro, 0);
+  // Larger than the receive pipe, so the failure happens mid-payload.
+  auto s = (*client)->ReadToFile(ro, 0, (1 << 20) + 12345, 4096);
+  ASSERT_FALSE(s) << "a write into a read-only fd cannot succeed";
+  EXPECT_EQ(s.error().code(), EBADF) << s.error().message();
+  ::close(ro);
+  auto untouched = FileContent(ro_path);
+  EXPECT_EQ(untouched, std::vector<std::byte>(2 << 20, fill));
+
+  // The same client, the same connection: the rest of the payload was
+  // drained, so the next replies parse and carry the right bytes.
+  EXPECT_TRUE((*client)->Connected());
+  ExpectReadMatches(**client, data, 3 << 20, 700000);
+  const std::string target = dir_ + "/target";
+  int fd = MakeFilledFile(target, 1 << 20, fill);
+  ASSERT_GE(fd, 0);
+  auto ok = (*client)->ReadToFile(fd, 999, 500000, 1234567);
+  ASSERT_TRUE(ok) << ok.error().message();
+  ::close(fd);
+  ExpectFileHolds(FileContent(target), fill, 999, data, 1234567, 500000);
+  EXPECT_EQ(ConnectionsLogged(log), connections) << "the connection was dropped and re-made";
+}
+
+TEST_F(NbdClientTest, ReadToFileHittingTheFileSizeLimitFailsWithEfbigAndStaysInStep) {
+  // A full disk, as the process's file size limit: the file takes a prefix
+  // of the payload, then refuses the rest.
+  REQUIRE_TOOL("nbdkit");
+  auto data = MakeImage(4 << 20, 25);
+  const std::string log = dir_ + "/nbdkit.log";
+  auto server = StartNbdkitAndWait({"--filter=log", "file", "file=" + image_, "logfile=" + log});
+  auto client = NbdClient::Connect(UnixUri(sock_), FastOptions());
+  ASSERT_TRUE(client) << client.error().message();
+  ASSERT_TRUE(WaitFor([&] { return ConnectionsLogged(log) >= 1; }));
+  const int connections = ConnectionsLogged(log);
+  const std::string target = dir_ + "/target";
+  int fd = MakeFilledFile(target, 0, std::byte{0});
+  ASSERT_GE(fd, 0);
+  Status s;
+  {
+    auto old_handler = std::signal(SIGXFSZ, SIG_IGN);
+    rlimit old{};
+    ::getrlimit(RLIMIT_FSIZE, &old);
+    rlimit r = old;
+    r.rlim_cur = 1 << 20;
+    ::setrlimit(RLIMIT_FSIZE, &r);
+    s = (*client)->ReadToFile(fd, 0, 3 << 20, 0);
+    ::setrlimit(RLIMIT_FSIZE, &old);
+    std::signal(SIGXFSZ, old_handler);
+  }
+  ASSERT_FALSE(s);
+  EXPECT_EQ(s.error().code(), EFBIG) << s.error().message();
+  auto file = FileContent(target);
+  ASSERT_LE(file.size(), size_t(1 << 20));
+  EXPECT_EQ(0, std::memcmp(file.data(), data.data(), file.size())) << "the prefix is not the data";
+
+  ExpectReadMatches(**client, data, 100, 2 << 20);
+  auto ok = (*client)->ReadToFile(fd, 0, 3 << 20, 1 << 20);
+  ASSERT_TRUE(ok) << ok.error().message();
+  ::close(fd);
+  file = FileContent(target);
+  ASSERT_EQ(file.size(), size_t(3 << 20));
+  EXPECT_EQ(0, std::memcmp(file.data(), data.data() + (1 << 20), 3 << 20));
+  EXPECT_EQ(ConnectionsLogged(log), connections) << "the connection was dropped and re-made";
+}
+
+TEST_F(NbdClientTest, ReadToFilePastTheEndIsEinvalAndZeroLengthIsOk) {
+  REQUIRE_TOOL("nbdkit");
+  auto data = MakeImage(1 << 20, 26);
+  auto server = StartNbdkitAndWait({"file", "file=" + image_});
+  auto client = NbdClient::Connect(UnixUri(sock_), FastOptions());
+  ASSERT_TRUE(client) << client.error().message();
+  const std::string target = dir_ + "/target";
+  const std::byte fill{0x33};
+  int fd = MakeFilledFile(target, 8192, fill);
+  ASSERT_GE(fd, 0);
+  auto past = (*client)->ReadToFile(fd, 0, 2, data.size() - 1);
+  ASSERT_FALSE(past);
+  EXPECT_EQ(past.error().code(), EINVAL) << past.error().message();
+  auto beyond = (*client)->ReadToFile(fd, 0, 1, data.size() + 4096);
+  ASSERT_FALSE(beyond);
+  EXPECT_EQ(beyond.error().code(), EINVAL);
+  auto huge = (*client)->ReadToFile(fd, 0, UINT64_MAX, 1);  // no overflow into "in range"
+  ASSERT_FALSE(huge);
+  EXPECT_EQ(huge.error().code(), EINVAL);
+  EXPECT_TRUE((*client)->ReadToFile(fd, 0, 0, 0));
+  EXPECT_TRUE((*client)->ReadToFile(fd, 0, 0, data.size()));
+  auto tail = (*client)->ReadToFile(fd, 100, 1, data.size() - 1);  // the last byte is in range
+  ASSERT_TRUE(tail) << tail.error().message();
+  ::close(fd);
+  ExpectFileHolds(FileContent(target), fill, 100, data, data.size() - 1, 1);
+}
+
+TEST_F(NbdClientTest, UnalignedReadToFileOnAServerWithAMinimumBlockIsExact) {
+  REQUIRE_TOOL("nbdkit");
+  auto data = MakeImage(2 << 20, 27);
+  // The filter fails (EINVAL) any request above 64 KiB or not 512-aligned.
+  auto server = StartNbdkitAndWait({"--filter=blocksize-policy", "file", "file=" + image_,
+                                    "blocksize-minimum=512", "blocksize-preferred=4096",
+                                    "blocksize-maximum=65536", "blocksize-error-policy=error"});
+  auto client = NbdClient::Connect(UnixUri(sock_), FastOptions());
+  ASSERT_TRUE(client) << client.error().message();
+  const std::string target = dir_ + "/target";
+  const std::byte fill{0x44};
+  int fd = MakeFilledFile(target, 1 << 20, fill);
+  ASSERT_GE(fd, 0);
+  auto s = (*client)->ReadToFile(fd, 3, 300 * 1024 + 1, 4097);  // unaligned and split
+  ASSERT_TRUE(s) << s.error().message();
+  auto a = (*client)->ReadToFile(fd, 512 * 1024, 128 * 1024, 8192);  // aligned: spliced, split
+  ASSERT_TRUE(a) << a.error().message();
+  ::close(fd);
+  auto file = FileContent(target);
+  ASSERT_EQ(file.size(), size_t(1 << 20));
+  EXPECT_EQ(0, std::memcmp(file.data() + 3, data.data() + 4097, 300 * 1024 + 1));
+  EXPECT_EQ(file[2], fill);
+  EXPECT_EQ(file[3 + 300 * 1024 + 1], fill);
+  EXPECT_EQ(0, std::memcmp(file.data() + 512 * 1024, data.data() + 8192, 128 * 1024));
+  EXPECT_EQ(file[512 * 1024 - 1], fill);
+  EXPECT_EQ(file[640 * 1024], fill);
+}
+
+TEST_F(NbdClientTest, ConcurrentReadToFileAndReadCallsAllGetTheirOwnBytes) {
+  REQUIRE_TOOL("nbdkit");
+  auto data = MakeImage(4 << 20, 28);
+  auto server = StartNbdkitAndWait({"file", "file=" + image_});
+  auto o = FastOptions();
+  o.max_request_bytes = 128 * 1024;
+  auto client = NbdClient::Connect(UnixUri(sock_), o);
+  ASSERT_TRUE(client) << client.error().message();
+  const std::string target = dir_ + "/target";
+  int fd = MakeFilledFile(target, 4 << 20, std::byte{0});
+  ASSERT_GE(fd, 0);
+  // Thread i copies remote [i MiB, i+1 MiB) to file [(3-i) MiB, ...) in
+  // 100 KiB steps, interleaved with plain reads by the others.
+  std::vector<std::thread> threads;
+  std::atomic<int> failures{0};
+  for (int i = 0; i < 4; ++i) {
+    threads.emplace_back([&, i] {
+      const uint64_t src = uint64_t(i) << 20, dst = uint64_t(3 - i) << 20;
+      for (uint64_t at = 0; at < (1 << 20); at += 100 * 1024) {
+        uint64_t n = std::min<uint64_t>(100 * 1024, (1 << 20) - at);
+        if (!(*client)->ReadToFile(fd, dst + at, n, src + at)) ++failures;
+        std::vector<std::byte> buf(4000);
+        if (!(*client)->Read(buf, src + at + 17) ||
+            std::memcmp(buf.data(), data.data() + src + at + 17, buf.size()) != 0)
+          ++failures;
+      }
+    });
+  }
+  for (auto& t : threads) t.join();
+  ::close(fd);
+  EXPECT_EQ(failures.load(), 0);
+  auto file = FileContent(target);
+  ASSERT_EQ(file.size(), size_t(4 << 20));
+  for (int i = 0; i < 4; ++i)
+    EXPECT_EQ(0, std::memcmp(file.data() + (uint64_t(3 - i) << 20), data.data() + (uint64_t(i) << 20),
+                             1 << 20))
+        << "mebibyte " << i;
+}
+
+TEST_F(NbdClientTest, ReadToFileOverTcpIsExactAndAReadOnlyFdLeavesTheStreamInStep) {
+  // The TCP socket's splice is another kernel path than the Unix socket's.
+  REQUIRE_TOOL("nbdkit");
+  auto data = MakeImage(4 << 20, 29);
+  const std::string log = dir_ + "/nbdkit.log";
+  uint16_t port = FreePort();
+  auto server = StartNbdkit({"--filter=log", "file", "file=" + image_, "logfile=" + log},
+                            {"-i", "127.0.0.1", "-p", std::to_string(port)});
+  ASSERT_TRUE(WaitFor([&] { return CanConnectTcp("127.0.0.1", port); }));
+  auto uri = ParseNbdUri("nbd://127.0.0.1:" + std::to_string(port) + "/");
+  ASSERT_TRUE(uri);
+  auto client = NbdClient::Connect(*uri, FastOptions());
+  ASSERT_TRUE(client) << client.error().message();
+  ASSERT_TRUE(WaitFor([&] { return ConnectionsLogged(log) >= 1; }));
+  const int connections = ConnectionsLogged(log);
+  const std::string target = dir_ + "/target";
+  const std::byte fill{0x66};
+  int ro = MakeFilledFile(target, 4 << 20, fill, O_RDONLY);
+  ASSERT_GE(ro, 0);
+  auto bad = (*client)->ReadToFile(ro, 0, 3 << 20, 1);
+  ::close(ro);
+  ASSERT_FALSE(bad);
+  EXPECT_EQ(bad.error().code(), EBADF) << bad.error().message();
+  int fd = ::open(target.c_str(), O_RDWR | O_CLOEXEC);
+  ASSERT_GE(fd, 0);
+  auto s = (*client)->ReadToFile(fd, 4096, 3 << 20, 65537);
+  ::close(fd);
+  ASSERT_TRUE(s) << s.error().message();
+  ExpectFileHolds(FileContent(target), fill, 4096, data, 65537, 3 << 20);
+  EXPECT_EQ(ConnectionsLogged(log), connections) << "the connection was dropped and re-made";
+}
+
+TEST_F(NbdClientTest, ReadToFileInFlightWhenServerIsKilledSucceedsAfterRestart) {
+  REQUIRE_TOOL("nbdkit");
+  auto data = MakeImage(1 << 20, 30);
+  auto server = StartNbdkitAndWait({"--filter=delay", "file", "file=" + image_, "rdelay=2000ms"});
+  auto client = NbdClient::Connect(UnixUri(sock_), FastOptions());
+  ASSERT_TRUE(client) << client.error().message();
+  const std::string target = dir_ + "/target";
+  const std::byte fill{0x21};
+  int fd = MakeFilledFile(target, 2 << 20, fill);
+  ASSERT_GE(fd, 0);
+  Status result;
+  std::thread reader([&] { result = (*client)->ReadToFile(fd, 333, data.size(), 0); });
+  std::this_thread::sleep_for(150ms);  // the read is now waiting on the server
+  server->Kill();
+  EXPECT_TRUE(WaitFor([&] { return !(*client)->Connected(); }, 2000ms));
+  std::this_thread::sleep_for(200ms);  // a few failed reconnect attempts
+  server = StartNbdkitAndWait({"file", "file=" + image_});
+  reader.join();
+  ::close(fd);
+  ASSERT_TRUE(result) << result.error().message();
+  ExpectFileHolds(FileContent(target), fill, 333, data, 0, data.size());
+  EXPECT_TRUE((*client)->Connected());
 }
 
 }  // namespace

@@ -15,6 +15,7 @@
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <filesystem>
 #include <map>
 #include <optional>
@@ -27,6 +28,8 @@
 #include <gtest/gtest.h>
 
 #include "kagemusha/common/coding.h"
+#include "fake_remote.h"
+#include "kagemusha/storage/copy_on_read.h"
 #include "kagemusha/storage/file_backend.h"
 #include "kagemusha/storage/nbd_protocol.h"
 #include "memory_backend_for_test.h"
@@ -1147,6 +1150,190 @@ TEST_F(NbdServerTest, InteropQemuImgAndNbdcopyRoundTrip) {
   std::tie(st, out) = Shell("nbdcopy " + back + " " + uri + " && qemu-img compare -f raw -F raw " +
                           back + " " + uri);
   EXPECT_EQ(st, 0) << out;
+}
+
+// --- A copy-on-read proxy export: misses spliced from the cache file --------
+
+// Export "file" is a copy-on-read proxy over a FakeRemote; a read of at least
+// 64 KiB fetches its missing blocks straight into the cache file
+// (PrepareFileRange) and is spliced from there.
+class NbdServerProxyTest : public NbdServerTest {
+ protected:
+  // Small blocks, so that a small aligned read fills whole blocks in its
+  // buffer and stores them behind the reply; remote requests are counted
+  // per 64 KiB.
+  static constexpr uint32_t kBlock = 4096;
+  void MakeProxyExport() {
+    image_ = FakeRemote::PatternImage(kFileSize, 5);
+    auto remote = std::make_unique<FakeRemote>(image_, 65536);
+    remote_ = remote->shared();
+    CopyOnReadOptions o;
+    o.cache_path = (dir_ / "cache.img").string();
+    o.bitmap_path = (dir_ / "cache.bitmap").string();
+    o.block_size = kBlock;
+    o.fill_on_start = false;
+    // Counts stores behind a reply: the copying Read() path makes them, the
+    // spliced path never does.
+    o.before_write_behind_store_for_test = [this] { ++write_behind_stores_; };
+    auto b = CopyOnReadBackend::Open(std::move(remote), o);
+    ASSERT_TRUE(b.has_value()) << b.error().message();
+    cor_ = *b;
+    file_ = cor_;
+  }
+  Bytes ImageBytes(uint64_t offset, size_t length) const {
+    Bytes out(length);
+    std::memcpy(out.data(), image_.data() + offset, length);
+    return out;
+  }
+  uint32_t ReadsOf(uint64_t block) { return FakeRemote::ReadsOfBlock(*remote_, block); }
+  // Reads [offset, +length) as request `cookie` and checks the reply's bytes.
+  void ExpectRead(TestClient& c, bool structured, uint64_t cookie, uint64_t offset,
+                  uint32_t length) {
+    ASSERT_TRUE(c.Request(0, kCmdRead, cookie, offset, length));
+    if (!structured) {
+      auto r = c.Reply(length);
+      ASSERT_TRUE(r) << "no reply: the server dropped the connection";
+      EXPECT_EQ(r->cookie, cookie);
+      ASSERT_EQ(r->error, 0u);
+      EXPECT_TRUE(r->payload == ImageBytes(offset, length)) << "offset " << offset;
+    } else {
+      auto chunks = c.ReplyChunks();
+      ASSERT_FALSE(chunks.empty()) << "no reply: the server dropped the connection";
+      for (const auto& ch : chunks) ASSERT_EQ(ch.cookie, cookie);
+      auto got = Assemble(chunks, offset, length);
+      ASSERT_TRUE(got);
+      EXPECT_TRUE(*got == ImageBytes(offset, length)) << "offset " << offset;
+    }
+  }
+
+  std::vector<std::byte> image_;
+  std::shared_ptr<FakeRemote::Shared> remote_;
+  std::shared_ptr<CopyOnReadBackend> cor_;
+  std::atomic<int> write_behind_stores_{0};
+};
+
+TEST_F(NbdServerProxyTest, LargeMissWhoseRemoteFailsIsAnErrorReplyAndTheConnectionServesOn) {
+  MakeProxyExport();
+  StartServer();
+  for (bool structured : {false, true}) {
+    SCOPED_TRACE(testing::Message() << "structured " << structured);
+    auto c = Connected("file", structured, false);
+    const uint64_t off = structured ? (2 << 20) : (1 << 20);
+    FakeRemote::SetFailure(*remote_, FakeRemote::Failure::kIoError);
+    ASSERT_TRUE(c->Request(0, kCmdRead, 1, off + 100, 256 * 1024));
+    if (!structured) {
+      auto r = c->Reply(256 * 1024);
+      ASSERT_TRUE(r) << "the server dropped the connection instead of replying with an error";
+      EXPECT_TRUE(r->simple);
+      EXPECT_EQ(r->cookie, 1u);
+      EXPECT_EQ(r->error, kErrIo);
+    } else {
+      auto chunks = c->ReplyChunks();
+      ASSERT_EQ(chunks.size(), 1u)
+          << "the server dropped the connection instead of replying with an error";
+      EXPECT_EQ(chunks[0].cookie, 1u);
+      EXPECT_EQ(chunks[0].type, kReplyTypeError);
+      EXPECT_TRUE(chunks[0].flags & kReplyFlagDone);
+      EXPECT_EQ(ErrorOf(chunks[0]), kErrIo);
+    }
+    EXPECT_FALSE(cor_->FileRangeFor(off + 100, 256 * 1024).has_value());
+    // The same connection, the remote back: the same read, and another.
+    FakeRemote::SetFailure(*remote_, FakeRemote::Failure::kNone);
+    ExpectRead(*c, structured, 2, off + 100, 256 * 1024);
+    ExpectRead(*c, structured, 3, off + 512 * 1024, 128 * 1024);
+    EXPECT_TRUE(cor_->FileRangeFor(off + 100, 256 * 1024).has_value());
+    EXPECT_TRUE(cor_->FileRangeFor(off + 512 * 1024, 128 * 1024).has_value());
+  }
+  // Every block fetched once (failed attempts reach no data), and none of
+  // these large misses went through the copying path's store.
+  for (uint64_t b : {16, 17, 18, 19, 20, 24, 25, 32, 33, 34, 35, 36, 40, 41})
+    EXPECT_EQ(ReadsOf(b), 1u) << b;
+  for (uint64_t b : {21, 22, 23, 37, 38, 39}) EXPECT_EQ(ReadsOf(b), 0u) << b;
+  ASSERT_TRUE(cor_->Flush());
+  EXPECT_EQ(write_behind_stores_.load(), 0);
+  EXPECT_EQ(cor_->Status().blocks_present, 2u * (65 + 32));
+}
+
+TEST_F(NbdServerProxyTest, SmallMissIsCopiedAndLargeMissIsFetchedIntoTheCache) {
+  // Shows the write-behind counter above can tell the two paths apart.
+  MakeProxyExport();
+  StartServer();
+  auto c = Connected("file", false, false);
+  ExpectRead(*c, false, 1, 0, 32 * 1024);  // below 64 KiB: Read(), stored behind the reply
+  ASSERT_TRUE(cor_->Flush());
+  EXPECT_EQ(write_behind_stores_.load(), 1);
+  ExpectRead(*c, false, 2, 3 << 20, 64 * 1024);  // exactly 64 KiB: spliced
+  ASSERT_TRUE(cor_->Flush());
+  EXPECT_EQ(write_behind_stores_.load(), 1);
+  EXPECT_EQ(ReadsOf(0), 1u);
+  EXPECT_EQ(ReadsOf(48), 1u);
+  EXPECT_EQ(cor_->Status().blocks_present, 8u + 16u);
+}
+
+TEST_F(NbdServerProxyTest, ConcurrentLargeReadsOfOneMissFetchItOnceAndAllAreExact) {
+  MakeProxyExport();
+  StartServer();
+  std::vector<std::unique_ptr<TestClient>> clients;
+  for (int i = 0; i < 4; ++i) clients.push_back(Connected("file", i % 2 == 1, false));
+  FakeRemote::Hold(*remote_);
+  for (int i = 0; i < 4; ++i)
+    ASSERT_TRUE(clients[size_t(i)]->Request(0, kCmdRead, 10 + uint64_t(i), 1 << 20, 512 * 1024));
+  ASSERT_TRUE(FakeRemote::WaitHeld(*remote_, 1, 5s));
+  std::this_thread::sleep_for(50ms);  // the other reads pile up on the claims
+  FakeRemote::Release(*remote_);
+  for (int i = 0; i < 4; ++i) {
+    SCOPED_TRACE(i);
+    TestClient& c = *clients[size_t(i)];
+    if (i % 2 == 0) {
+      auto r = c.Reply(512 * 1024);
+      ASSERT_TRUE(r);
+      EXPECT_EQ(r->cookie, 10u + uint64_t(i));
+      ASSERT_EQ(r->error, 0u);
+      EXPECT_TRUE(r->payload == ImageBytes(1 << 20, 512 * 1024));
+    } else {
+      auto chunks = c.ReplyChunks();
+      ASSERT_FALSE(chunks.empty());
+      auto got = Assemble(chunks, 1 << 20, 512 * 1024);
+      ASSERT_TRUE(got);
+      EXPECT_TRUE(*got == ImageBytes(1 << 20, 512 * 1024));
+    }
+  }
+  for (uint64_t b = 16; b < 24; ++b) EXPECT_EQ(ReadsOf(b), 1u) << b;
+}
+
+TEST_F(NbdServerProxyTest, StructuredReadOfAHoleAndAFailingMissIsOneErrorReplyAndServesOn) {
+  // A trimmed block is present as a hole: the structured reply would be a
+  // hole chunk and spliced data chunks. The data segment's fetch fails, so
+  // the whole read is an error, and nothing of it is sent before.
+  MakeProxyExport();
+  StartServer();
+  auto c = Connected("file", true, false);
+  const uint64_t off = 1 << 20;
+  ASSERT_TRUE(c->Request(0, kCmdTrim, 1, off, 64 * 1024));
+  ASSERT_EQ(ErrorOf(*c->Reply()), 0u);
+  FakeRemote::SetFailure(*remote_, FakeRemote::Failure::kIoError);
+  ASSERT_TRUE(c->Request(0, kCmdRead, 2, off, 256 * 1024));
+  auto chunks = c->ReplyChunks();
+  ASSERT_EQ(chunks.size(), 1u) << "an error must not follow chunks that claimed success";
+  EXPECT_EQ(chunks[0].cookie, 2u);
+  EXPECT_EQ(chunks[0].type, kReplyTypeError);
+  EXPECT_EQ(ErrorOf(chunks[0]), kErrIo);
+  FakeRemote::SetFailure(*remote_, FakeRemote::Failure::kNone);
+  ASSERT_TRUE(c->Request(0, kCmdRead, 3, off, 256 * 1024));
+  chunks = c->ReplyChunks();
+  ASSERT_FALSE(chunks.empty()) << "the server dropped the connection";
+  EXPECT_TRUE(std::any_of(chunks.begin(), chunks.end(),
+                          [](const Chunk& ch) { return ch.type == kReplyTypeOffsetHole; }))
+      << "the read did not take the hole path";
+  auto got = Assemble(chunks, off, 256 * 1024);
+  ASSERT_TRUE(got);
+  Bytes want = ImageBytes(off, 256 * 1024);
+  std::fill(want.begin(), want.begin() + 64 * 1024, 0);
+  EXPECT_TRUE(*got == want);
+  for (uint64_t b = 17; b < 20; ++b) EXPECT_EQ(ReadsOf(b), 1u) << b;
+  EXPECT_EQ(ReadsOf(16), 0u) << "a trimmed block is never fetched";
+  ASSERT_TRUE(cor_->Flush());
+  EXPECT_EQ(write_behind_stores_.load(), 0);
 }
 
 }  // namespace
