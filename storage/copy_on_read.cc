@@ -996,6 +996,9 @@ Result<std::optional<FileRange>> CopyOnReadImpl::PrepareFileRange(uint64_t offse
   // spliced from the page cache into the client's socket. The proxy copies
   // each byte once, into the page cache; through Read() it would copy it
   // three times (receive, reply, store).
+  if (offset > size_ || length > size_ - offset)
+    return Fail(Error::Invalid("range of " + std::to_string(length) + " bytes at " +
+                               std::to_string(offset) + " is past the end of the image"));
   if (proxy() && length > 0) {
     const uint64_t first = FirstBlock(offset), last = EndBlock(offset, length);
     if (auto s = EnsurePresentRange(first, last, nullptr, FetchFor::kClientFromCache); !s)
