@@ -94,6 +94,30 @@ timed_cpu() {
   c1=$(cpu_ticks "$pid")
   record "${metric}_cpu" "$subject" "$("$ST_PY" -c "import sys; print((int(sys.argv[2]) - int(sys.argv[1])) / int(sys.argv[3]) / (int(sys.argv[4]) / 1024))" "$c0" "$c1" "$CLK_TCK" "$mib")"
 }
+# machine_busy_ticks : clock ticks the whole machine has spent busy so far
+# (user, nice, system, irq, softirq; not idle, iowait or steal).
+machine_busy_ticks() {
+  local -a f
+  read -r -a f </proc/stat
+  echo $((f[1] + f[2] + f[3] + f[6] + f[7]))
+}
+# timed_busy METRIC SUBJECT MIB PID|- CMD... : timed, plus the machine's busy
+# CPU seconds per GiB during CMD (METRIC_busy) and, given a PID, that
+# process's CPU seconds per GiB (METRIC_cpu). The machine figure counts
+# everything the pass costs: both peers, the kernel's writeback threads.
+timed_busy() {
+  local metric=$1 subject=$2 mib=$3 pid=$4; shift 4
+  local b0 b1 c0=0 c1=0
+  [[ $pid != - ]] && c0=$(cpu_ticks "$pid")
+  b0=$(machine_busy_ticks)
+  timed "$metric" "$subject" "$@"
+  b1=$(machine_busy_ticks)
+  [[ $pid != - ]] && c1=$(cpu_ticks "$pid")
+  local per_gib="import sys; print((int(sys.argv[2]) - int(sys.argv[1])) / int(sys.argv[3]) / (int(sys.argv[4]) / 1024))"
+  record "${metric}_busy" "$subject" "$("$ST_PY" -c "$per_gib" "$b0" "$b1" "$CLK_TCK" "$mib")"
+  [[ $pid != - ]] && record "${metric}_cpu" "$subject" "$("$ST_PY" -c "$per_gib" "$c0" "$c1" "$CLK_TCK" "$mib")"
+  return 0
+}
 progress() { printf '  %-44s run %d/%d\n' "$1" "$2" "$3" >&2; }
 
 # --- files -------------------------------------------------------------------
@@ -184,14 +208,14 @@ want proxy && for ((r = 1; r <= RUNS; r++)); do
   st_nbd_serve proxy-rd --unix "$d/p.sock" --control "$d/c.sock" \
     --proxy "$(st_proxy_spec p "$remote_uri" "$d/cache.img" "$d/bitmap" no-fill)"
   puri=$(st_uri_unix "$d/p.sock" p)
-  timed remote_read nbdkit nbdcopy -C 4 "$remote_uri" null:
+  timed_busy remote_read nbdkit "$SIZE" "${ST_PID[nbdkit-r]}" nbdcopy -C 4 "$remote_uri" null:
   timed remote_to_file nbdkit nbdcopy -C 4 "$remote_uri" "$d/copy.img"
   [[ $(st_md5_file "$d/copy.img") == "$data_md5" ]] || tb_fail "nbdcopy remote -> file: copy differs"
   rm -f "$d/copy.img"
-  timed ingest dd dd if=/dev/zero of="$d/ingest.img" bs=1M count="$SIZE"
+  timed_busy ingest dd "$SIZE" - dd if=/dev/zero of="$d/ingest.img" bs=1M count="$SIZE"
   rm -f "$d/ingest.img"
   timed target_read kagemusha nbdcopy -C 4 "${RURI[kagemusha]}" null:
-  timed proxy_cold_read kagemusha nbdcopy -C 4 "$puri" null:
+  timed_busy proxy_cold_read kagemusha "$SIZE" "${ST_PID[proxy-rd]}" nbdcopy -C 4 "$puri" null:
   timed proxy_warm_read kagemusha nbdcopy -C 4 "$puri" null:
   [[ $(st_md5_uri "$puri") == "$data_md5" ]] || tb_fail "proxy served wrong data"
   st_stop proxy-rd
@@ -263,7 +287,7 @@ if want wan; then
 fi
 
 # --- report ------------------------------------------------------------------------
-"$ST_PY" - "$results" "$SIZE" "$WAN_SIZE" "$RUNS" "$WAN_RTT" "$WAN_RATE" <<'PY'
+"$ST_PY" - "$results" "$SIZE" "$WAN_SIZE" "$RUNS" "$WAN_RTT" "$WAN_RATE" "$(nproc)" <<'PY'
 import collections, statistics, sys
 path, size, wan_size, runs, rtt, rate = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5], sys.argv[6]
 vals = collections.defaultdict(list)
@@ -329,6 +353,22 @@ print("|---|---:|---|---:|---:|---|---:|---:|")
 for label, k, p1, v1, p2, v2 in table:
     print(f"| {label} | {fmt(k)} | {p1} | {fmt(v1)} | {ratio(k, v1)} | {p2 or ''} | {fmt(v2) if p2 else ''} | {ratio(k, v2) if p2 else ''} |")
 print()
+nproc = int(sys.argv[7])
+rb, ib, pb = (med.get((m, s)) for m, s in (("remote_read_busy", "nbdkit"), ("ingest_busy", "dd"), ("proxy_cold_read_busy", "kagemusha")))
+rw, pw, pc = med.get(("remote_read", "nbdkit")), med.get(("proxy_cold_read", "kagemusha")), med.get(("proxy_cold_read_cpu", "kagemusha"))
+if None not in (rb, ib, pb, rw, pw, pc):
+    g = size / 1024
+    # The fastest any caching proxy could be here: the remote-to-client work
+    # (as the remote alone costs) plus storing the bytes (as dd costs), on
+    # every CPU at once, with nothing else spent.
+    floor = (rb + ib) * g / nproc
+    print(f"Cold-read CPU accounting (machine busy CPU-s per GiB, {nproc} CPUs, medians):")
+    print(f"  remote alone: {rb:.2f} in {rw:.3f} s wall ({rb * g / rw / nproc:.0%} of the machine busy)")
+    print(f"  storing alone (dd to a new file): {ib:.2f}")
+    print(f"  proxy cold: {pb:.2f} (the proxy process {pc:.2f}) in {pw:.3f} s wall ({pb * g / pw / nproc:.0%} busy)")
+    print(f"  fastest possible cold read for a proxy that stores what it serves and spends nothing else: "
+          f"{floor:.3f} s, i.e. at most {rw / floor:.2f}x the remote alone on this machine (measured: {rw / pw:.2f}x)")
+    print()
 print("Ratios above 1 mean kagemusha is faster (rates: higher is better), except CPU s/GiB where lower is better.")
 print("Raw seconds (median): " + ", ".join(f"{m}/{s}={v:.3f}" for (m, s), v in sorted(med.items()) if m != "randread_4k_qd16"))
 print("Every run (seq_read seconds): " + "; ".join(f"{s}=" + ",".join(f"{v:.3f}" for v in vals[("seq_read", s)]) for s in ("kagemusha", "nbdkit", "qemu-nbd", "baseline") if ("seq_read", s) in vals))
