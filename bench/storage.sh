@@ -31,8 +31,8 @@
 #   BENCH_WAN=1 BENCH_WAN_SIZE=256 (MiB) BENCH_WAN_RTT=20 BENCH_WAN_RATE=200
 #   BENCH_WAN_RUNS=$BENCH_RUNS
 #   BENCH_BASELINE_NBD=PATH  another kagemusha-nbd binary (e.g. the previous
-#     commit's) measured as a fourth target subject "baseline" in the same
-#     runs, for A/B comparisons of a change
+#     commit's) measured as a fourth target subject "baseline" and as a
+#     second proxy in the same runs, for A/B comparisons of a change
 # Quick run: BENCH_RUNS=1 BENCH_SIZE=128 BENCH_WAN_SIZE=32 ./kagemusha bench storage
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
@@ -141,8 +141,8 @@ declare -A RURI=([kagemusha]=$(st_uri_unix "$ks" d) [nbdkit]=$(st_uri_unix "$nks
 declare -A WURI=([kagemusha]=$(st_uri_unix "$ks" w) [nbdkit]=$(st_uri_unix "$nkw") [qemu-nbd]=$(st_uri_unix "$qw"))
 SUBJECTS=(kagemusha nbdkit qemu-nbd)
 BASELINE=${BENCH_BASELINE_NBD:-}
+[[ -z $BASELINE || -x $BASELINE ]] || tb_fail "BENCH_BASELINE_NBD=$BASELINE is not executable"
 if [[ -n $BASELINE ]] && want target; then
-  [[ -x $BASELINE ]] || tb_fail "BENCH_BASELINE_NBD=$BASELINE is not executable"
   bks=$ST_DIR/b.sock bwimg=$ST_DIR/bwrite.img
   truncate -s "${SIZE}M" "$bwimg"
   saved_nbd=$ST_NBD
@@ -202,12 +202,24 @@ fi
 # code over a plain file. New files are removed at once, so each run starts
 # with the same free memory.
 remote_uri=$(st_uri_unix "$nks")
+# proxy_pass SUBJECT DIR : a new proxy (ST_NBD) with an empty cache in DIR,
+# read cold then warm, checked, stopped, its files removed.
+proxy_pass() {
+  local subject=$1 pd=$2
+  mkdir -p "$pd"
+  st_nbd_serve proxy-rd --unix "$pd/p.sock" --control "$pd/c.sock" \
+    --proxy "$(st_proxy_spec p "$remote_uri" "$pd/cache.img" "$pd/bitmap" no-fill)"
+  local puri
+  puri=$(st_uri_unix "$pd/p.sock" p)
+  timed_busy proxy_cold_read "$subject" "$SIZE" "${ST_PID[proxy-rd]}" nbdcopy -C 4 "$puri" null:
+  timed proxy_warm_read "$subject" nbdcopy -C 4 "$puri" null:
+  [[ $(st_md5_uri "$puri") == "$data_md5" ]] || tb_fail "$subject proxy served wrong data"
+  st_stop proxy-rd
+  rm -rf "$pd"
+}
 want proxy && for ((r = 1; r <= RUNS; r++)); do
   progress "proxy: cold / warm read" "$r" "$RUNS"
   d=$ST_DIR/p$r; mkdir -p "$d"
-  st_nbd_serve proxy-rd --unix "$d/p.sock" --control "$d/c.sock" \
-    --proxy "$(st_proxy_spec p "$remote_uri" "$d/cache.img" "$d/bitmap" no-fill)"
-  puri=$(st_uri_unix "$d/p.sock" p)
   timed_busy remote_read nbdkit "$SIZE" "${ST_PID[nbdkit-r]}" nbdcopy -C 4 "$remote_uri" null:
   timed remote_to_file nbdkit nbdcopy -C 4 "$remote_uri" "$d/copy.img"
   [[ $(st_md5_file "$d/copy.img") == "$data_md5" ]] || tb_fail "nbdcopy remote -> file: copy differs"
@@ -215,10 +227,22 @@ want proxy && for ((r = 1; r <= RUNS; r++)); do
   timed_busy ingest dd "$SIZE" - dd if=/dev/zero of="$d/ingest.img" bs=1M count="$SIZE"
   rm -f "$d/ingest.img"
   timed target_read kagemusha nbdcopy -C 4 "${RURI[kagemusha]}" null:
-  timed_busy proxy_cold_read kagemusha "$SIZE" "${ST_PID[proxy-rd]}" nbdcopy -C 4 "$puri" null:
-  timed proxy_warm_read kagemusha nbdcopy -C 4 "$puri" null:
-  [[ $(st_md5_uri "$puri") == "$data_md5" ]] || tb_fail "proxy served wrong data"
-  st_stop proxy-rd
+  # A/B with BENCH_BASELINE_NBD: the baseline binary's proxy too, first in
+  # every other run so that neither always gets the fresher memory.
+  order=(kagemusha)
+  if [[ -n $BASELINE ]]; then
+    if ((r % 2)); then order=(kagemusha baseline); else order=(baseline kagemusha); fi
+  fi
+  for subject in "${order[@]}"; do
+    if [[ $subject == baseline ]]; then
+      saved_nbd=$ST_NBD
+      ST_NBD=$BASELINE
+      proxy_pass baseline "$d/b"
+      ST_NBD=$saved_nbd
+    else
+      proxy_pass kagemusha "$d/k"
+    fi
+  done
   rm -rf "$d"
 done
 st_stop k-target
@@ -338,7 +362,10 @@ if any(s == "baseline" for (_, s) in vals):
                                 ("seq_write", "seq write MiB/s", lambda t: size / t),
                                 ("randread_4k_qd16", "4 KiB QD16 IOPS", lambda v: v),
                                 ("seq_read_cpu", "CPU s/GiB seq read (lower is better)", lambda v: v),
-                                ("seq_write_cpu", "CPU s/GiB seq write (lower is better)", lambda v: v)):
+                                ("seq_write_cpu", "CPU s/GiB seq write (lower is better)", lambda v: v),
+                                ("proxy_cold_read", "proxy cold read MiB/s", lambda t: size / t),
+                                ("proxy_cold_read_cpu", "proxy CPU s/GiB, cold read (lower is better)", lambda v: v),
+                                ("proxy_warm_read", "proxy warm read MiB/s", lambda t: size / t)):
         if (metric, "baseline") in med and (metric, "kagemusha") in med:
             table.append((f"A/B: {label}", conv(med[(metric, "kagemusha")]),
                           "baseline binary", conv(med[(metric, "baseline")]), None, None))
