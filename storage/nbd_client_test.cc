@@ -224,6 +224,23 @@ class NbdClientTest : public testing::Test {
     return child;
   }
 
+  // nbdkit with `args` on sock_, and a client connected to it (null, with
+  // the reason reported, if it could not connect).
+  struct Served {
+    std::unique_ptr<ChildProcess> server;
+    std::unique_ptr<NbdClient> client;
+  };
+  Served ServeAndConnect(std::vector<std::string> args, NbdClientOptions o = FastOptions()) {
+    Served s;
+    s.server = StartNbdkitAndWait(std::move(args));
+    auto c = NbdClient::Connect(UnixUri(sock_), o);
+    if (c)
+      s.client = std::move(*c);
+    else
+      ADD_FAILURE() << c.error().message();
+    return s;
+  }
+
   void ExpectReadMatches(RemoteReader& r, const std::vector<std::byte>& want, uint64_t offset,
                          size_t len) {
     std::vector<std::byte> got(len);
@@ -879,15 +896,14 @@ int ConnectionsLogged(const std::string& log) {
 TEST_F(NbdClientTest, ReadToFileWritesExactlyTheRemoteBytesAtTheFileOffset) {
   REQUIRE_TOOL("nbdkit");
   auto data = MakeImage(2 << 20, 21);
-  auto server = StartNbdkitAndWait({"file", "file=" + image_});
-  auto client = NbdClient::Connect(UnixUri(sock_), FastOptions());
-  ASSERT_TRUE(client) << client.error().message();
+  auto [server, client] = ServeAndConnect({"file", "file=" + image_});
+  ASSERT_TRUE(client);
   const std::string target = dir_ + "/target";
   const std::byte fill{0xA5};
   const uint64_t file_offset = 70001, offset = 300007, len = 200003;  // all unaligned, different
   int fd = MakeFilledFile(target, 1 << 20, fill);
   ASSERT_GE(fd, 0);
-  auto s = (*client)->ReadToFile(fd, file_offset, len, offset);
+  auto s = client->ReadToFile(fd, file_offset, len, offset);
   ASSERT_TRUE(s) << s.error().message();
   ::close(fd);
   auto file = FileContent(target);
@@ -898,13 +914,12 @@ TEST_F(NbdClientTest, ReadToFileWritesExactlyTheRemoteBytesAtTheFileOffset) {
 TEST_F(NbdClientTest, ReadToFilePastTheEndOfTheFileExtendsItWithTheRemoteBytes) {
   REQUIRE_TOOL("nbdkit");
   auto data = MakeImage(1 << 20, 22);
-  auto server = StartNbdkitAndWait({"file", "file=" + image_});
-  auto client = NbdClient::Connect(UnixUri(sock_), FastOptions());
-  ASSERT_TRUE(client) << client.error().message();
+  auto [server, client] = ServeAndConnect({"file", "file=" + image_});
+  ASSERT_TRUE(client);
   const std::string target = dir_ + "/target";
   int fd = MakeFilledFile(target, 4096, std::byte{0x11});
   ASSERT_GE(fd, 0);
-  auto s = (*client)->ReadToFile(fd, 4096, 300000, 5);
+  auto s = client->ReadToFile(fd, 4096, 300000, 5);
   ASSERT_TRUE(s) << s.error().message();
   ::close(fd);
   auto file = FileContent(target);
@@ -916,18 +931,17 @@ TEST_F(NbdClientTest, ReadToFileLargerThanMaxRequestIsSplitAndEveryPieceLandsInP
   REQUIRE_TOOL("nbdkit");
   auto data = MakeImage(2 << 20, 23);
   const std::string log = dir_ + "/nbdkit.log";
-  auto server = StartNbdkitAndWait({"--filter=log", "file", "file=" + image_, "logfile=" + log});
   auto o = FastOptions();
   o.max_request_bytes = 64 * 1024;
-  auto client = NbdClient::Connect(UnixUri(sock_), o);
-  ASSERT_TRUE(client) << client.error().message();
+  auto [server, client] = ServeAndConnect({"--filter=log", "file", "file=" + image_, "logfile=" + log}, o);
+  ASSERT_TRUE(client);
   const std::string target = dir_ + "/target";
   const std::byte fill{0x5A};
   // 10 pieces, the last one partial; file offset and remote offset differ.
   const uint64_t file_offset = 123457, offset = 65536 + 4099, len = 9 * 65536 + 777;
   int fd = MakeFilledFile(target, 2 << 20, fill);
   ASSERT_GE(fd, 0);
-  auto s = (*client)->ReadToFile(fd, file_offset, len, offset);
+  auto s = client->ReadToFile(fd, file_offset, len, offset);
   ASSERT_TRUE(s) << s.error().message();
   ::close(fd);
   ExpectFileHolds(FileContent(target), fill, file_offset, data, offset, len);
@@ -949,11 +963,10 @@ TEST_F(NbdClientTest, ReadToFileIntoAReadOnlyFdFailsAndTheConnectionStaysInStep)
   REQUIRE_TOOL("nbdkit");
   auto data = MakeImage(4 << 20, 24);
   const std::string log = dir_ + "/nbdkit.log";
-  auto server = StartNbdkitAndWait({"--filter=log", "file", "file=" + image_, "logfile=" + log});
   auto o = FastOptions();
   o.max_request_bytes = 256 * 1024;  // several pieces fail, each drained
-  auto client = NbdClient::Connect(UnixUri(sock_), o);
-  ASSERT_TRUE(client) << client.error().message();
+  auto [server, client] = ServeAndConnect({"--filter=log", "file", "file=" + image_, "logfile=" + log}, o);
+  ASSERT_TRUE(client);
   ASSERT_TRUE(WaitFor([&] { return ConnectionsLogged(log) >= 1; }));
   const int connections = ConnectionsLogged(log);
 
@@ -962,7 +975,7 @@ TEST_F(NbdClientTest, ReadToFileIntoAReadOnlyFdFailsAndTheConnectionStaysInStep)
   int ro = MakeFilledFile(ro_path, 2 << 20, fill, O_RDONLY);
   ASSERT_GE(ro, 0);
   // Larger than the receive pipe, so the failure happens mid-payload.
-  auto s = (*client)->ReadToFile(ro, 0, (1 << 20) + 12345, 4096);
+  auto s = client->ReadToFile(ro, 0, (1 << 20) + 12345, 4096);
   ASSERT_FALSE(s) << "a write into a read-only fd cannot succeed";
   EXPECT_EQ(s.error().code(), EBADF) << s.error().message();
   ::close(ro);
@@ -971,12 +984,12 @@ TEST_F(NbdClientTest, ReadToFileIntoAReadOnlyFdFailsAndTheConnectionStaysInStep)
 
   // The same client, the same connection: the rest of the payload was
   // drained, so the next replies parse and carry the right bytes.
-  EXPECT_TRUE((*client)->Connected());
-  ExpectReadMatches(**client, data, 3 << 20, 700000);
+  EXPECT_TRUE(client->Connected());
+  ExpectReadMatches(*client, data, 3 << 20, 700000);
   const std::string target = dir_ + "/target";
   int fd = MakeFilledFile(target, 1 << 20, fill);
   ASSERT_GE(fd, 0);
-  auto ok = (*client)->ReadToFile(fd, 999, 500000, 1234567);
+  auto ok = client->ReadToFile(fd, 999, 500000, 1234567);
   ASSERT_TRUE(ok) << ok.error().message();
   ::close(fd);
   ExpectFileHolds(FileContent(target), fill, 999, data, 1234567, 500000);
@@ -989,9 +1002,8 @@ TEST_F(NbdClientTest, ReadToFileHittingTheFileSizeLimitFailsWithEfbigAndStaysInS
   REQUIRE_TOOL("nbdkit");
   auto data = MakeImage(4 << 20, 25);
   const std::string log = dir_ + "/nbdkit.log";
-  auto server = StartNbdkitAndWait({"--filter=log", "file", "file=" + image_, "logfile=" + log});
-  auto client = NbdClient::Connect(UnixUri(sock_), FastOptions());
-  ASSERT_TRUE(client) << client.error().message();
+  auto [server, client] = ServeAndConnect({"--filter=log", "file", "file=" + image_, "logfile=" + log});
+  ASSERT_TRUE(client);
   ASSERT_TRUE(WaitFor([&] { return ConnectionsLogged(log) >= 1; }));
   const int connections = ConnectionsLogged(log);
   const std::string target = dir_ + "/target";
@@ -1005,7 +1017,7 @@ TEST_F(NbdClientTest, ReadToFileHittingTheFileSizeLimitFailsWithEfbigAndStaysInS
     rlimit r = old;
     r.rlim_cur = 1 << 20;
     ::setrlimit(RLIMIT_FSIZE, &r);
-    s = (*client)->ReadToFile(fd, 0, 3 << 20, 0);
+    s = client->ReadToFile(fd, 0, 3 << 20, 0);
     ::setrlimit(RLIMIT_FSIZE, &old);
     std::signal(SIGXFSZ, old_handler);
   }
@@ -1015,8 +1027,8 @@ TEST_F(NbdClientTest, ReadToFileHittingTheFileSizeLimitFailsWithEfbigAndStaysInS
   ASSERT_LE(file.size(), size_t(1 << 20));
   EXPECT_EQ(0, std::memcmp(file.data(), data.data(), file.size())) << "the prefix is not the data";
 
-  ExpectReadMatches(**client, data, 100, 2 << 20);
-  auto ok = (*client)->ReadToFile(fd, 0, 3 << 20, 1 << 20);
+  ExpectReadMatches(*client, data, 100, 2 << 20);
+  auto ok = client->ReadToFile(fd, 0, 3 << 20, 1 << 20);
   ASSERT_TRUE(ok) << ok.error().message();
   ::close(fd);
   file = FileContent(target);
@@ -1028,25 +1040,24 @@ TEST_F(NbdClientTest, ReadToFileHittingTheFileSizeLimitFailsWithEfbigAndStaysInS
 TEST_F(NbdClientTest, ReadToFilePastTheEndIsEinvalAndZeroLengthIsOk) {
   REQUIRE_TOOL("nbdkit");
   auto data = MakeImage(1 << 20, 26);
-  auto server = StartNbdkitAndWait({"file", "file=" + image_});
-  auto client = NbdClient::Connect(UnixUri(sock_), FastOptions());
-  ASSERT_TRUE(client) << client.error().message();
+  auto [server, client] = ServeAndConnect({"file", "file=" + image_});
+  ASSERT_TRUE(client);
   const std::string target = dir_ + "/target";
   const std::byte fill{0x33};
   int fd = MakeFilledFile(target, 8192, fill);
   ASSERT_GE(fd, 0);
-  auto past = (*client)->ReadToFile(fd, 0, 2, data.size() - 1);
+  auto past = client->ReadToFile(fd, 0, 2, data.size() - 1);
   ASSERT_FALSE(past);
   EXPECT_EQ(past.error().code(), EINVAL) << past.error().message();
-  auto beyond = (*client)->ReadToFile(fd, 0, 1, data.size() + 4096);
+  auto beyond = client->ReadToFile(fd, 0, 1, data.size() + 4096);
   ASSERT_FALSE(beyond);
   EXPECT_EQ(beyond.error().code(), EINVAL);
-  auto huge = (*client)->ReadToFile(fd, 0, UINT64_MAX, 1);  // no overflow into "in range"
+  auto huge = client->ReadToFile(fd, 0, UINT64_MAX, 1);  // no overflow into "in range"
   ASSERT_FALSE(huge);
   EXPECT_EQ(huge.error().code(), EINVAL);
-  EXPECT_TRUE((*client)->ReadToFile(fd, 0, 0, 0));
-  EXPECT_TRUE((*client)->ReadToFile(fd, 0, 0, data.size()));
-  auto tail = (*client)->ReadToFile(fd, 100, 1, data.size() - 1);  // the last byte is in range
+  EXPECT_TRUE(client->ReadToFile(fd, 0, 0, 0));
+  EXPECT_TRUE(client->ReadToFile(fd, 0, 0, data.size()));
+  auto tail = client->ReadToFile(fd, 100, 1, data.size() - 1);  // the last byte is in range
   ASSERT_TRUE(tail) << tail.error().message();
   ::close(fd);
   ExpectFileHolds(FileContent(target), fill, 100, data, data.size() - 1, 1);
@@ -1056,18 +1067,17 @@ TEST_F(NbdClientTest, UnalignedReadToFileOnAServerWithAMinimumBlockIsExact) {
   REQUIRE_TOOL("nbdkit");
   auto data = MakeImage(2 << 20, 27);
   // The filter fails (EINVAL) any request above 64 KiB or not 512-aligned.
-  auto server = StartNbdkitAndWait({"--filter=blocksize-policy", "file", "file=" + image_,
+  auto [server, client] = ServeAndConnect({"--filter=blocksize-policy", "file", "file=" + image_,
                                     "blocksize-minimum=512", "blocksize-preferred=4096",
                                     "blocksize-maximum=65536", "blocksize-error-policy=error"});
-  auto client = NbdClient::Connect(UnixUri(sock_), FastOptions());
-  ASSERT_TRUE(client) << client.error().message();
+  ASSERT_TRUE(client);
   const std::string target = dir_ + "/target";
   const std::byte fill{0x44};
   int fd = MakeFilledFile(target, 1 << 20, fill);
   ASSERT_GE(fd, 0);
-  auto s = (*client)->ReadToFile(fd, 3, 300 * 1024 + 1, 4097);  // unaligned and split
+  auto s = client->ReadToFile(fd, 3, 300 * 1024 + 1, 4097);  // unaligned and split
   ASSERT_TRUE(s) << s.error().message();
-  auto a = (*client)->ReadToFile(fd, 512 * 1024, 128 * 1024, 8192);  // aligned: spliced, split
+  auto a = client->ReadToFile(fd, 512 * 1024, 128 * 1024, 8192);  // aligned: spliced, split
   ASSERT_TRUE(a) << a.error().message();
   ::close(fd);
   auto file = FileContent(target);
@@ -1083,11 +1093,10 @@ TEST_F(NbdClientTest, UnalignedReadToFileOnAServerWithAMinimumBlockIsExact) {
 TEST_F(NbdClientTest, ConcurrentReadToFileAndReadCallsAllGetTheirOwnBytes) {
   REQUIRE_TOOL("nbdkit");
   auto data = MakeImage(4 << 20, 28);
-  auto server = StartNbdkitAndWait({"file", "file=" + image_});
   auto o = FastOptions();
   o.max_request_bytes = 128 * 1024;
-  auto client = NbdClient::Connect(UnixUri(sock_), o);
-  ASSERT_TRUE(client) << client.error().message();
+  auto [server, client] = ServeAndConnect({"file", "file=" + image_}, o);
+  ASSERT_TRUE(client);
   const std::string target = dir_ + "/target";
   int fd = MakeFilledFile(target, 4 << 20, std::byte{0});
   ASSERT_GE(fd, 0);
@@ -1100,9 +1109,9 @@ TEST_F(NbdClientTest, ConcurrentReadToFileAndReadCallsAllGetTheirOwnBytes) {
       const uint64_t src = uint64_t(i) << 20, dst = uint64_t(3 - i) << 20;
       for (uint64_t at = 0; at < (1 << 20); at += 100 * 1024) {
         uint64_t n = std::min<uint64_t>(100 * 1024, (1 << 20) - at);
-        if (!(*client)->ReadToFile(fd, dst + at, n, src + at)) ++failures;
+        if (!client->ReadToFile(fd, dst + at, n, src + at)) ++failures;
         std::vector<std::byte> buf(4000);
-        if (!(*client)->Read(buf, src + at + 17) ||
+        if (!client->Read(buf, src + at + 17) ||
             std::memcmp(buf.data(), data.data() + src + at + 17, buf.size()) != 0)
           ++failures;
       }
@@ -1154,25 +1163,24 @@ TEST_F(NbdClientTest, ReadToFileOverTcpIsExactAndAReadOnlyFdLeavesTheStreamInSte
 TEST_F(NbdClientTest, ReadToFileInFlightWhenServerIsKilledSucceedsAfterRestart) {
   REQUIRE_TOOL("nbdkit");
   auto data = MakeImage(1 << 20, 30);
-  auto server = StartNbdkitAndWait({"--filter=delay", "file", "file=" + image_, "rdelay=2000ms"});
-  auto client = NbdClient::Connect(UnixUri(sock_), FastOptions());
-  ASSERT_TRUE(client) << client.error().message();
+  auto [server, client] = ServeAndConnect({"--filter=delay", "file", "file=" + image_, "rdelay=2000ms"});
+  ASSERT_TRUE(client);
   const std::string target = dir_ + "/target";
   const std::byte fill{0x21};
   int fd = MakeFilledFile(target, 2 << 20, fill);
   ASSERT_GE(fd, 0);
   Status result;
-  std::thread reader([&] { result = (*client)->ReadToFile(fd, 333, data.size(), 0); });
+  std::thread reader([&] { result = client->ReadToFile(fd, 333, data.size(), 0); });
   std::this_thread::sleep_for(150ms);  // the read is now waiting on the server
   server->Kill();
-  EXPECT_TRUE(WaitFor([&] { return !(*client)->Connected(); }, 2000ms));
+  EXPECT_TRUE(WaitFor([&] { return !client->Connected(); }, 2000ms));
   std::this_thread::sleep_for(200ms);  // a few failed reconnect attempts
   server = StartNbdkitAndWait({"file", "file=" + image_});
   reader.join();
   ::close(fd);
   ASSERT_TRUE(result) << result.error().message();
   ExpectFileHolds(FileContent(target), fill, 333, data, 0, data.size());
-  EXPECT_TRUE((*client)->Connected());
+  EXPECT_TRUE(client->Connected());
 }
 
 }  // namespace
