@@ -49,6 +49,7 @@ using St = kagemusha::Status;  // CopyOnReadBackend::Status() hides the type nam
 constexpr uint64_t kMaxRemoteRequest = 4 * 1024 * 1024;  // NbdClient's default split
 constexpr size_t kCommitBatchBlocks = 1024;              // commit early past this many
 constexpr auto kCommitInterval = std::chrono::milliseconds(500);
+constexpr uint64_t kPreallocRegion = 64ull << 20;  // see Preallocate
 constexpr auto kBackoffInitial = std::chrono::milliseconds(100);
 constexpr auto kBackoffMax = std::chrono::milliseconds(5000);
 constexpr unsigned kGuestFetchThreads = 8;
@@ -271,6 +272,9 @@ class CopyOnReadImpl final : public CopyOnReadBackend {
   // here (no direct descriptor, misaligned tail, EINVAL); the caller then
   // writes through the page cache. A real I/O error is returned in `*err`.
   bool StoreDirect(std::span<const std::byte> data, uint64_t offset, St* err);
+  // Allocates (fallocate) every not yet allocated kPreallocRegion-sized
+  // region that [offset, offset+length) touches, once per region.
+  void Preallocate(uint64_t offset, uint64_t length);
   void MarkPresent(uint64_t first, uint64_t count);
   // Waits until every block of [first, last) is durable (bit in the file).
   // REQUIRES: every block in the range is present.
@@ -338,6 +342,10 @@ class CopyOnReadImpl final : public CopyOnReadBackend {
   // allocation, which on this kind of machine is most of a store's CPU.
   int direct_fd_ = -1;
   std::atomic<bool> direct_ok_{false};
+  // Regions of kPreallocRegion bytes already allocated (fallocate) for
+  // direct stores; see Preallocate. GUARDED_BY(prealloc_mu_) for writes.
+  std::vector<std::atomic<bool>> preallocated_;
+  std::mutex prealloc_mu_;
 
   // Write-behind: client misses wait here for the one cache writer. One
   // writer because concurrent buffered writes to one file serialise on its
@@ -388,6 +396,8 @@ CopyOnReadImpl::CopyOnReadImpl(std::unique_ptr<RemoteReader> remote,
   if (remote_) {
     direct_fd_ = ::open(cache_->path().c_str(), O_RDWR | O_DIRECT | O_CLOEXEC);
     direct_ok_ = direct_fd_ >= 0;
+    preallocated_ =
+        std::vector<std::atomic<bool>>(size_t((size_ + kPreallocRegion - 1) / kPreallocRegion));
     if (opts_.write_behind_bytes > 0) writer_ = std::thread([this] { WriterLoop(); });
   }
   committer_ = std::thread([this] { CommitterLoop(); });
@@ -596,7 +606,7 @@ bool CopyOnReadImpl::StoreDirect(std::span<const std::byte> data, uint64_t offse
   // unwritten extents, which ext4 and XFS let run in parallel under a shared
   // inode lock; a direct write into a hole holds the lock exclusively for the
   // whole I/O. Unsupported (block device, tmpfs): write anyway.
-  (void)::fallocate(direct_fd_, 0, off_t(offset), off_t(data.size()));
+  Preallocate(offset, data.size());
   size_t done = 0;
   while (done < data.size()) {
     ssize_t n = ::pwrite(direct_fd_, data.data() + done, data.size() - done, off_t(offset + done));
@@ -618,6 +628,30 @@ bool CopyOnReadImpl::StoreDirect(std::span<const std::byte> data, uint64_t offse
   }
   *err = Ok();
   return true;
+}
+
+void CopyOnReadImpl::Preallocate(uint64_t offset, uint64_t length) {
+  // A whole region at a time: fallocate takes the inode lock exclusively,
+  // so it waits for every direct write in flight and holds up the next ones.
+  // Once per 64 MiB instead of once per fill request (1 MiB) measured the
+  // loopback fill at 0.61-0.85 s per GiB instead of 0.75-0.94. The cost: up
+  // to one region per fill request in flight is allocated before its data
+  // arrives (all-zero blocks are punched out again as they are stored).
+  if (length == 0) return;
+  const uint64_t first = offset / kPreallocRegion;
+  const uint64_t last =
+      std::min<uint64_t>((offset + length - 1) / kPreallocRegion, preallocated_.size() - 1);
+  for (uint64_t r = first; r <= last; ++r) {
+    if (preallocated_[r].load(std::memory_order_acquire)) continue;
+    std::lock_guard lk(prealloc_mu_);
+    if (preallocated_[r].load(std::memory_order_relaxed)) continue;
+    const uint64_t from = r * kPreallocRegion;
+    const uint64_t to = std::min(size_, from + kPreallocRegion);
+    // Failure (no space for a whole region, unsupported): the writes go
+    // ahead without it, and a real lack of space shows in the write.
+    (void)::fallocate(direct_fd_, 0, off_t(from), off_t(to - from));
+    preallocated_[r].store(true, std::memory_order_release);
+  }
 }
 
 St CopyOnReadImpl::StoreFetched(std::span<const std::byte> data, uint64_t first_block,
@@ -938,7 +972,8 @@ St CopyOnReadImpl::Cache(uint64_t offset, uint64_t length) {
   const uint64_t end = std::min(size_, offset + length);
   for (uint64_t pos = offset; pos < end; pos += kCacheOpChunk) {
     uint64_t n = std::min(kCacheOpChunk, end - pos);
-    if (auto s = EnsurePresentRange(FirstBlock(pos), EndBlock(pos, n), nullptr, FetchFor::kPrefetch);
+    if (auto s =
+            EnsurePresentRange(FirstBlock(pos), EndBlock(pos, n), nullptr, FetchFor::kPrefetch);
         !s)
       return s;
   }

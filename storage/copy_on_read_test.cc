@@ -2,6 +2,7 @@
 
 #include <gtest/gtest.h>
 #include <sys/resource.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -647,6 +648,30 @@ TEST_F(CopyOnReadTest, ZeroBlocksFromTheRemoteStaySparseInTheCache) {
   std::vector<Extent> want = {
       {4 * 65536, false, false}, {8 * 65536, true, true}, {2 * kMiB - 12 * 65536, false, false}};
   EXPECT_EQ(*ext, want);
+}
+
+TEST_F(CopyOnReadTest, ZeroBlocksStaySparseAfterAFillThatPreallocatesTheCache) {
+  // The fill allocates the cache a 64 MiB region at a time before its direct
+  // writes; blocks that turn out all zeroes must still end up as holes.
+  image_ = FakeRemote::PatternImage(2 * kMiB);
+  std::fill(image_.begin() + 4 * 65536, image_.begin() + 20 * 65536, std::byte{0});
+  opts_.cache_path = dir_ / "cache.img";
+  opts_.bitmap_path = dir_ / "cache.bitmap";
+  opts_.block_size = 65536;
+  opts_.fill_on_start = true;
+  OpenBackend();
+  ASSERT_TRUE(WaitComplete());
+  ASSERT_TRUE(cor_->Flush());
+  EXPECT_TRUE(SameBytes(ReadAt(0, 2 * kMiB), image_));
+  auto ext = cor_->Extents(0, 2 * kMiB);
+  ASSERT_TRUE(ext.has_value());
+  std::vector<Extent> want = {
+      {4 * 65536, false, false}, {16 * 65536, true, true}, {2 * kMiB - 20 * 65536, false, false}};
+  EXPECT_EQ(*ext, want);
+  struct stat st {};
+  ASSERT_EQ(::stat(opts_.cache_path.c_str(), &st), 0);
+  EXPECT_LE(uint64_t(st.st_blocks) * 512, 2 * kMiB - 16 * 65536)
+      << "the preallocated zero blocks were not given back";
 }
 
 TEST_F(CopyOnReadTest, SecondBackendOnTheSameCacheIsRefused) {
