@@ -183,8 +183,8 @@ class FileSink {
   Status Receive(int sock, int file, uint64_t file_offset, size_t len, Status* file_status) {
     bool file_ok = true;
     auto file_error = [&](int err, uint64_t at) {
-      *file_status = Fail(Error::Errno(err, "writing fetched data at file offset " +
-                                                std::to_string(at)));
+      *file_status =
+          Fail(Error::Errno(err, "writing fetched data at file offset " + std::to_string(at)));
       file_ok = false;
     };
     while (len > 0) {
@@ -801,8 +801,7 @@ Status NbdClientImpl::CheckRange(uint64_t length, uint64_t offset) const {
   return Ok();
 }
 
-Status NbdClientImpl::ReadToFile(int fd, uint64_t file_offset, uint64_t length,
-                                 uint64_t offset) {
+Status NbdClientImpl::ReadToFile(int fd, uint64_t file_offset, uint64_t length, uint64_t offset) {
   if (length == 0) return Ok();
   if (auto s = CheckRange(length, offset); !s) return s;
   if (min_block_ > 1 && (offset % min_block_ != 0 || length % min_block_ != 0)) {

@@ -933,7 +933,8 @@ TEST_F(NbdClientTest, ReadToFileLargerThanMaxRequestIsSplitAndEveryPieceLandsInP
   const std::string log = dir_ + "/nbdkit.log";
   auto o = FastOptions();
   o.max_request_bytes = 64 * 1024;
-  auto [server, client] = ServeAndConnect({"--filter=log", "file", "file=" + image_, "logfile=" + log}, o);
+  auto [server, client] =
+      ServeAndConnect({"--filter=log", "file", "file=" + image_, "logfile=" + log}, o);
   ASSERT_TRUE(client);
   const std::string target = dir_ + "/target";
   const std::byte fill{0x5A};
@@ -965,7 +966,8 @@ TEST_F(NbdClientTest, ReadToFileIntoAReadOnlyFdFailsAndTheConnectionStaysInStep)
   const std::string log = dir_ + "/nbdkit.log";
   auto o = FastOptions();
   o.max_request_bytes = 256 * 1024;  // several pieces fail, each drained
-  auto [server, client] = ServeAndConnect({"--filter=log", "file", "file=" + image_, "logfile=" + log}, o);
+  auto [server, client] =
+      ServeAndConnect({"--filter=log", "file", "file=" + image_, "logfile=" + log}, o);
   ASSERT_TRUE(client);
   ASSERT_TRUE(WaitFor([&] { return ConnectionsLogged(log) >= 1; }));
   const int connections = ConnectionsLogged(log);
@@ -1002,7 +1004,8 @@ TEST_F(NbdClientTest, ReadToFileHittingTheFileSizeLimitFailsWithEfbigAndStaysInS
   REQUIRE_TOOL("nbdkit");
   auto data = MakeImage(4 << 20, 25);
   const std::string log = dir_ + "/nbdkit.log";
-  auto [server, client] = ServeAndConnect({"--filter=log", "file", "file=" + image_, "logfile=" + log});
+  auto [server, client] =
+      ServeAndConnect({"--filter=log", "file", "file=" + image_, "logfile=" + log});
   ASSERT_TRUE(client);
   ASSERT_TRUE(WaitFor([&] { return ConnectionsLogged(log) >= 1; }));
   const int connections = ConnectionsLogged(log);
@@ -1067,9 +1070,9 @@ TEST_F(NbdClientTest, UnalignedReadToFileOnAServerWithAMinimumBlockIsExact) {
   REQUIRE_TOOL("nbdkit");
   auto data = MakeImage(2 << 20, 27);
   // The filter fails (EINVAL) any request above 64 KiB or not 512-aligned.
-  auto [server, client] = ServeAndConnect({"--filter=blocksize-policy", "file", "file=" + image_,
-                                    "blocksize-minimum=512", "blocksize-preferred=4096",
-                                    "blocksize-maximum=65536", "blocksize-error-policy=error"});
+  auto [server, client] = ServeAndConnect(
+      {"--filter=blocksize-policy", "file", "file=" + image_, "blocksize-minimum=512",
+       "blocksize-preferred=4096", "blocksize-maximum=65536", "blocksize-error-policy=error"});
   ASSERT_TRUE(client);
   const std::string target = dir_ + "/target";
   const std::byte fill{0x44};
@@ -1123,8 +1126,8 @@ TEST_F(NbdClientTest, ConcurrentReadToFileAndReadCallsAllGetTheirOwnBytes) {
   auto file = FileContent(target);
   ASSERT_EQ(file.size(), size_t(4 << 20));
   for (int i = 0; i < 4; ++i)
-    EXPECT_EQ(0, std::memcmp(file.data() + (uint64_t(3 - i) << 20), data.data() + (uint64_t(i) << 20),
-                             1 << 20))
+    EXPECT_EQ(0, std::memcmp(file.data() + (uint64_t(3 - i) << 20),
+                             data.data() + (uint64_t(i) << 20), 1 << 20))
         << "mebibyte " << i;
 }
 
@@ -1163,7 +1166,8 @@ TEST_F(NbdClientTest, ReadToFileOverTcpIsExactAndAReadOnlyFdLeavesTheStreamInSte
 TEST_F(NbdClientTest, ReadToFileInFlightWhenServerIsKilledSucceedsAfterRestart) {
   REQUIRE_TOOL("nbdkit");
   auto data = MakeImage(1 << 20, 30);
-  auto [server, client] = ServeAndConnect({"--filter=delay", "file", "file=" + image_, "rdelay=2000ms"});
+  auto [server, client] =
+      ServeAndConnect({"--filter=delay", "file", "file=" + image_, "rdelay=2000ms"});
   ASSERT_TRUE(client);
   const std::string target = dir_ + "/target";
   const std::byte fill{0x21};

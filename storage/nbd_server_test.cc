@@ -5,13 +5,16 @@
 #include "kagemusha/storage/nbd_server.h"
 
 #include <fcntl.h>
+#include <gtest/gtest.h>
 #include <poll.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <array>
+#include <atomic>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -21,14 +24,10 @@
 #include <optional>
 #include <random>
 #include <set>
-#include <atomic>
-#include <algorithm>
 #include <thread>
 
-#include <gtest/gtest.h>
-
-#include "kagemusha/common/coding.h"
 #include "fake_remote.h"
+#include "kagemusha/common/coding.h"
 #include "kagemusha/storage/copy_on_read.h"
 #include "kagemusha/storage/file_backend.h"
 #include "kagemusha/storage/nbd_protocol.h"
@@ -108,7 +107,8 @@ class TestClient {
   // Reads the greeting and sends client flags.
   bool Greet(uint32_t flags = kClientFixedNewstyle | kClientNoZeroes) {
     auto g = Recv(18);
-    if (!g || LoadBe64(g->data()) != kNbdMagic || LoadBe64(g->data() + 8) != kIHaveOpt) return false;
+    if (!g || LoadBe64(g->data()) != kNbdMagic || LoadBe64(g->data() + 8) != kIHaveOpt)
+      return false;
     Bytes f(4);
     StoreBe32(f.data(), flags);
     return Send(f);
@@ -413,9 +413,9 @@ TEST_F(NbdServerTest, RepliesOutOfOrderWhenTheBackendIsSlowForOneRequest) {
   };
   StartServer();
   auto c = Connected();
-  ASSERT_TRUE(c->Request(0, kCmdRead, 100, 0, 512));     // slow
-  ASSERT_TRUE(c->Request(0, kCmdRead, 200, 8192, 512));  // fast
-  ASSERT_TRUE(c->Request(0, kCmdRead, 300, 16384, 512)); // fast
+  ASSERT_TRUE(c->Request(0, kCmdRead, 100, 0, 512));      // slow
+  ASSERT_TRUE(c->Request(0, kCmdRead, 200, 8192, 512));   // fast
+  ASSERT_TRUE(c->Request(0, kCmdRead, 300, 16384, 512));  // fast
   std::vector<uint64_t> order;
   for (int i = 0; i < 3; ++i) {
     auto r = c->Reply();
@@ -459,15 +459,14 @@ TEST_F(NbdServerTest, StructuredReadSendsHoleChunksUnlessDontFragment) {
   EXPECT_EQ(chunks[0].type, kReplyTypeOffsetData);
   ASSERT_EQ(chunks[0].payload.size(), 8u + 256 * 1024);
   EXPECT_EQ(chunks[0].payload[8 + 4096], 0);
-  EXPECT_EQ(Bytes(chunks[0].payload.begin() + 8 + 128 * 1024,
-                  chunks[0].payload.begin() + 8 + 132 * 1024),
-            b);
+  EXPECT_EQ(
+      Bytes(chunks[0].payload.begin() + 8 + 128 * 1024, chunks[0].payload.begin() + 8 + 132 * 1024),
+      b);
 }
 
 // Reassembles the chunks of one structured read reply; nullopt if they are
 // malformed (outside the request, DONE not exactly on the last, an error).
-std::optional<Bytes> Assemble(const std::vector<Chunk>& chunks, uint64_t offset,
-                              uint32_t length) {
+std::optional<Bytes> Assemble(const std::vector<Chunk>& chunks, uint64_t offset, uint32_t length) {
   Bytes out(length, 0xee);
   uint64_t covered = 0;
   for (size_t i = 0; i < chunks.size(); ++i) {
@@ -502,15 +501,15 @@ TEST_F(NbdServerTest, FileExportReadsAreByteExactInEveryReplyForm) {
     uint16_t flags;
   };
   const Read reads[] = {
-      {0, 256 * 1024, 0},                   // all data
-      {1000, 300000, 0},                    // unaligned both ends
-      {(1 << 20) - 8192, 512 * 1024, 0},    // data, then a hole
-      {2 << 20, 1 << 20, 0},                // hole, data, hole
-      {2 << 20, 1 << 20, kCmdFlagDf},       // the same in one chunk
-      {0, 2 << 20, 0},                      // more than a pipe holds
-      {0, uint32_t(kFileSize), 0},          // everything
-      {kFileSize - 65536, 65536, 0},        // the end
-      {(3 << 20) + 4000, 4096, 0},          // small: copied
+      {0, 256 * 1024, 0},                 // all data
+      {1000, 300000, 0},                  // unaligned both ends
+      {(1 << 20) - 8192, 512 * 1024, 0},  // data, then a hole
+      {2 << 20, 1 << 20, 0},              // hole, data, hole
+      {2 << 20, 1 << 20, kCmdFlagDf},     // the same in one chunk
+      {0, 2 << 20, 0},                    // more than a pipe holds
+      {0, uint32_t(kFileSize), 0},        // everything
+      {kFileSize - 65536, 65536, 0},      // the end
+      {(3 << 20) + 4000, 4096, 0},        // small: copied
   };
   for (bool structured : {false, true}) {
     auto c = Connected("file", structured, false);
@@ -962,7 +961,8 @@ TEST_F(NbdServerTest, ClientVanishingMidRequestDoesNotDisturbTheServer) {
   ASSERT_TRUE(c->Request(0, kCmdRead, 1, 8192, 512));
   EXPECT_EQ(ErrorOf(*c->Reply()), 0u);
   c.reset();
-  for (int i = 0; i < 50 && server_->Stats().connections_open != 0; ++i) std::this_thread::sleep_for(20ms);
+  for (int i = 0; i < 50 && server_->Stats().connections_open != 0; ++i)
+    std::this_thread::sleep_for(20ms);
   EXPECT_EQ(server_->Stats().connections_open, 0u);
   EXPECT_EQ(disk_->writes.load(), 0);
 }
@@ -1038,7 +1038,8 @@ TEST_F(NbdServerTest, ManyRequestsInFlightAreAllAnsweredByCookie) {
 }
 
 TEST(NbdServerListen, UnixSocketIsCreatedWithMode0600) {
-  auto dir = std::filesystem::temp_directory_path() / ("kgm-nbd-mode-" + std::to_string(::getpid()));
+  auto dir =
+      std::filesystem::temp_directory_path() / ("kgm-nbd-mode-" + std::to_string(::getpid()));
   std::filesystem::create_directories(dir);
   auto path = (dir / "s.sock").string();
   auto server = NbdServer::Create({});
@@ -1050,7 +1051,10 @@ TEST(NbdServerListen, UnixSocketIsCreatedWithMode0600) {
   EXPECT_EQ(st.st_mode & 0777, 0600u);
   // A regular file in the way is not replaced.
   auto file = (dir / "file").string();
-  { std::FILE* f = std::fopen(file.c_str(), "w"); std::fclose(f); }
+  {
+    std::FILE* f = std::fopen(file.c_str(), "w");
+    std::fclose(f);
+  }
   EXPECT_FALSE(server->ListenUnix(file));
   server.reset();
   std::filesystem::remove_all(dir);
@@ -1115,9 +1119,10 @@ TEST_F(NbdServerTest, InteropNbdinfoListJsonAndMap) {
   EXPECT_EQ(out, "4194304\n");
   // Write with qemu-io, trim part of it, then map shows the hole.
   if (HaveTool("/usr/bin/qemu-io")) {
-    std::tie(st, out) =
-        Shell("qemu-io -f raw -c 'aio_write -P 0x55 0 1M' -c aio_flush -c 'discard 256k 256k' "
-            "-c 'write -z 768k 64k' -c 'aio_read -P 0x55 0 256k' -c aio_flush " + uri);
+    std::tie(st, out) = Shell(
+        "qemu-io -f raw -c 'aio_write -P 0x55 0 1M' -c aio_flush -c 'discard 256k 256k' "
+        "-c 'write -z 768k 64k' -c 'aio_read -P 0x55 0 256k' -c aio_flush " +
+        uri);
     ASSERT_EQ(st, 0) << out;
     EXPECT_EQ(out.find("fail"), std::string::npos) << out;
     EXPECT_EQ(out.find("Pattern verification failed"), std::string::npos) << out;
@@ -1137,9 +1142,9 @@ TEST_F(NbdServerTest, InteropQemuImgAndNbdcopyRoundTrip) {
   StartServer();
   auto uri = "'nbd+unix:///disk?socket=" + socket_ + "'";
   auto src = (dir_ / "src.img").string(), back = (dir_ / "back.img").string();
-  auto [st, out] = Shell("head -c 4194304 /dev/urandom > " + src + " && truncate -s 4M " + src +
-                       " && dd if=/dev/zero of=" + src +
-                       " bs=64k seek=10 count=8 conv=notrunc status=none");
+  auto [st, out] =
+      Shell("head -c 4194304 /dev/urandom > " + src + " && truncate -s 4M " + src +
+            " && dd if=/dev/zero of=" + src + " bs=64k seek=10 count=8 conv=notrunc status=none");
   ASSERT_EQ(st, 0) << out;
   std::tie(st, out) = Shell("qemu-img convert -n -f raw -O raw " + src + " " + uri);
   ASSERT_EQ(st, 0) << out;
@@ -1148,7 +1153,7 @@ TEST_F(NbdServerTest, InteropQemuImgAndNbdcopyRoundTrip) {
   std::tie(st, out) = Shell("nbdcopy " + uri + " " + back + " && cmp " + src + " " + back);
   EXPECT_EQ(st, 0) << out;
   std::tie(st, out) = Shell("nbdcopy " + back + " " + uri + " && qemu-img compare -f raw -F raw " +
-                          back + " " + uri);
+                            back + " " + uri);
   EXPECT_EQ(st, 0) << out;
 }
 
@@ -1322,9 +1327,9 @@ TEST_F(NbdServerProxyTest, StructuredReadOfAHoleAndAFailingMissIsOneErrorReplyAn
   ASSERT_TRUE(c->Request(0, kCmdRead, 3, off, 256 * 1024));
   chunks = c->ReplyChunks();
   ASSERT_FALSE(chunks.empty()) << "the server dropped the connection";
-  EXPECT_TRUE(std::any_of(chunks.begin(), chunks.end(),
-                          [](const Chunk& ch) { return ch.type == kReplyTypeOffsetHole; }))
-      << "the read did not take the hole path";
+  EXPECT_TRUE(std::any_of(chunks.begin(), chunks.end(), [](const Chunk& ch) {
+    return ch.type == kReplyTypeOffsetHole;
+  })) << "the read did not take the hole path";
   auto got = Assemble(chunks, off, 256 * 1024);
   ASSERT_TRUE(got);
   Bytes want = ImageBytes(off, 256 * 1024);

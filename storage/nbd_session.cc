@@ -1,17 +1,16 @@
 #include "nbd_session.h"
 
-#include <algorithm>
-#include <array>
-#include <cstring>
-#include <optional>
-
 #include <fcntl.h>
 #include <signal.h>
+#include <spdlog/spdlog.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
 #include <unistd.h>
 
-#include <spdlog/spdlog.h>
+#include <algorithm>
+#include <array>
+#include <cstring>
+#include <optional>
 
 #include "kagemusha/common/coding.h"
 
@@ -84,15 +83,24 @@ auto Nothrow(error_code& ec) { return asio::redirect_error(asio::use_awaitable, 
 
 const char* CommandName(uint16_t type) {
   switch (type) {
-    case nbd::kCmdRead: return "read";
-    case nbd::kCmdWrite: return "write";
-    case nbd::kCmdDisc: return "disconnect";
-    case nbd::kCmdFlush: return "flush";
-    case nbd::kCmdTrim: return "trim";
-    case nbd::kCmdCache: return "cache";
-    case nbd::kCmdWriteZeroes: return "write-zeroes";
-    case nbd::kCmdBlockStatus: return "block-status";
-    default: return "unknown command";
+    case nbd::kCmdRead:
+      return "read";
+    case nbd::kCmdWrite:
+      return "write";
+    case nbd::kCmdDisc:
+      return "disconnect";
+    case nbd::kCmdFlush:
+      return "flush";
+    case nbd::kCmdTrim:
+      return "trim";
+    case nbd::kCmdCache:
+      return "cache";
+    case nbd::kCmdWriteZeroes:
+      return "write-zeroes";
+    case nbd::kCmdBlockStatus:
+      return "block-status";
+    default:
+      return "unknown command";
   }
 }
 
@@ -926,8 +934,8 @@ void Session::Execute(Reply& r) {
         }
         extents = std::move(*ex);
       }
-      auto desc = nbd::BlockStatusFromExtents(extents, q.length,
-                                              (q.flags & nbd::kCmdFlagReqOne) != 0);
+      auto desc =
+          nbd::BlockStatusFromExtents(extents, q.length, (q.flags & nbd::kCmdFlagReqOne) != 0);
       r.head.clear();
       nbd::AppendBlockStatusChunk(r.head, q.cookie, nbd::kBaseAllocationId, desc);
       r.HeadOnly();
@@ -1007,8 +1015,7 @@ void Session::ExecuteRead(Reply& r) {
             r.AddHead(at, nbd::kOffsetHoleChunkSize);
           } else {
             r.head.resize(at + nbd::kOffsetDataHeaderSize);
-            nbd::EncodeOffsetDataHeader(r.head.data() + at, flags, q.cookie, s.offset,
-                                        s.length);
+            nbd::EncodeOffsetDataHeader(r.head.data() + at, flags, q.cookie, s.offset, s.length);
             r.AddHead(at, nbd::kOffsetDataHeaderSize);
             if (spliced) {
               r.AddPipe(s.length);
@@ -1038,8 +1045,7 @@ void Session::ExecuteRead(Reply& r) {
   if (!st) return fail(st.error());
   if (structured) {
     r.head.resize(nbd::kOffsetDataHeaderSize);
-    nbd::EncodeOffsetDataHeader(r.head.data(), nbd::kReplyFlagDone, q.cookie, q.offset,
-                                q.length);
+    nbd::EncodeOffsetDataHeader(r.head.data(), nbd::kReplyFlagDone, q.cookie, q.offset, q.length);
   } else {
     r.head.resize(nbd::kSimpleReplySize);
     nbd::EncodeSimpleReply(r.head.data(), 0, q.cookie);
