@@ -14,7 +14,8 @@
 // present_ only ever goes 0 -> 1, and durable implies present.
 //
 // Lock order: no two of inflight_mu_, commit_mu_, fill_mu_, error_mu_,
-// store_mu_ are held together. Reads that hit take no lock at all.
+// store_mu_ are held together, except that Preallocate takes inflight_mu_
+// inside prealloc_mu_ (taken nowhere else). Reads that hit take no lock.
 #include "kagemusha/storage/copy_on_read.h"
 
 #include <fcntl.h>
@@ -49,7 +50,8 @@ using St = kagemusha::Status;  // CopyOnReadBackend::Status() hides the type nam
 constexpr uint64_t kMaxRemoteRequest = 4 * 1024 * 1024;  // NbdClient's default split
 constexpr size_t kCommitBatchBlocks = 1024;              // commit early past this many
 constexpr auto kCommitInterval = std::chrono::milliseconds(500);
-constexpr uint64_t kPreallocRegion = 64ull << 20;  // see Preallocate
+constexpr uint64_t kPreallocRegion = 64ull << 20;            // see Preallocate
+constexpr auto kSplicedMissPause = std::chrono::seconds(5);  // see PrepareFileRange
 constexpr auto kBackoffInitial = std::chrono::milliseconds(100);
 constexpr auto kBackoffMax = std::chrono::milliseconds(5000);
 constexpr unsigned kGuestFetchThreads = 8;
@@ -274,7 +276,6 @@ class CopyOnReadImpl final : public CopyOnReadBackend {
   bool StoreDirect(std::span<const std::byte> data, uint64_t offset, St* err);
   // Allocates (fallocate) the missing, unclaimed blocks of the
   // kPreallocRegion-sized region holding `block`, once per region.
-  // region that [offset, offset+length) touches, once per region.
   void Preallocate(uint64_t block);
   void MarkPresent(uint64_t first, uint64_t count);
   // Waits until every block of [first, last) is durable (bit in the file).
@@ -344,6 +345,9 @@ class CopyOnReadImpl final : public CopyOnReadBackend {
   // allocation, which on this kind of machine is most of a store's CPU.
   int direct_fd_ = -1;
   std::atomic<bool> direct_ok_{false};
+  // Clock time (ns since its epoch) until which PrepareFileRange fetches no
+  // misses (after a failed store; see there).
+  std::atomic<int64_t> spliced_misses_paused_until_{0};
   // Regions of kPreallocRegion bytes already allocated (fallocate) for
   // direct stores; see Preallocate. GUARDED_BY(prealloc_mu_) for writes.
   std::vector<std::atomic<bool>> preallocated_;
@@ -1051,8 +1055,33 @@ Result<std::optional<FileRange>> CopyOnReadImpl::PrepareFileRange(uint64_t offse
                                std::to_string(offset) + " is past the end of the image"));
   if (proxy() && length > 0) {
     const uint64_t first = FirstBlock(offset), last = EndBlock(offset, length);
-    if (auto s = EnsurePresentRange(first, last, nullptr, FetchFor::kClientFromCache); !s)
-      return Fail(s.error());
+    if (!present_.AllSet(first, last) &&
+        clock_.Now().time_since_epoch().count() >= spliced_misses_paused_until_.load()) {
+      St s = EnsurePresentRange(first, last, nullptr, FetchFor::kClientFromCache);
+      if (!s) {
+        // The remote unreachable (the bounded wait ran out) or the backend
+        // closing: that is the read's answer.
+        const int code = s.error().code();
+        if (code == ETIMEDOUT || code == ESHUTDOWN) return Fail(s.error());
+        // Anything else may be the cache's fault (a full disk, an I/O error,
+        // a file size limit): then the read must still be answered. Read()
+        // fetches into the reply buffer and only notes a failed store, so
+        // the server is told to use it (a remote error reply just comes back
+        // once more there). Errors only the cache can cause also pause
+        // spliced misses, so that a full disk does not cost every miss a
+        // second fetch. (EIO may be either side's: no pause for it.)
+        if (code == ENOSPC || code == EDQUOT || code == EFBIG || code == EROFS || code == EBADF) {
+          spdlog::warn(
+              "copy-on-read: storing a fetched range in the cache failed ({}); reads "
+              "that miss go through a buffer for the next {} s",
+              s.error().message(),
+              std::chrono::duration_cast<std::chrono::seconds>(kSplicedMissPause).count());
+          spliced_misses_paused_until_.store(
+              (clock_.Now() + kSplicedMissPause).time_since_epoch().count());
+        }
+        return std::optional<FileRange>{};
+      }
+    }
   }
   return FileRangeFor(offset, length);
 }

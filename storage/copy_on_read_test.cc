@@ -1226,17 +1226,33 @@ TEST_F(CopyOnReadTest, PrepareFileRangeFetchesOnlyTheMissingBlocksAndKeepsLocalW
   EXPECT_EQ(cor_->Status().blocks_present, 3u);
 }
 
-TEST_F(CopyOnReadTest, PrepareFileRangeWithAFailingRemoteReturnsTheErrorAndLeavesBlocksMissing) {
-  Init(4 * kMiB, 65536);
+TEST_F(CopyOnReadTest, PrepareFileRangeWithAFailingRemoteLeavesBlocksMissingAndTheReadFails) {
+  FakeClock clock;
+  image_ = FakeRemote::PatternImage(4 * kMiB);
+  opts_.cache_path = dir_ / "cache.img";
+  opts_.bitmap_path = dir_ / "cache.bitmap";
+  opts_.block_size = 65536;
+  opts_.fill_on_start = false;
+  OpenBackend(clock);
+  // An error reply (EIO) might as well be the cache's: the server is sent to
+  // Read(), which asks the remote once more and fails with its error. EIO
+  // does not pause spliced misses (only errors the cache alone can cause do):
+  // the last part below is spliced again at once.
   FakeRemote::SetFailure(*remote_, FakeRemote::Failure::kIoError);
   auto r = cor_->PrepareFileRange(65536, 2 * 65536);
-  ASSERT_FALSE(r) << "a remote failure must be the read's error";
-  EXPECT_EQ(r.error().code(), EIO) << r.error().message();
+  ASSERT_TRUE(r) << r.error().message();
+  EXPECT_FALSE(r->has_value());
+  std::vector<std::byte> buf(2 * 65536);
+  auto read = cor_->Read(buf, 65536);
+  ASSERT_FALSE(read) << "a remote failure must be the read's error";
+  EXPECT_EQ(read.error().code(), EIO) << read.error().message();
   EXPECT_FALSE(cor_->FileRangeFor(65536, 2 * 65536).has_value());
   EXPECT_FALSE(cor_->FileRangeFor(65536, 1).has_value());
   EXPECT_EQ(cor_->Status().blocks_present, 0u);
   EXPECT_FALSE(cor_->Status().last_error.empty());
 
+  // The remote unreachable (its bounded wait ran out): that is the answer
+  // at once, not a second wait through Read().
   FakeRemote::SetFailure(*remote_, FakeRemote::Failure::kDisconnected);
   auto t = cor_->PrepareFileRange(65536, 2 * 65536);
   ASSERT_FALSE(t);
@@ -1252,21 +1268,46 @@ TEST_F(CopyOnReadTest, PrepareFileRangeWithAFailingRemoteReturnsTheErrorAndLeave
   EXPECT_EQ(cor_->Status().blocks_present, 2u);
 }
 
-TEST_F(CopyOnReadTest, PrepareFileRangeWhoseCacheWriteFailsReturnsTheErrorAndMarksNothing) {
-  Init(4 * kMiB, 65536);  // the cache file is created (sparse) before the limit
+TEST_F(CopyOnReadTest, PrepareFileRangeWhoseCacheWriteFailsFallsBackToReadAndPausesSplicedMisses) {
+  // A full disk (here a file size limit) must not fail the client's read:
+  // PrepareFileRange says "use Read()" and Read() answers from its buffer.
+  FakeClock clock;
+  image_ = FakeRemote::PatternImage(4 * kMiB);
+  opts_.cache_path = dir_ / "cache.img";
+  opts_.bitmap_path = dir_ / "cache.bitmap";
+  opts_.block_size = 65536;
+  opts_.fill_on_start = false;
+  OpenBackend(clock);  // the cache file is created (sparse) before the limit
   {
     FileSizeLimit limit(2 * kMiB);
     auto r = cor_->PrepareFileRange(3 * kMiB, 2 * 65536);
-    ASSERT_FALSE(r);
-    EXPECT_EQ(r.error().code(), EFBIG) << r.error().message();
+    ASSERT_TRUE(r) << r.error().message();
+    EXPECT_FALSE(r->has_value()) << "a failed store must send the read to Read()";
     EXPECT_FALSE(cor_->FileRangeFor(3 * kMiB, 2 * 65536).has_value());
     EXPECT_EQ(cor_->Status().blocks_present, 0u);
+    EXPECT_EQ(ReadsOf(48), 1u);
+    EXPECT_TRUE(SameBytes(ReadAt(3 * kMiB, 2 * 65536), Slice(image_, 3 * kMiB, 2 * 65536)));
+    ASSERT_TRUE(cor_->Flush());
+    EXPECT_EQ(cor_->Status().blocks_present, 0u) << "the buffered store failed too";
+    EXPECT_EQ(ReadsOf(48), 2u);
   }
+  // Paused: a miss is not fetched into the cache, the server reads instead.
+  auto paused = cor_->PrepareFileRange(3 * kMiB, 2 * 65536);
+  ASSERT_TRUE(paused) << paused.error().message();
+  EXPECT_FALSE(paused->has_value());
+  EXPECT_EQ(ReadsOf(48), 2u);
+  // Hits are not affected by the pause.
+  ASSERT_TRUE(cor_->Cache(0, 65536));
+  auto hit = cor_->PrepareFileRange(0, 65536);
+  ASSERT_TRUE(hit) << hit.error().message();
+  EXPECT_TRUE(hit->has_value());
+  // After the pause, spliced misses resume.
+  clock.Advance(std::chrono::seconds(6));
   auto r = cor_->PrepareFileRange(3 * kMiB, 2 * 65536);
   ASSERT_TRUE(r) << r.error().message();
   ASSERT_TRUE(r->has_value());
   EXPECT_TRUE(SameBytes(PreadRange(**r, 2 * 65536), Slice(image_, 3 * kMiB, 2 * 65536)));
-  EXPECT_EQ(ReadsOf(48), 2u);
+  EXPECT_EQ(ReadsOf(48), 3u);
 }
 
 TEST_F(CopyOnReadTest, ConcurrentPrepareFileRangeCallsFetchEachBlockOnce) {

@@ -30,10 +30,10 @@ class RemoteReader {
   // Reads exactly `length` bytes at `offset` and writes them to the open
   // file `fd` at `file_offset` (as pwrite: the file position is unused).
   // Waits and fails as Read does; a failed write to the file fails the call
-  // with that error (ENOSPC, EIO), and then the file range holds some prefix
-  // of the bytes, or none. The default reads into a buffer and writes it;
-  // NbdClient receives the payload straight into the file (splice), so the
-  // bytes cross no user-space buffer.
+  // with that error (ENOSPC, EIO), and then the file range holds some of
+  // the bytes (pieces may be received in parallel), or none. The default reads into a buffer and
+  // writes it; NbdClient receives the payload straight into the file (splice), so the bytes cross
+  // no user-space buffer.
   virtual Status ReadToFile(int fd, uint64_t file_offset, uint64_t length, uint64_t offset);
   // Drops the current connection and reconnects now (operator `reconnect`).
   virtual Status Reconnect() = 0;
