@@ -46,13 +46,17 @@ bool SameBytes(std::span<const std::byte> a, std::span<const std::byte> b) {
 // bitmap in a scratch directory.
 class CopyOnReadTest : public ::testing::Test {
  protected:
-  void Init(uint64_t image_size, uint32_t block_size, bool fill_on_start = false) {
+  // The remote holds PatternImage(image_size), changed by `edit` if given.
+  void Init(uint64_t image_size, uint32_t block_size, bool fill_on_start = false,
+            Clock& clock = SteadyClock::Instance(),
+            const std::function<void(std::vector<std::byte>&)>& edit = {}) {
     image_ = FakeRemote::PatternImage(image_size);
+    if (edit) edit(image_);
     opts_.cache_path = dir_ / "cache.img";
     opts_.bitmap_path = dir_ / "cache.bitmap";
     opts_.block_size = block_size;
     opts_.fill_on_start = fill_on_start;
-    OpenBackend();
+    OpenBackend(clock);
   }
   void OpenBackend(Clock& clock = SteadyClock::Instance()) {
     auto remote = std::make_unique<FakeRemote>(image_, opts_.block_size);
@@ -343,12 +347,7 @@ TEST_F(CopyOnReadTest, FillRateLimitIsHonouredOnAFakeClock) {
   opts_.fill_window = 1;
   opts_.fill_rate_limit = 1 * kMiB;
   FakeClock clock;
-  image_ = FakeRemote::PatternImage(4 * kMiB);
-  opts_.cache_path = dir_ / "cache.img";
-  opts_.bitmap_path = dir_ / "cache.bitmap";
-  opts_.block_size = 65536;
-  opts_.fill_on_start = false;
-  OpenBackend(clock);
+  Init(4 * kMiB, 65536, false, clock);
   auto start = clock.Now();
   cor_->StartFill();
   ASSERT_TRUE(WaitComplete(5s));
@@ -634,13 +633,9 @@ TEST_F(CopyOnReadTest, StopFillPausesAndStartFillResumes) {
 }
 
 TEST_F(CopyOnReadTest, ZeroBlocksFromTheRemoteStaySparseInTheCache) {
-  image_ = FakeRemote::PatternImage(2 * kMiB);
-  std::fill(image_.begin() + 4 * 65536, image_.begin() + 12 * 65536, std::byte{0});
-  opts_.cache_path = dir_ / "cache.img";
-  opts_.bitmap_path = dir_ / "cache.bitmap";
-  opts_.block_size = 65536;
-  opts_.fill_on_start = false;
-  OpenBackend();
+  Init(2 * kMiB, 65536, false, SteadyClock::Instance(), [](std::vector<std::byte>& image) {
+    std::fill(image.begin() + 4 * 65536, image.begin() + 12 * 65536, std::byte{0});
+  });
   EXPECT_TRUE(SameBytes(ReadAt(0, 2 * kMiB), image_));
   ASSERT_TRUE(cor_->Flush());  // the cache writer has stored the read's blocks
   auto ext = cor_->Extents(0, 2 * kMiB);
@@ -653,13 +648,9 @@ TEST_F(CopyOnReadTest, ZeroBlocksFromTheRemoteStaySparseInTheCache) {
 TEST_F(CopyOnReadTest, ZeroBlocksStaySparseAfterAFillThatPreallocatesTheCache) {
   // The fill allocates the cache a 64 MiB region at a time before its direct
   // writes; blocks that turn out all zeroes must still end up as holes.
-  image_ = FakeRemote::PatternImage(2 * kMiB);
-  std::fill(image_.begin() + 4 * 65536, image_.begin() + 20 * 65536, std::byte{0});
-  opts_.cache_path = dir_ / "cache.img";
-  opts_.bitmap_path = dir_ / "cache.bitmap";
-  opts_.block_size = 65536;
-  opts_.fill_on_start = true;
-  OpenBackend();
+  Init(2 * kMiB, 65536, true, SteadyClock::Instance(), [](std::vector<std::byte>& image) {
+    std::fill(image.begin() + 4 * 65536, image.begin() + 20 * 65536, std::byte{0});
+  });
   ASSERT_TRUE(WaitComplete());
   ASSERT_TRUE(cor_->Flush());
   EXPECT_TRUE(SameBytes(ReadAt(0, 2 * kMiB), image_));
@@ -1228,12 +1219,7 @@ TEST_F(CopyOnReadTest, PrepareFileRangeFetchesOnlyTheMissingBlocksAndKeepsLocalW
 
 TEST_F(CopyOnReadTest, PrepareFileRangeWithAFailingRemoteLeavesBlocksMissingAndTheReadFails) {
   FakeClock clock;
-  image_ = FakeRemote::PatternImage(4 * kMiB);
-  opts_.cache_path = dir_ / "cache.img";
-  opts_.bitmap_path = dir_ / "cache.bitmap";
-  opts_.block_size = 65536;
-  opts_.fill_on_start = false;
-  OpenBackend(clock);
+  Init(4 * kMiB, 65536, false, clock);
   // An error reply (EIO) might as well be the cache's: the server is sent to
   // Read(), which asks the remote once more and fails with its error. EIO
   // does not pause spliced misses (only errors the cache alone can cause do):
@@ -1272,12 +1258,7 @@ TEST_F(CopyOnReadTest, PrepareFileRangeWhoseCacheWriteFailsFallsBackToReadAndPau
   // A full disk (here a file size limit) must not fail the client's read:
   // PrepareFileRange says "use Read()" and Read() answers from its buffer.
   FakeClock clock;
-  image_ = FakeRemote::PatternImage(4 * kMiB);
-  opts_.cache_path = dir_ / "cache.img";
-  opts_.bitmap_path = dir_ / "cache.bitmap";
-  opts_.block_size = 65536;
-  opts_.fill_on_start = false;
-  OpenBackend(clock);  // the cache file is created (sparse) before the limit
+  Init(4 * kMiB, 65536, false, clock);  // the cache file is created (sparse) before the limit
   {
     FileSizeLimit limit(2 * kMiB);
     auto r = cor_->PrepareFileRange(3 * kMiB, 2 * 65536);
