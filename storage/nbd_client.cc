@@ -39,6 +39,7 @@
 #include <vector>
 
 #include "nbd_client_codec.h"
+#include "posix_io.h"
 
 namespace kagemusha::storage {
 namespace {
@@ -183,9 +184,16 @@ class FileSink {
   Status Receive(int sock, int file, uint64_t file_offset, size_t len, Status* file_status) {
     bool file_ok = true;
     auto file_error = [&](int err, uint64_t at) {
-      *file_status =
-          Fail(Error::Errno(err, "writing fetched data at file offset " + std::to_string(at)));
+      *file_status = Fail(Error::Errno(err, "write fetched data at " + std::to_string(at)));
       file_ok = false;
+    };
+    auto write_scratch = [&](size_t n, uint64_t at) {
+      Status w =
+          posix::PwriteFull(file, std::as_bytes(std::span(scratch_.data(), n)), at, "fetched data");
+      if (!w) {
+        *file_status = std::move(w);
+        file_ok = false;
+      }
     };
     while (len > 0) {
       if (r_ < 0 || !splice_socket_) {
@@ -193,10 +201,7 @@ class FileSink {
         if (scratch_.empty()) scratch_.resize(1 << 20);
         size_t n = std::min(len, scratch_.size());
         if (auto s = RecvAll(sock, scratch_.data(), n); !s) return s;
-        if (file_ok) {
-          if (int err = WriteAll(file, scratch_.data(), n, file_offset); err != 0)
-            file_error(err, file_offset);
-        }
+        if (file_ok) write_scratch(n, file_offset);
         file_offset += n;
         len -= n;
         continue;
@@ -225,10 +230,7 @@ class FileSink {
         } else {
           if (scratch_.empty()) scratch_.resize(1 << 20);
           m = ::read(r_, scratch_.data(), std::min(left, scratch_.size()));
-          if (m > 0 && file_ok) {
-            if (int err = WriteAll(file, scratch_.data(), size_t(m), file_offset); err != 0)
-              file_error(err, file_offset);
-          }
+          if (m > 0 && file_ok) write_scratch(size_t(m), file_offset);
         }
         if (m < 0 && errno == EINTR) continue;
         if (m <= 0) {
@@ -247,19 +249,6 @@ class FileSink {
   }
 
  private:
-  // 0 or the errno of a failed pwrite.
-  static int WriteAll(int fd, const uint8_t* p, size_t n, uint64_t at) {
-    while (n > 0) {
-      ssize_t k = ::pwrite(fd, p, n, off_t(at));
-      if (k < 0 && errno == EINTR) continue;
-      if (k <= 0) return k < 0 ? errno : EIO;
-      p += k;
-      n -= size_t(k);
-      at += uint64_t(k);
-    }
-    return 0;
-  }
-
   int r_ = -1, w_ = -1;
   size_t cap_ = 0;
   bool splice_socket_ = true;
