@@ -11,7 +11,10 @@
 #            (what the remote delivers when the data is also stored here),
 #            warm read (all in the cache) vs our target serving the same file,
 #            and the storage ingest bound (dd of BENCH_SIZE MiB to a new file
-#            on the same file system), all measured in the same run
+#            on the same file system); against peers in the middle: two
+#            relays that store nothing (nbdkit's nbd plugin, socat) and a
+#            caching proxy (nbdkit's cache filter, cache-on-read), all
+#            measured in the same run
 #   fill     background fill time on loopback (vs nbdcopy remote -> file) and
 #            through kagemusha-wanem at BENCH_WAN_RTT ms / BENCH_WAN_RATE
 #            Mbit/s (vs nbdcopy of the remote over the same WAN); over the
@@ -217,10 +220,42 @@ proxy_pass() {
   st_stop proxy-rd
   rm -rf "$pd"
 }
+# Peers in the middle, in the same runs: two relays that store nothing (an
+# upper bound for any proxy on this machine: a process between the client and
+# the remote costs CPU even when it keeps no copy) and a real caching proxy.
+#   nbdkit nbd plugin      an NBD relay (parses and forwards every request)
+#   socat                  a byte relay with 1 MiB buffers (no NBD at all)
+#   nbdkit cache filter    cache-on-read=true over the nbd plugin: stores
+#                          every block it serves in a temporary file, as we do
+if want proxy; then
+  st_spawn nbdkit-relay - nbdkit -f -U "$ST_DIR/relay.sock" nbd socket="$nks"
+  st_wait_nbd "$(st_uri_unix "$ST_DIR/relay.sock")" 20 nbdkit-relay
+  st_spawn socat-relay - socat -b 1048576 "UNIX-LISTEN:$ST_DIR/socat.sock,fork" "UNIX-CONNECT:$nks"
+  st_wait_nbd "$(st_uri_unix "$ST_DIR/socat.sock")" 20 socat-relay
+fi
+# nbdkit_cache_pass DIR : a new nbdkit caching proxy with an empty cache
+# (its temporary file in DIR), read cold then warm, checked, stopped.
+nbdkit_cache_pass() {
+  local pd=$1
+  mkdir -p "$pd"
+  st_spawn nbdkit-cache - env TMPDIR="$pd" nbdkit -f -U "$pd/c.sock" --filter=cache \
+    nbd socket="$nks" cache-on-read=true
+  local curi
+  curi=$(st_uri_unix "$pd/c.sock")
+  st_wait_nbd "$curi" 20 nbdkit-cache
+  timed_busy proxy_cold_read nbdkit-cache "$SIZE" "${ST_PID[nbdkit-cache]}" nbdcopy -C 4 "$curi" null:
+  timed proxy_warm_read nbdkit-cache nbdcopy -C 4 "$curi" null:
+  [[ $(st_md5_uri "$curi") == "$data_md5" ]] || tb_fail "nbdkit cache filter served wrong data"
+  st_stop nbdkit-cache
+  rm -rf "$pd"
+}
 want proxy && for ((r = 1; r <= RUNS; r++)); do
   progress "proxy: cold / warm read" "$r" "$RUNS"
   d=$ST_DIR/p$r; mkdir -p "$d"
   timed_busy remote_read nbdkit "$SIZE" "${ST_PID[nbdkit-r]}" nbdcopy -C 4 "$remote_uri" null:
+  timed_busy relay_read nbdkit-nbd "$SIZE" "${ST_PID[nbdkit-relay]}" nbdcopy -C 4 "$(st_uri_unix "$ST_DIR/relay.sock")" null:
+  timed_busy relay_read socat "$SIZE" - nbdcopy -C 4 "$(st_uri_unix "$ST_DIR/socat.sock")" null:
+  nbdkit_cache_pass "$d/nc"
   timed remote_to_file nbdkit nbdcopy -C 4 "$remote_uri" "$d/copy.img"
   [[ $(st_md5_file "$d/copy.img") == "$data_md5" ]] || tb_fail "nbdcopy remote -> file: copy differs"
   rm -f "$d/copy.img"
@@ -246,6 +281,7 @@ want proxy && for ((r = 1; r <= RUNS; r++)); do
   rm -rf "$d"
 done
 st_stop k-target
+want proxy && { st_stop nbdkit-relay; st_stop socat-relay; }
 
 # --- fill on loopback vs nbdcopy remote -> file ---------------------------------
 # fill_time: from the server's ready line to status complete (polled at 20 Hz).
@@ -353,6 +389,13 @@ table.append((f"proxy cold read {size} MiB, MiB/s", mbps("proxy_cold_read", "kag
               "remote->local file", mbps("remote_to_file", "nbdkit", size)))
 table.append((f"proxy cold read vs storage ingest bound, MiB/s", mbps("proxy_cold_read", "kagemusha", size),
               f"dd {size} MiB to new file", mbps("ingest", "dd", size), None, None))
+table.append((f"proxy cold read vs relays storing nothing, MiB/s", mbps("proxy_cold_read", "kagemusha", size),
+              "nbdkit nbd-plugin relay", mbps("relay_read", "nbdkit-nbd", size),
+              "socat byte relay", mbps("relay_read", "socat", size)))
+table.append((f"proxy cold read vs a caching proxy, MiB/s", mbps("proxy_cold_read", "kagemusha", size),
+              "nbdkit cache filter", mbps("proxy_cold_read", "nbdkit-cache", size), None, None))
+table.append((f"proxy warm read vs a caching proxy, MiB/s", mbps("proxy_warm_read", "kagemusha", size),
+              "nbdkit cache filter", mbps("proxy_warm_read", "nbdkit-cache", size), None, None))
 table.append((f"proxy warm read {size} MiB, MiB/s", mbps("proxy_warm_read", "kagemusha", size),
               "our target", mbps("target_read", "kagemusha", size),
               "remote alone", mbps("remote_read", "nbdkit", size)))
@@ -403,6 +446,11 @@ if None not in (rb, ib, pb, rw, pw, pc):
     print(f"  proxy cold: {pb:.2f} (the proxy process {pc:.2f}) in {pw:.3f} s wall ({pb * g / pw / nproc:.0%} busy)")
     print(f"  fastest possible cold read for a proxy that stores what it serves and spends nothing else: "
           f"{floor:.3f} s, i.e. at most {rw / floor:.2f}x the remote alone on this machine (measured: {rw / pw:.2f}x)")
+    for subject, label in (("nbdkit-nbd", "nbdkit nbd-plugin relay"), ("socat", "socat byte relay")):
+        t, b = med.get(("relay_read", subject)), med.get(("relay_read_busy", subject))
+        if t is not None and b is not None:
+            print(f"  {label}, storing nothing: {b:.2f} in {t:.3f} s wall ({b * g / t / nproc:.0%} busy), "
+                  f"{rw / t:.2f}x the remote alone")
     print()
 print("Ratios above 1 mean kagemusha is faster (rates: higher is better), except CPU s/GiB where lower is better.")
 print("Raw seconds (median): " + ", ".join(f"{m}/{s}={v:.3f}" for (m, s), v in sorted(med.items()) if m != "randread_4k_qd16"))
