@@ -16,6 +16,7 @@ PKGS=(
   python3 python3-scapy tshark iperf3 fio socat busybox-static cpio ndisc6
   libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients
   iproute2 nftables procps psmisc kmod hyperfine time bc
+  e2fsprogs util-linux mount  # mkfs.ext4, fsfreeze: a cache disk that stalls (nbd_client_test)
 )
 
 missing=()

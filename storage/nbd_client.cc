@@ -152,6 +152,36 @@ Status RecvAll(int fd, void* buf, size_t len) {
   return Ok();
 }
 
+// What a connection's reader thread has been doing, for the hung-connection
+// deadline: when it last made progress (a reply header read, a payload chunk
+// stored), and whether it is inside a write to a local file right now. A
+// slow local disk is not a hung remote: while the reader is storing, the
+// remote cannot be blamed for replies the reader has not yet read.
+struct ReaderProgress {
+  std::atomic<bool> storing{false};
+  std::atomic<SteadyTime::rep> at{0};  // steady_clock ticks; 0 = none yet
+  void Mark() { at.store(steady_clock::now().time_since_epoch().count(), std::memory_order_relaxed); }
+  SteadyTime Last() const {
+    return SteadyTime(SteadyTime::duration(at.load(std::memory_order_relaxed)));
+  }
+};
+
+// Marks a ReaderProgress as storing for the lifetime of the guard, and as
+// having made progress when the store returns.
+class StoringGuard {
+ public:
+  explicit StoringGuard(ReaderProgress& p) : p_(p) { p_.storing.store(true); }
+  ~StoringGuard() {
+    p_.Mark();
+    p_.storing.store(false);
+  }
+  StoringGuard(const StoringGuard&) = delete;
+  StoringGuard& operator=(const StoringGuard&) = delete;
+
+ private:
+  ReaderProgress& p_;
+};
+
 // A reader thread's pipe for receiving payloads straight into a file:
 // socket -> pipe moves page references (no copy), pipe -> file copies once
 // into the page cache. The reader drains the pipe after every fill, so the
@@ -180,14 +210,17 @@ class FileSink {
   // Receives `len` payload bytes from `sock` into `file` at `file_offset`.
   // The returned status is the socket's: a failure breaks the connection. A
   // failed write to the file goes to `*file_status` instead, and the rest of
-  // the payload is still consumed, so the stream stays in step.
-  Status Receive(int sock, int file, uint64_t file_offset, size_t len, Status* file_status) {
+  // the payload is still consumed, so the stream stays in step. Every write
+  // to the file is bracketed in `progress` (see ReaderProgress).
+  Status Receive(int sock, int file, uint64_t file_offset, size_t len, Status* file_status,
+                 ReaderProgress& progress) {
     bool file_ok = true;
     auto file_error = [&](int err, uint64_t at) {
       *file_status = Fail(Error::Errno(err, "write fetched data at " + std::to_string(at)));
       file_ok = false;
     };
     auto write_scratch = [&](size_t n, uint64_t at) {
+      StoringGuard storing(progress);
       Status w =
           posix::PwriteFull(file, std::as_bytes(std::span(scratch_.data(), n)), at, "fetched data");
       if (!w) {
@@ -222,7 +255,10 @@ class FileSink {
         ssize_t m;
         if (file_ok && splice_file_) {
           loff_t at = loff_t(file_offset);
-          m = ::splice(r_, nullptr, file, &at, left, SPLICE_F_MOVE);
+          {
+            StoringGuard storing(progress);
+            m = ::splice(r_, nullptr, file, &at, left, SPLICE_F_MOVE);
+          }
           if (m < 0 && errno == EINVAL) {
             splice_file_ = false;
             continue;
@@ -449,6 +485,7 @@ struct Connection {
   std::mutex write_mu;  // serializes request headers on the wire
   std::atomic<bool> broken{false};
   std::string break_reason;  // GUARDED_BY(NbdClientImpl::mu_)
+  ReaderProgress progress;   // written by the reader, read by the maintenance thread
 
   // Wakes the reader (and any blocked writer) without closing the fd under
   // their feet.
@@ -623,6 +660,7 @@ void NbdClientImpl::ReaderLoop(std::shared_ptr<Connection> c) {
       reason = reply.error().message();
       break;
     }
+    c->progress.Mark();
     Pending* p = nullptr;
     {
       std::lock_guard lk(mu_);
@@ -639,7 +677,7 @@ void NbdClientImpl::ReaderLoop(std::shared_ptr<Connection> c) {
       Status s;
       if (p->file_fd >= 0) {
         if (!sink) sink = std::make_unique<FileSink>();
-        s = sink->Receive(fd, p->file_fd, p->file_offset, p->length, &result);
+        s = sink->Receive(fd, p->file_fd, p->file_offset, p->length, &result, c->progress);
       } else {
         s = RecvAll(fd, p->dst, p->length);
       }
@@ -721,13 +759,18 @@ void NbdClientImpl::MaintenanceLoop() {
     auto now = steady_clock::now();
     if (conn_) {
       warned_this_outage = false;
-      // Deadline: the oldest request on a live link.
+      // Deadline: the oldest request on a live link, counted from the
+      // reader's last progress if that is later (replies may queue behind
+      // the ones being read), and not while the reader is writing to a
+      // local file (a slow cache disk is not a hung remote).
       SteadyTime oldest = SteadyTime::max();
       for (auto& [cookie, p] : inflight_) {
         if (p->gen == conn_->gen) oldest = std::min(oldest, p->sent_at);
       }
-      if (oldest != SteadyTime::max() && now - oldest >= options_.request_timeout) {
-        BreakLocked(conn_, "no reply within request_timeout (" +
+      SteadyTime since = std::max(oldest, conn_->progress.Last());
+      if (oldest != SteadyTime::max() && !conn_->progress.storing.load() &&
+          now - since >= options_.request_timeout) {
+        BreakLocked(conn_, "no reply progress within request_timeout (" +
                                std::to_string(options_.request_timeout.count()) +
                                " ms); declaring the connection hung");
         state_cv_.wait_for(lk, milliseconds(50));

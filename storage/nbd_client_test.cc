@@ -1187,5 +1187,75 @@ TEST_F(NbdClientTest, ReadToFileInFlightWhenServerIsKilledSucceedsAfterRestart) 
   EXPECT_TRUE(client->Connected());
 }
 
+// An ext4 file system on a loop device under `dir`, mounted at dir/mnt, that
+// a test can freeze: writes to a frozen file system block until it is thawed,
+// as on a cache disk that stalls. Unmounted (and thawed) on destruction.
+class FreezableFileSystem {
+ public:
+  explicit FreezableFileSystem(const std::string& dir) : image_(dir + "/fs.img"), mnt_(dir + "/mnt") {
+    std::filesystem::create_directories(mnt_);
+    mounted_ = Run("truncate -s 64M " + image_) && Run("mkfs.ext4 -q -F " + image_) &&
+               Run("mount -o loop " + image_ + " " + mnt_);
+  }
+  ~FreezableFileSystem() {
+    if (!mounted_) return;
+    Thaw();
+    (void)Run("umount " + mnt_);
+  }
+  FreezableFileSystem(const FreezableFileSystem&) = delete;
+  FreezableFileSystem& operator=(const FreezableFileSystem&) = delete;
+  bool mounted() const { return mounted_; }
+  const std::string& path() const { return mnt_; }
+  bool Freeze() { return frozen_ = Run("fsfreeze -f " + mnt_); }
+  void Thaw() {
+    if (frozen_) frozen_ = !Run("fsfreeze -u " + mnt_);
+  }
+
+ private:
+  static bool Run(const std::string& cmd) { return std::system((cmd + " >/dev/null 2>&1").c_str()) == 0; }
+  std::string image_, mnt_;
+  bool mounted_ = false, frozen_ = false;
+};
+
+// The cache disk stalls for five request timeouts while the reader thread is
+// writing a reply into it. The remote answered promptly, so the connection
+// must not be declared hung and re-made: the read completes on the same
+// connection once the disk moves again.
+TEST_F(NbdClientTest, ReadToFileIntoADiskThatStallsLongerThanRequestTimeoutKeepsTheConnection) {
+  REQUIRE_TOOL("nbdkit");
+  REQUIRE_TOOL("fsfreeze");
+  REQUIRE_TOOL("mkfs.ext4");
+  auto data = MakeImage(4 << 20, 31);
+  const std::string log = dir_ + "/nbdkit.log";
+  auto o = FastOptions();
+  o.request_timeout = 200ms;
+  auto [server, client] =
+      ServeAndConnect({"--filter=log", "file", "file=" + image_, "logfile=" + log}, o);
+  ASSERT_TRUE(client);
+  ASSERT_TRUE(WaitFor([&] { return ConnectionsLogged(log) >= 1; }));
+  const int connections = ConnectionsLogged(log);
+
+  FreezableFileSystem fs(dir_);
+  ASSERT_TRUE(fs.mounted()) << "SKIP: cannot mount an ext4 loop device here (needs root and "
+                               "/dev/loop*); this test must run";
+  const std::string target = fs.path() + "/cache";
+  const std::byte fill{0x3C};
+  int fd = MakeFilledFile(target, 4 << 20, fill);
+  ASSERT_GE(fd, 0);
+  ASSERT_EQ(::fsync(fd), 0);
+  ASSERT_TRUE(fs.Freeze());
+  Status result;
+  std::thread reader([&] { result = client->ReadToFile(fd, 0, 3 << 20, 4096); });
+  std::this_thread::sleep_for(1000ms);  // five request timeouts with the store blocked
+  fs.Thaw();
+  reader.join();
+  ::close(fd);
+  ASSERT_TRUE(result) << result.error().message();
+  ExpectFileHolds(FileContent(target), fill, 0, data, 4096, 3 << 20);
+  EXPECT_TRUE(client->Connected());
+  EXPECT_EQ(ConnectionsLogged(log), connections)
+      << "the connection was declared hung while only the local disk was slow";
+}
+
 }  // namespace
 }  // namespace kagemusha::storage
