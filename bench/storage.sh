@@ -62,7 +62,7 @@ done
 [[ $WAN == 1 ]] || unset 'SECTION[wan]'
 want() { [[ -n ${SECTION[$1]:-} ]]; }
 
-st_init nbdcopy nbdkit qemu-nbd fio
+st_init nbdcopy nbdkit qemu-nbd fio socat
 results=$ST_DIR/results.tsv   # metric \t subject \t value
 : >"$results"
 
@@ -444,13 +444,23 @@ if None not in (rb, ib, pb, rw, pw, pc):
     print(f"  remote alone: {rb:.2f} in {rw:.3f} s wall ({rb * g / rw / nproc:.0%} of the machine busy)")
     print(f"  storing alone (dd to a new file): {ib:.2f}")
     print(f"  proxy cold: {pb:.2f} (the proxy process {pc:.2f}) in {pw:.3f} s wall ({pb * g / pw / nproc:.0%} busy)")
-    print(f"  fastest possible cold read for a proxy that stores what it serves and spends nothing else: "
+    print(f"  estimated best cold read for a proxy that stores what it serves and spends nothing else: "
           f"{floor:.3f} s, i.e. at most {rw / floor:.2f}x the remote alone on this machine (measured: {rw / pw:.2f}x)")
+    relay_busy = []
     for subject, label in (("nbdkit-nbd", "nbdkit nbd-plugin relay"), ("socat", "socat byte relay")):
         t, b = med.get(("relay_read", subject)), med.get(("relay_read_busy", subject))
         if t is not None and b is not None:
+            relay_busy.append(b)
             print(f"  {label}, storing nothing: {b:.2f} in {t:.3f} s wall ({b * g / t / nproc:.0%} busy), "
                   f"{rw / t:.2f}x the remote alone")
+    if relay_busy:
+        # A caching proxy relays and also stores: at least the cheaper
+        # relay's machine cost plus the store's, on every CPU at once.
+        both = (min(relay_busy) + ib) * g / nproc
+        print(f"  estimated best cold read for a proxy that costs what the cheaper relay costs, plus the store: "
+              f"{both:.3f} s, i.e. at most {rw / both:.2f}x the remote alone")
+    print("  (estimates from other passes: the store's cost depends on the state of free memory, which"
+          " differs between passes, so they are only as good as the medians; use 1 GiB and 5+ runs)")
     print()
 print("Ratios above 1 mean kagemusha is faster (rates: higher is better), except CPU s/GiB where lower is better.")
 print("Raw seconds (median): " + ", ".join(f"{m}/{s}={v:.3f}" for (m, s), v in sorted(med.items()) if m != "randread_4k_qd16"))

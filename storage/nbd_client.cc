@@ -152,34 +152,46 @@ Status RecvAll(int fd, void* buf, size_t len) {
   return Ok();
 }
 
-// What a connection's reader thread has been doing, for the hung-connection
-// deadline: when it last made progress (a reply header read, a payload chunk
-// stored), and whether it is inside a write to a local file right now. A
-// slow local disk is not a hung remote: while the reader is storing, the
-// remote cannot be blamed for replies the reader has not yet read.
-struct ReaderProgress {
-  std::atomic<bool> storing{false};
-  std::atomic<SteadyTime::rep> at{0};  // steady_clock ticks; 0 = none yet
-  void Mark() { at.store(steady_clock::now().time_since_epoch().count(), std::memory_order_relaxed); }
-  SteadyTime Last() const {
-    return SteadyTime(SteadyTime::duration(at.load(std::memory_order_relaxed)));
+// How long a connection's reader thread has spent writing payloads into
+// local files, for the hung-connection deadline: a slow local disk is not a
+// hung remote, and replies the reader has not read yet because it was busy
+// storing must not count against the remote. A leaf lock (taken with or
+// without NbdClientImpl::mu_, never the other way round).
+class StoreClock {
+ public:
+  // Time spent storing so far, including a store still in progress.
+  steady_clock::duration StoredBy(SteadyTime now) {
+    std::lock_guard lk(mu_);
+    return stored_ + (storing_ ? now - started_ : steady_clock::duration::zero());
   }
+  void Begin() {
+    std::lock_guard lk(mu_);
+    started_ = steady_clock::now();
+    storing_ = true;
+  }
+  void End() {
+    std::lock_guard lk(mu_);
+    stored_ += steady_clock::now() - started_;
+    storing_ = false;
+  }
+
+ private:
+  std::mutex mu_;
+  steady_clock::duration stored_{};  // GUARDED_BY(mu_)
+  SteadyTime started_{};             // GUARDED_BY(mu_)
+  bool storing_ = false;             // GUARDED_BY(mu_)
 };
 
-// Marks a ReaderProgress as storing for the lifetime of the guard, and as
-// having made progress when the store returns.
+// Counts the enclosed file write on a StoreClock.
 class StoringGuard {
  public:
-  explicit StoringGuard(ReaderProgress& p) : p_(p) { p_.storing.store(true); }
-  ~StoringGuard() {
-    p_.Mark();
-    p_.storing.store(false);
-  }
+  explicit StoringGuard(StoreClock& c) : c_(c) { c_.Begin(); }
+  ~StoringGuard() { c_.End(); }
   StoringGuard(const StoringGuard&) = delete;
   StoringGuard& operator=(const StoringGuard&) = delete;
 
  private:
-  ReaderProgress& p_;
+  StoreClock& c_;
 };
 
 // A reader thread's pipe for receiving payloads straight into a file:
@@ -211,16 +223,16 @@ class FileSink {
   // The returned status is the socket's: a failure breaks the connection. A
   // failed write to the file goes to `*file_status` instead, and the rest of
   // the payload is still consumed, so the stream stays in step. Every write
-  // to the file is bracketed in `progress` (see ReaderProgress).
+  // to the file is counted on `store_clock`.
   Status Receive(int sock, int file, uint64_t file_offset, size_t len, Status* file_status,
-                 ReaderProgress& progress) {
+                 StoreClock& store_clock) {
     bool file_ok = true;
     auto file_error = [&](int err, uint64_t at) {
       *file_status = Fail(Error::Errno(err, "write fetched data at " + std::to_string(at)));
       file_ok = false;
     };
     auto write_scratch = [&](size_t n, uint64_t at) {
-      StoringGuard storing(progress);
+      StoringGuard storing(store_clock);
       Status w =
           posix::PwriteFull(file, std::as_bytes(std::span(scratch_.data(), n)), at, "fetched data");
       if (!w) {
@@ -256,7 +268,7 @@ class FileSink {
         if (file_ok && splice_file_) {
           loff_t at = loff_t(file_offset);
           {
-            StoringGuard storing(progress);
+            StoringGuard storing(store_clock);
             m = ::splice(r_, nullptr, file, &at, left, SPLICE_F_MOVE);
           }
           if (m < 0 && errno == EINVAL) {
@@ -485,7 +497,7 @@ struct Connection {
   std::mutex write_mu;  // serializes request headers on the wire
   std::atomic<bool> broken{false};
   std::string break_reason;  // GUARDED_BY(NbdClientImpl::mu_)
-  ReaderProgress progress;   // written by the reader, read by the maintenance thread
+  StoreClock store_clock;    // the reader's time spent writing to local files
 
   // Wakes the reader (and any blocked writer) without closing the fd under
   // their feet.
@@ -559,6 +571,7 @@ class NbdClientImpl final : public NbdClient {
     uint64_t cookie = 0;
     uint64_t gen = 0;
     SteadyTime sent_at{};
+    steady_clock::duration stored_at_send{};  // the connection's StoreClock then
     State state = State::kWaiting;
     Status result;
     std::condition_variable* done_cv = nullptr;  // the owning Read's
@@ -660,7 +673,6 @@ void NbdClientImpl::ReaderLoop(std::shared_ptr<Connection> c) {
       reason = reply.error().message();
       break;
     }
-    c->progress.Mark();
     Pending* p = nullptr;
     {
       std::lock_guard lk(mu_);
@@ -677,7 +689,7 @@ void NbdClientImpl::ReaderLoop(std::shared_ptr<Connection> c) {
       Status s;
       if (p->file_fd >= 0) {
         if (!sink) sink = std::make_unique<FileSink>();
-        s = sink->Receive(fd, p->file_fd, p->file_offset, p->length, &result, c->progress);
+        s = sink->Receive(fd, p->file_fd, p->file_offset, p->length, &result, c->store_clock);
       } else {
         s = RecvAll(fd, p->dst, p->length);
       }
@@ -759,18 +771,17 @@ void NbdClientImpl::MaintenanceLoop() {
     auto now = steady_clock::now();
     if (conn_) {
       warned_this_outage = false;
-      // Deadline: the oldest request on a live link, counted from the
-      // reader's last progress if that is later (replies may queue behind
-      // the ones being read), and not while the reader is writing to a
-      // local file (a slow cache disk is not a hung remote).
-      SteadyTime oldest = SteadyTime::max();
+      // Deadline: a request on a live link has waited request_timeout,
+      // not counting the time the reader spent writing replies into local
+      // files since it was sent (a slow cache disk is not a hung remote).
+      const auto stored = conn_->store_clock.StoredBy(now);
+      steady_clock::duration longest = steady_clock::duration::min();
       for (auto& [cookie, p] : inflight_) {
-        if (p->gen == conn_->gen) oldest = std::min(oldest, p->sent_at);
+        if (p->gen == conn_->gen)
+          longest = std::max(longest, (now - p->sent_at) - (stored - p->stored_at_send));
       }
-      SteadyTime since = std::max(oldest, conn_->progress.Last());
-      if (oldest != SteadyTime::max() && !conn_->progress.storing.load() &&
-          now - since >= options_.request_timeout) {
-        BreakLocked(conn_, "no reply progress within request_timeout (" +
+      if (longest >= options_.request_timeout) {
+        BreakLocked(conn_, "no reply within request_timeout (" +
                                std::to_string(options_.request_timeout.count()) +
                                " ms); declaring the connection hung");
         state_cv_.wait_for(lk, milliseconds(50));
@@ -916,6 +927,7 @@ Status NbdClientImpl::RunPieces(std::vector<Pending>& pieces) {
     waiting_for_link = false;
     std::shared_ptr<Connection> c = conn_;
     SteadyTime now = steady_clock::now();
+    const auto stored_now = c->store_clock.StoredBy(now);
     headers.clear();
     std::vector<uint64_t> sent;
     for (auto& p : pieces) {
@@ -923,6 +935,7 @@ Status NbdClientImpl::RunPieces(std::vector<Pending>& pieces) {
       p.cookie = next_cookie_++;
       p.gen = c->gen;
       p.sent_at = now;
+      p.stored_at_send = stored_now;
       p.state = State::kInFlight;
       inflight_.emplace(p.cookie, &p);
       size_t at = headers.size();

@@ -493,6 +493,7 @@ class ScriptedServer {
     kShortPayload,
     kStructuredReply,  // never negotiated, so a protocol violation
     kShutdownError,    // NBD error ESHUTDOWN: client must disconnect and retry
+    kDropFirstRequest, // never answers the first request, answers all others
   };
   struct Options {
     uint64_t size = 1 << 20;
@@ -665,6 +666,9 @@ class ScriptedServer {
           SendAll(fd, b);
           continue;
         }
+        case Misbehave::kDropFirstRequest:
+          m = Misbehave::kNone;  // this one is lost; the rest are answered
+          continue;
         case Misbehave::kNone:
           break;
       }
@@ -801,6 +805,45 @@ TEST_F(NbdClientTest, BrokenReplyStreamIsDroppedAndReadRetriedOnNewConnection) {
       EXPECT_GE(steady_clock::now() - start, 200ms) << "request_timeout was not honoured";
     }
   }
+}
+
+// One request is lost while the server keeps answering every other one: that
+// request still gets its own deadline (replies to other requests do not
+// extend it), so it is retried on a new connection instead of waiting forever.
+TEST_F(NbdClientTest, ALostRequestTimesOutWhileOtherRepliesKeepArriving) {
+  ScriptedServer::Options so;
+  so.first_connection = ScriptedServer::Misbehave::kDropFirstRequest;
+  ScriptedServer server(sock_, so);
+  auto o = FastOptions();
+  o.request_timeout = 300ms;
+  auto client = NbdClient::Connect(UnixUri(sock_), o);
+  ASSERT_TRUE(client) << client.error().message();
+  std::atomic<bool> lost_done{false}, stop{false};
+  Status lost;
+  std::vector<std::byte> lost_buf(4096);
+  std::thread first([&] {
+    lost = (*client)->Read(lost_buf, 8192);  // the first request: dropped
+    lost_done = true;
+  });
+  ASSERT_TRUE(WaitFor([&] { return server.connections() >= 1; }));
+  std::this_thread::sleep_for(50ms);  // the dropped request is on the wire first
+  std::atomic<int> busy_reads{0};
+  std::thread busy([&] {  // replies keep arriving on the same connection
+    std::vector<std::byte> buf(4096);
+    while (!stop && !lost_done) {
+      if ((*client)->Read(buf, 0)) ++busy_reads;
+    }
+  });
+  bool finished = WaitFor([&] { return lost_done.load(); }, 5000ms);
+  stop = true;
+  busy.join();
+  if (!finished) (*client)->Close();  // unblock the lost read before joining
+  first.join();
+  ASSERT_TRUE(finished) << "the lost request never timed out while other replies arrived";
+  ASSERT_TRUE(lost) << lost.error().message();
+  ExpectPattern(lost_buf, 8192);
+  EXPECT_GT(busy_reads.load(), 0) << "no other replies arrived: the case was not exercised";
+  EXPECT_EQ(server.connections(), 2);
 }
 
 TEST_F(NbdClientTest, OldServerClosingAfterExportNameMeansExportNotFound) {
@@ -1189,7 +1232,9 @@ TEST_F(NbdClientTest, ReadToFileInFlightWhenServerIsKilledSucceedsAfterRestart) 
 
 // An ext4 file system on a loop device under `dir`, mounted at dir/mnt, that
 // a test can freeze: writes to a frozen file system block until it is thawed,
-// as on a cache disk that stalls. Unmounted (and thawed) on destruction.
+// as on a cache disk that stalls. Thawed and unmounted on destruction; a
+// detached watchdog thaws it after 30 s in case this process dies while it
+// is frozen (the test's own directory removal would block on it otherwise).
 class FreezableFileSystem {
  public:
   explicit FreezableFileSystem(const std::string& dir) : image_(dir + "/fs.img"), mnt_(dir + "/mnt") {
@@ -1200,13 +1245,17 @@ class FreezableFileSystem {
   ~FreezableFileSystem() {
     if (!mounted_) return;
     Thaw();
-    (void)Run("umount " + mnt_);
+    if (!Run("umount " + mnt_)) (void)Run("umount -l " + mnt_);
   }
   FreezableFileSystem(const FreezableFileSystem&) = delete;
   FreezableFileSystem& operator=(const FreezableFileSystem&) = delete;
   bool mounted() const { return mounted_; }
   const std::string& path() const { return mnt_; }
-  bool Freeze() { return frozen_ = Run("fsfreeze -f " + mnt_); }
+  bool Freeze() {
+    (void)std::system(("setsid sh -c 'sleep 30; fsfreeze -u " + mnt_ +
+                       "' </dev/null >/dev/null 2>&1 &").c_str());
+    return frozen_ = Run("fsfreeze -f " + mnt_);
+  }
   void Thaw() {
     if (frozen_) frozen_ = !Run("fsfreeze -u " + mnt_);
   }
@@ -1215,6 +1264,15 @@ class FreezableFileSystem {
   static bool Run(const std::string& cmd) { return std::system((cmd + " >/dev/null 2>&1").c_str()) == 0; }
   std::string image_, mnt_;
   bool mounted_ = false, frozen_ = false;
+};
+
+// Closes a descriptor when the scope ends (before the file system under it
+// is unmounted, when declared after it).
+struct FdCloser {
+  int fd;
+  ~FdCloser() {
+    if (fd >= 0) ::close(fd);
+  }
 };
 
 // The cache disk stalls for five request timeouts while the reader thread is
@@ -1228,7 +1286,7 @@ TEST_F(NbdClientTest, ReadToFileIntoADiskThatStallsLongerThanRequestTimeoutKeeps
   auto data = MakeImage(4 << 20, 31);
   const std::string log = dir_ + "/nbdkit.log";
   auto o = FastOptions();
-  o.request_timeout = 200ms;
+  o.request_timeout = 500ms;
   auto [server, client] =
       ServeAndConnect({"--filter=log", "file", "file=" + image_, "logfile=" + log}, o);
   ASSERT_TRUE(client);
@@ -1240,16 +1298,20 @@ TEST_F(NbdClientTest, ReadToFileIntoADiskThatStallsLongerThanRequestTimeoutKeeps
                                "/dev/loop*); this test must run";
   const std::string target = fs.path() + "/cache";
   const std::byte fill{0x3C};
-  int fd = MakeFilledFile(target, 4 << 20, fill);
-  ASSERT_GE(fd, 0);
-  ASSERT_EQ(::fsync(fd), 0);
+  FdCloser file{MakeFilledFile(target, 4 << 20, fill)};
+  ASSERT_GE(file.fd, 0);
+  ASSERT_EQ(::fsync(file.fd), 0);
   ASSERT_TRUE(fs.Freeze());
   Status result;
-  std::thread reader([&] { result = client->ReadToFile(fd, 0, 3 << 20, 4096); });
-  std::this_thread::sleep_for(1000ms);  // five request timeouts with the store blocked
+  std::atomic<bool> done{false};
+  std::thread reader([&] {
+    result = client->ReadToFile(file.fd, 0, 3 << 20, 4096);
+    done = true;
+  });
+  std::this_thread::sleep_for(2500ms);  // five request timeouts with the store blocked
+  EXPECT_FALSE(done.load()) << "the read finished on a frozen file system: nothing stalled";
   fs.Thaw();
   reader.join();
-  ::close(fd);
   ASSERT_TRUE(result) << result.error().message();
   ExpectFileHolds(FileContent(target), fill, 0, data, 4096, 3 << 20);
   EXPECT_TRUE(client->Connected());
