@@ -215,6 +215,15 @@ proxy_pass() {
   local puri
   puri=$(st_uri_unix "$pd/p.sock" p)
   timed_busy proxy_cold_read "$subject" "$SIZE" "${ST_PID[proxy-rd]}" nbdcopy -C 4 "$puri" null:
+  # Warm at once (the cold pass's last group commits may still be syncing
+  # the cache: part of what the cold read costs), then warm again once
+  # every bit is committed: the steady state of a warm cache.
+  timed proxy_warm_read_now "$subject" nbdcopy -C 4 "$puri" null:
+  if [[ $subject == baseline ]]; then
+    sleep 1  # older binaries do not report blocks_committed; one commit interval is 0.5 s
+  else
+    st_wait_committed "$pd/c.sock" 30
+  fi
   timed proxy_warm_read "$subject" nbdcopy -C 4 "$puri" null:
   [[ $(st_md5_uri "$puri") == "$data_md5" ]] || tb_fail "$subject proxy served wrong data"
   st_stop proxy-rd
@@ -396,7 +405,9 @@ table.append((f"proxy cold read vs a caching proxy, MiB/s", mbps("proxy_cold_rea
               "nbdkit cache filter", mbps("proxy_cold_read", "nbdkit-cache", size), None, None))
 table.append((f"proxy warm read vs a caching proxy, MiB/s", mbps("proxy_warm_read", "kagemusha", size),
               "nbdkit cache filter", mbps("proxy_warm_read", "nbdkit-cache", size), None, None))
-table.append((f"proxy warm read {size} MiB, MiB/s", mbps("proxy_warm_read", "kagemusha", size),
+table.append((f"proxy warm read right after cold, MiB/s", mbps("proxy_warm_read_now", "kagemusha", size),
+              "our target", mbps("target_read", "kagemusha", size), None, None))
+table.append((f"proxy warm read {size} MiB (commits done), MiB/s", mbps("proxy_warm_read", "kagemusha", size),
               "our target", mbps("target_read", "kagemusha", size),
               "remote alone", mbps("remote_read", "nbdkit", size)))
 table.append((f"fill {size} MiB on loopback, MiB/s", mbps("fill_loopback", "kagemusha", size),
@@ -464,6 +475,11 @@ if None not in (rb, ib, pb, rw, pw, pc):
     print()
 print("Ratios above 1 mean kagemusha is faster (rates: higher is better), except CPU s/GiB where lower is better.")
 print("Raw seconds (median): " + ", ".join(f"{m}/{s}={v:.3f}" for (m, s), v in sorted(med.items()) if m != "randread_4k_qd16"))
-print("Every run (seq_read seconds): " + "; ".join(f"{s}=" + ",".join(f"{v:.3f}" for v in vals[("seq_read", s)]) for s in ("kagemusha", "nbdkit", "qemu-nbd", "baseline") if ("seq_read", s) in vals))
+for metric in ("seq_read", "remote_read", "relay_read", "proxy_cold_read", "target_read", "proxy_warm_read_now",
+               "proxy_warm_read", "fill_loopback"):
+    subjects = sorted(s for (m, s) in vals if m == metric)
+    if subjects:
+        print(f"Every run ({metric} seconds, in run order): " +
+              "; ".join(f"{s}=" + ",".join(f"{v:.3f}" for v in vals[(metric, s)]) for s in subjects))
 PY
 st_pass

@@ -890,6 +890,7 @@ json ExportStatusJson(const ServedExport& e) {
   j["remote_connected"] = st.remote_connected;
   j["blocks_total"] = st.blocks_total;
   j["blocks_present"] = st.blocks_present;
+  j["blocks_committed"] = st.blocks_committed;
   j["block_size"] = st.block_size;
   j["bytes_fetched"] = st.bytes_fetched;
   j["bytes_fetched_fill"] = st.bytes_fetched_fill;

@@ -133,7 +133,11 @@ TEST(NbdCliListen, RequiresAnExplicitHostSoWildcardsAreNeverImplicit) {
 class FakeProxy final : public storage::CopyOnReadBackend {
  public:
   explicit FakeProxy(uint64_t blocks) {
-    st_ = {"proxy", true, false, true, blocks, 0, 65536, 0, 0, 0, {}, 0, ""};
+    st_.mode = "proxy";
+    st_.fill_running = true;
+    st_.remote_connected = true;
+    st_.blocks_total = blocks;
+    st_.block_size = 65536;
   }
   void SetPresent(uint64_t n) {
     std::lock_guard lk(mu_);

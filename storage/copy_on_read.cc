@@ -1222,6 +1222,7 @@ FillStatus CopyOnReadImpl::Status() const {
   st.fill_running = fill_running_.load();
   st.blocks_total = blocks_;
   st.blocks_present = present_count_.load();
+  st.blocks_committed = bitmap_->Count();
   st.complete = st.blocks_present == blocks_;
   st.remote_connected = proxy() && remote_ && remote_->Connected();
   st.block_size = uint32_t(bs_);

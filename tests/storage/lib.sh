@@ -282,6 +282,22 @@ st_wait_fill() {
   tb_fail "fill did not complete within ${timeout}s"
 }
 
+# st_wait_committed CONTROL TIMEOUT : waits until every present block's bit
+# is written to the bitmap file (blocks_committed == blocks_present): the
+# proxy's group commits of what it fetched are done.
+st_wait_committed() {
+  local ctl=$1 timeout=$2 i s p c
+  for ((i = 0; i < timeout * 20; i++)); do
+    s=$(st_status "$ctl" 2>&1) || s=
+    p=$(st_json_get blocks_present <<<"$s" 2>/dev/null) || p=
+    c=$(st_json_get blocks_committed <<<"$s" 2>/dev/null) || c=
+    [[ -n $p && $p == "$c" ]] && return 0
+    sleep 0.05
+  done
+  echo "last status: $s" >&2
+  tb_fail "the proxy's commits did not finish within ${timeout}s"
+}
+
 # st_proxy_spec NAME URI CACHE BITMAP [OPTS] : the --proxy argument.
 st_proxy_spec() {
   local s="$1=$2,cache=$3,bitmap=$4"

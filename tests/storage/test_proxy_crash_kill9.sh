@@ -7,7 +7,9 @@
 # written and acknowledged must hold the new pattern, a region whose write
 # was in flight may hold old or new data (but nothing else), and everything
 # else must equal the source. A bitmap claiming a block whose data never
-# reached the cache would show up as a mismatch with the source.
+# reached the cache would show up as a mismatch with the source. Every block
+# the status called committed (blocks_committed) just before the kill must be
+# present after the restart, before any fill runs.
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 st_init nbdkit qemu-io stdbuf
@@ -74,13 +76,19 @@ for ((r = 1; r <= rounds; r++)); do
     (($(grep -c '^wrote' "$d/writer.log") >= 3)) && break; sleep 0.05
   done
   sleep "0.$((RANDOM % 9 + 1))$((RANDOM % 10))"
+  committed=$(st_status_get "$ctl" blocks_committed)
   st_stop "proxy$r" KILL
   wait "$writer" || true   # fails once the proxy is gone
   acked=$(grep -c '^wrote' "$d/writer.log" || true)
-  st_log "round $r: proxy killed after $acked acknowledged writes"
+  st_log "round $r: proxy killed after $acked acknowledged writes, $committed blocks committed"
 
-  # Restart on the same cache and bitmap, fill at full speed, verify.
-  st_nbd_serve proxy$r.b --unix "$psock" --control "$ctl" --proxy "$spec"
+  # Restart on the same cache and bitmap with the fill stopped: what the
+  # bitmap kept, then fill at full speed and verify.
+  st_nbd_serve proxy$r.b --unix "$psock" --control "$ctl" --proxy "$spec,no-fill"
+  present=$(st_status_get "$ctl" blocks_present)
+  ((present >= committed)) ||
+    tb_fail "round $r: $committed blocks were committed before the kill, only $present present after"
+  ((committed > 0)) || tb_fail "round $r: nothing was committed before the kill; the case was not exercised"
   "$ST_NBD" fill rate 0 --control "$ctl"
   "$ST_NBD" fill start --control "$ctl" || true   # already running is fine
   st_wait_fill "$ctl" 60
