@@ -1009,10 +1009,15 @@ std::string FormatStatusHuman(const json& status) {
     double pct = total ? 100.0 * double(present) / double(total) : 100.0;
     if (present < total && pct > 99.9) pct = 99.9;
     char line[256];
-    std::snprintf(line, sizeof line, "  blocks    %llu/%llu present (%.1f%%), block size %s\n",
+    std::snprintf(line, sizeof line, "  blocks    %llu/%llu present (%.1f%%), block size %s",
                   (unsigned long long)present, (unsigned long long)total, pct,
                   bytes(double(e.value("block_size", 0u))).c_str());
     out << line;
+    // Only while it trails: "committed" blocks are what a restart after a
+    // crash would keep.
+    if (e.contains("blocks_committed") && e["blocks_committed"].get<uint64_t>() < present)
+      out << ", " << e["blocks_committed"].get<uint64_t>() << " committed";
+    out << "\n";
     out << "  remote    " << e.value("source", "") << " ("
         << (e.value("mode", "") == "target"      ? "not used: target mode"
             : e.value("remote_connected", false) ? "connected"

@@ -338,6 +338,7 @@ TEST(NbdStatusHuman, ShowsBlocksPercentRemoteAndConnections) {
                     {"remote_connected", false},
                     {"bytes_fetched", 32 << 20},
                     {"bytes_fetched_fill", 30 << 20},
+                    {"blocks_committed", 500},
                     {"rate", 1048576.0},
                     {"eta_seconds", 32.0},
                     {"rate_limit", 0},
@@ -354,6 +355,7 @@ TEST(NbdStatusHuman, ShowsBlocksPercentRemoteAndConnections) {
                    {"bytes_written", 0}}}};
   std::string text = FormatStatusHuman(status);
   EXPECT_NE(text.find("512/1024 present (50.0%)"), std::string::npos) << text;
+  EXPECT_NE(text.find(", 500 committed"), std::string::npos) << text;
   EXPECT_NE(text.find("disconnected"), std::string::npos) << text;
   EXPECT_NE(text.find("ETA 32s"), std::string::npos) << text;
   EXPECT_NE(text.find("limit unlimited"), std::string::npos) << text;
