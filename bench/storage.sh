@@ -220,7 +220,7 @@ proxy_pass() {
   # every bit is committed: the steady state of a warm cache.
   timed proxy_warm_read_now "$subject" nbdcopy -C 4 "$puri" null:
   if [[ $subject == baseline ]]; then
-    sleep 1  # older binaries do not report blocks_committed; one commit interval is 0.5 s
+    sleep 2  # older binaries do not report blocks_committed: a commit interval is 0.5 s, plus the sync
   else
     st_wait_committed "$pd/c.sock" 30
   fi

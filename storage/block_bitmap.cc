@@ -174,6 +174,7 @@ Status BlockBitmap::SetAndWrite(std::span<const uint64_t> blocks) {
     adds.emplace_back(bitmap::ByteOfBlock(b), bitmap::MaskOfBlock(b));
   }
   std::sort(adds.begin(), adds.end());
+  dirty_ = true;  // before any write: the file may hold new bits from here on
   // Coalesce nearby bytes into one write; bytes in between are rewritten with
   // their current value.
   constexpr uint64_t kGap = 512;
@@ -198,6 +199,12 @@ Status BlockBitmap::WriteBytes(std::span<const std::pair<uint64_t, uint8_t>> add
   return posix::PwriteFull(fd_, out, header_.header_size + first_byte, "bitmap " + path_);
 }
 
-Status BlockBitmap::Sync() { return posix::DataSync(fd_, "bitmap " + path_); }
+Status BlockBitmap::Sync() {
+  std::lock_guard lk(write_mu_);
+  if (!dirty_) return Ok();
+  Status s = posix::DataSync(fd_, "bitmap " + path_);
+  if (s) dirty_ = false;
+  return s;
+}
 
 }  // namespace kagemusha::storage

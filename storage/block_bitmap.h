@@ -73,7 +73,10 @@ class BlockBitmap {
   // The in-memory bits (Test) are set only once the write succeeded; on
   // failure the file may hold some of the new bits and memory none.
   Status SetAndWrite(std::span<const uint64_t> blocks);
-  Status Sync();  // fdatasync of the bitmap file
+  // fdatasync of the bitmap file, skipped when no bit was written since the
+  // last successful one. Any bit Test() reports is on stable storage once a
+  // Sync() that started after Test() saw it returns Ok.
+  Status Sync();
 
  private:
   BlockBitmap(std::string path, int fd, const bitmap::Header& header, bool created);
@@ -87,6 +90,11 @@ class BlockBitmap {
   AtomicBitset bits_;
   std::atomic<uint64_t> count_{0};
   std::mutex write_mu_;  // serialises SetAndWrite so the bytes written are consistent
+  // Bits written (or possibly written) since the last successful Sync.
+  // GUARDED_BY(write_mu_): set before the in-memory bits and cleared only by
+  // a Sync that holds the lock across its fdatasync, so no Sync can skip
+  // bits that Test() already reports.
+  bool dirty_ = false;
 };
 
 }  // namespace kagemusha::storage

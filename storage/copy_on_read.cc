@@ -320,7 +320,6 @@ class CopyOnReadImpl final : public CopyOnReadBackend {
   uint64_t commit_failures_ = 0;        // GUARDED_BY(commit_mu_)
   std::optional<Error> commit_error_;   // GUARDED_BY(commit_mu_)
   std::thread committer_;
-  std::atomic<bool> bitmap_dirty_{false};  // bits written since the last bitmap sync
 
   // Fill.
   std::mutex fill_mu_;
@@ -838,10 +837,7 @@ void CopyOnReadImpl::CommitterLoop() {
     // The ordering that makes the bitmap crash safe: the data of every block
     // in the batch reaches stable storage before any of their bits is written.
     St s = cache_->Flush();
-    if (s) {
-      bitmap_dirty_ = true;  // before the write: a flush racing with it syncs again
-      s = bitmap_->SetAndWrite(batch);
-    }
+    if (s) s = bitmap_->SetAndWrite(batch);
     if (!s) NoteError(s.error().Context("committing the block bitmap"));
     lk.lock();
     if (s) {
@@ -874,11 +870,8 @@ St CopyOnReadImpl::WaitDurable(uint64_t first, uint64_t last) {
 
 St CopyOnReadImpl::SyncAll() {
   if (auto s = cache_->Flush(); !s) return s;
-  // Skip the bitmap's fdatasync when no bit was written since the last one.
-  if (!bitmap_dirty_.exchange(false)) return Ok();
-  St s = bitmap_->Sync();
-  if (!s) bitmap_dirty_ = true;
-  return s;
+  // A no-op when no bit was written since the bitmap's last sync.
+  return bitmap_->Sync();
 }
 
 // --- Data path ------------------------------------------------------------------
@@ -1221,8 +1214,10 @@ FillStatus CopyOnReadImpl::Status() const {
   st.mode = proxy() ? "proxy" : "target";
   st.fill_running = fill_running_.load();
   st.blocks_total = blocks_;
-  st.blocks_present = present_count_.load();
+  // Committed first: a group commit between the two reads must not show
+  // more committed than present.
   st.blocks_committed = bitmap_->Count();
+  st.blocks_present = present_count_.load();
   st.complete = st.blocks_present == blocks_;
   st.remote_connected = proxy() && remote_ && remote_->Connected();
   st.block_size = uint32_t(bs_);

@@ -152,17 +152,28 @@ Status RecvAll(int fd, void* buf, size_t len) {
   return Ok();
 }
 
-// How long a connection's reader thread has spent writing payloads into
-// local files, for the hung-connection deadline: a slow local disk is not a
-// hung remote, and replies the reader has not read yet because it was busy
-// storing must not count against the remote. A leaf lock (taken with or
-// without NbdClientImpl::mu_, never the other way round).
-class StoreClock {
+// What a connection's reader thread has been doing, for the two deadlines
+// of MaintenanceLoop: when it last made progress (a reply header, a chunk
+// of payload received or stored), whether it is inside a write to a local
+// file now, and how long it has spent in such writes in all. A slow local
+// disk is not a hung remote: time spent storing never counts against the
+// remote. A leaf lock (taken with or without NbdClientImpl::mu_, never the
+// other way round).
+class ReaderClock {
  public:
-  // Time spent storing so far, including a store still in progress.
-  steady_clock::duration StoredBy(SteadyTime now) {
+  struct Reading {
+    steady_clock::duration stored;  // time spent storing, including a store in progress
+    bool storing;
+    SteadyTime last_progress;
+  };
+  Reading Read(SteadyTime now) {
     std::lock_guard lk(mu_);
-    return stored_ + (storing_ ? now - started_ : steady_clock::duration::zero());
+    auto in_progress = storing_ ? std::max(now, started_) - started_ : steady_clock::duration::zero();
+    return {stored_ + in_progress, storing_, last_progress_};
+  }
+  void Progress() {
+    std::lock_guard lk(mu_);
+    last_progress_ = steady_clock::now();
   }
   void Begin() {
     std::lock_guard lk(mu_);
@@ -171,7 +182,8 @@ class StoreClock {
   }
   void End() {
     std::lock_guard lk(mu_);
-    stored_ += steady_clock::now() - started_;
+    last_progress_ = steady_clock::now();
+    stored_ += last_progress_ - started_;
     storing_ = false;
   }
 
@@ -179,19 +191,20 @@ class StoreClock {
   std::mutex mu_;
   steady_clock::duration stored_{};  // GUARDED_BY(mu_)
   SteadyTime started_{};             // GUARDED_BY(mu_)
+  SteadyTime last_progress_{};       // GUARDED_BY(mu_)
   bool storing_ = false;             // GUARDED_BY(mu_)
 };
 
-// Counts the enclosed file write on a StoreClock.
+// Counts the enclosed file write on a ReaderClock.
 class StoringGuard {
  public:
-  explicit StoringGuard(StoreClock& c) : c_(c) { c_.Begin(); }
+  explicit StoringGuard(ReaderClock& c) : c_(c) { c_.Begin(); }
   ~StoringGuard() { c_.End(); }
   StoringGuard(const StoringGuard&) = delete;
   StoringGuard& operator=(const StoringGuard&) = delete;
 
  private:
-  StoreClock& c_;
+  ReaderClock& c_;
 };
 
 // A reader thread's pipe for receiving payloads straight into a file:
@@ -223,16 +236,16 @@ class FileSink {
   // The returned status is the socket's: a failure breaks the connection. A
   // failed write to the file goes to `*file_status` instead, and the rest of
   // the payload is still consumed, so the stream stays in step. Every write
-  // to the file is counted on `store_clock`.
+  // to the file is counted on `clock`, and every chunk received is progress.
   Status Receive(int sock, int file, uint64_t file_offset, size_t len, Status* file_status,
-                 StoreClock& store_clock) {
+                 ReaderClock& clock) {
     bool file_ok = true;
     auto file_error = [&](int err, uint64_t at) {
       *file_status = Fail(Error::Errno(err, "write fetched data at " + std::to_string(at)));
       file_ok = false;
     };
     auto write_scratch = [&](size_t n, uint64_t at) {
-      StoringGuard storing(store_clock);
+      StoringGuard storing(clock);
       Status w =
           posix::PwriteFull(file, std::as_bytes(std::span(scratch_.data(), n)), at, "fetched data");
       if (!w) {
@@ -246,6 +259,7 @@ class FileSink {
         if (scratch_.empty()) scratch_.resize(1 << 20);
         size_t n = std::min(len, scratch_.size());
         if (auto s = RecvAll(sock, scratch_.data(), n); !s) return s;
+        clock.Progress();
         if (file_ok) write_scratch(n, file_offset);
         file_offset += n;
         len -= n;
@@ -261,6 +275,7 @@ class FileSink {
         }
         return Fail(Error::Errno(errno, "receiving from server"));
       }
+      clock.Progress();
       // Drain the pipe completely into the file (or, after a file error,
       // into the scratch buffer).
       for (size_t left = size_t(n); left > 0;) {
@@ -268,7 +283,7 @@ class FileSink {
         if (file_ok && splice_file_) {
           loff_t at = loff_t(file_offset);
           {
-            StoringGuard storing(store_clock);
+            StoringGuard storing(clock);
             m = ::splice(r_, nullptr, file, &at, left, SPLICE_F_MOVE);
           }
           if (m < 0 && errno == EINVAL) {
@@ -495,9 +510,10 @@ struct Connection {
   const uint64_t gen;
   const Negotiated negotiated;
   std::mutex write_mu;  // serializes request headers on the wire
+  uint64_t send_ticket = 0;  // GUARDED_BY(write_mu); one per batch of headers written
   std::atomic<bool> broken{false};
   std::string break_reason;  // GUARDED_BY(NbdClientImpl::mu_)
-  StoreClock store_clock;    // the reader's time spent writing to local files
+  ReaderClock reader_clock;  // the reader's progress and time spent storing
 
   // Wakes the reader (and any blocked writer) without closing the fd under
   // their feet.
@@ -571,7 +587,24 @@ class NbdClientImpl final : public NbdClient {
     uint64_t cookie = 0;
     uint64_t gen = 0;
     SteadyTime sent_at{};
-    steady_clock::duration stored_at_send{};  // the connection's StoreClock then
+    // The batch of headers this request went out in, in wire order (0: not
+    // sent yet); with the cookie it orders requests as the server saw them.
+    // Set by the sender under Connection::write_mu just before the write,
+    // read by the reader under mu_, hence atomic (copyable for the vector).
+    struct Ticket {
+      std::atomic<uint64_t> v{0};
+      Ticket() = default;
+      Ticket(const Ticket& o) : v(o.v.load()) {}
+      Ticket& operator=(const Ticket& o) {
+        v.store(o.v.load());
+        return *this;
+      }
+    } wire_ticket;
+    // When a request sent after this one was answered first (zero: not
+    // yet), and the reader's time spent storing then: from that moment this
+    // one may be lost.
+    SteadyTime overtaken_at{};
+    steady_clock::duration stored_at_overtaken{};
     State state = State::kWaiting;
     Status result;
     std::condition_variable* done_cv = nullptr;  // the owning Read's
@@ -673,6 +706,7 @@ void NbdClientImpl::ReaderLoop(std::shared_ptr<Connection> c) {
       reason = reply.error().message();
       break;
     }
+    c->reader_clock.Progress();
     Pending* p = nullptr;
     {
       std::lock_guard lk(mu_);
@@ -689,9 +723,15 @@ void NbdClientImpl::ReaderLoop(std::shared_ptr<Connection> c) {
       Status s;
       if (p->file_fd >= 0) {
         if (!sink) sink = std::make_unique<FileSink>();
-        s = sink->Receive(fd, p->file_fd, p->file_offset, p->length, &result, c->store_clock);
+        s = sink->Receive(fd, p->file_fd, p->file_offset, p->length, &result, c->reader_clock);
       } else {
-        s = RecvAll(fd, p->dst, p->length);
+        // In chunks, each one progress: a large reply over a slow link is
+        // not a hung connection.
+        constexpr size_t kChunk = 1 << 20;
+        for (size_t at = 0; s && at < p->length; at += kChunk) {
+          s = RecvAll(fd, p->dst + at, std::min<size_t>(kChunk, p->length - at));
+          c->reader_clock.Progress();
+        }
       }
       if (!s) {
         reason = "short read of reply payload: " + s.error().message();
@@ -714,10 +754,28 @@ void NbdClientImpl::ReaderLoop(std::shared_ptr<Connection> c) {
                                           " from " + where_ + " failed"));
     }
     std::lock_guard lk(mu_);
+    const auto order = std::pair(p->wire_ticket.v.load(), reply->cookie);  // before p is handed back
     inflight_.erase(reply->cookie);
     p->result = std::move(result);
     p->state = State::kDone;
     p->done_cv->notify_all();
+    // Requests that went out on the wire before this one and are still
+    // unanswered have been overtaken: each may be lost from now on. A
+    // request not yet written (ticket 0) is not.
+    SteadyTime now{};
+    steady_clock::duration stored{};
+    for (auto& [cookie, q] : inflight_) {
+      const uint64_t q_ticket = q->wire_ticket.v.load();
+      if (order.first == 0 || q_ticket == 0 || q->gen != c->gen || q->overtaken_at != SteadyTime{} ||
+          std::pair(q_ticket, cookie) >= order)
+        continue;
+      if (now == SteadyTime{}) {
+        now = steady_clock::now();
+        stored = c->reader_clock.Read(now).stored;
+      }
+      q->overtaken_at = now;
+      q->stored_at_overtaken = stored;
+    }
   }
 
   // The connection is dead: hand every request it carried back to its caller
@@ -771,17 +829,30 @@ void NbdClientImpl::MaintenanceLoop() {
     auto now = steady_clock::now();
     if (conn_) {
       warned_this_outage = false;
-      // Deadline: a request on a live link has waited request_timeout,
-      // not counting the time the reader spent writing replies into local
-      // files since it was sent (a slow cache disk is not a hung remote).
-      const auto stored = conn_->store_clock.StoredBy(now);
-      steady_clock::duration longest = steady_clock::duration::min();
+      // Two deadlines, neither counting time the reader spent writing
+      // replies into local files (a slow cache disk is not a hung remote):
+      //  - hung: requests are waiting and the reader has made no progress
+      //    (no reply header, no payload chunk) for request_timeout since
+      //    the later of its last progress and the oldest request's send;
+      //  - lost: a request sent after this one was answered, and this one
+      //    still is not, request_timeout later. Requests merely queued
+      //    behind others on a slow link are neither.
+      const auto clock = conn_->reader_clock.Read(now);
+      SteadyTime oldest = SteadyTime::max();
+      bool lost = false;
       for (auto& [cookie, p] : inflight_) {
-        if (p->gen == conn_->gen)
-          longest = std::max(longest, (now - p->sent_at) - (stored - p->stored_at_send));
+        if (p->gen != conn_->gen) continue;
+        oldest = std::min(oldest, p->sent_at);
+        if (p->overtaken_at != SteadyTime{} &&
+            (now - p->overtaken_at) - (clock.stored - p->stored_at_overtaken) >=
+                options_.request_timeout)
+          lost = true;
       }
-      if (longest >= options_.request_timeout) {
-        BreakLocked(conn_, "no reply within request_timeout (" +
+      const bool hung = oldest != SteadyTime::max() && !clock.storing &&
+                        now - std::max(oldest, clock.last_progress) >= options_.request_timeout;
+      if (hung || lost) {
+        BreakLocked(conn_, std::string(hung ? "no reply" : "a request unanswered while later ones were") +
+                               " within request_timeout (" +
                                std::to_string(options_.request_timeout.count()) +
                                " ms); declaring the connection hung");
         state_cv_.wait_for(lk, milliseconds(50));
@@ -927,15 +998,16 @@ Status NbdClientImpl::RunPieces(std::vector<Pending>& pieces) {
     waiting_for_link = false;
     std::shared_ptr<Connection> c = conn_;
     SteadyTime now = steady_clock::now();
-    const auto stored_now = c->store_clock.StoredBy(now);
     headers.clear();
-    std::vector<uint64_t> sent;
+    std::vector<Pending*> batch;
     for (auto& p : pieces) {
       if (p.state != State::kWaiting) continue;
+      batch.push_back(&p);
       p.cookie = next_cookie_++;
       p.gen = c->gen;
       p.sent_at = now;
-      p.stored_at_send = stored_now;
+      p.overtaken_at = {};  // a retry starts afresh on the new connection
+      p.stored_at_overtaken = {};
       p.state = State::kInFlight;
       inflight_.emplace(p.cookie, &p);
       size_t at = headers.size();
@@ -948,6 +1020,8 @@ Status NbdClientImpl::RunPieces(std::vector<Pending>& pieces) {
     Status s;
     {
       std::lock_guard wl(c->write_mu);
+      const uint64_t ticket = ++c->send_ticket;
+      for (Pending* p : batch) p->wire_ticket.v.store(ticket);
       s = SendAll(c->fd.get(), headers);
     }
     lk.lock();

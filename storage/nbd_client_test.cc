@@ -501,6 +501,7 @@ class ScriptedServer {
     bool close_on_export_name = false;  // how old servers say "no such export"
     Misbehave first_connection = Misbehave::kNone;
     size_t reverse_batch = 0;  // collect this many reads, answer them last-first
+    milliseconds reply_delay{0};  // before each reply, in order: a slow link
   };
 
   static uint8_t ByteAt(uint64_t off) { return uint8_t((off * 2654435761u) >> 11); }
@@ -680,6 +681,7 @@ class ScriptedServer {
         batch.clear();
         continue;
       }
+      if (o_.reply_delay.count() > 0) std::this_thread::sleep_for(o_.reply_delay);
       Reply(fd, r);
     }
   }
@@ -844,6 +846,38 @@ TEST_F(NbdClientTest, ALostRequestTimesOutWhileOtherRepliesKeepArriving) {
   ExpectPattern(lost_buf, 8192);
   EXPECT_GT(busy_reads.load(), 0) << "no other replies arrived: the case was not exercised";
   EXPECT_EQ(server.connections(), 2);
+}
+
+// A slow link: replies come in order, one every 100 ms, so the last of ten
+// requests waits about a second, longer than request_timeout. The server is
+// answering all the time: nothing is hung or lost, and the connection stays.
+TEST_F(NbdClientTest, RequestsQueuedBehindSlowRepliesDoNotTimeOut) {
+  ScriptedServer::Options so;
+  so.reply_delay = 100ms;
+  ScriptedServer server(sock_, so);
+  auto o = FastOptions();
+  o.request_timeout = 300ms;
+  auto client = NbdClient::Connect(UnixUri(sock_), o);
+  ASSERT_TRUE(client) << client.error().message();
+  constexpr int kReads = 10;
+  std::atomic<int> good{0};
+  std::vector<std::thread> threads;
+  auto start = steady_clock::now();
+  for (int t = 0; t < kReads; ++t) {
+    threads.emplace_back([&, t] {
+      std::vector<std::byte> buf(4096);
+      const uint64_t off = uint64_t(t) * 8192;
+      auto s = (*client)->Read(buf, off);
+      bool ok = bool(s);
+      for (size_t j = 0; ok && j < buf.size(); ++j)
+        ok = uint8_t(buf[j]) == ScriptedServer::ByteAt(off + j);
+      if (ok) ++good;
+    });
+  }
+  for (auto& t : threads) t.join();
+  EXPECT_EQ(good.load(), kReads);
+  EXPECT_GE(steady_clock::now() - start, 900ms) << "the replies were not slow: the case was not exercised";
+  EXPECT_EQ(server.connections(), 1) << "a request queued behind slow replies was declared hung";
 }
 
 TEST_F(NbdClientTest, OldServerClosingAfterExportNameMeansExportNotFound) {

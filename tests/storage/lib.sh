@@ -287,12 +287,12 @@ st_wait_fill() {
 # proxy's group commits of what it fetched are done.
 st_wait_committed() {
   local ctl=$1 timeout=$2 i s p c
-  for ((i = 0; i < timeout * 20; i++)); do
+  for ((i = 0; i < timeout * 5; i++)); do
     s=$(st_status "$ctl" 2>&1) || s=
     p=$(st_json_get blocks_present <<<"$s" 2>/dev/null) || p=
     c=$(st_json_get blocks_committed <<<"$s" 2>/dev/null) || c=
     [[ -n $p && $p == "$c" ]] && return 0
-    sleep 0.05
+    sleep 0.2
   done
   echo "last status: $s" >&2
   tb_fail "the proxy's commits did not finish within ${timeout}s"

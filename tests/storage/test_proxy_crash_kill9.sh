@@ -76,7 +76,7 @@ for ((r = 1; r <= rounds; r++)); do
     (($(grep -c '^wrote' "$d/writer.log") >= 3)) && break; sleep 0.05
   done
   sleep "0.$((RANDOM % 9 + 1))$((RANDOM % 10))"
-  committed=$(st_status_get "$ctl" blocks_committed)
+  committed=$(st_status_get "$ctl" blocks_committed) || tb_fail "round $r: status before the kill failed"
   st_stop "proxy$r" KILL
   wait "$writer" || true   # fails once the proxy is gone
   acked=$(grep -c '^wrote' "$d/writer.log" || true)
@@ -85,7 +85,7 @@ for ((r = 1; r <= rounds; r++)); do
   # Restart on the same cache and bitmap with the fill stopped: what the
   # bitmap kept, then fill at full speed and verify.
   st_nbd_serve proxy$r.b --unix "$psock" --control "$ctl" --proxy "$spec,no-fill"
-  present=$(st_status_get "$ctl" blocks_present)
+  present=$(st_status_get "$ctl" blocks_present) || tb_fail "round $r: status after the restart failed"
   ((present >= committed)) ||
     tb_fail "round $r: $committed blocks were committed before the kill, only $present present after"
   ((committed > 0)) || tb_fail "round $r: nothing was committed before the kill; the case was not exercised"

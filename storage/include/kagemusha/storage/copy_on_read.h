@@ -59,8 +59,9 @@ struct FillStatus {
   uint64_t blocks_present = 0;
   // Present blocks whose bits are written to the bitmap file, after their
   // data was synced: a restart after the proxy process dies keeps them (a
-  // power loss keeps at least those of the last flush). Trails
-  // blocks_present by at most one group commit (500 ms or 1024 blocks).
+  // power loss keeps at least those committed before the last completed
+  // flush). Normally trails blocks_present by one group commit (500 ms or a
+  // batch of 1024 blocks); longer while commits fail (see last_error).
   uint64_t blocks_committed = 0;
   uint32_t block_size = 0;
   uint64_t bytes_fetched = 0;  // from the remote since start, fill + on-demand
