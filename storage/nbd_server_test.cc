@@ -1306,6 +1306,31 @@ TEST_F(NbdServerProxyTest, ConcurrentLargeReadsOfOneMissFetchItOnceAndAllAreExac
   for (uint64_t b = 16; b < 24; ++b) EXPECT_EQ(ReadsOf(b), 1u) << b;
 }
 
+// After a run of fast hits the session serves large reads inline on its
+// reader; a miss must still go to the worker pool, or the reader would sit
+// in the remote fetch and the next request (a hit) would not even be read.
+TEST_F(NbdServerProxyTest, AMissAfterARunOfFastHitsDoesNotHoldUpTheNextHit) {
+  MakeProxyExport();
+  StartServer();
+  auto c = Connected("file", false, false);
+  ExpectRead(*c, false, 1, 0, 1 << 20);  // fetched: the first MiB is now held
+  for (uint64_t i = 0; i < 64; ++i)      // hits, enough to warm up inline reads
+    ExpectRead(*c, false, 100 + i, (i % 16) * 65536, 65536);
+  FakeRemote::Hold(*remote_);
+  ASSERT_TRUE(c->Request(0, kCmdRead, 7, 2 << 20, 256 * 1024));  // a miss, held
+  ASSERT_TRUE(FakeRemote::WaitHeld(*remote_, 1, 5s));
+  ASSERT_TRUE(c->Request(0, kCmdRead, 8, 65536, 256 * 1024));  // a hit
+  auto hit = c->Reply(256 * 1024, 3s);
+  FakeRemote::Release(*remote_);
+  ASSERT_TRUE(hit) << "the hit waited behind the miss";
+  EXPECT_EQ(hit->cookie, 8u);
+  EXPECT_TRUE(hit->payload == ImageBytes(65536, 256 * 1024));
+  auto miss = c->Reply(256 * 1024);
+  ASSERT_TRUE(miss);
+  EXPECT_EQ(miss->cookie, 7u);
+  EXPECT_TRUE(miss->payload == ImageBytes(2 << 20, 256 * 1024));
+}
+
 TEST_F(NbdServerProxyTest, StructuredReadOfAHoleAndAFailingMissIsOneErrorReplyAndServesOn) {
   // A trimmed block is present as a hole: the structured reply would be a
   // hole chunk and spliced data chunks. The data segment's fetch fails, so

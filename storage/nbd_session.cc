@@ -39,8 +39,16 @@ constexpr uint64_t kExtentsLookahead = 64ull << 20;
 // Reads up to this long run inline on the reader (no hand-off to the worker
 // pool and back) while the session's reads are fast: for a file in the page
 // cache the hand-off costs more than the pread.
-// Below kHoleProbeMinLength, so an inline read never asks for extents.
+// Below kHoleProbeMinLength, so such an inline read never asks for extents.
 constexpr uint32_t kInlineMaxLength = 32 * 1024;
+// Longer reads, up to this, also run inline while the session's reads are
+// fast, but only when the backend names a file range for the whole read
+// without fetching anything (Backend::FileRangeFor: a target image, or
+// blocks a proxy already holds): the splice from the page cache into the
+// socket costs less than waking a worker for it (sequential 1 GiB read with
+// nbdcopy -C 4: 0.26 s instead of 0.30, median of 8 interleaved runs). A
+// proxy miss never runs inline, so it cannot hold up the reader.
+constexpr uint32_t kInlineMaxSplicedLength = 1024 * 1024;
 // Inline only after this many consecutive fast reads on the session; a read
 // slower than kSlowReadNs (a cache miss, a remote fetch) starts the count
 // again, so a backend that blocks keeps its reads on the pool.
@@ -893,8 +901,10 @@ awaitable<void> Session::Transmission() {
 // --- Worker side -------------------------------------------------------------
 
 bool Session::InlineAllowed(const nbd::RequestHeader& q) const {
-  if (q.type != nbd::kCmdRead || q.length > kInlineMaxLength) return false;
-  return fast_reads_.load(std::memory_order_relaxed) >= kInlineWarmupReads;
+  if (q.type != nbd::kCmdRead || q.length > kInlineMaxSplicedLength) return false;
+  if (fast_reads_.load(std::memory_order_relaxed) < kInlineWarmupReads) return false;
+  if (q.length <= kInlineMaxLength) return true;
+  return q.length >= kSpliceMinLength && backend_->FileRangeFor(q.offset, q.length).has_value();
 }
 
 void Session::Execute(Reply& r) {
