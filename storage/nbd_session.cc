@@ -900,11 +900,23 @@ awaitable<void> Session::Transmission() {
 
 // --- Worker side -------------------------------------------------------------
 
-bool Session::InlineAllowed(const nbd::RequestHeader& q) const {
+bool Session::InlineAllowed(const nbd::RequestHeader& q) {
   if (q.type != nbd::kCmdRead || q.length > kInlineMaxSplicedLength) return false;
-  if (fast_reads_.load(std::memory_order_relaxed) < kInlineWarmupReads) return false;
-  if (q.length <= kInlineMaxLength) return true;
-  return q.length >= kSpliceMinLength && backend_->FileRangeFor(q.offset, q.length).has_value();
+  if (q.length <= kInlineMaxLength)
+    return fast_reads_.load(std::memory_order_relaxed) >= kInlineWarmupReads;
+  // A large read inline: only after a run of fast large reads (pages not in
+  // the page cache, e.g. blocks a proxy's fill stored with O_DIRECT or an
+  // image larger than memory, make them slow and send them back to the
+  // pool), never on a rotational disk, page-aligned (so it splices rather
+  // than falling back to a copy), with no hole probe to run (not
+  // structured, DF, or data already known), and only for a range the
+  // backend names without fetching.
+  if (q.length < kSpliceMinLength || caps_.rotational || q.offset % 4096 != 0) return false;
+  if (fast_large_reads_.load(std::memory_order_relaxed) < kInlineWarmupReads) return false;
+  if (negotiated_.structured_replies && !(q.flags & nbd::kCmdFlagDf) && caps_.can_extents &&
+      !KnownData(q.offset, q.length))
+    return false;
+  return backend_->FileRangeFor(q.offset, q.length).has_value();
 }
 
 void Session::Execute(Reply& r) {
@@ -912,9 +924,17 @@ void Session::Execute(Reply& r) {
   const bool fua = (q.flags & nbd::kCmdFlagFua) != 0;
   Status st;
   switch (q.type) {
-    case nbd::kCmdRead:
+    case nbd::kCmdRead: {
+      const int64_t t0 = NowNs();
       ExecuteRead(r);
+      if (q.length >= kSpliceMinLength) {
+        if (NowNs() - t0 > kSlowReadNs)
+          fast_large_reads_.store(0, std::memory_order_relaxed);
+        else if (fast_large_reads_.load(std::memory_order_relaxed) < kInlineWarmupReads)
+          fast_large_reads_.fetch_add(1, std::memory_order_relaxed);
+      }
       return;
+    }
     case nbd::kCmdWrite:
       st = backend_->Write(std::span<const std::byte>(r.data.get(), q.length), q.offset, fua);
       if (st) env_.counters->bytes_written += q.length;

@@ -117,7 +117,7 @@ class Session : public std::enable_shared_from_this<Session> {
   // Whether a small read may run inline on the reader: only while this
   // session's reads have been fast (a cache miss to a remote must not stall
   // the reader, or the io thread it runs on).
-  bool InlineAllowed(const nbd::RequestHeader& q) const;
+  bool InlineAllowed(const nbd::RequestHeader& q);
   void ProtocolError(const std::string& what);
   void CloseSocket();
 
@@ -167,6 +167,9 @@ class Session : public std::enable_shared_from_this<Session> {
 
   // Consecutive fast reads (capped); see InlineAllowed.
   std::atomic<uint32_t> fast_reads_{0};
+  // Consecutive fast reads of kSpliceMinLength or more, timed whole (hole
+  // probe included): the warm-up for running such reads inline.
+  std::atomic<uint32_t> fast_large_reads_{0};
 
   // A range the backend recently reported as allocated data, so sequential
   // large reads skip the hole probe. Only data is remembered, never holes:

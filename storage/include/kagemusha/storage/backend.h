@@ -85,7 +85,9 @@ class Backend {
   // calling Read(). Bytes past the file's end must read as zeroes, as Read()
   // does (the server falls back to Read() on a short splice). nullopt: use
   // Read() (the default, so backends that do not know a file keep working
-  // unchanged). REQUIRES: offset + length <= Size().
+  // unchanged). REQUIRES: offset + length <= Size(). It must not block: the
+  // server calls it on a session's reader to decide whether a large read may
+  // run there, and a range it names must then be servable without a fetch.
   virtual std::optional<FileRange> FileRangeFor(uint64_t offset, uint64_t length) {
     (void)offset;
     (void)length;
