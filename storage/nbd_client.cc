@@ -765,8 +765,9 @@ void NbdClientImpl::ReaderLoop(std::shared_ptr<Connection> c) {
     SteadyTime now{};
     steady_clock::duration stored{};
     for (auto& [cookie, q] : inflight_) {
+      if (order.first == 0) break;  // cannot happen: the ticket is set before the send
       const uint64_t q_ticket = q->wire_ticket.v.load();
-      if (order.first == 0 || q_ticket == 0 || q->gen != c->gen || q->overtaken_at != SteadyTime{} ||
+      if (q_ticket == 0 || q->gen != c->gen || q->overtaken_at != SteadyTime{} ||
           std::pair(q_ticket, cookie) >= order)
         continue;
       if (now == SteadyTime{}) {
@@ -851,10 +852,11 @@ void NbdClientImpl::MaintenanceLoop() {
       const bool hung = oldest != SteadyTime::max() && !clock.storing &&
                         now - std::max(oldest, clock.last_progress) >= options_.request_timeout;
       if (hung || lost) {
-        BreakLocked(conn_, std::string(hung ? "no reply" : "a request unanswered while later ones were") +
-                               " within request_timeout (" +
-                               std::to_string(options_.request_timeout.count()) +
-                               " ms); declaring the connection hung");
+        const std::string limit =
+            "request_timeout (" + std::to_string(options_.request_timeout.count()) + " ms)";
+        BreakLocked(conn_, hung ? "no reply within " + limit + "; declaring the connection hung"
+                                : "a request unanswered for " + limit +
+                                      " while later ones were answered; declaring it lost");
         state_cv_.wait_for(lk, milliseconds(50));
         continue;
       }

@@ -925,14 +925,20 @@ void Session::Execute(Reply& r) {
   Status st;
   switch (q.type) {
     case nbd::kCmdRead: {
+      // Timed whole (hole probe included) for the inline warm-ups: every
+      // read counts for the short ones, reads of kSpliceMinLength or more
+      // for the long ones.
       const int64_t t0 = NowNs();
       ExecuteRead(r);
-      if (q.length >= kSpliceMinLength) {
-        if (NowNs() - t0 > kSlowReadNs)
-          fast_large_reads_.store(0, std::memory_order_relaxed);
-        else if (fast_large_reads_.load(std::memory_order_relaxed) < kInlineWarmupReads)
-          fast_large_reads_.fetch_add(1, std::memory_order_relaxed);
-      }
+      const bool fast = NowNs() - t0 <= kSlowReadNs;
+      auto note = [fast](std::atomic<uint32_t>& run) {
+        if (!fast)
+          run.store(0, std::memory_order_relaxed);
+        else if (run.load(std::memory_order_relaxed) < kInlineWarmupReads)
+          run.fetch_add(1, std::memory_order_relaxed);
+      };
+      note(fast_reads_);
+      if (q.length >= kSpliceMinLength) note(fast_large_reads_);
       return;
     }
     case nbd::kCmdWrite:
@@ -1060,17 +1066,10 @@ void Session::ExecuteRead(Reply& r) {
     }
     // No holes, or extents unavailable: an ordinary read below.
   }
-  const int64_t t0 = NowNs();
   Status st;
   bool spliced = try_splice && SpliceData(r, q.offset, q.length, &st);
   if (!spliced && st) {  // (a failed SpliceData leaves no bytes in the pipe)
     st = backend_->Read(std::span<std::byte>(r.Data(q.length), q.length), q.offset);
-  }
-  const int64_t t1 = NowNs();
-  if (t1 - t0 > kSlowReadNs) {
-    fast_reads_.store(0, std::memory_order_relaxed);
-  } else if (fast_reads_.load(std::memory_order_relaxed) < kInlineWarmupReads) {
-    fast_reads_.fetch_add(1, std::memory_order_relaxed);
   }
   if (!st) return fail(st.error());
   if (structured) {
