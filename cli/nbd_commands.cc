@@ -937,6 +937,7 @@ std::vector<ControlCommand> NbdControlCommands(ServeState& state) {
            server = {{"connections_open", s.connections_open},
                      {"connections_total", s.connections_total},
                      {"requests", s.requests},
+                     {"requests_inline", s.requests_inline},
                      {"bytes_read", s.bytes_read},
                      {"bytes_written", s.bytes_written},
                      {"protocol_errors", s.protocol_errors},
@@ -1044,7 +1045,8 @@ std::string FormatStatusHuman(const json& status) {
     const json& s = status["server"];
     out << "server: " << s.value("connections_open", uint64_t{0}) << " connections open ("
         << s.value("connections_total", uint64_t{0}) << " since start), "
-        << s.value("requests", uint64_t{0}) << " requests, "
+        << s.value("requests", uint64_t{0}) << " requests ("
+        << s.value("requests_inline", uint64_t{0}) << " inline), "
         << bytes(double(s.value("bytes_read", uint64_t{0}))) << " read, "
         << bytes(double(s.value("bytes_written", uint64_t{0}))) << " written\n";
   }

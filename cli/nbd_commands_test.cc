@@ -351,6 +351,7 @@ TEST(NbdStatusHuman, ShowsBlocksPercentRemoteAndConnections) {
                   {{"connections_open", 2},
                    {"connections_total", 5},
                    {"requests", 10},
+                   {"requests_inline", 7},
                    {"bytes_read", 0},
                    {"bytes_written", 0}}}};
   std::string text = FormatStatusHuman(status);
@@ -361,6 +362,7 @@ TEST(NbdStatusHuman, ShowsBlocksPercentRemoteAndConnections) {
   EXPECT_NE(text.find("limit unlimited"), std::string::npos) << text;
   EXPECT_NE(text.find("last error: connection reset"), std::string::npos) << text;
   EXPECT_NE(text.find("2 connections open"), std::string::npos) << text;
+  EXPECT_NE(text.find("10 requests (7 inline)"), std::string::npos) << text;
 }
 
 TEST(NbdSubcommandTable, ListsEveryDocumentedSubcommandInTheUsage) {

@@ -162,6 +162,7 @@ class NbdServerImpl final : public NbdServer {
     s.connections_open = counters_.connections_open;
     s.connections_total = counters_.connections_total;
     s.requests = counters_.requests;
+    s.requests_inline = counters_.requests_inline;
     s.bytes_read = counters_.bytes_read;
     s.bytes_written = counters_.bytes_written;
     s.protocol_errors = counters_.protocol_errors;

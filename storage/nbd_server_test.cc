@@ -1319,10 +1319,15 @@ TEST_F(NbdServerProxyTest, AMissAfterARunOfFastHitsDoesNotHoldUpTheNextHit) {
   FakeRemote::Hold(*remote_);
   ASSERT_TRUE(c->Request(0, kCmdRead, 7, 2 << 20, 256 * 1024));  // a miss, held
   ASSERT_TRUE(FakeRemote::WaitHeld(*remote_, 1, 5s));
+  const uint64_t inline_before = server_->Stats().requests_inline;
   ASSERT_TRUE(c->Request(0, kCmdRead, 8, 65536, 256 * 1024));  // a hit
   auto hit = c->Reply(256 * 1024, 3s);
+  const uint64_t inline_after = server_->Stats().requests_inline;
   FakeRemote::Release(*remote_);
   ASSERT_TRUE(hit) << "the hit waited behind the miss";
+  // The case this test is about: the hit ran inline on the reader (the
+  // miss, on a worker, did not).
+  EXPECT_EQ(inline_after - inline_before, 1u) << "the hit did not run inline";
   EXPECT_EQ(hit->cookie, 8u);
   EXPECT_TRUE(hit->payload == ImageBytes(65536, 256 * 1024));
   auto miss = c->Reply(256 * 1024);

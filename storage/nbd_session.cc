@@ -866,6 +866,7 @@ awaitable<void> Session::Transmission() {
     }
     ++pending_;
     if (InlineAllowed(req)) {
+      ++env_.counters->requests_inline;
       Execute(*r);
       Complete(std::move(r));
       continue;

@@ -40,6 +40,7 @@ struct ServerCounters {
   std::atomic<uint64_t> connections_open{0};
   std::atomic<uint64_t> connections_total{0};
   std::atomic<uint64_t> requests{0};
+  std::atomic<uint64_t> requests_inline{0};  // reads run on the session's reader
   std::atomic<uint64_t> bytes_read{0};
   std::atomic<uint64_t> bytes_written{0};
   std::atomic<uint64_t> protocol_errors{0};

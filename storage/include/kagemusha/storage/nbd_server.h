@@ -44,6 +44,10 @@ struct ServerStats {
   uint64_t connections_open = 0;
   uint64_t connections_total = 0;
   uint64_t requests = 0;
+  // Reads served on the connection's reader, with no hand-off to a worker
+  // (short reads and, after a run of fast ones, large reads the backend
+  // names as a file range; see docs/nbd-server.md).
+  uint64_t requests_inline = 0;
   uint64_t bytes_read = 0;
   uint64_t bytes_written = 0;
   uint64_t protocol_errors = 0;
