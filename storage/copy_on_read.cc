@@ -51,7 +51,7 @@ constexpr uint64_t kMaxRemoteRequest = 4 * 1024 * 1024;  // NbdClient's default 
 constexpr size_t kCommitBatchBlocks = 1024;              // commit early past this many
 constexpr auto kCommitInterval = std::chrono::milliseconds(500);
 constexpr uint64_t kPreallocRegion = 64ull << 20;            // see Preallocate
-constexpr auto kSplicedMissPause = std::chrono::seconds(5);  // see PrepareFileRange
+constexpr auto kSplicedMissPause = std::chrono::seconds(5);  // see FetchRun
 constexpr auto kBackoffInitial = std::chrono::milliseconds(100);
 constexpr auto kBackoffMax = std::chrono::milliseconds(5000);
 constexpr unsigned kGuestFetchThreads = 8;
@@ -476,10 +476,24 @@ St CopyOnReadImpl::FetchRun(const Run& run, FetchFor why, std::span<std::byte> i
   if (why == FetchFor::kClientFromCache) {
     // Into the page cache directly. No all-zero check here (that would mean
     // reading the data back): such blocks are stored as data, not holes.
-    if (auto s = remote_->ReadToFile(cache_->fd(), off, len, off); !s) {
+    ReadToFileFault fault = ReadToFileFault::kRemote;
+    if (auto s = remote_->ReadToFile(cache_->fd(), off, len, off, &fault); !s) {
       Error e = s.error().Context("fetching " + std::to_string(len) + " bytes at " +
                                   std::to_string(off) + " from the remote into the cache");
       NoteError(e);
+      if (fault == ReadToFileFault::kFile) {
+        // The cache's fault (full disk, I/O error, file size limit): misses
+        // go through Read() for a while, which answers from its buffer even
+        // when the store fails, so that a failing cache does not cost every
+        // miss a second fetch.
+        spdlog::warn(
+            "copy-on-read: storing a fetched range in the cache failed ({}); reads that miss "
+            "go through a buffer for the next {} s",
+            s.error().message(),
+            std::chrono::duration_cast<std::chrono::seconds>(kSplicedMissPause).count());
+        spliced_misses_paused_until_.store(
+            (clock_.Now() + kSplicedMissPause).time_since_epoch().count());
+      }
       return Fail(e);
     }
     MarkPresent(run.first, run.count);
@@ -1056,22 +1070,11 @@ Result<std::optional<FileRange>> CopyOnReadImpl::PrepareFileRange(uint64_t offse
         // closing: that is the read's answer.
         const int code = s.error().code();
         if (code == ETIMEDOUT || code == ESHUTDOWN) return Fail(s.error());
-        // Anything else may be the cache's fault (a full disk, an I/O error,
-        // a file size limit): then the read must still be answered. Read()
-        // fetches into the reply buffer and only notes a failed store, so
-        // the server is told to use it (a remote error reply just comes back
-        // once more there). Errors only the cache can cause also pause
-        // spliced misses, so that a full disk does not cost every miss a
-        // second fetch. (EIO may be either side's: no pause for it.)
-        if (code == ENOSPC || code == EDQUOT || code == EFBIG || code == EROFS || code == EBADF) {
-          spdlog::warn(
-              "copy-on-read: storing a fetched range in the cache failed ({}); reads "
-              "that miss go through a buffer for the next {} s",
-              s.error().message(),
-              std::chrono::duration_cast<std::chrono::seconds>(kSplicedMissPause).count());
-          spliced_misses_paused_until_.store(
-              (clock_.Now() + kSplicedMissPause).time_since_epoch().count());
-        }
+        // Anything else may be the cache's fault (FetchRun then paused
+        // spliced misses): the read must still be answered. Read() fetches
+        // into the reply buffer and only notes a failed store, so the server
+        // is told to use it (a remote error reply just comes back once more
+        // there).
         return std::optional<FileRange>{};
       }
     }

@@ -1281,6 +1281,28 @@ TEST_F(CopyOnReadTest, PrepareFileRangeWithAFailingRemoteLeavesBlocksMissingAndT
   EXPECT_EQ(cor_->Status().blocks_present, 2u);
 }
 
+TEST_F(CopyOnReadTest, PrepareFileRangeWhoseRemoteAnswersENOSPCDoesNotPauseSplicedMisses) {
+  // ENOSPC is what a full cache disk gives, but here the remote answered it:
+  // the read goes to Read() (and fails there with the remote's error), and
+  // the cache is fine, so the next miss is spliced again at once.
+  FakeClock clock;
+  Init(4 * kMiB, 65536, false, clock);
+  FakeRemote::SetFailure(*remote_, FakeRemote::Failure::kNoSpace);
+  auto r = cor_->PrepareFileRange(65536, 2 * 65536);
+  ASSERT_TRUE(r) << r.error().message();
+  EXPECT_FALSE(r->has_value());
+  std::vector<std::byte> buf(2 * 65536);
+  auto read = cor_->Read(buf, 65536);
+  ASSERT_FALSE(read);
+  EXPECT_EQ(read.error().code(), ENOSPC) << read.error().message();
+  FakeRemote::SetFailure(*remote_, FakeRemote::Failure::kNone);
+  auto again = cor_->PrepareFileRange(65536, 2 * 65536);  // no clock advance
+  ASSERT_TRUE(again) << again.error().message();
+  ASSERT_TRUE(again->has_value()) << "a remote's ENOSPC paused spliced misses";
+  EXPECT_TRUE(SameBytes(PreadRange(**again, 2 * 65536), Slice(image_, 65536, 2 * 65536)));
+  EXPECT_EQ(cor_->Status().blocks_present, 2u);
+}
+
 TEST_F(CopyOnReadTest, PrepareFileRangeWhoseCacheWriteFailsFallsBackToReadAndPausesSplicedMisses) {
   // A full disk (here a file size limit) must not fail the client's read:
   // PrepareFileRange says "use Read()" and Read() answers from its buffer.

@@ -25,7 +25,8 @@ namespace kagemusha::storage {
 
 class FakeRemote final : public RemoteReader {
  public:
-  enum class Failure { kNone, kDisconnected, kIoError };
+  // kNoSpace: the remote answers ENOSPC, an errno a full local disk gives too.
+  enum class Failure { kNone, kDisconnected, kIoError, kNoSpace };
 
   struct Shared {
     std::mutex mu;
@@ -159,6 +160,8 @@ class FakeRemote final : public RemoteReader {
         return Fail(Error::Timeout("fake remote: disconnected"));
       case Failure::kIoError:
         return Fail(Error::Io("fake remote: read error"));
+      case Failure::kNoSpace:
+        return Fail(Error::NoSpace("fake remote: read error (no space on the remote's disk)"));
       case Failure::kNone:
         break;
     }

@@ -572,7 +572,9 @@ class NbdClientImpl final : public NbdClient {
   }
 
   Status Read(std::span<std::byte> buf, uint64_t offset) override;
-  Status ReadToFile(int fd, uint64_t file_offset, uint64_t length, uint64_t offset) override;
+  using RemoteReader::ReadToFile;
+  Status ReadToFile(int fd, uint64_t file_offset, uint64_t length, uint64_t offset,
+                    ReadToFileFault* fault) override;
   Status Reconnect() override;
   void Close() override;
 
@@ -607,6 +609,7 @@ class NbdClientImpl final : public NbdClient {
     steady_clock::duration stored_at_overtaken{};
     State state = State::kWaiting;
     Status result;
+    bool file_failed = false;  // result is a failed write to file_fd, not the remote's
     std::condition_variable* done_cv = nullptr;  // the owning Read's
   };
 
@@ -718,12 +721,14 @@ void NbdClientImpl::ReaderLoop(std::shared_ptr<Connection> c) {
       break;
     }
     Status result;
+    bool file_failed = false;
     if (reply->error == 0) {
       // Straight into the caller's buffer or file: no intermediate copy.
       Status s;
       if (p->file_fd >= 0) {
         if (!sink) sink = std::make_unique<FileSink>();
         s = sink->Receive(fd, p->file_fd, p->file_offset, p->length, &result, c->reader_clock);
+        file_failed = !result;
       } else {
         // In chunks, each one progress: a large reply over a slow link is
         // not a hung connection.
@@ -757,6 +762,7 @@ void NbdClientImpl::ReaderLoop(std::shared_ptr<Connection> c) {
     const auto order = std::pair(p->wire_ticket.v.load(), reply->cookie);  // before p is handed back
     inflight_.erase(reply->cookie);
     p->result = std::move(result);
+    p->file_failed = file_failed;
     p->state = State::kDone;
     p->done_cv->notify_all();
     // Requests that went out on the wire before this one and are still
@@ -917,11 +923,13 @@ Status NbdClientImpl::CheckRange(uint64_t length, uint64_t offset) const {
   return Ok();
 }
 
-Status NbdClientImpl::ReadToFile(int fd, uint64_t file_offset, uint64_t length, uint64_t offset) {
+Status NbdClientImpl::ReadToFile(int fd, uint64_t file_offset, uint64_t length, uint64_t offset,
+                                 ReadToFileFault* fault) {
   if (length == 0) return Ok();
+  if (fault) *fault = ReadToFileFault::kRemote;
   if (auto s = CheckRange(length, offset); !s) return s;
   if (min_block_ > 1 && (offset % min_block_ != 0 || length % min_block_ != 0)) {
-    return RemoteReader::ReadToFile(fd, file_offset, length, offset);  // via Read's bounce
+    return RemoteReader::ReadToFile(fd, file_offset, length, offset, fault);  // via Read's bounce
   }
   auto split = nbd::SplitRead(offset, length, max_request_, min_block_);
   std::vector<Pending> pieces(split.size());
@@ -931,7 +939,11 @@ Status NbdClientImpl::ReadToFile(int fd, uint64_t file_offset, uint64_t length, 
     pieces[i].offset = split[i].offset;
     pieces[i].length = split[i].length;
   }
-  return RunPieces(pieces);
+  Status s = RunPieces(pieces);
+  if (!s && fault &&
+      std::any_of(pieces.begin(), pieces.end(), [](const Pending& p) { return p.file_failed; }))
+    *fault = ReadToFileFault::kFile;
+  return s;
 }
 
 Status NbdClientImpl::Read(std::span<std::byte> buf, uint64_t offset) {

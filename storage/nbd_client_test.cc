@@ -1054,9 +1054,11 @@ TEST_F(NbdClientTest, ReadToFileIntoAReadOnlyFdFailsAndTheConnectionStaysInStep)
   int ro = MakeFilledFile(ro_path, 2 << 20, fill, O_RDONLY);
   ASSERT_GE(ro, 0);
   // Larger than the receive pipe, so the failure happens mid-payload.
-  auto s = client->ReadToFile(ro, 0, (1 << 20) + 12345, 4096);
+  ReadToFileFault fault = ReadToFileFault::kRemote;
+  auto s = client->ReadToFile(ro, 0, (1 << 20) + 12345, 4096, &fault);
   ASSERT_FALSE(s) << "a write into a read-only fd cannot succeed";
   EXPECT_EQ(s.error().code(), EBADF) << s.error().message();
+  EXPECT_EQ(fault, ReadToFileFault::kFile) << "the write to the file failed, not the remote";
   ::close(ro);
   auto untouched = FileContent(ro_path);
   EXPECT_EQ(untouched, std::vector<std::byte>(2 << 20, fill));
@@ -1073,6 +1075,26 @@ TEST_F(NbdClientTest, ReadToFileIntoAReadOnlyFdFailsAndTheConnectionStaysInStep)
   ::close(fd);
   ExpectFileHolds(FileContent(target), fill, 999, data, 1234567, 500000);
   EXPECT_EQ(ConnectionsLogged(log), connections) << "the connection was dropped and re-made";
+}
+
+TEST_F(NbdClientTest, ReadToFileOfAnErrorReplyIsTheRemotesFaultWhateverItsErrno) {
+  // ENOSPC is what a full local disk gives too; here the remote answered it.
+  REQUIRE_TOOL("nbdkit");
+  auto server =
+      StartNbdkitAndWait({"--filter=error", "memory", "1M", "error=ENOSPC", "error-rate=100%"});
+  auto client = NbdClient::Connect(UnixUri(sock_), FastOptions());
+  ASSERT_TRUE(client) << client.error().message();
+  const std::string target = dir_ + "/target";
+  int fd = MakeFilledFile(target, 65536, std::byte{0x55});
+  ASSERT_GE(fd, 0);
+  ReadToFileFault fault = ReadToFileFault::kFile;
+  auto s = (*client)->ReadToFile(fd, 0, 8192, 0, &fault);
+  ::close(fd);
+  ASSERT_FALSE(s);
+  EXPECT_EQ(s.error().code(), ENOSPC) << s.error().message();
+  EXPECT_EQ(fault, ReadToFileFault::kRemote) << "an error reply is the remote's fault";
+  EXPECT_EQ(FileContent(target), std::vector<std::byte>(65536, std::byte{0x55}));
+  EXPECT_TRUE((*client)->Connected());
 }
 
 TEST_F(NbdClientTest, ReadToFileHittingTheFileSizeLimitFailsWithEfbigAndStaysInStep) {

@@ -90,9 +90,11 @@ TEST_F(RemoteReadToFileTest, DefaultReadToFileReturnsTheRemoteFailureAndWritesNo
   int fd = MakeTarget(kMiB);
   ASSERT_GE(fd, 0);
   FakeRemote::SetFailure(*shared_, FakeRemote::Failure::kIoError);
-  auto io = remote_->ReadToFile(fd, 100, 65536, 0);
+  ReadToFileFault fault = ReadToFileFault::kFile;
+  auto io = remote_->ReadToFile(fd, 100, 65536, 0, &fault);
   ASSERT_FALSE(io);
   EXPECT_EQ(io.error().code(), EIO) << io.error().message();
+  EXPECT_EQ(fault, ReadToFileFault::kRemote);
   FakeRemote::SetFailure(*shared_, FakeRemote::Failure::kDisconnected);
   auto gone = remote_->ReadToFile(fd, 100, 65536, 0);
   ASSERT_FALSE(gone);
@@ -108,10 +110,12 @@ TEST_F(RemoteReadToFileTest, DefaultReadToFileReturnsTheRemoteFailureAndWritesNo
 TEST_F(RemoteReadToFileTest, DefaultReadToFileIntoAReadOnlyFdFailsWithTheWriteError) {
   int fd = MakeTarget(kMiB, O_RDONLY);
   ASSERT_GE(fd, 0);
-  auto s = remote_->ReadToFile(fd, 0, 65536, 4096);
+  ReadToFileFault fault = ReadToFileFault::kRemote;
+  auto s = remote_->ReadToFile(fd, 0, 65536, 4096, &fault);
   ::close(fd);
   ASSERT_FALSE(s);
   EXPECT_EQ(s.error().code(), EBADF) << s.error().message();
+  EXPECT_EQ(fault, ReadToFileFault::kFile);
   EXPECT_NE(s.error().message().find("write fetched data at 0"), std::string::npos)
       << s.error().message();
   ExpectTarget(kMiB, 0, 0, 0);

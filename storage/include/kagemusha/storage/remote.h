@@ -18,6 +18,11 @@
 
 namespace kagemusha::storage {
 
+// Whose fault a failed ReadToFile was: the remote's (unreachable, an error
+// reply, a client closed or asked for a range it cannot serve) or the local
+// file's (a write to it failed: full disk, I/O error, file size limit).
+enum class ReadToFileFault { kRemote, kFile };
+
 class RemoteReader {
  public:
   virtual ~RemoteReader() = default;
@@ -33,8 +38,13 @@ class RemoteReader {
   // with that error (ENOSPC, EIO), and then the file range holds some of
   // the bytes (pieces may be received in parallel), or none. The default reads into a buffer and
   // writes it; NbdClient receives the payload straight into the file (splice), so the bytes cross
-  // no user-space buffer.
-  virtual Status ReadToFile(int fd, uint64_t file_offset, uint64_t length, uint64_t offset);
+  // no user-space buffer. On failure `*fault` (if not null) says whose it was; an errno cannot
+  // tell (a remote may answer ENOSPC or EIO as well as a disk can).
+  virtual Status ReadToFile(int fd, uint64_t file_offset, uint64_t length, uint64_t offset,
+                            ReadToFileFault* fault);
+  Status ReadToFile(int fd, uint64_t file_offset, uint64_t length, uint64_t offset) {
+    return ReadToFile(fd, file_offset, length, offset, nullptr);
+  }
   // Drops the current connection and reconnects now (operator `reconnect`).
   virtual Status Reconnect() = 0;
   // True while a connection is established.
