@@ -1080,21 +1080,20 @@ TEST_F(NbdClientTest, ReadToFileIntoAReadOnlyFdFailsAndTheConnectionStaysInStep)
 TEST_F(NbdClientTest, ReadToFileOfAnErrorReplyIsTheRemotesFaultWhateverItsErrno) {
   // ENOSPC is what a full local disk gives too; here the remote answered it.
   REQUIRE_TOOL("nbdkit");
-  auto server =
-      StartNbdkitAndWait({"--filter=error", "memory", "1M", "error=ENOSPC", "error-rate=100%"});
-  auto client = NbdClient::Connect(UnixUri(sock_), FastOptions());
-  ASSERT_TRUE(client) << client.error().message();
+  auto [server, client] =
+      ServeAndConnect({"--filter=error", "memory", "1M", "error=ENOSPC", "error-rate=100%"});
+  ASSERT_TRUE(client);
   const std::string target = dir_ + "/target";
   int fd = MakeFilledFile(target, 65536, std::byte{0x55});
   ASSERT_GE(fd, 0);
   ReadToFileFault fault = ReadToFileFault::kFile;
-  auto s = (*client)->ReadToFile(fd, 0, 8192, 0, &fault);
+  auto s = client->ReadToFile(fd, 0, 8192, 0, &fault);
   ::close(fd);
   ASSERT_FALSE(s);
   EXPECT_EQ(s.error().code(), ENOSPC) << s.error().message();
   EXPECT_EQ(fault, ReadToFileFault::kRemote) << "an error reply is the remote's fault";
   EXPECT_EQ(FileContent(target), std::vector<std::byte>(65536, std::byte{0x55}));
-  EXPECT_TRUE((*client)->Connected());
+  EXPECT_TRUE(client->Connected());
 }
 
 TEST_F(NbdClientTest, ReadToFileHittingTheFileSizeLimitFailsWithEfbigAndStaysInStep) {
