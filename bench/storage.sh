@@ -373,7 +373,7 @@ REPORTED1=$(reported_kib)
 export BENCH_PAGE_REPORTING_ORDER BENCH_REPORTED_MIB
 BENCH_PAGE_REPORTING_ORDER=$(cat "$PAGE_REPORTING/page_reporting_order" 2>/dev/null || echo -)
 BENCH_REPORTED_MIB=-
-[[ $REPORTED0 == - || $REPORTED1 == - ]] || BENCH_REPORTED_MIB=$(((REPORTED1 - REPORTED0) / 1024))
+[[ $REPORTED0 == - || $REPORTED1 == - ]] || BENCH_REPORTED_MIB=$(((REPORTED1 - REPORTED0 + 1023) / 1024))
 "$ST_PY" - "$results" "$SIZE" "$WAN_SIZE" "$RUNS" "$WAN_RTT" "$WAN_RATE" "$(nproc)" <<'PY'
 import collections, os, statistics, sys
 path, size, wan_size, runs, rtt, rate = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5], sys.argv[6]
@@ -490,13 +490,16 @@ if None not in (rb, ib, pb, rw, pw, pc):
           f"even with all {nproc} CPUs busy all the time; storing alone costs {ib:.2f}{extra}")
     print("  (estimates from other passes: the store's cost depends on the state of free memory, which"
           " differs between passes, so they are only as good as the medians; use 1 GiB and 5+ runs)")
-    order, mib = os.environ.get("BENCH_PAGE_REPORTING_ORDER", "-"), os.environ.get("BENCH_REPORTED_MIB", "-")
-    if order != "-" and mib not in ("-", "0"):
-        print(f"  free page reporting is active (page_reporting_order {order}): {mib} MiB of freed memory went back"
-              " to the hypervisor during the run, and a page it took back costs a host fault when a store reuses it")
-    elif order != "-":
-        print("  free page reporting: no freed memory went back to the hypervisor during the run")
     print()
+# Free page reporting (this VM's balloon): whether it was active during the run.
+order, mib = os.environ.get("BENCH_PAGE_REPORTING_ORDER", "-"), os.environ.get("BENCH_REPORTED_MIB", "-")
+if order != "-" and mib == "-":
+    print(f"Free page reporting: the kernel has it (page_reporting_order {order}); how much was reported is not shown.")
+elif order != "-" and mib != "0":
+    print(f"Free page reporting is active (page_reporting_order {order}): {mib} MiB of freed memory went back to the"
+          " hypervisor during the run, and a page it took back costs a host fault when a store reuses it.")
+elif order != "-":
+    print("Free page reporting: no freed memory went back to the hypervisor during the run.")
 print("Ratios above 1 mean kagemusha is faster (rates: higher is better), except CPU s/GiB where lower is better.")
 print("Raw seconds (median): " + ", ".join(f"{m}/{s}={v:.3f}" for (m, s), v in sorted(med.items()) if m != "randread_4k_qd16"))
 for metric in ("seq_read", "remote_read", "relay_read", "proxy_cold_read", "target_read", "proxy_warm_read_now",

@@ -940,9 +940,14 @@ Status NbdClientImpl::ReadToFile(int fd, uint64_t file_offset, uint64_t length, 
     pieces[i].length = split[i].length;
   }
   Status s = RunPieces(pieces);
-  if (!s && fault &&
-      std::any_of(pieces.begin(), pieces.end(), [](const Pending& p) { return p.file_failed; }))
-    *fault = ReadToFileFault::kFile;
+  if (!s && fault) {
+    // RunPieces returned the first failed piece's result, if one failed
+    // (otherwise its own: the link or the client): that piece says whose.
+    auto failed = std::find_if(pieces.begin(), pieces.end(), [](const Pending& p) {
+      return p.state == State::kDone && !p.result;
+    });
+    if (failed != pieces.end() && failed->file_failed) *fault = ReadToFileFault::kFile;
+  }
   return s;
 }
 
