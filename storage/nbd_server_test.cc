@@ -390,6 +390,43 @@ TEST_F(NbdServerTest, WriteThenReadRoundTripsWithSimpleReplies) {
   EXPECT_EQ(disk_->flushes.load(), 1);
 }
 
+// A client that sends requests and never reads its replies must not make
+// the server hold max_requests_in_flight replies of the largest size: the
+// reader stops taking requests once 32 MiB of data is held.
+TEST_F(NbdServerTest, AClientThatNeverReadsItsRepliesMakesTheServerStopTakingRequests) {
+  StartServer();
+  auto c = Connected("disk", false, false);
+  Bytes data = Pattern(kSize, 9);
+  ASSERT_TRUE(c->Request(0, kCmdWrite, 1, 0, uint32_t(kSize), data));
+  auto w = c->Reply();
+  ASSERT_TRUE(w);
+  ASSERT_EQ(w->error, 0u);
+  const uint64_t before = server_->Stats().requests;
+  constexpr uint64_t kReads = 64;  // the default in-flight limit, 64 MiB in all
+  for (uint64_t i = 0; i < kReads; ++i)
+    ASSERT_TRUE(c->Request(0, kCmdRead, 100 + i, (i % 4) << 20, 1 << 20));
+  // Until the server stops taking requests (the count holds for 300 ms).
+  uint64_t taken = 0;
+  for (int i = 0; i < 50; ++i) {
+    const uint64_t now = server_->Stats().requests - before;
+    if (i > 0 && now == taken) break;
+    taken = now;
+    std::this_thread::sleep_for(300ms);
+  }
+  EXPECT_LE(taken, 40u) << "the server took " << taken << " 1 MiB reads whose replies nobody reads";
+  // Reading the replies lets the rest in, each with its own bytes.
+  for (uint64_t i = 0; i < kReads; ++i) {
+    auto r = c->Reply(1 << 20);
+    ASSERT_TRUE(r) << "reply " << i;
+    ASSERT_GE(r->cookie, 100u);
+    ASSERT_LT(r->cookie, 100 + kReads);
+    const size_t off = size_t((r->cookie - 100) % 4) << 20;
+    EXPECT_TRUE(r->payload == Bytes(data.begin() + off, data.begin() + off + (1 << 20)))
+        << "cookie " << r->cookie;
+  }
+  EXPECT_EQ(server_->Stats().requests - before, kReads);
+}
+
 TEST_F(NbdServerTest, StructuredReadOfAllocatedDataIsOneDataChunk) {
   StartServer();
   auto c = Connected();

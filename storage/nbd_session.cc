@@ -28,6 +28,12 @@ namespace {
 constexpr uint32_t kHoleProbeMinLength = 64 * 1024;
 // Buffers bigger than this are freed after use instead of kept for reuse.
 constexpr size_t kMaxCachedBuffer = 4 * 1024 * 1024;
+// Data of unanswered reads and writes one session may hold. Past it the
+// reader takes no new request until replies go out, so a client that sends
+// requests but never reads its replies pins at most this plus one request
+// (32 MiB), not max_requests_in_flight of the largest size. nbdcopy (64 x
+// 256 KiB) and qemu stay well under it.
+constexpr uint64_t kMaxHeldBytes = 32 * 1024 * 1024;
 constexpr size_t kMaxFreeReplies = 64;
 // Replies sent in one gather write at most.
 constexpr size_t kMaxRepliesPerWrite = 32;
@@ -228,6 +234,7 @@ struct Session::Reply {
   size_t total = 0;   // bytes in pieces, fixed once executed
   size_t copied = 0;  // of those, bytes not from the pipe
   size_t sent = 0;    // bytes already written (a send cut short)
+  uint32_t held = 0;  // counted in held_bytes_ until released
 
   std::byte* Data(size_t n) {
     if (data_capacity < n) {
@@ -477,6 +484,10 @@ std::unique_ptr<Session::Reply> Session::AcquireReply() {
 }
 
 void Session::ReleaseReply(std::unique_ptr<Reply> r) {
+  if (r->held != 0) {  // before the Retire that follows every counted reply
+    held_bytes_.fetch_sub(r->held);
+    r->held = 0;
+  }
   // A pipe still holding bytes (a reply dropped or cut short) is closed; an
   // empty one goes back to the session's pipes.
   if (r->pipe && r->pipe_in != r->pipe_out) DiscardPipe(*r);
@@ -694,7 +705,7 @@ void Session::Complete(std::unique_ptr<Reply> r) {
       lock.unlock();
       batch.clear();
       for (auto& d : dropped) ReleaseReply(std::move(d));
-      Retire(uint32_t(n + dropped.size()));
+      Retire(uint32_t(dropped.size()));  // the batch's n were retired above
       asio::post(strand_, [self = shared_from_this(), err] {
         if (err != EPIPE && err != ECONNRESET) {
           spdlog::info("nbd: {}: write failed: {}", self->peer_, std::strerror(err));
@@ -817,7 +828,8 @@ awaitable<void> Session::Transmission() {
     // strand_waiting_ before the re-check: see its comment in the header.
     for (;;) {
       strand_waiting_.store(true);
-      if (pending_.load() < max_in_flight || writer_done_) break;
+      if ((pending_.load() < max_in_flight && held_bytes_.load() < kMaxHeldBytes) || writer_done_)
+        break;
       reader_wake_.expires_at(asio::steady_timer::time_point::max());
       co_await reader_wake_.async_wait(Nothrow(ec));
     }
@@ -855,6 +867,10 @@ awaitable<void> Session::Transmission() {
       FillError(*r, check.error, "request rejected");
       Enqueue(std::move(r));
       continue;
+    }
+    if (req.type == nbd::kCmdRead || req.type == nbd::kCmdWrite) {
+      r->held = req.length;
+      held_bytes_ += req.length;
     }
     if (req.type == nbd::kCmdWrite) {
       std::byte* buf = r->Data(req.length);

@@ -140,6 +140,7 @@ class Session : public std::enable_shared_from_this<Session> {
   // never lost and is only posted when somebody waits.
   std::atomic<uint32_t> running_{0};  // requests executing
   std::atomic<uint32_t> pending_{0};  // started, reply not yet written or dropped
+  std::atomic<uint64_t> held_bytes_{0};  // Reply::held of those (reads' and writes' data)
   std::atomic<bool> strand_waiting_{false};
   bool handshake_done_ = false;
   bool closing_ = false;      // strand: no more requests will start

@@ -32,7 +32,6 @@ struct ServerOptions {
   unsigned io_threads = 2;           // socket I/O
   uint32_t max_requests_in_flight = 64;  // per connection; reading pauses beyond
   std::chrono::seconds handshake_timeout{30};
-  std::chrono::seconds idle_request_timeout{0};  // 0 = none (NBD clients may idle)
   // Pipes for zero-copy reads, all connections together (each holds two
   // descriptors); reads finding none are copied. 0: a quarter of the
   // RLIMIT_NOFILE soft limit, so pipes never take more than half the
