@@ -158,7 +158,8 @@ BlockBitmap::BlockBitmap(std::string path, int fd, const bitmap::Header& header,
       fd_(fd),
       header_(header),
       created_(created),
-      bits_(header.block_count) {}
+      bits_(header.block_count),
+      sync_(fd_, "bitmap " + path_) {}
 
 BlockBitmap::~BlockBitmap() { ::close(fd_); }
 
@@ -202,7 +203,7 @@ Status BlockBitmap::WriteBytes(std::span<const std::pair<uint64_t, uint8_t>> add
 Status BlockBitmap::Sync() {
   std::lock_guard lk(write_mu_);
   if (!dirty_) return Ok();
-  Status s = posix::DataSync(fd_, "bitmap " + path_);
+  Status s = sync_.Sync();
   if (s) dirty_ = false;
   return s;
 }

@@ -20,6 +20,7 @@
 
 #include "bitmap_format.h"
 #include "kagemusha/common/error.h"
+#include "posix_io.h"
 
 namespace kagemusha::storage {
 
@@ -75,7 +76,8 @@ class BlockBitmap {
   Status SetAndWrite(std::span<const uint64_t> blocks);
   // fdatasync of the bitmap file, skipped when no bit was written since the
   // last successful one. Any bit Test() reports is on stable storage once a
-  // Sync() that started after Test() saw it returns Ok.
+  // Sync() that started after Test() saw it returns Ok. After one fdatasync
+  // fails, every later Sync fails (posix::StickySync).
   Status Sync();
 
  private:
@@ -95,6 +97,7 @@ class BlockBitmap {
   // a Sync that holds the lock across its fdatasync, so no Sync can skip
   // bits that Test() already reports.
   bool dirty_ = false;
+  posix::StickySync sync_;
 };
 
 }  // namespace kagemusha::storage

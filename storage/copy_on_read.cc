@@ -860,8 +860,15 @@ void CopyOnReadImpl::CommitterLoop() {
     }
     pending_.insert(pending_.end(), batch.begin(), batch.end());
     ++commit_failures_;
-    commit_error_ = s.error().Context("committing the block bitmap");
-    spdlog::error("copy-on-read: {}", commit_error_->message());
+    Error e = s.error().Context("committing the block bitmap");
+    // Once a sync failed for good (posix::StickySync) every retry fails the
+    // same way: say so once, not every second.
+    const bool repeat = commit_error_ && commit_error_->message() == e.message();
+    commit_error_ = std::move(e);
+    if (repeat)
+      spdlog::debug("copy-on-read: {}", commit_error_->message());
+    else
+      spdlog::error("copy-on-read: {}", commit_error_->message());
     durable_cv_.notify_all();
     if (stop_committer_) return;
     commit_cv_.wait_for(lk, std::chrono::seconds(1), [&] { return stop_committer_; });
@@ -1327,7 +1334,7 @@ Result<std::shared_ptr<CopyOnReadBackend>> CopyOnReadBackend::Open(
       if (rc != 0) return Fail(Error::Errno(err, "size cache " + options.cache_path));
     }
   }
-  auto cache = FileBackend::Open(options.cache_path, {});
+  auto cache = FileBackend::Open(options.cache_path, {.sync_for_test = options.cache_sync_for_test});
   if (!cache) return Fail(cache.error().Context("opening cache image"));
   if ((*cache)->is_block_device() ? (*cache)->Size() < image_size : (*cache)->Size() != image_size)
     return Fail(Error::Invalid("cache image " + options.cache_path + " has " +

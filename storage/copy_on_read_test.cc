@@ -1281,6 +1281,28 @@ TEST_F(CopyOnReadTest, PrepareFileRangeWithAFailingRemoteLeavesBlocksMissingAndT
   EXPECT_EQ(cor_->Status().blocks_present, 2u);
 }
 
+// The cache's fdatasync fails once (a writeback error, which Linux reports
+// once) and would succeed after: no bit may be written for the blocks stored
+// before it, and no flush acknowledged, however often the committer retries.
+TEST_F(CopyOnReadTest, AFailedCacheSyncIsNeverFollowedByBitsOrAnAcknowledgedFlush) {
+  std::atomic<int> calls{0};
+  opts_.cache_sync_for_test = [&calls](int) -> Status {
+    return ++calls == 1 ? Fail(Error::Errno(EIO, "fdatasync cache")) : Ok();
+  };
+  Init(4 * kMiB, 65536);
+  EXPECT_TRUE(SameBytes(ReadAt(0, 2 * 65536), Slice(image_, 0, 2 * 65536)));  // fetched, stored
+  auto flush = cor_->Flush();
+  ASSERT_FALSE(flush);
+  EXPECT_EQ(flush.error().code(), EIO) << flush.error().message();
+  // The committer runs every 0.5 s and retries a failed commit after 1 s.
+  std::this_thread::sleep_for(std::chrono::milliseconds(2500));
+  EXPECT_EQ(cor_->Status().blocks_committed, 0u) << "bits written after a failed cache sync";
+  EXPECT_FALSE(cor_->Flush()) << "a flush acknowledged after a failed cache sync";
+  EXPECT_EQ(calls.load(), 1);
+  EXPECT_NE(cor_->Status().last_error.find("fdatasync"), std::string::npos)
+      << cor_->Status().last_error;
+}
+
 TEST_F(CopyOnReadTest, PrepareFileRangeWhoseRemoteAnswersENOSPCDoesNotPauseSplicedMisses) {
   // ENOSPC is what a full cache disk gives, but here the remote answered it:
   // the read goes to Read() (and fails there with the remote's error), and

@@ -58,15 +58,17 @@ Result<std::unique_ptr<FileBackend>> FileBackend::Open(const std::string& path,
     return fail(Error::Invalid(path + " is neither a regular file nor a block device"));
   }
   return std::unique_ptr<FileBackend>(
-      new FileBackend(path, fd, size, options.read_only, block_device));
+      new FileBackend(path, fd, size, options.read_only, block_device, options.sync_for_test));
 }
 
-FileBackend::FileBackend(std::string path, int fd, uint64_t size, bool read_only, bool block_device)
+FileBackend::FileBackend(std::string path, int fd, uint64_t size, bool read_only, bool block_device,
+                         std::function<Status(int fd)> sync_for_test)
     : path_(std::move(path)),
       fd_(fd),
       size_(size),
       read_only_(read_only),
-      block_device_(block_device) {}
+      block_device_(block_device),
+      sync_(std::make_unique<posix::StickySync>(fd, path_, std::move(sync_for_test))) {}
 
 FileBackend::~FileBackend() { ::close(fd_); }
 
@@ -99,7 +101,7 @@ Status FileBackend::Write(std::span<const std::byte> buf, uint64_t offset, bool 
   return posix::PwriteFull(fd_, buf, offset, path_, fua);
 }
 
-Status FileBackend::Flush() { return posix::DataSync(fd_, path_); }
+Status FileBackend::Flush() { return sync_->Sync(); }
 
 Status FileBackend::Trim(uint64_t offset, uint64_t length, bool fua) {
   if (read_only_) return Fail(Error::Permission(path_ + " is read-only"));

@@ -23,8 +23,10 @@ std::vector<std::byte> Bytes(size_t n, uint8_t v) {
   return std::vector<std::byte>(n, std::byte(v));
 }
 
-std::unique_ptr<FileBackend> NewImage(const ScratchDir& dir, uint64_t size) {
-  auto b = FileBackend::Open(dir / "img", {.create = true, .create_size = size});
+std::unique_ptr<FileBackend> NewImage(const ScratchDir& dir, uint64_t size,
+                                      std::function<Status(int)> sync = nullptr) {
+  auto b = FileBackend::Open(dir / "img",
+                             {.create = true, .create_size = size, .sync_for_test = std::move(sync)});
   EXPECT_TRUE(b.has_value()) << b.error().message();
   return std::move(*b);
 }
@@ -40,6 +42,28 @@ TEST(FileBackend, CreatesSparseImageOfRequestedSize) {
   std::vector<std::byte> buf(4096, std::byte{0xff});
   ASSERT_TRUE(b->Read(buf, 4 * kMiB));
   EXPECT_EQ(buf, Bytes(4096, 0));
+}
+
+// Linux reports a writeback error to one fdatasync and marks the pages
+// clean; the next fdatasync succeeds though the data is gone. A flush after
+// a failed one must therefore fail too, and not ask the kernel again.
+TEST(FileBackend, AFailedFlushFailsEveryLaterFlushThoughTheNextFdatasyncWouldSucceed) {
+  ScratchDir dir;
+  int calls = 0;
+  auto b = NewImage(dir, kMiB, [&calls](int) -> Status {
+    return ++calls == 1 ? Fail(Error::Errno(EIO, "fdatasync img")) : Ok();
+  });
+  std::vector<std::byte> data(4096, std::byte{7});
+  ASSERT_TRUE(b->Write(data, 0, false));
+  auto first = b->Flush();
+  ASSERT_FALSE(first);
+  EXPECT_EQ(first.error().code(), EIO);
+  auto second = b->Flush();
+  ASSERT_FALSE(second) << "a flush after a failed fdatasync was acknowledged";
+  EXPECT_EQ(second.error().code(), EIO);
+  EXPECT_NE(second.error().message().find("restart the server"), std::string::npos)
+      << second.error().message();
+  EXPECT_EQ(calls, 1);
 }
 
 TEST(FileBackend, UnalignedWritesReadBack) {

@@ -61,6 +61,26 @@ Status DataSync(int fd, const std::string& what) {
   return Ok();
 }
 
+StickySync::StickySync(int fd, std::string what, SyncFn sync)
+    : fd_(fd), what_(std::move(what)), sync_(std::move(sync)) {}
+
+Status StickySync::Sync() {
+  std::lock_guard lk(mu_);
+  if (failed_) return Fail(*failed_);
+  Status s = sync_ ? sync_(fd_) : DataSync(fd_, what_);
+  if (s) return s;
+  failed_ = Error(s.error().code(),
+                  s.error().message() +
+                      "; data written before it may not be on disk, so no later flush of " +
+                      what_ + " is acknowledged. Check the device, then restart the server");
+  return Fail(*failed_);
+}
+
+bool StickySync::failed() const {
+  std::lock_guard lk(mu_);
+  return failed_.has_value();
+}
+
 Status SyncParentDir(const std::string& path) {
   auto slash = path.rfind('/');
   std::string dir = slash == std::string::npos ? "." : (slash == 0 ? "/" : path.substr(0, slash));

@@ -7,6 +7,9 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <functional>
+#include <mutex>
+#include <optional>
 #include <span>
 #include <string>
 
@@ -22,6 +25,29 @@ Status PreadFull(int fd, std::span<std::byte> buf, uint64_t offset, const std::s
 Status PwriteFull(int fd, std::span<const std::byte> buf, uint64_t offset, const std::string& what,
                   bool dsync = false);
 Status DataSync(int fd, const std::string& what);
+
+// fdatasync of one file whose first failure is final. Linux reports a
+// writeback error once per open file and marks the failed pages clean, so a
+// later fdatasync that succeeds says nothing about data written before the
+// failure: a flush after it must not be acknowledged, nor a bitmap bit
+// written on its strength. Sync() calls are serialised (two at once could
+// split one error between them: one fails, the other sees success).
+//
+// Thread-safety: Sync() from any thread.
+class StickySync {
+ public:
+  using SyncFn = std::function<Status(int fd)>;  // a test seam; default DataSync
+  StickySync(int fd, std::string what, SyncFn sync = nullptr);
+  Status Sync();
+  bool failed() const;
+
+ private:
+  const int fd_;
+  const std::string what_;
+  const SyncFn sync_;
+  mutable std::mutex mu_;
+  std::optional<Error> failed_;  // GUARDED_BY(mu_)
+};
 // fsync of the directory holding path, so a create/rename is durable.
 Status SyncParentDir(const std::string& path);
 

@@ -48,6 +48,8 @@ struct CopyOnReadOptions {
   uint64_t write_behind_bytes = 64 * 1024 * 1024;
   // Test seam: runs on the cache writer before each write-behind store.
   std::function<void()> before_write_behind_store_for_test;
+  // Test seam: replaces fdatasync of the cache image (FileBackendOptions).
+  std::function<Status(int fd)> cache_sync_for_test;
 };
 
 struct FillStatus {

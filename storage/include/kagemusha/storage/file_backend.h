@@ -17,6 +17,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 
@@ -24,12 +25,18 @@
 
 namespace kagemusha::storage {
 
+namespace posix {
+class StickySync;
+}
+
 struct FileBackendOptions {
   bool read_only = false;
   // Create a regular file if `path` does not exist, sized (sparse) to
   // create_size. An existing file is opened as it is.
   bool create = false;
   uint64_t create_size = 0;
+  // Test seam: replaces fdatasync of the file (Flush).
+  std::function<Status(int fd)> sync_for_test = nullptr;
 };
 
 class FileBackend final : public Backend {
@@ -46,6 +53,8 @@ class FileBackend final : public Backend {
 
   Status Read(std::span<std::byte> buf, uint64_t offset) override;
   Status Write(std::span<const std::byte> buf, uint64_t offset, bool fua) override;
+  // fdatasync; after one fails, every later Flush fails too (see
+  // posix::StickySync): the failed writeback may have lost acknowledged data.
   Status Flush() override;
   Status Trim(uint64_t offset, uint64_t length, bool fua) override;
   Status Zero(uint64_t offset, uint64_t length, bool may_trim, bool fast, bool fua) override;
@@ -64,7 +73,8 @@ class FileBackend final : public Backend {
   static constexpr size_t kMaxExtentsPerCall = 4096;
 
  private:
-  FileBackend(std::string path, int fd, uint64_t size, bool read_only, bool block_device);
+  FileBackend(std::string path, int fd, uint64_t size, bool read_only, bool block_device,
+              std::function<Status(int fd)> sync_for_test);
   Status WriteZeroes(uint64_t offset, uint64_t length);
 
   const std::string path_;
@@ -72,6 +82,7 @@ class FileBackend final : public Backend {
   const uint64_t size_;
   const bool read_only_;
   const bool block_device_;
+  std::unique_ptr<posix::StickySync> sync_;
 };
 
 }  // namespace kagemusha::storage
