@@ -77,32 +77,6 @@ Status MakeDirectories(const std::string& dir) {
   return Ok();
 }
 
-// A socket file left over from a dead server is replaced; a live one is not.
-Status ClearStaleSocket(const std::string& path, const sockaddr_un& addr) {
-  struct stat st {};
-  if (lstat(path.c_str(), &st) != 0) {
-    if (errno == ENOENT) return Ok();
-    return Fail(Error::Errno(errno, "checking '" + path + "'"));
-  }
-  if (!S_ISSOCK(st.st_mode)) {
-    return Fail(
-        Error::Invalid("'" + path + "' exists and is not a socket; choose another --control path"));
-  }
-  int probe = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
-  if (probe < 0) return Fail(Error::Errno(errno, "creating probe socket"));
-  int rc = connect(probe, reinterpret_cast<const sockaddr*>(&addr), sizeof addr);
-  int err = errno;
-  close(probe);
-  if (rc == 0) {
-    return Fail(
-        Error(EADDRINUSE, "another server is already listening on control socket '" + path + "'"));
-  }
-  if (err != ECONNREFUSED) return Fail(Error::Errno(err, "probing existing socket '" + path + "'"));
-  if (unlink(path.c_str()) != 0 && errno != ENOENT) {
-    return Fail(Error::Errno(errno, "removing stale socket '" + path + "'"));
-  }
-  return Ok();
-}
 
 class ControlServerImpl final : public ControlServer {
  public:
@@ -127,7 +101,7 @@ class ControlServerImpl final : public ControlServer {
         return Fail(s.error().Context("control socket"));
       }
     }
-    if (auto s = ClearStaleSocket(path, *addr); !s) return s;
+    if (auto s = ClearStaleUnixSocket(path, "--control"); !s) return s;
 
     listen_fd_ = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
     if (listen_fd_ < 0) return Fail(Error::Errno(errno, "creating control socket"));
@@ -609,6 +583,38 @@ Result<ControlReply> ControlCall(const std::string& socket_path, const std::stri
   auto reply = ParseControlReply(in);
   if (!reply) return Fail(reply.error().Context(where));
   return reply;
+}
+
+// A socket file left over from a dead server is replaced; a live one is not.
+Status ClearStaleUnixSocket(const std::string& path, const std::string& flag) {
+  struct stat st {};
+  if (lstat(path.c_str(), &st) != 0) {
+    if (errno == ENOENT) return Ok();
+    return Fail(Error::Errno(errno, "checking '" + path + "'"));
+  }
+  if (!S_ISSOCK(st.st_mode)) {
+    return Fail(Error::Invalid("'" + path + "' exists and is not a socket; choose another " +
+                               flag + " path"));
+  }
+  sockaddr_un addr{};
+  addr.sun_family = AF_UNIX;
+  if (path.size() >= sizeof(addr.sun_path))
+    return Fail(Error::Invalid("socket path '" + path + "' is too long"));
+  std::memcpy(addr.sun_path, path.data(), path.size());
+  int probe = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  if (probe < 0) return Fail(Error::Errno(errno, "creating probe socket"));
+  int rc = connect(probe, reinterpret_cast<const sockaddr*>(&addr), sizeof addr);
+  int err = errno;
+  close(probe);
+  if (rc == 0) {
+    return Fail(Error(EADDRINUSE, "another server is already listening on '" + path +
+                                      "'; stop it or choose another " + flag + " path"));
+  }
+  if (err != ECONNREFUSED) return Fail(Error::Errno(err, "probing existing socket '" + path + "'"));
+  if (unlink(path.c_str()) != 0 && errno != ENOENT) {
+    return Fail(Error::Errno(errno, "removing stale socket '" + path + "'"));
+  }
+  return Ok();
 }
 
 }  // namespace kagemusha

@@ -11,6 +11,7 @@
 #include <boost/asio.hpp>
 #include <spdlog/spdlog.h>
 
+#include "kagemusha/common/control_socket.h"
 #include "kagemusha/storage/nbd_server.h"
 #include "nbd_session.h"
 
@@ -100,13 +101,9 @@ class NbdServerImpl final : public NbdServer {
   }
 
   Status ListenUnix(const std::string& path) override {
-    struct stat st;
-    if (::lstat(path.c_str(), &st) == 0) {
-      if (!S_ISSOCK(st.st_mode)) {
-        return Fail(Error(EEXIST, path + " exists and is not a socket; not replacing it"));
-      }
-      ::unlink(path.c_str());
-    }
+    // A live server's socket is never replaced (two servers would serve
+    // the same image); one left by a dead server is.
+    if (auto s = ClearStaleUnixSocket(path, "--unix"); !s) return s;
     error_code ec;
     auto acceptor = std::make_unique<unix_socket::acceptor>(io_);
     acceptor->open(unix_socket(), ec);
@@ -116,9 +113,14 @@ class NbdServerImpl final : public NbdServer {
     if (!ec && ::chmod(path.c_str(), 0600) != 0) ec.assign(errno, boost::system::system_category());
     if (!ec) acceptor->listen(asio::socket_base::max_listen_connections, ec);
     if (ec) return Fail(Error(ec.value(), "cannot listen on " + path + ": " + ec.message()));
+    // Which file is ours, so that only it is removed at exit (not a socket
+    // another server made at the same path after this one).
+    struct stat st {};
+    const bool known = ::lstat(path.c_str(), &st) == 0;
     std::lock_guard lock(mu_);
     endpoints_.push_back("unix:" + path);
     unix_paths_.push_back(path);
+    unix_ids_.push_back(known ? std::pair(st.st_dev, st.st_ino) : std::pair(dev_t{}, ino_t{}));
     spdlog::info("nbd: listening on unix:{}", path);
     unix_acceptors_.push_back(std::move(acceptor));
     return Ok();
@@ -140,7 +142,12 @@ class NbdServerImpl final : public NbdServer {
     }
     io_.run();
     for (auto& t : threads) t.join();
-    for (const auto& p : unix_paths_) ::unlink(p.c_str());
+    for (size_t i = 0; i < unix_paths_.size(); ++i) {
+      struct stat st {};
+      if (::lstat(unix_paths_[i].c_str(), &st) == 0 && S_ISSOCK(st.st_mode) &&
+          std::pair(st.st_dev, st.st_ino) == unix_ids_[i])
+        ::unlink(unix_paths_[i].c_str());
+    }
   }
 
   void Stop() override {
@@ -234,6 +241,7 @@ class NbdServerImpl final : public NbdServer {
   std::vector<std::unique_ptr<tcp::acceptor>> tcp_acceptors_;
   std::vector<std::unique_ptr<unix_socket::acceptor>> unix_acceptors_;
   std::vector<std::string> unix_paths_;
+  std::vector<std::pair<dev_t, ino_t>> unix_ids_;  // of the socket files we made
   mutable std::mutex mu_;
   std::vector<std::string> endpoints_;            // GUARDED_BY(mu_)
   std::vector<std::weak_ptr<Session>> sessions_;  // GUARDED_BY(mu_)

@@ -427,6 +427,50 @@ TEST_F(NbdServerTest, AClientThatNeverReadsItsRepliesMakesTheServerStopTakingReq
   EXPECT_EQ(server_->Stats().requests - before, kReads);
 }
 
+// A socket file at `path` that nobody listens on, as a dead server leaves.
+bool MakeDeadSocket(const std::string& path) {
+  int fd = ::socket(AF_UNIX, SOCK_STREAM, 0);
+  if (fd < 0) return false;
+  sockaddr_un a{};
+  a.sun_family = AF_UNIX;
+  std::memcpy(a.sun_path, path.data(), std::min(path.size(), sizeof a.sun_path - 1));
+  const bool ok = ::bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof a) == 0;
+  ::close(fd);
+  return ok;
+}
+
+// A Unix socket path another live server listens on is refused (two
+// servers would serve one image); a dead server's socket file is replaced;
+// at exit a server removes only the socket file it made.
+TEST_F(NbdServerTest, ListenUnixRefusesALiveServersSocketAndReplacesADeadOnesOnly) {
+  StartServer();
+  auto second = NbdServer::Create({});
+  auto busy = second->ListenUnix(socket_);
+  ASSERT_FALSE(busy) << "took over the socket of a live server";
+  EXPECT_EQ(busy.error().code(), EADDRINUSE) << busy.error().message();
+  auto c = Connected("disk", false, false);  // the first server still answers
+  ASSERT_TRUE(c->Request(0, kCmdFlush, 1, 0, 0));
+  auto r = c->Reply();
+  ASSERT_TRUE(r);
+  EXPECT_EQ(r->error, 0u);
+
+  // A socket file nobody listens on (a dead server's) is replaced.
+  const std::string stale = (dir_ / "stale.sock").string();
+  ASSERT_TRUE(MakeDeadSocket(stale));
+  auto replaced = second->ListenUnix(stale);
+  EXPECT_TRUE(replaced) << replaced.error().message();
+
+  // The first server's file is replaced by someone else's; the first server
+  // stops and must leave that file alone.
+  ASSERT_EQ(::unlink(socket_.c_str()), 0);
+  ASSERT_TRUE(MakeDeadSocket(socket_));
+  c.reset();
+  server_->Stop();
+  thread_.join();
+  server_.reset();
+  EXPECT_TRUE(std::filesystem::exists(socket_)) << "removed another server's socket file at exit";
+}
+
 TEST_F(NbdServerTest, StructuredReadOfAllocatedDataIsOneDataChunk) {
   StartServer();
   auto c = Connected();

@@ -115,6 +115,12 @@ nlohmann::json MakeControlRequest(const std::string& command, const nlohmann::js
 nlohmann::json MakeControlOkReply(const nlohmann::json& id, const nlohmann::json& result);
 nlohmann::json MakeControlErrorReply(const nlohmann::json& id, const ControlFailure& failure);
 Result<ControlReply> ParseControlReply(const std::string& line);
+
+// Makes `path` free for a new Unix socket: nothing there, or a socket no
+// server answers on (left by a dead one), which is removed. A live socket is
+// EADDRINUSE, anything else there an error; both name `flag`, the option
+// the operator would change.
+Status ClearStaleUnixSocket(const std::string& path, const std::string& flag);
 // errno value to its symbolic name ("EAGAIN"), "E<n>" if unknown.
 std::string ErrnoName(int code);
 
