@@ -5,6 +5,7 @@
 #include <spdlog/sinks/basic_file_sink.h>
 #include <spdlog/sinks/stdout_color_sinks.h>
 #include <spdlog/spdlog.h>
+#include <fcntl.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -341,6 +342,11 @@ Status SetupLogging(const std::string& level, const std::string& file) {
       logger = std::make_shared<spdlog::logger>(
           kProg, std::make_shared<spdlog::sinks::stderr_color_sink_mt>());
     } else {
+      // Created 0600 before spdlog opens it (fopen would make it 0644 under
+      // the usual umask): the log names images, remotes and peers.
+      int fd = ::open(file.c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0600);
+      if (fd < 0) return Fail(Error::Errno(errno, "cannot open --log-file " + Quoted(file)));
+      ::close(fd);
       logger = std::make_shared<spdlog::logger>(
           kProg, std::make_shared<spdlog::sinks::basic_file_sink_mt>(file));
     }

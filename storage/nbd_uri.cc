@@ -125,8 +125,15 @@ Result<NbdUri> ParseNbdUri(const std::string& uri) {
   std::string_view authority = rest.substr(0, slash);
   std::string_view path = slash == std::string_view::npos ? std::string_view() : rest.substr(slash);
 
-  // Authority: [userinfo@]host[:port].
+  // Authority: [userinfo@]host[:port]. A user name (the NBD URI form for a
+  // TLS user) is ignored; a password is refused without echoing the URI,
+  // since the URI is logged and shown in status output.
   if (size_t at = authority.rfind('@'); at != std::string_view::npos) {
+    if (authority.substr(0, at).find(':') != std::string_view::npos) {
+      return Fail(Error::Invalid(
+          "bad NBD URI: it holds a password (user:password@), which would be written to logs "
+          "and status output; NBD has no password authentication here, so remove it"));
+    }
     authority.remove_prefix(at + 1);
   }
   if (out.transport == NbdUri::Transport::kUnix) {

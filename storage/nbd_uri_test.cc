@@ -111,8 +111,13 @@ TEST(NbdUri, ToStringRoundTripsAndDropsUserinfo) {
     EXPECT_EQ(again->export_name, u->export_name);
   }
   EXPECT_EQ(ParseNbdUri("nbd://example.com/disk")->ToString(), "nbd://example.com:10809/disk");
-  EXPECT_EQ(ParseNbdUri("nbd://alice:secret@example.com/x")->ToString(),
-            "nbd://example.com:10809/x");
+  EXPECT_EQ(ParseNbdUri("nbd://alice@example.com/x")->ToString(), "nbd://example.com:10809/x");
+  // A password is refused, and the error does not repeat it.
+  auto pw = ParseNbdUri("nbd://alice:secret@example.com/x");
+  ASSERT_FALSE(pw);
+  EXPECT_EQ(pw.error().code(), EINVAL);
+  EXPECT_EQ(pw.error().message().find("secret"), std::string::npos) << pw.error().message();
+  EXPECT_NE(pw.error().message().find("password"), std::string::npos) << pw.error().message();
   EXPECT_EQ(ParseNbdUri("nbd+unix:///e?socket=/p")->ToString(), "nbd+unix:///e?socket=/p");
 }
 

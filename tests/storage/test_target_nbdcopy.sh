@@ -12,6 +12,8 @@ truncate -s 128M "$d1" "$d2"
 want=$(st_md5_file "$src")
 st_nbd_serve target --unix "$sock" --export "one=$d1" --export "two=$d2"
 one=$(st_uri_unix "$sock" one) two=$(st_uri_unix "$sock" two)
+# The log names images and peers: only its owner may read it.
+st_assert_eq "--log-file mode" 600 "$(stat -c %a "$ST_DIR/target.server.log")"
 
 # file -> export, one connection, 64 requests in flight of 256 KiB.
 nbdcopy -C 1 -R 64 --request-size=262144 "$src" "$one"
