@@ -400,7 +400,13 @@ CopyOnReadImpl::CopyOnReadImpl(std::unique_ptr<RemoteReader> remote,
   present_count_ = bitmap_->Count();
   if (!remote_) mode_ = kTarget;  // Open checked the bitmap is complete
   if (remote_) {
-    direct_fd_ = ::open(cache_->path().c_str(), O_RDWR | O_DIRECT | O_CLOEXEC);
+    // Direct stores only where a block is whole pages: the rule that keeps
+    // direct and buffered writes apart (never both on one block) works per
+    // page, and a direct write cannot replace a page a buffered write of a
+    // neighbouring block keeps dirty (block size 4 KiB on 64 KiB pages).
+    const long page = ::sysconf(_SC_PAGESIZE);
+    if (page > 0 && bs_ % uint64_t(page) == 0)
+      direct_fd_ = ::open(cache_->path().c_str(), O_RDWR | O_DIRECT | O_CLOEXEC);
     direct_ok_ = direct_fd_ >= 0;
     preallocated_ = std::vector<std::atomic<bool>>(
         size_t((blocks_ + prealloc_region_blocks_ - 1) / prealloc_region_blocks_));
