@@ -1426,6 +1426,31 @@ TEST_F(NbdServerProxyTest, AMissAfterARunOfFastHitsDoesNotHoldUpTheNextHit) {
   EXPECT_TRUE(hit_ran_inline) << "in five tries the hit never ran inline: the case was not tested";
 }
 
+// CACHE requests fetch for as long as their range takes; one client's must
+// not take every worker of the (shared) pool, or other clients stall.
+TEST_F(NbdServerProxyTest, CacheRequestsOfOneClientCannotOccupyEveryWorker) {
+  MakeProxyExport();
+  StartServer();  // 4 workers
+  auto a = Connected("file", false, false);
+  auto b = Connected("file", false, false);
+  FakeRemote::Hold(*remote_);
+  for (uint64_t i = 0; i < 4; ++i)
+    ASSERT_TRUE(a->Request(0, kCmdCache, 10 + i, i * (512 << 10), 256 << 10));
+  ASSERT_TRUE(FakeRemote::WaitHeld(*remote_, 2, 5s));
+  Bytes data = Pattern(4096, 4);
+  ASSERT_TRUE(b->Request(0, kCmdWrite, 1, 3 << 20, 4096, data));
+  auto w = b->Reply(0, 3s);
+  FakeRemote::Release(*remote_);
+  ASSERT_TRUE(w) << "another client's write waited for the first client's CACHE requests";
+  EXPECT_EQ(w->error, 0u);
+  for (int i = 0; i < 4; ++i) {
+    auto r = a->Reply(0, 10s);
+    ASSERT_TRUE(r) << "CACHE reply " << i;
+    EXPECT_EQ(r->error, 0u);
+  }
+  EXPECT_EQ(cor_->Status().blocks_present, 4u * 64 + 1);
+}
+
 TEST_F(NbdServerProxyTest, StructuredReadOfAHoleAndAFailingMissIsOneErrorReplyAndServesOn) {
   // A trimmed block is present as a hole: the structured reply would be a
   // hole chunk and spliced data chunks. The data segment's fetch fails, so

@@ -34,6 +34,12 @@ constexpr size_t kMaxCachedBuffer = 4 * 1024 * 1024;
 // (32 MiB), not max_requests_in_flight of the largest size. nbdcopy (64 x
 // 256 KiB) and qemu stay well under it.
 constexpr uint64_t kMaxHeldBytes = 32 * 1024 * 1024;
+// CACHE and WRITE_ZEROES of one session running at once on the shared
+// worker pool. Each can take a worker for as long as it fetches or writes
+// up to 4 GiB; past this the session's reader waits, so that one client
+// cannot occupy every worker and stall the others.
+constexpr uint32_t kMaxRunningLong = 2;
+bool IsLong(uint16_t type) { return type == nbd::kCmdCache || type == nbd::kCmdWriteZeroes; }
 constexpr size_t kMaxFreeReplies = 64;
 // Replies sent in one gather write at most.
 constexpr size_t kMaxRepliesPerWrite = 32;
@@ -887,11 +893,24 @@ awaitable<void> Session::Transmission() {
       Complete(std::move(r));
       continue;
     }
+    const bool is_long = IsLong(req.type);
+    if (is_long) {
+      for (;;) {  // strand_waiting_ before the re-check, as above
+        error_code wait_ec;
+        strand_waiting_.store(true);
+        if (running_long_.load() < kMaxRunningLong || writer_done_) break;
+        reader_wake_.expires_at(asio::steady_timer::time_point::max());
+        co_await reader_wake_.async_wait(Nothrow(wait_ec));
+      }
+      strand_waiting_.store(false);
+      ++running_long_;
+    }
     ++running_;
-    asio::post(*env_.workers, [self, rp = r.release()]() mutable {
+    asio::post(*env_.workers, [self, rp = r.release(), is_long]() mutable {
       std::unique_ptr<Reply> reply(rp);
       self->Execute(*reply);
       self->Complete(std::move(reply));
+      if (is_long) self->running_long_.fetch_sub(1);
       self->running_.fetch_sub(1);
       self->WakeStrandWaiter();
     });
