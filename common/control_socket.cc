@@ -601,12 +601,14 @@ Status ClearStaleUnixSocket(const std::string& path, const std::string& flag) {
   if (path.size() >= sizeof(addr.sun_path))
     return Fail(Error::Invalid("socket path '" + path + "' is too long"));
   std::memcpy(addr.sun_path, path.data(), path.size());
-  int probe = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  // Non-blocking: a live server with a full backlog answers EAGAIN at once
+  // (still live), where a blocking connect would wait for it.
+  int probe = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
   if (probe < 0) return Fail(Error::Errno(errno, "creating probe socket"));
   int rc = connect(probe, reinterpret_cast<const sockaddr*>(&addr), sizeof addr);
   int err = errno;
   close(probe);
-  if (rc == 0) {
+  if (rc == 0 || err == EAGAIN) {
     return Fail(Error(EADDRINUSE, "another server is already listening on '" + path +
                                       "'; stop it or choose another " + flag + " path"));
   }

@@ -98,7 +98,11 @@ Status FileBackend::Read(std::span<std::byte> buf, uint64_t offset) {
 
 Status FileBackend::Write(std::span<const std::byte> buf, uint64_t offset, bool fua) {
   if (read_only_) return Fail(Error::Permission(path_ + " is read-only"));
-  return posix::PwriteFull(fd_, buf, offset, path_, fua);
+  if (auto s = posix::PwriteFull(fd_, buf, offset, path_); !s) return s;
+  // FUA as write + fdatasync through the sticky sync, not RWF_DSYNC: a
+  // writeback error of earlier writes that a dsync write consumed would
+  // otherwise fail only that request, and the next Flush succeed.
+  return fua ? sync_->Sync() : Ok();
 }
 
 Status FileBackend::Flush() { return sync_->Sync(); }

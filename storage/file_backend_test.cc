@@ -66,6 +66,23 @@ TEST(FileBackend, AFailedFlushFailsEveryLaterFlushThoughTheNextFdatasyncWouldSuc
   EXPECT_EQ(calls, 1);
 }
 
+// A FUA write syncs through the same sticky sync: if its sync takes the
+// writeback error of earlier writes, the next flush must fail as well.
+TEST(FileBackend, AFuaWriteWhoseSyncFailsMakesEveryLaterFlushFail) {
+  ScratchDir dir;
+  int calls = 0;
+  auto b = NewImage(dir, kMiB, [&calls](int) -> Status {
+    return ++calls == 1 ? Fail(Error::Errno(EIO, "fdatasync img")) : Ok();
+  });
+  std::vector<std::byte> data(4096, std::byte{7});
+  ASSERT_TRUE(b->Write(data, 0, false));
+  auto fua = b->Write(data, 8192, true);
+  ASSERT_FALSE(fua) << "the FUA write's sync failed, yet it was acknowledged";
+  EXPECT_EQ(fua.error().code(), EIO);
+  EXPECT_FALSE(b->Flush()) << "a flush after a failed FUA sync was acknowledged";
+  EXPECT_EQ(calls, 1);
+}
+
 TEST(FileBackend, UnalignedWritesReadBack) {
   ScratchDir dir;
   auto b = NewImage(dir, 1 * kMiB);

@@ -405,14 +405,16 @@ TEST_F(NbdServerTest, AClientThatNeverReadsItsRepliesMakesTheServerStopTakingReq
   constexpr uint64_t kReads = 64;  // the default in-flight limit, 64 MiB in all
   for (uint64_t i = 0; i < kReads; ++i)
     ASSERT_TRUE(c->Request(0, kCmdRead, 100 + i, (i % 4) << 20, 1 << 20));
-  // Until the server stops taking requests (the count holds for 300 ms).
+  // Until the server stops taking requests: the count has reached what the
+  // budget allows (at least 16 MiB of reads) and holds for 300 ms.
   uint64_t taken = 0;
   for (int i = 0; i < 50; ++i) {
     const uint64_t now = server_->Stats().requests - before;
-    if (i > 0 && now == taken) break;
+    if (i > 0 && now == taken && now >= 16) break;
     taken = now;
     std::this_thread::sleep_for(300ms);
   }
+  EXPECT_GE(taken, 16u) << "the server stopped taking requests before its budget was used";
   EXPECT_LE(taken, 40u) << "the server took " << taken << " 1 MiB reads whose replies nobody reads";
   // Reading the replies lets the rest in, each with its own bytes.
   for (uint64_t i = 0; i < kReads; ++i) {
@@ -1439,7 +1441,7 @@ TEST_F(NbdServerProxyTest, CacheRequestsOfOneClientCannotOccupyEveryWorker) {
   ASSERT_TRUE(FakeRemote::WaitHeld(*remote_, 2, 5s));
   Bytes data = Pattern(4096, 4);
   ASSERT_TRUE(b->Request(0, kCmdWrite, 1, 3 << 20, 4096, data));
-  auto w = b->Reply(0, 3s);
+  auto w = b->Reply(0, 15s);  // without the cap it never comes: no worker is free
   FakeRemote::Release(*remote_);
   ASSERT_TRUE(w) << "another client's write waited for the first client's CACHE requests";
   EXPECT_EQ(w->error, 0u);

@@ -28,18 +28,21 @@ namespace {
 constexpr uint32_t kHoleProbeMinLength = 64 * 1024;
 // Buffers bigger than this are freed after use instead of kept for reuse.
 constexpr size_t kMaxCachedBuffer = 4 * 1024 * 1024;
-// Data of unanswered reads and writes one session may hold. Past it the
-// reader takes no new request until replies go out, so a client that sends
-// requests but never reads its replies pins at most this plus one request
-// (32 MiB), not max_requests_in_flight of the largest size. nbdcopy (64 x
-// 256 KiB) and qemu stay well under it.
+// Data buffers of unanswered requests one session may hold (a request's
+// length for reads and writes, or the recycled buffer it came with if that
+// is larger). Past it the reader takes no new request until replies go
+// out, so a client that sends requests but never reads its replies pins at
+// most this plus one request (32 MiB), not max_requests_in_flight of the
+// largest size. nbdcopy (64 x 256 KiB) and qemu stay well under it.
 constexpr uint64_t kMaxHeldBytes = 32 * 1024 * 1024;
-// CACHE and WRITE_ZEROES of one session running at once on the shared
-// worker pool. Each can take a worker for as long as it fetches or writes
-// up to 4 GiB; past this the session's reader waits, so that one client
+// Buffer bytes kept in a session's pool of free replies.
+constexpr uint64_t kMaxPooledBytes = 16 * 1024 * 1024;
+// CACHE requests of one session running at once on the shared worker pool.
+// Each can take a worker for as long as it fetches up to 4 GiB from a
+// proxy's remote; past this the session's reader waits, so that one client
 // cannot occupy every worker and stall the others.
 constexpr uint32_t kMaxRunningLong = 2;
-bool IsLong(uint16_t type) { return type == nbd::kCmdCache || type == nbd::kCmdWriteZeroes; }
+bool IsLong(uint16_t type) { return type == nbd::kCmdCache; }
 constexpr size_t kMaxFreeReplies = 64;
 // Replies sent in one gather write at most.
 constexpr size_t kMaxRepliesPerWrite = 32;
@@ -483,6 +486,7 @@ std::unique_ptr<Session::Reply> Session::AcquireReply() {
     if (!free_replies_.empty()) {
       auto r = std::move(free_replies_.back());
       free_replies_.pop_back();
+      pooled_bytes_ -= r->data_capacity;
       return r;
     }
   }
@@ -508,7 +512,13 @@ void Session::ReleaseReply(std::unique_ptr<Reply> r) {
   }
   std::lock_guard lock(pool_mu_);
   if (pipe) free_pipes_.push_back(std::move(pipe));
-  if (free_replies_.size() < kMaxFreeReplies) free_replies_.push_back(std::move(r));
+  if (free_replies_.size() >= kMaxFreeReplies) return;
+  if (pooled_bytes_ + r->data_capacity > kMaxPooledBytes) {
+    r->data.reset();
+    r->data_capacity = 0;
+  }
+  pooled_bytes_ += r->data_capacity;
+  free_replies_.push_back(std::move(r));
 }
 
 std::unique_ptr<Session::SplicePipe> Session::AcquirePipe() {
@@ -874,9 +884,12 @@ awaitable<void> Session::Transmission() {
       Enqueue(std::move(r));
       continue;
     }
-    if (req.type == nbd::kCmdRead || req.type == nbd::kCmdWrite) {
-      r->held = req.length;
-      held_bytes_ += req.length;
+    {
+      uint64_t held = r->data_capacity;
+      if (req.type == nbd::kCmdRead || req.type == nbd::kCmdWrite)
+        held = std::max<uint64_t>(held, req.length);
+      r->held = uint32_t(held);  // at most 32 MiB (kMaxPayload) or 4 MiB (kMaxCachedBuffer)
+      held_bytes_ += held;
     }
     if (req.type == nbd::kCmdWrite) {
       std::byte* buf = r->Data(req.length);
@@ -903,6 +916,18 @@ awaitable<void> Session::Transmission() {
         co_await reader_wake_.async_wait(Nothrow(wait_ec));
       }
       strand_waiting_.store(false);
+      // The client may have gone while this waited: a CACHE it can no
+      // longer see answered is not started.
+      bool gone = writer_done_;
+      {
+        std::lock_guard lock(send_mu_);
+        gone = gone || send_closed_;
+      }
+      if (gone) {
+        ReleaseReply(std::move(r));
+        Retire(1);
+        break;
+      }
       ++running_long_;
     }
     ++running_;

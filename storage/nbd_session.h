@@ -139,7 +139,7 @@ class Session : public std::enable_shared_from_this<Session> {
   // them before it looks at strand_waiting_ (both seq_cst), so a wake-up is
   // never lost and is only posted when somebody waits.
   std::atomic<uint32_t> running_{0};  // requests executing
-  std::atomic<uint32_t> running_long_{0};  // of those, CACHE and WRITE_ZEROES
+  std::atomic<uint32_t> running_long_{0};  // of those, CACHE
   std::atomic<uint32_t> pending_{0};  // started, reply not yet written or dropped
   std::atomic<uint64_t> held_bytes_{0};  // Reply::held of those (reads' and writes' data)
   std::atomic<bool> strand_waiting_{false};
@@ -163,6 +163,7 @@ class Session : public std::enable_shared_from_this<Session> {
 
   std::mutex pool_mu_;
   std::vector<std::unique_ptr<Reply>> free_replies_;     // GUARDED_BY(pool_mu_)
+  uint64_t pooled_bytes_ = 0;  // their data_capacity; GUARDED_BY(pool_mu_)
   std::vector<std::unique_ptr<SplicePipe>> free_pipes_;  // GUARDED_BY(pool_mu_)
   size_t pipes_ = 0;  // pipes alive (free or on a reply); GUARDED_BY(pool_mu_)
   // Cleared when the backend's file cannot be spliced (EINVAL etc.).

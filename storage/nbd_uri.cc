@@ -22,8 +22,19 @@
 namespace kagemusha::storage {
 namespace {
 
+// The URI as errors show it: without any user information (user:password@),
+// which must not reach a log.
+std::string Redacted(const std::string& uri) {
+  const size_t start = uri.find("://");
+  if (start == std::string::npos) return uri;
+  const size_t end = uri.find_first_of("/?#", start + 3);
+  const size_t at = uri.rfind('@', end == std::string::npos ? std::string::npos : end);
+  if (at == std::string::npos || at < start + 3) return uri;
+  return uri.substr(0, start + 3) + "..." + uri.substr(at);
+}
+
 Error Bad(const std::string& uri, const std::string& why) {
-  return Error::Invalid("bad NBD URI '" + uri + "': " + why);
+  return Error::Invalid("bad NBD URI '" + Redacted(uri) + "': " + why);
 }
 
 int HexValue(char c) {
@@ -99,7 +110,7 @@ Result<NbdUri> ParseNbdUri(const std::string& uri) {
   std::string scheme = Lower(std::string_view(uri).substr(0, colon));
   NbdUri out;
   if (scheme == "nbds" || scheme == "nbds+unix") {
-    return Fail(Error::NotSupported("bad NBD URI '" + uri + "': " + scheme +
+    return Fail(Error::NotSupported("bad NBD URI '" + Redacted(uri) + "': " + scheme +
                                     ":// requires TLS, and TLS not supported by this client; "
                                     "use nbd:// over a trusted network or a tunnel"));
   } else if (scheme == "nbd") {
@@ -213,7 +224,7 @@ Result<NbdUri> ParseNbdUri(const std::string& uri) {
       out.socket_path = *path_value;
       have_socket = true;
     } else if (key.starts_with("tls")) {
-      return Fail(Error::NotSupported("bad NBD URI '" + uri + "': parameter '" + key +
+      return Fail(Error::NotSupported("bad NBD URI '" + Redacted(uri) + "': parameter '" + key +
                                       "' asks for TLS, and TLS not supported by this client"));
     } else if (key.starts_with("x-")) {
       continue;  // experimental parameters of other clients

@@ -118,6 +118,11 @@ TEST(NbdUri, ToStringRoundTripsAndDropsUserinfo) {
   EXPECT_EQ(pw.error().code(), EINVAL);
   EXPECT_EQ(pw.error().message().find("secret"), std::string::npos) << pw.error().message();
   EXPECT_NE(pw.error().message().find("password"), std::string::npos) << pw.error().message();
+  // Other errors print the URI, but never its user information.
+  auto tls = ParseNbdUri("nbds://alice:secret@example.com/x");
+  ASSERT_FALSE(tls);
+  EXPECT_EQ(tls.error().message().find("secret"), std::string::npos) << tls.error().message();
+  EXPECT_NE(tls.error().message().find("example.com"), std::string::npos) << tls.error().message();
   EXPECT_EQ(ParseNbdUri("nbd+unix:///e?socket=/p")->ToString(), "nbd+unix:///e?socket=/p");
 }
 
