@@ -44,17 +44,25 @@ TEST(FileBackend, CreatesSparseImageOfRequestedSize) {
   EXPECT_EQ(buf, Bytes(4096, 0));
 }
 
+// An image whose fdatasync (the test seam) fails once with EIO and succeeds
+// after, as Linux reports a writeback error once; 4 KiB already written.
+std::unique_ptr<FileBackend> ImageWithAFailingSync(const ScratchDir& dir, int& calls) {
+  auto b = NewImage(dir, kMiB, [&calls](int) -> Status {
+    return ++calls == 1 ? Fail(Error::Errno(EIO, "fdatasync img")) : Ok();
+  });
+  std::vector<std::byte> data(4096, std::byte{7});
+  if (!b->Write(data, 0, false)) return nullptr;
+  return b;
+}
+
 // Linux reports a writeback error to one fdatasync and marks the pages
 // clean; the next fdatasync succeeds though the data is gone. A flush after
 // a failed one must therefore fail too, and not ask the kernel again.
 TEST(FileBackend, AFailedFlushFailsEveryLaterFlushThoughTheNextFdatasyncWouldSucceed) {
   ScratchDir dir;
   int calls = 0;
-  auto b = NewImage(dir, kMiB, [&calls](int) -> Status {
-    return ++calls == 1 ? Fail(Error::Errno(EIO, "fdatasync img")) : Ok();
-  });
-  std::vector<std::byte> data(4096, std::byte{7});
-  ASSERT_TRUE(b->Write(data, 0, false));
+  auto b = ImageWithAFailingSync(dir, calls);
+  ASSERT_TRUE(b);
   auto first = b->Flush();
   ASSERT_FALSE(first);
   EXPECT_EQ(first.error().code(), EIO);
@@ -71,11 +79,9 @@ TEST(FileBackend, AFailedFlushFailsEveryLaterFlushThoughTheNextFdatasyncWouldSuc
 TEST(FileBackend, AFuaWriteWhoseSyncFailsMakesEveryLaterFlushFail) {
   ScratchDir dir;
   int calls = 0;
-  auto b = NewImage(dir, kMiB, [&calls](int) -> Status {
-    return ++calls == 1 ? Fail(Error::Errno(EIO, "fdatasync img")) : Ok();
-  });
+  auto b = ImageWithAFailingSync(dir, calls);
+  ASSERT_TRUE(b);
   std::vector<std::byte> data(4096, std::byte{7});
-  ASSERT_TRUE(b->Write(data, 0, false));
   auto fua = b->Write(data, 8192, true);
   ASSERT_FALSE(fua) << "the FUA write's sync failed, yet it was acknowledged";
   EXPECT_EQ(fua.error().code(), EIO);
