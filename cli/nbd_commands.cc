@@ -455,6 +455,8 @@ int RunServe(int argc, char** argv) {
       "control socket for status/fill/switch/reconnect (0600; directory created 0700)")(
       "workers", po::value<unsigned>()->default_value(8)->value_name("N"),
       "backend worker threads")(
+      "max-connections", po::value<unsigned>()->default_value(256)->value_name("N"),
+      "NBD connections open at once; more are closed at accept (0 = no limit)")(
       "log-level", po::value<std::string>()->default_value("info")->value_name("LEVEL"),
       "trace, debug, info, warn, error, critical or off")(
       "log-file", po::value<std::string>()->value_name("PATH"),
@@ -468,7 +470,8 @@ int RunServe(int argc, char** argv) {
       "         [--proxy "
       "NAME=URI,cache=PATH,bitmap=PATH[,block-size=BYTES][,fill-rate=RATE][,no-fill][,auto-switch]["
       ",desc=TEXT]]...\n"
-      "         [--control PATH] [--workers N] [--log-level LEVEL] [--log-file PATH] [--json]",
+      "         [--control PATH] [--workers N] [--max-connections N] [--log-level LEVEL]\n"
+      "         [--log-file PATH] [--json]",
       d, d, {}, argc, argv, vm);
   if (rc >= 0) return rc;
 
@@ -543,6 +546,7 @@ int RunServe(int argc, char** argv) {
 
   storage::ServerOptions so;
   so.worker_threads = workers;
+  so.max_connections = vm["max-connections"].as<unsigned>();
   auto server = storage::NbdServer::Create(so);
   state.server = server.get();
   for (const auto& e : state.exports) {
@@ -942,6 +946,7 @@ std::vector<ControlCommand> NbdControlCommands(ServeState& state) {
            storage::ServerStats s = state.server->Stats();
            server = {{"connections_open", s.connections_open},
                      {"connections_total", s.connections_total},
+                     {"connections_refused", s.connections_refused},
                      {"requests", s.requests},
                      {"requests_inline", s.requests_inline},
                      {"bytes_read", s.bytes_read},

@@ -4,6 +4,8 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <atomic>
+#include <chrono>
 #include <mutex>
 #include <thread>
 #include <utility>
@@ -168,6 +170,7 @@ class NbdServerImpl final : public NbdServer {
     ServerStats s;
     s.connections_open = counters_.connections_open;
     s.connections_total = counters_.connections_total;
+    s.connections_refused = counters_.connections_refused;
     s.requests = counters_.requests;
     s.requests_inline = counters_.requests_inline;
     s.bytes_read = counters_.bytes_read;
@@ -218,6 +221,23 @@ class NbdServerImpl final : public NbdServer {
   }
 
   void StartSession(Session::Socket socket, std::string peer) {
+    const unsigned max = env_.options.max_connections;
+    if (max != 0 && counters_.connections_open.load() >= max) {
+      const uint64_t refused = ++counters_.connections_refused;
+      // At most one warning a second, however fast connections come.
+      const int64_t now = std::chrono::duration_cast<std::chrono::seconds>(
+                              std::chrono::steady_clock::now().time_since_epoch())
+                              .count();
+      if (last_refusal_warning_.exchange(now) != now) {
+        spdlog::warn(
+            "nbd: refusing connection {}: {} connections are open, the limit "
+            "(--max-connections); {} refused since start",
+            peer, max, refused);
+      }
+      error_code ignored;
+      socket.close(ignored);
+      return;
+    }
     auto session = std::make_shared<Session>(std::move(socket), std::move(peer), env_);
     {
       std::lock_guard lock(mu_);
@@ -242,6 +262,7 @@ class NbdServerImpl final : public NbdServer {
   std::vector<std::unique_ptr<unix_socket::acceptor>> unix_acceptors_;
   std::vector<std::string> unix_paths_;
   std::vector<std::pair<dev_t, ino_t>> unix_ids_;  // of the socket files we made
+  std::atomic<int64_t> last_refusal_warning_{-1};    // steady seconds
   mutable std::mutex mu_;
   std::vector<std::string> endpoints_;            // GUARDED_BY(mu_)
   std::vector<std::weak_ptr<Session>> sessions_;  // GUARDED_BY(mu_)

@@ -473,6 +473,32 @@ TEST_F(NbdServerTest, ListenUnixRefusesALiveServersSocketAndReplacesADeadOnesOnl
   EXPECT_TRUE(std::filesystem::exists(socket_)) << "removed another server's socket file at exit";
 }
 
+TEST_F(NbdServerTest, ConnectionsOverTheLimitAreClosedAtAcceptAndTheOthersServeOn) {
+  ServerOptions o;
+  o.max_connections = 2;
+  StartServer(o);
+  auto c1 = Connected("disk", false, false);
+  auto c2 = Connected("disk", false, false);
+  TestClient c3;
+  ASSERT_TRUE(c3.Connect(socket_));  // the kernel accepts; the server closes it
+  EXPECT_FALSE(c3.Greet()) << "a third connection was served over max_connections = 2";
+  EXPECT_EQ(server_->Stats().connections_refused, 1u);
+  ASSERT_TRUE(c1->Request(0, kCmdFlush, 1, 0, 0));
+  auto r = c1->Reply();
+  ASSERT_TRUE(r);
+  EXPECT_EQ(r->error, 0u);
+  // Once one leaves, a new connection is served again.
+  c2.reset();
+  for (int i = 0; i < 100 && server_->Stats().connections_open > 1; ++i)
+    std::this_thread::sleep_for(50ms);
+  auto c4 = Connected("disk", false, false);
+  ASSERT_TRUE(c4->Request(0, kCmdFlush, 2, 0, 0));
+  auto r4 = c4->Reply();
+  ASSERT_TRUE(r4);
+  EXPECT_EQ(r4->error, 0u);
+  EXPECT_EQ(server_->Stats().connections_refused, 1u);
+}
+
 TEST_F(NbdServerTest, StructuredReadOfAllocatedDataIsOneDataChunk) {
   StartServer();
   auto c = Connected();

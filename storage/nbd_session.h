@@ -39,6 +39,7 @@ namespace kagemusha::storage {
 struct ServerCounters {
   std::atomic<uint64_t> connections_open{0};
   std::atomic<uint64_t> connections_total{0};
+  std::atomic<uint64_t> connections_refused{0};
   std::atomic<uint64_t> requests{0};
   std::atomic<uint64_t> requests_inline{0};  // reads run on the session's reader
   std::atomic<uint64_t> bytes_read{0};

@@ -31,6 +31,9 @@ struct ServerOptions {
   unsigned worker_threads = 8;       // backend calls run here
   unsigned io_threads = 2;           // socket I/O
   uint32_t max_requests_in_flight = 64;  // per connection; reading pauses beyond
+  // Connections open at once, all listeners together; one more is closed
+  // as soon as it is accepted (and counted). 0 = no limit.
+  unsigned max_connections = 256;
   std::chrono::seconds handshake_timeout{30};
   // Pipes for zero-copy reads, all connections together (each holds two
   // descriptors); reads finding none are copied. 0: a quarter of the
@@ -42,6 +45,7 @@ struct ServerOptions {
 struct ServerStats {
   uint64_t connections_open = 0;
   uint64_t connections_total = 0;
+  uint64_t connections_refused = 0;  // over max_connections
   uint64_t requests = 0;
   // Reads served on the connection's reader, with no hand-off to a worker
   // (short reads and, after a run of fast ones, large reads the backend
