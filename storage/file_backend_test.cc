@@ -7,6 +7,10 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <latch>
+#include <thread>
 #include <cstring>
 
 #include "posix_io.h"
@@ -87,6 +91,30 @@ TEST(FileBackend, AFuaWriteWhoseSyncFailsMakesEveryLaterFlushFail) {
   EXPECT_EQ(fua.error().code(), EIO);
   EXPECT_FALSE(b->Flush()) << "a flush after a failed FUA sync was acknowledged";
   EXPECT_EQ(calls, 1);
+}
+
+// Flushes that arrive while an fdatasync runs share the next one, instead
+// of each running its own whole-file sync in turn.
+TEST(StickySync, CallersArrivingDuringASyncShareTheNextOne) {
+  std::atomic<int> calls{0};
+  posix::StickySync sync(-1, "test file", [&calls](int) -> Status {
+    ++calls;
+    std::this_thread::sleep_for(std::chrono::milliseconds(200));
+    return Ok();
+  });
+  constexpr int kCallers = 8;
+  std::latch start(kCallers);
+  std::atomic<int> ok{0};
+  std::vector<std::thread> callers;
+  for (int i = 0; i < kCallers; ++i)
+    callers.emplace_back([&] {
+      start.arrive_and_wait();
+      if (sync.Sync()) ++ok;
+    });
+  for (auto& t : callers) t.join();
+  EXPECT_EQ(ok.load(), kCallers);
+  EXPECT_LE(calls.load(), 3) << "each flush ran its own fdatasync";
+  EXPECT_GE(calls.load(), 1);
 }
 
 TEST(FileBackend, UnalignedWritesReadBack) {

@@ -37,12 +37,17 @@ constexpr size_t kMaxCachedBuffer = 4 * 1024 * 1024;
 constexpr uint64_t kMaxHeldBytes = 32 * 1024 * 1024;
 // Buffer bytes kept in a session's pool of free replies.
 constexpr uint64_t kMaxPooledBytes = 16 * 1024 * 1024;
-// CACHE requests of one session running at once on the shared worker pool.
-// Each can take a worker for as long as it fetches up to 4 GiB from a
-// proxy's remote; past this the session's reader waits, so that one client
-// cannot occupy every worker and stall the others.
+// Long requests of one session running at once on the shared worker pool:
+// CACHE (fetches up to 4 GiB from a proxy's remote) and large WRITE_ZEROES
+// (where the device or file system cannot zero by itself the kernel or the
+// backend writes the zeroes). Past this the session's reader waits, so that
+// one client cannot occupy every worker and stall the others. Small zeroes
+// stay uncapped: they are fast and, on a proxy, share a group commit.
 constexpr uint32_t kMaxRunningLong = 2;
-bool IsLong(uint16_t type) { return type == nbd::kCmdCache; }
+constexpr uint32_t kLongZeroBytes = 64 * 1024 * 1024;
+bool IsLong(const nbd::RequestHeader& q) {
+  return q.type == nbd::kCmdCache || (q.type == nbd::kCmdWriteZeroes && q.length > kLongZeroBytes);
+}
 constexpr size_t kMaxFreeReplies = 64;
 // Replies sent in one gather write at most.
 constexpr size_t kMaxRepliesPerWrite = 32;
@@ -906,7 +911,7 @@ awaitable<void> Session::Transmission() {
       Complete(std::move(r));
       continue;
     }
-    const bool is_long = IsLong(req.type);
+    const bool is_long = IsLong(req);
     if (is_long) {
       for (;;) {  // strand_waiting_ before the re-check, as above
         error_code wait_ec;

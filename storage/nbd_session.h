@@ -140,7 +140,7 @@ class Session : public std::enable_shared_from_this<Session> {
   // them before it looks at strand_waiting_ (both seq_cst), so a wake-up is
   // never lost and is only posted when somebody waits.
   std::atomic<uint32_t> running_{0};  // requests executing
-  std::atomic<uint32_t> running_long_{0};  // of those, CACHE
+  std::atomic<uint32_t> running_long_{0};  // of those, CACHE and large WRITE_ZEROES
   std::atomic<uint32_t> pending_{0};  // started, reply not yet written or dropped
   std::atomic<uint64_t> held_bytes_{0};  // Reply::held of those (reads' and writes' data)
   std::atomic<bool> strand_waiting_{false};

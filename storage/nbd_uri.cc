@@ -25,10 +25,11 @@ namespace {
 // The URI as errors show it: without any user information (user:password@),
 // which must not reach a log.
 std::string Redacted(const std::string& uri) {
+  // Up to the last '@' of the whole URI: a password may hold '/', '?' or
+  // '#', and hiding part of an export name that holds '@' does no harm.
   const size_t start = uri.find("://");
   if (start == std::string::npos) return uri;
-  const size_t end = uri.find_first_of("/?#", start + 3);
-  const size_t at = uri.rfind('@', end == std::string::npos ? std::string::npos : end);
+  const size_t at = uri.rfind('@');
   if (at == std::string::npos || at < start + 3) return uri;
   return uri.substr(0, start + 3) + "..." + uri.substr(at);
 }

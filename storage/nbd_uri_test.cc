@@ -123,6 +123,9 @@ TEST(NbdUri, ToStringRoundTripsAndDropsUserinfo) {
   ASSERT_FALSE(tls);
   EXPECT_EQ(tls.error().message().find("secret"), std::string::npos) << tls.error().message();
   EXPECT_NE(tls.error().message().find("example.com"), std::string::npos) << tls.error().message();
+  auto slash = ParseNbdUri("nbds://alice:se/cr?et@example.com/x");
+  ASSERT_FALSE(slash);
+  EXPECT_EQ(slash.error().message().find("cr?et"), std::string::npos) << slash.error().message();
   EXPECT_EQ(ParseNbdUri("nbd+unix:///e?socket=/p")->ToString(), "nbd+unix:///e?socket=/p");
 }
 

@@ -65,15 +65,33 @@ StickySync::StickySync(int fd, std::string what, SyncFn sync)
     : fd_(fd), what_(std::move(what)), sync_(std::move(sync)) {}
 
 Status StickySync::Sync() {
-  std::lock_guard lk(mu_);
-  if (failed_) return Fail(*failed_);
+  std::unique_lock lk(mu_);
+  // Everything this caller wrote is done by now: a sync that starts after
+  // this point covers it.
+  const uint64_t me = ++requested_;
+  for (;;) {
+    if (failed_) return Fail(*failed_);
+    if (covered_ >= me) return Ok();
+    if (!syncing_) break;
+    done_cv_.wait(lk);
+  }
+  syncing_ = true;
+  const uint64_t covers = requested_;
+  lk.unlock();
   Status s = sync_ ? sync_(fd_) : DataSync(fd_, what_);
-  if (s) return s;
-  failed_ = Error(s.error().code(),
-                  s.error().message() +
-                      "; data written before it may not be on disk, so no later flush of " +
-                      what_ + " is acknowledged. Check the device, then restart the server");
-  return Fail(*failed_);
+  lk.lock();
+  syncing_ = false;
+  if (s) {
+    covered_ = covers;
+  } else {
+    failed_ = Error(s.error().code(),
+                    s.error().message() +
+                        "; data written before it may not be on disk, so no later flush of " +
+                        what_ + " is acknowledged. Check the device, then restart the server");
+  }
+  done_cv_.notify_all();
+  if (failed_) return Fail(*failed_);
+  return Ok();
 }
 
 bool StickySync::failed() const {

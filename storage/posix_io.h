@@ -5,6 +5,7 @@
 // Thread-safety: stateless; safe on a shared fd (positional I/O only).
 #pragma once
 
+#include <condition_variable>
 #include <cstddef>
 #include <cstdint>
 #include <functional>
@@ -30,8 +31,10 @@ Status DataSync(int fd, const std::string& what);
 // writeback error once per open file and marks the failed pages clean, so a
 // later fdatasync that succeeds says nothing about data written before the
 // failure: a flush after it must not be acknowledged, nor a bitmap bit
-// written on its strength. Sync() calls are serialised (two at once could
-// split one error between them: one fails, the other sees success).
+// written on its strength. One fdatasync runs at a time (two at once could
+// split one error between them: one fails, the other sees success), and
+// callers coalesce: one arriving while a sync runs waits for the next one,
+// which covers every caller that arrived before it started.
 //
 // Thread-safety: Sync() from any thread.
 class StickySync {
@@ -46,7 +49,11 @@ class StickySync {
   const std::string what_;
   const SyncFn sync_;
   mutable std::mutex mu_;
+  std::condition_variable done_cv_;
   std::optional<Error> failed_;  // GUARDED_BY(mu_)
+  uint64_t requested_ = 0;       // callers so far; GUARDED_BY(mu_)
+  uint64_t covered_ = 0;         // callers a finished sync covered; GUARDED_BY(mu_)
+  bool syncing_ = false;         // GUARDED_BY(mu_)
 };
 // fsync of the directory holding path, so a create/rename is durable.
 Status SyncParentDir(const std::string& path);
