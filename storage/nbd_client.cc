@@ -770,8 +770,8 @@ void NbdClientImpl::ReaderLoop(std::shared_ptr<Connection> c) {
     // request not yet written (ticket 0) is not.
     SteadyTime now{};
     steady_clock::duration stored{};
+    // (order.first is never 0: the ticket is set before the send.)
     for (auto& [cookie, q] : inflight_) {
-      if (order.first == 0) break;  // cannot happen: the ticket is set before the send
       const uint64_t q_ticket = q->wire_ticket.v.load();
       if (q_ticket == 0 || q->gen != c->gen || q->overtaken_at != SteadyTime{} ||
           std::pair(q_ticket, cookie) >= order)

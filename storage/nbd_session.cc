@@ -844,17 +844,13 @@ awaitable<void> Session::Transmission() {
   }
   asio::co_spawn(strand_, Writer(self), asio::detached);
   const uint32_t max_in_flight = std::max<uint32_t>(1, env_.options.max_requests_in_flight);
+  auto may_read = [&] {
+    return (pending_.load() < max_in_flight && held_bytes_.load() < kMaxHeldBytes) ||
+           writer_done_;
+  };
   for (;;) {
-    error_code ec;
-    // strand_waiting_ before the re-check: see its comment in the header.
-    for (;;) {
-      strand_waiting_.store(true);
-      if ((pending_.load() < max_in_flight && held_bytes_.load() < kMaxHeldBytes) || writer_done_)
-        break;
-      reader_wake_.expires_at(asio::steady_timer::time_point::max());
-      co_await reader_wake_.async_wait(Nothrow(ec));
-    }
-    strand_waiting_.store(false);
+    // Checked here first: a coroutine frame per request only when it waits.
+    if (!may_read()) co_await WaitOnStrand(may_read);
     if (writer_done_) break;
     uint8_t hdr[nbd::kRequestHeaderSize];
     bool got_header = co_await ReadExact(hdr, sizeof hdr);
@@ -913,14 +909,7 @@ awaitable<void> Session::Transmission() {
     }
     const bool is_long = IsLong(req);
     if (is_long) {
-      for (;;) {  // strand_waiting_ before the re-check, as above
-        error_code wait_ec;
-        strand_waiting_.store(true);
-        if (running_long_.load() < kMaxRunningLong || writer_done_) break;
-        reader_wake_.expires_at(asio::steady_timer::time_point::max());
-        co_await reader_wake_.async_wait(Nothrow(wait_ec));
-      }
-      strand_waiting_.store(false);
+      co_await WaitOnStrand([&] { return running_long_.load() < kMaxRunningLong || writer_done_; });
       // The client may have gone while this waited: a CACHE it can no
       // longer see answered is not started.
       bool gone = writer_done_;
@@ -947,14 +936,7 @@ awaitable<void> Session::Transmission() {
   }
   // Stop reading; let every started request finish and its reply go out
   // (NBD_CMD_DISC requires it), then close.
-  for (;;) {
-    error_code ec;
-    strand_waiting_.store(true);
-    if (running_.load() == 0) break;
-    reader_wake_.expires_at(asio::steady_timer::time_point::max());
-    co_await reader_wake_.async_wait(Nothrow(ec));
-  }
-  strand_waiting_.store(false);
+  co_await WaitOnStrand([&] { return running_.load() == 0; });
   closing_ = true;
   writer_wake_.cancel();
   while (!writer_done_) {
@@ -962,6 +944,18 @@ awaitable<void> Session::Transmission() {
     reader_wake_.expires_at(asio::steady_timer::time_point::max());
     co_await reader_wake_.async_wait(Nothrow(ec));
   }
+}
+
+awaitable<void> Session::WaitOnStrand(std::function<bool()> ready) {
+  // strand_waiting_ before the re-check: see its comment in the header.
+  for (;;) {
+    error_code ec;
+    strand_waiting_.store(true);
+    if (ready()) break;
+    reader_wake_.expires_at(asio::steady_timer::time_point::max());
+    co_await reader_wake_.async_wait(Nothrow(ec));
+  }
+  strand_waiting_.store(false);
 }
 
 // --- Worker side -------------------------------------------------------------

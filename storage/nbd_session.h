@@ -21,6 +21,7 @@
 
 #include <atomic>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -82,6 +83,9 @@ class Session : public std::enable_shared_from_this<Session> {
   // several pipelined request headers; large payloads bypass it.
   boost::asio::awaitable<bool> ReadExact(uint8_t* dst, size_t n);
   boost::asio::awaitable<bool> Discard(uint64_t n);
+  // On the strand: until ready() holds, re-checked whenever a finishing
+  // request wakes the reader (Retire, a worker's end).
+  boost::asio::awaitable<void> WaitOnStrand(std::function<bool()> ready);
   // Worker side: is [offset, offset+length) known to hold no zero extents?
   bool KnownData(uint64_t offset, uint64_t length);
   void NoteData(uint64_t offset, uint64_t length);

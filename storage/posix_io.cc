@@ -1,7 +1,6 @@
 #include "posix_io.h"
 
 #include <fcntl.h>
-#include <sys/uio.h>
 #include <unistd.h>
 
 #include <cerrno>
@@ -26,22 +25,10 @@ Status PreadFull(int fd, std::span<std::byte> buf, uint64_t offset, const std::s
   return Ok();
 }
 
-Status PwriteFull(int fd, std::span<const std::byte> buf, uint64_t offset, const std::string& what,
-                  bool dsync) {
+Status PwriteFull(int fd, std::span<const std::byte> buf, uint64_t offset, const std::string& what) {
   size_t done = 0;
-  bool use_rwf_dsync = dsync;
   while (done < buf.size()) {
-    ssize_t n;
-    if (use_rwf_dsync) {
-      iovec iov{const_cast<std::byte*>(buf.data() + done), buf.size() - done};
-      n = ::pwritev2(fd, &iov, 1, off_t(offset + done), RWF_DSYNC);
-      if (n < 0 && (errno == EOPNOTSUPP || errno == EINVAL || errno == ENOSYS)) {
-        use_rwf_dsync = false;  // old kernel or file system: sync at the end instead
-        continue;
-      }
-    } else {
-      n = ::pwrite(fd, buf.data() + done, buf.size() - done, off_t(offset + done));
-    }
+    ssize_t n = ::pwrite(fd, buf.data() + done, buf.size() - done, off_t(offset + done));
     if (n < 0) {
       if (errno == EINTR) continue;
       return Fail(Error::Errno(errno, "write " + what + " at " + std::to_string(offset + done)));
@@ -49,7 +36,6 @@ Status PwriteFull(int fd, std::span<const std::byte> buf, uint64_t offset, const
     if (n == 0) return Fail(Error::Io("write " + what + ": no progress"));
     done += size_t(n);
   }
-  if (dsync && !use_rwf_dsync) return DataSync(fd, what);
   return Ok();
 }
 

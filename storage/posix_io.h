@@ -21,10 +21,8 @@ namespace kagemusha::storage::posix {
 // Reads exactly buf.size() bytes; a read past end of file fills zeroes
 // (a sparse image shorter than its nominal size reads as zeroes).
 Status PreadFull(int fd, std::span<std::byte> buf, uint64_t offset, const std::string& what);
-// Writes exactly buf.size() bytes. dsync: RWF_DSYNC per write (FUA), falling
-// back to pwrite + fdatasync where pwritev2 flags are unsupported.
-Status PwriteFull(int fd, std::span<const std::byte> buf, uint64_t offset, const std::string& what,
-                  bool dsync = false);
+// Writes exactly buf.size() bytes (FUA is a write plus StickySync::Sync).
+Status PwriteFull(int fd, std::span<const std::byte> buf, uint64_t offset, const std::string& what);
 Status DataSync(int fd, const std::string& what);
 
 // fdatasync of one file whose first failure is final. Linux reports a

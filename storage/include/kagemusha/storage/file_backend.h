@@ -4,8 +4,9 @@
 // All I/O is positional (pread/pwrite) on one shared file descriptor, so the
 // object can be shared by every connection: a flush (fdatasync) on any of
 // them covers writes from all of them, hence can_multi_conn.
-//   Flush   fdatasync
-//   FUA     pwritev2(RWF_DSYNC), or write + fdatasync where unsupported
+//   Flush   fdatasync, final once it failed (posix::StickySync); concurrent
+//           flushes share one
+//   FUA     pwrite, then the same sync as Flush
 //   Trim    fallocate(PUNCH_HOLE|KEEP_SIZE); advisory, a no-op if unsupported
 //   Zero    fallocate(PUNCH_HOLE) if may_trim, else ZERO_RANGE; falls back to
 //           writing zeroes unless `fast`, which fails with ENOTSUP instead
