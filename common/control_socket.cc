@@ -37,7 +37,7 @@ Result<sockaddr_un> UnixAddress(const std::string& path) {
   sockaddr_un addr{};
   addr.sun_family = AF_UNIX;
   if (path.empty() || path.size() >= sizeof(addr.sun_path)) {
-    return Fail(Error::Invalid("control socket path '" + path + "' must be 1.." +
+    return Fail(Error::Invalid("socket path '" + path + "' must be 1.." +
                                std::to_string(sizeof(addr.sun_path) - 1) + " bytes long"));
   }
   std::memcpy(addr.sun_path, path.data(), path.size());
@@ -76,7 +76,6 @@ Status MakeDirectories(const std::string& dir) {
   }
   return Ok();
 }
-
 
 class ControlServerImpl final : public ControlServer {
  public:
@@ -596,16 +595,13 @@ Status ClearStaleUnixSocket(const std::string& path, const std::string& flag) {
     return Fail(Error::Invalid("'" + path + "' exists and is not a socket; choose another " +
                                flag + " path"));
   }
-  sockaddr_un addr{};
-  addr.sun_family = AF_UNIX;
-  if (path.size() >= sizeof(addr.sun_path))
-    return Fail(Error::Invalid("socket path '" + path + "' is too long"));
-  std::memcpy(addr.sun_path, path.data(), path.size());
+  auto addr = UnixAddress(path);
+  if (!addr) return Fail(addr.error());
   // Non-blocking: a live server with a full backlog answers EAGAIN at once
   // (still live), where a blocking connect would wait for it.
   int probe = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
   if (probe < 0) return Fail(Error::Errno(errno, "creating probe socket"));
-  int rc = connect(probe, reinterpret_cast<const sockaddr*>(&addr), sizeof addr);
+  int rc = connect(probe, reinterpret_cast<const sockaddr*>(&*addr), sizeof *addr);
   int err = errno;
   close(probe);
   if (rc == 0 || err == EAGAIN) {
